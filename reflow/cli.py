@@ -1,0 +1,221 @@
+"""The `reflow` command line.
+
+    reflow init-model --preset tiny-llama --out models/tiny      # a model + tokenizer as an HF folder
+    reflow data addition --out data/addition                     # bundled verifiable tasks
+    reflow sft   configs/sft_addition.yaml  [key=value ...] [--resume [CKPT]]
+    reflow rm    configs/rm_addition.yaml   [key=value ...] [--resume [CKPT]]
+    reflow train configs/grpo_addition.yaml [key=value ...] [--resume [CKPT]]
+    reflow eval --model runs/grpo/final --data data/addition/test.jsonl
+    reflow generate --model runs/grpo/final --prompt "12+34="
+
+User mistakes (config keys, data rows, model folders, reward functions, resume paths) end the command
+with one line on stderr and exit code 2, before any training time is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from reflow.config.loader import ConfigError, load_config
+
+log = logging.getLogger("reflow")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from reflow.data.datasets import DataError
+    from reflow.models.load import ModelError
+    from reflow.models.presets import PresetError
+    from reflow.rewards.registry import RewardError
+    from reflow.utils.checkpoint import CheckpointError
+
+    return ConfigError, DataError, ModelError, PresetError, RewardError, CheckpointError, FileNotFoundError
+
+
+def _split_config_args(args) -> tuple[str | None, list[str]]:
+    """`reflow train [CONFIG] [key=value ...]`: a first argument with '=' is an override, not a file."""
+    items = ([args.config] if args.config else []) + list(args.overrides)
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def cmd_init_model(args) -> None:
+    from reflow.models.presets import PRESETS, init_model
+
+    if args.list or not args.preset:
+        for name, p in PRESETS.items():
+            print(f"{name:<14} {p.family:<6} layers {p.num_hidden_layers:<2} hidden {p.hidden_size:<4} {p.description}")
+        return
+    out = init_model(args.preset, args.out, seed=args.seed)
+    print(f"wrote {args.preset} (random weights, byte-level tokenizer) to {out}")
+
+
+def cmd_data(args) -> None:
+    from reflow.data.tasks import TASKS, write_task
+
+    if args.list or not args.task:
+        for name, t in TASKS.items():
+            print(f"{name:<15} {t.description}  options: {t.defaults}")
+        return
+    options = {}
+    for kv in args.option:
+        if "=" not in kv:
+            raise ConfigError(f"--option '{kv}' needs the form name=value, e.g. --option max_digits=3")
+        k, v = kv.split("=", 1)
+        options[k] = int(v) if v.lstrip("-").isdigit() else v
+    out = args.out or f"data/{args.task}"
+    paths = write_task(args.task, out, n_train=args.n_train, n_test=args.n_test, seed=args.seed, **options)
+    for name, p in paths.items():
+        print(f"{name:<6} {p}")
+
+
+def _experiment(kind: str, args):
+    from reflow.config.schema import RLConfig, RMConfig, SFTConfig
+
+    path, overrides = _split_config_args(args)
+    if kind == "train":
+        from reflow.experiments.rl import RLExperiment
+        return RLExperiment(load_config(RLConfig, path, overrides), args.resume)
+    if kind == "sft":
+        from reflow.experiments.sft import SFTExperiment
+        return SFTExperiment(load_config(SFTConfig, path, overrides), args.resume)
+    from reflow.experiments.rm import RMExperiment
+    return RMExperiment(load_config(RMConfig, path, overrides), args.resume)
+
+
+def cmd_run(kind: str):
+    def run(args) -> None:
+        t0 = time.perf_counter()
+        exp = _experiment(kind, args)
+        results = exp.run()
+        out = exp.cfg.output_dir
+        summary = {k: (v.metrics("") if hasattr(v, "metrics") else v) for k, v in results.items() if v}
+        print(f"{kind} done in {time.perf_counter() - t0:.0f}s -> {out}/final  (metrics: {out}/metrics.jsonl)")
+        for k, v in summary.items():
+            print(f"  {k}: " + "  ".join(f"{m} {x:.3f}" for m, x in v.items() if x is not None))
+    return run
+
+
+def cmd_eval(args) -> None:
+    from reflow.data.datasets import load_prompts
+    from reflow.experiments.common import evaluate
+    from reflow.models.load import load_policy, load_tokenizer
+    from reflow.rewards.registry import load_reward_fn
+
+    tok = load_tokenizer(args.model)
+    reward_fn = load_reward_fn(args.reward) if args.reward else None
+    examples, _ = load_prompts(args.data, tok, max_prompt_len=args.max_prompt_len)
+    examples = examples[: args.limit] if args.limit else examples
+    model = load_policy(args.model)
+    r = evaluate(model, tok, examples, max_new_tokens=args.max_new_tokens, reward_fn=reward_fn)
+    result = {"model": args.model, "data": args.data, "n": r.n, "accuracy": r.accuracy, "reward": r.reward,
+              "response_len": r.response_len}
+    print(json.dumps(result) if args.json else
+          f"{args.model} on {args.data} (n={r.n}): accuracy {r.accuracy}  reward {r.reward}  "
+          f"mean response length {r.response_len:.1f}")
+    for p, resp, a in r.samples:
+        if not args.json:
+            print(f"  {p!r} -> {resp!r}" + (f"   (answer {a!r})" if a is not None else ""))
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from reflow.engines.generate import GenerationEngine, SamplingParams
+    from reflow.experiments.common import decode_response
+    from reflow.models.load import load_policy, load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    model = load_policy(args.model)
+    prompts = list(args.prompt)
+    if args.file:
+        from reflow.data.datasets import load_prompts
+        prompts += [e.prompt_text for e in load_prompts(args.file, tok, max_prompt_len=10**6)[0]]
+    if not prompts:
+        raise ConfigError("give at least one --prompt TEXT or --file prompts.jsonl")
+    if args.chat:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                   for p in prompts]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts for _ in range(args.n)]
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, greedy=args.greedy)
+    gens = GenerationEngine(model, [tok.eos_token_id], tok.pad_token_id).generate(
+        ids, params, torch.Generator().manual_seed(args.seed))
+    for i, g in enumerate(gens):
+        print(json.dumps({"prompt": prompts[i // args.n], "response": decode_response(tok, g.tokens),
+                          "finished": g.finished}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reflow", description="Fast RLHF: SFT, reward models, GRPO and PPO on HF models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init-model", help="create a small Llama/Qwen2-style model + tokenizer from a preset")
+    s.add_argument("--preset", help="preset name (see --list)")
+    s.add_argument("--out", default="models/tiny")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--list", action="store_true", help="list the presets")
+    s.set_defaults(fn=cmd_init_model)
+
+    s = sub.add_parser("data", help="write a bundled task dataset (train/test prompts, sft pairs, preference pairs)")
+    s.add_argument("task", nargs="?", help="task name (see --list)")
+    s.add_argument("--out", help="output folder (default data/<task>)")
+    s.add_argument("--n-train", type=int, default=20000)
+    s.add_argument("--n-test", type=int, default=500)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--option", action="append", default=[], help="task option name=value (repeatable)")
+    s.add_argument("--list", action="store_true")
+    s.set_defaults(fn=cmd_data)
+
+    for kind, help_ in [("sft", "supervised fine-tuning"), ("rm", "train a pairwise reward model"),
+                        ("train", "RL training (GRPO, PPO)")]:
+        s = sub.add_parser(kind, help=help_)
+        s.add_argument("config", nargs="?", help="YAML config file")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.optim.lr=1e-5 rollout.n=8")
+        s.add_argument("--resume", nargs="?", const=True, default=None,
+                       help="continue from the latest checkpoint in output_dir, or from the given checkpoint folder")
+        s.set_defaults(fn=cmd_run(kind))
+
+    s = sub.add_parser("eval", help="greedy accuracy / reward of a model on a prompt set")
+    s.add_argument("--model", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--reward", default=None, help="reward function (built-in name or module:function)")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--max-prompt-len", type=int, default=1024)
+    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("generate", help="sample responses from a model")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompt", action="append", default=[])
+    s.add_argument("--file", help="JSONL/Parquet prompt file")
+    s.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    s.add_argument("--n", type=int, default=1)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--greedy", action="store_true")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except _user_errors() as e:
+        msg = str(e) if not isinstance(e, FileNotFoundError) else f"file not found: {e.filename or e}"
+        print(f"reflow {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The configuration schema of reflow's experiments (typed dataclasses; see loader.py for YAML + overrides).
+
+    reflow train configs/grpo_addition.yaml actor.optim.lr=1e-5 rollout.n=8
+
+Keys are grouped by role (actor, critic, ref, reward) and by stage (data, rollout, algo, trainer), the
+way verl and OpenRLHF users expect to find them. `validate()` hooks check cross-field rules up front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from reflow.config.loader import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global grad-norm clip; 0 = off
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+
+    def validate(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas needs two numbers, got {self.betas}")
+
+
+@dataclass
+class ModelConfig:
+    """One role's model: where it comes from and how it trains."""
+
+    path: str | None = None  # HF model folder; None = derive from the actor (critic, ref)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    micro_batch_tokens: int = 4096  # token budget of one forward/backward
+    gradient_checkpointing: bool = False
+    layout: Literal["padded", "packed"] = "padded"  # attention layout of packed batches, see models/packing.py
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/addition/train.jsonl"
+    eval: str | None = "data/addition/test.jsonl"
+    eval_size: int | None = None  # use the first N eval prompts (None = all)
+    max_prompt_len: int = 256  # tokens; longer prompts are an error (or skipped with on_bad_row=skip)
+    max_len: int = 512  # tokens of prompt + response (SFT and preference data)
+    on_bad_row: Literal["error", "skip"] = "error"
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 16
+    n: int = 8  # responses per prompt (the group size of GRPO/RLOO)
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 256  # sequences decoded together
+
+    def validate(self):
+        if self.n < 1 or self.prompts_per_step < 1:
+            raise ConfigError("rollout.n and rollout.prompts_per_step must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError("rollout.temperature must be > 0 (use eval/generate --greedy for greedy decoding)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class RewardConfig:
+    fn: str | None = "exact_match"  # built-in name or "module:function" / "file.py:function"
+    model: str | None = None  # reward-model folder (from `reflow rm`); used when fn is null
+    clip: float | None = None  # clip scores to [-clip, clip]
+
+    def validate(self):
+        if (self.fn is None) == (self.model is None):
+            raise ConfigError("set exactly one of reward.fn (a reward function) and reward.model (a reward-model folder)")
+
+
+@dataclass
+class AlgoConfig:
+    name: Literal["grpo", "ppo"] = "grpo"
+    adv_estimator: str | None = None  # None = the algorithm's own (grpo -> grpo, ppo -> gae)
+    norm_std: bool = True  # GRPO: divide by the group std (False = Dr.GRPO)
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True  # PPO: whiten GAE advantages over the batch
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    value_clip: float | None = 0.2
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in: Literal["reward", "loss"] | None = None  # None = ppo: reward, grpo: loss
+    kl_target: float | None = None  # adaptive KL controller when set
+    kl_horizon: int = 10000
+    entropy_coef: float = 0.0
+    ppo_epochs: int = 1
+    mini_batches: int = 1  # optimizer steps per epoch over the rollout batch
+
+    @property
+    def estimator(self) -> str:
+        return self.adv_estimator or ("gae" if self.name == "ppo" else "grpo")
+
+    @property
+    def kl_placement(self) -> str:
+        return self.kl_in or ("reward" if self.name == "ppo" else "loss")
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.estimator == "gae"
+
+    def validate(self):
+        from reflow.algorithms.registry import ADVANTAGE_ESTIMATORS
+        import reflow.algorithms.advantages  # noqa: F401  (registers the estimators)
+
+        if self.estimator not in ADVANTAGE_ESTIMATORS:
+            raise ConfigError(f"algo.adv_estimator '{self.estimator}' is unknown; choose one of: "
+                              f"{', '.join(sorted(ADVANTAGE_ESTIMATORS))}")
+        if self.ppo_epochs < 1 or self.mini_batches < 1:
+            raise ConfigError("algo.ppo_epochs and algo.mini_batches must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 100
+    eval_every: int = 10  # 0 = only at the end
+    save_every: int = 50  # 0 = only at the end
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+    progress: bool = True  # rich progress bar on the console
+    eval_max_new_tokens: int | None = None  # None = rollout.max_new_tokens
+
+
+@dataclass
+class RLConfig:
+    """`reflow train`: RL from a reward (GRPO, PPO)."""
+
+    output_dir: str = "runs/rl"
+    seed: int = 0
+    actor: ModelConfig = field(default_factory=ModelConfig)
+    critic: ModelConfig = field(default_factory=ModelConfig)
+    ref: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self):
+        if self.actor.path is None:
+            raise ConfigError("actor.path is required: a HF model folder (e.g. the output of `reflow sft`)")
+        if self.rollout.prompts_per_step * self.rollout.n < self.algo.mini_batches:
+            raise ConfigError("algo.mini_batches is larger than the number of samples per step "
+                              "(rollout.prompts_per_step * rollout.n)")
+
+
+@dataclass
+class SFTConfig:
+    """`reflow sft`: supervised fine-tuning on (prompt, response) pairs."""
+
+    output_dir: str = "runs/sft"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train="data/addition/sft.jsonl"))
+    batch_size: int = 64  # samples per optimizer step
+    epochs: int = 1
+    max_steps: int | None = None  # stop early after this many optimizer steps
+    eval_every: int = 0  # evaluate exact-match accuracy every N steps (0 = only at the end)
+    eval_max_new_tokens: int = 16
+    save_every: int = 0
+    tensorboard: bool = False
+    progress: bool = True
+
+    def validate(self):
+        if self.model.path is None:
+            raise ConfigError("model.path is required: a HF model folder (e.g. from `reflow init-model`)")
+
+
+@dataclass
+class RMConfig:
+    """`reflow rm`: a pairwise (Bradley-Terry) reward model on (prompt, chosen, rejected) rows."""
+
+    output_dir: str = "runs/rm"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train="data/addition/pairs.jsonl", eval=None))
+    batch_size: int = 32  # pairs per optimizer step
+    epochs: int = 1
+    max_steps: int | None = None
+    eval_fraction: float = 0.1  # held-out share of the pairs for accuracy
+    save_every: int = 0
+    tensorboard: bool = False
+    progress: bool = True
+
+    def validate(self):
+        if self.model.path is None:
+            raise ConfigError("model.path is required: a HF model folder")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")

@@ -1,0 +1,233 @@
+"""Bundled verifiable tasks: tiny synthetic datasets with exact answers.
+
+They exist so a fresh install can run PPO/GRPO/SFT/DPO end to end without
+downloading anything, and so that "did RL work?" has a crisp answer: accuracy
+on a held-out test split that shares no question with the train split.
+
+``write_task("addition", "data/addition", n_train=5000, n_test=500)`` writes::
+
+    train.jsonl  {"prompt": "12+7=", "answer": "19"}        RL prompts
+    test.jsonl   same shape, disjoint questions              evaluation
+    sft.jsonl    {"prompt": ..., "response": "19"}           from the train split
+    pairs.jsonl  {"prompt": ..., "chosen": "19", "rejected": "18"}   from the train split
+
+Everything is deterministic given ``seed``. The test split depends only on
+``seed``, ``n_test`` and the options, so growing ``n_train`` keeps the same
+test set and results stay comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Task:
+    """A generator of (prompt, answer) questions.
+
+    ``sample(rng, opts)`` draws one question; the prompt text identifies the
+    question, which is how train and test are kept disjoint. ``corrupt(rng,
+    answer)`` returns a plausible but different wrong answer (for DPO pairs).
+    ``space_size(opts)`` counts distinct questions so impossible requests fail
+    fast instead of looping.
+    """
+
+    name: str
+    description: str
+    defaults: dict
+    sample: Callable[[random.Random, dict], tuple[str, str]]
+    corrupt: Callable[[random.Random, str], str]
+    space_size: Callable[[dict], int]
+    check_options: Callable[[dict], None]
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def _check_digits(opts: dict) -> None:
+    lo, hi = opts["min_digits"], opts["max_digits"]
+    for key in ("min_digits", "max_digits"):
+        if not isinstance(opts[key], int) or isinstance(opts[key], bool) or opts[key] < 1:
+            raise ValueError(f"option {key} must be a positive integer, got {opts[key]!r}")
+    if lo > hi:
+        raise ValueError(f"option min_digits={lo} is larger than max_digits={hi}")
+
+
+def _number(rng: random.Random, opts: dict) -> int:
+    # Pick the digit count first so short and long operands are equally common
+    # (uniform over values would make almost every operand max_digits long).
+    k = rng.randint(opts["min_digits"], opts["max_digits"])
+    return rng.randint(0 if k == 1 else 10 ** (k - 1), 10**k - 1)
+
+
+def _numbers_in_range(opts: dict) -> int:
+    return sum(10 if k == 1 else 9 * 10 ** (k - 1) for k in range(opts["min_digits"], opts["max_digits"] + 1))
+
+
+def _binary_sampler(symbol: str, op: Callable[[int, int], int]):
+    def sample(rng: random.Random, opts: dict) -> tuple[str, str]:
+        a, b = _number(rng, opts), _number(rng, opts)
+        return f"{a}{symbol}{b}=", str(op(a, b))
+
+    return sample
+
+
+def _corrupt_number(rng: random.Random, answer: str) -> str:
+    """A near miss: off by a small amount, or one digit changed."""
+    value = int(answer)
+    while True:
+        if rng.random() < 0.5 or len(answer) == 1:
+            offset = rng.choice([-1, 1]) * rng.randint(1, 10)
+            wrong = value + offset if value + offset >= 0 else value - offset
+            text = str(wrong)
+        else:
+            i = rng.randrange(len(answer))
+            digits = "123456789" if i == 0 else "0123456789"  # keep it a well-formed number
+            text = answer[:i] + rng.choice(digits) + answer[i + 1 :]
+        if text != answer:
+            return text
+
+
+# --------------------------------------------------------------------------- strings
+
+
+def _check_lengths(opts: dict) -> None:
+    for key in ("min_len", "max_len"):
+        if not isinstance(opts[key], int) or isinstance(opts[key], bool) or opts[key] < 1:
+            raise ValueError(f"option {key} must be a positive integer, got {opts[key]!r}")
+    if opts["min_len"] > opts["max_len"]:
+        raise ValueError(f"option min_len={opts['min_len']} is larger than max_len={opts['max_len']}")
+
+
+def _sample_reverse(rng: random.Random, opts: dict) -> tuple[str, str]:
+    s = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(opts["min_len"], opts["max_len"])))
+    return f"reverse {s}=", s[::-1]
+
+
+def _corrupt_string(rng: random.Random, answer: str) -> str:
+    """A typical mistake: not reversing, swapping two neighbours, or one wrong letter."""
+    candidates = [answer[::-1]]
+    if len(answer) > 1:
+        i = rng.randrange(len(answer) - 1)
+        candidates.append(answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :])
+    rng.shuffle(candidates)
+    for text in candidates:
+        if text != answer:
+            return text
+    # Palindromes and repeated letters survive the above; a changed letter always differs.
+    i = rng.randrange(len(answer))
+    letter = rng.choice([c for c in string.ascii_lowercase if c != answer[i]])
+    return answer[:i] + letter + answer[i + 1 :]
+
+
+# --------------------------------------------------------------------------- registry
+
+TASKS: dict[str, Task] = {
+    "addition": Task(
+        name="addition",
+        description="a+b= with operands of min_digits..max_digits digits",
+        defaults={"min_digits": 1, "max_digits": 3},
+        sample=_binary_sampler("+", lambda a, b: a + b),
+        corrupt=_corrupt_number,
+        space_size=lambda o: _numbers_in_range(o) ** 2,
+        check_options=_check_digits,
+    ),
+    "multiplication": Task(
+        name="multiplication",
+        description="a*b= with operands of min_digits..max_digits digits",
+        defaults={"min_digits": 1, "max_digits": 2},
+        sample=_binary_sampler("*", lambda a, b: a * b),
+        corrupt=_corrupt_number,
+        space_size=lambda o: _numbers_in_range(o) ** 2,
+        check_options=_check_digits,
+    ),
+    "reverse": Task(
+        name="reverse",
+        description="reverse a random lowercase string of min_len..max_len letters",
+        defaults={"min_len": 3, "max_len": 8},
+        sample=_sample_reverse,
+        corrupt=_corrupt_string,
+        space_size=lambda o: sum(26**k for k in range(o["min_len"], o["max_len"] + 1)),
+        check_options=_check_lengths,
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    """Look up a bundled task, with an error listing the available ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def _resolve_options(task: Task, options: dict) -> dict:
+    unknown = sorted(set(options) - set(task.defaults))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} for task {task.name!r}; "
+                         f"available options: {', '.join(task.defaults)}")
+    opts = {**task.defaults, **options}
+    task.check_options(opts)
+    return opts
+
+
+def _draw_unique(task: Task, opts: dict, rng: random.Random, n: int, exclude: set[str]) -> list[tuple[str, str]]:
+    """Draw ``n`` distinct questions whose prompts are not in ``exclude``."""
+    out: list[tuple[str, str]] = []
+    seen = set(exclude)
+    # Rejection sampling; the cap only matters when n is close to the space size.
+    budget = 50 * n + 10_000
+    while len(out) < n and budget > 0:
+        budget -= 1
+        prompt, answer = task.sample(rng, opts)
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append((prompt, answer))
+    if len(out) < n:
+        raise ValueError(f"task {task.name!r} could only draw {len(out)} of {n} distinct questions with options "
+                         f"{opts}; ask for fewer examples or widen the options")
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_task(name: str, out_dir, *, n_train: int, n_test: int, seed: int = 0, **options) -> dict[str, Path]:
+    """Generate a bundled task into ``out_dir``; returns ``{"train", "test", "sft", "pairs"}`` -> path.
+
+    ``options`` are task-specific (see ``TASKS[name].defaults``); unknown names
+    are rejected. Train and test never share a question.
+    """
+    task = get_task(name)
+    opts = _resolve_options(task, options)
+    if not isinstance(n_train, int) or n_train < 1:
+        raise ValueError(f"n_train must be a positive integer, got {n_train!r}")
+    if not isinstance(n_test, int) or n_test < 0:
+        raise ValueError(f"n_test must be a non-negative integer, got {n_test!r}")
+    space = task.space_size(opts)
+    if n_train + n_test > space:
+        raise ValueError(f"task {name!r} with options {opts} has only {space} distinct questions, but "
+                         f"n_train + n_test = {n_train + n_test}; ask for fewer or widen the options")
+
+    # Separate streams per split (string seeds hash deterministically), so the
+    # test set does not move when n_train changes.
+    test = _draw_unique(task, opts, random.Random(f"{seed}:test"), n_test, exclude=set())
+    train = _draw_unique(task, opts, random.Random(f"{seed}:train"), n_train, exclude={p for p, _ in test})
+    pair_rng = random.Random(f"{seed}:pairs")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {split: out / f"{split}.jsonl" for split in ("train", "test", "sft", "pairs")}
+    _write_jsonl(files["train"], [{"prompt": p, "answer": a} for p, a in train])
+    _write_jsonl(files["test"], [{"prompt": p, "answer": a} for p, a in test])
+    _write_jsonl(files["sft"], [{"prompt": p, "response": a} for p, a in train])
+    _write_jsonl(files["pairs"],
+                 [{"prompt": p, "chosen": a, "rejected": task.corrupt(pair_rng, a)} for p, a in train])
+    return files

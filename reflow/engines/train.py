@@ -1,0 +1,95 @@
+"""Train engine: one optimizer step over a mini-batch, cut into micro-batches by a token budget.
+
+    loss_fn(model, micro_batch, norm) -> (loss, stats)
+The loss of a micro-batch is a sum divided by a mini-batch-wide normaliser (`norm`), so the
+accumulated gradient equals the gradient of the mini-batch loss whatever the micro-batch cut; the
+engine knows nothing about the algorithm, so any loss trains under it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from reflow.data.batch import SampleBatch
+
+
+@dataclass
+class Norm:
+    """Mini-batch-wide normalisers handed to loss functions."""
+
+    tokens: float  # action tokens in the mini-batch (token-mean losses)
+    samples: float  # samples in the mini-batch (sequence-mean losses)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the base LR at optimizer step s: linear warm-up, then constant / linear / cosine decay."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return min_ratio + (1 - min_ratio) * (1 - frac)
+        if schedule == "cosine":
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+        raise ValueError(f"unknown lr schedule '{schedule}'")
+
+    return f
+
+
+class TrainEngine:
+    def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                 eps: float = 1e-8, grad_clip: float = 1.0, warmup_steps: int = 0, total_steps: int = 1,
+                 schedule: str = "constant", min_lr_ratio: float = 0.0, micro_batch_tokens: int = 4096,
+                 layout: str = "padded", gradient_checkpointing: bool = False):
+        self.model = model
+        self.micro_batch_tokens = micro_batch_tokens
+        self.layout = layout
+        self.grad_clip = grad_clip
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        # no weight decay on norms and biases, as is usual for transformers
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr, betas=tuple(betas), eps=eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(schedule, warmup_steps, total_steps, min_lr_ratio))
+
+    def step(self, batch: SampleBatch, loss_fn, norm: Norm | None = None, group_key: str | None = None) -> dict[str, float]:
+        """One optimizer step on `batch`; returns the summed loss stats, grad norm and LR.
+
+        `group_key`: samples sharing it stay in one micro-batch (losses over pairs or groups).
+        """
+        self.model.train()
+        if norm is None:
+            mask = batch.tokens.get("action_mask")
+            norm = Norm(tokens=float(mask.sum()) if mask is not None else float(batch.num_tokens), samples=float(len(batch)))
+        norm = Norm(max(norm.tokens, 1.0), max(norm.samples, 1.0))
+        totals: dict[str, float] = {}
+        for mb in batch.micro_batches(self.micro_batch_tokens, group_key):
+            loss, stats = loss_fn(self.model, mb, norm)
+            loss.backward()
+            for k, v in {"loss": loss, **stats}.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
+        totals["grad_norm"] = float(grad_norm)
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

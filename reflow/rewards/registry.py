@@ -1,0 +1,242 @@
+"""Finding reward functions by name and calling them safely.
+
+A reward function is any callable with this signature::
+
+    def my_reward(prompts: list[str], responses: list[str], answers: list[str | None]) -> list[float]:
+        return [1.0 if r.strip() == a else 0.0 for r, a in zip(responses, answers)]
+
+It is called with keyword arguments, once per batch, and must return one
+finite number per response, in order (a list, tuple, 1-D numpy array or 1-D
+torch tensor). ``answers`` holds the dataset's ``answer`` column (``None``
+where a row has none). An optional attribute ``my_reward.reward_range = (low,
+high)`` declares the possible values.
+
+The config names it with a spec string: a builtin (``"exact_match"``,
+``"format"``, ``"exact_match_with_format"``), ``"package.module:function"``
+(importable from ``PYTHONPATH``), or ``"path/to/file.py:function"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from reflow.rewards.rules import exact_match, exact_match_with_format, format_reward
+
+RewardFn = Callable[..., Any]
+
+BUILTIN: dict[str, RewardFn] = {
+    "exact_match": exact_match,
+    "format": format_reward,
+    "exact_match_with_format": exact_match_with_format,
+}
+
+_SPEC_ATTR = "reflow_spec"  # remembered on loaded functions so errors use the user's own spelling
+_SPEC_HELP = "use a builtin (" + ", ".join(BUILTIN) + "), 'package.module:function' or 'path/to/file.py:function'"
+
+
+class RewardError(ValueError):
+    """A user-facing problem loading or running a reward function."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """Resolve a reward spec (builtin name, ``module:function`` or ``file.py:function``) to a callable.
+
+    Checks up front that the callable accepts ``prompts``, ``responses`` and
+    ``answers`` keywords, so a wrong signature fails at startup, not mid-training.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise RewardError(f"reward spec must be a non-empty string, got {spec!r}; {_SPEC_HELP}")
+    spec = spec.strip()
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    if ":" not in spec:
+        raise RewardError(f"unknown reward {spec!r}; {_SPEC_HELP}")
+
+    # rsplit: Windows paths ("C:\\rewards.py:fn") contain a colon of their own.
+    module_part, attr_path = spec.rsplit(":", 1)
+    if not module_part or not attr_path:
+        raise RewardError(f"reward spec {spec!r} is incomplete; {_SPEC_HELP}")
+    is_file = module_part.endswith(".py") or "/" in module_part or "\\" in module_part
+    module = _import_file(spec, module_part) if is_file else _import_module(spec, module_part)
+
+    obj: Any = module
+    for part in attr_path.split("."):  # allows "module:Class.method"
+        if not hasattr(obj, part):
+            names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            raise RewardError(f"reward spec {spec!r}: {module_part!r} has no attribute {attr_path!r}; "
+                              f"callables found there: {', '.join(names) or 'none'}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise RewardError(f"reward spec {spec!r}: {attr_path!r} is not a function (type {type(obj).__name__}); "
+                          "point the spec at a function taking (prompts, responses, answers)")
+    _check_signature(spec, obj)
+    try:
+        setattr(obj, _SPEC_ATTR, spec)
+    except (AttributeError, TypeError):  # bound methods, builtins: fall back to module:qualname
+        pass
+    return obj
+
+
+def _import_module(spec: str, name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise RewardError(f"reward spec {spec!r}: could not import module {name!r} ({e}); make sure the module is "
+                          "importable (on PYTHONPATH, or installed), or use 'path/to/file.py:function'") from e
+    except Exception as e:
+        raise RewardError(f"reward spec {spec!r}: importing {name!r} raised {type(e).__name__}: {e}; "
+                          "fix the error in that module") from e
+
+
+def _import_file(spec: str, file_part: str):
+    path = Path(file_part).expanduser().resolve()
+    if not path.is_file():
+        raise RewardError(f"reward spec {spec!r}: file {path} not found; check the path "
+                          f"(relative paths are resolved from {Path.cwd()})")
+    # A unique, stable module name per file, so two "rewards.py" in different
+    # folders do not collide and pickling/dataclasses can find the module.
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    mod_name = f"reflow_user_reward_{path.stem}_{digest}"
+    module_spec = importlib.util.spec_from_file_location(mod_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise RewardError(f"reward spec {spec!r}: cannot import {path} as Python; use a .py file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[mod_name] = module
+    # Like running a script: the file's own folder is importable while it loads,
+    # so it can import helper modules that sit next to it.
+    sys.path.insert(0, str(path.parent))
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(mod_name, None)
+        raise RewardError(f"reward spec {spec!r}: importing {path} raised {type(e).__name__}: {e}; "
+                          "fix the error in that file") from e
+    finally:
+        try:
+            sys.path.remove(str(path.parent))
+        except ValueError:
+            pass
+    return module
+
+
+def _check_signature(spec: str, fn: RewardFn) -> None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # some C callables have no inspectable signature; trust them
+        return
+    try:
+        sig.bind(prompts=[], responses=[], answers=[])
+    except TypeError:
+        raise RewardError(f"reward function {spec!r} has signature {sig}; it must accept keyword arguments "
+                          "(prompts, responses, answers), e.g. def fn(prompts, responses, answers): ...") from None
+
+
+def _name(fn: RewardFn) -> str:
+    spec = getattr(fn, _SPEC_ATTR, None)
+    if spec:
+        return spec
+    for name, builtin in BUILTIN.items():
+        if fn is builtin:
+            return name
+    module = getattr(fn, "__module__", None) or "?"
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}:{qualname}"
+
+
+def reward_range(fn: RewardFn) -> tuple[float, float] | None:
+    """The ``(low, high)`` a reward function declares via ``fn.reward_range``, or None if it declares none."""
+    declared = getattr(fn, "reward_range", None)
+    if declared is None:
+        return None
+    try:
+        low, high = (float(v) for v in declared)
+    except (TypeError, ValueError):
+        raise RewardError(f"reward function '{_name(fn)}' has reward_range={declared!r}; "
+                          "set it to a (low, high) pair of numbers") from None
+    if math.isnan(low) or math.isnan(high) or low > high:
+        raise RewardError(f"reward function '{_name(fn)}' has reward_range={declared!r}; "
+                          "it needs low <= high and no NaN")
+    return low, high
+
+
+# --------------------------------------------------------------------------- calling
+
+
+def _short(text: Any, limit: int = 60) -> str:
+    s = repr(text)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _as_sequence(result: Any) -> list | None:
+    """Turn an accepted container into a plain list; None if the type is not accepted."""
+    if isinstance(result, (list, tuple)):
+        return list(result)
+    # Check torch/numpy only if already imported: a user returning a tensor has
+    # imported torch, and we avoid importing it just to say "no".
+    for mod_name, cls_name in (("torch", "Tensor"), ("numpy", "ndarray")):
+        mod = sys.modules.get(mod_name)
+        if mod is not None and isinstance(result, getattr(mod, cls_name)):
+            if result.ndim != 1:
+                return None
+            if mod_name == "torch":
+                result = result.detach().cpu()
+            return result.tolist()
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, (str, bytes)):  # "1.0" parses as a float, but is almost surely a bug
+        return None
+    try:
+        x = float(value)  # accepts bool, int, numpy scalars, 0-d tensors
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def compute_rewards(fn: RewardFn, prompts: list[str], responses: list[str], answers: list[str | None]) -> list[float]:
+    """Call ``fn(prompts=..., responses=..., answers=...)`` and validate its result.
+
+    Any exception from the function, or a result that is not one finite number
+    per response, becomes a :class:`RewardError` naming the function and the
+    offending index so the user knows what to fix.
+    """
+    n = len(prompts)
+    if len(responses) != n or len(answers) != n:
+        raise ValueError(f"compute_rewards got {n} prompts, {len(responses)} responses, {len(answers)} answers")
+    name = _name(fn)
+    try:
+        # Copies, so a reward function that mutates its inputs cannot corrupt the batch.
+        result = fn(prompts=list(prompts), responses=list(responses), answers=list(answers))
+    except Exception as e:
+        first = f"; first prompt: {_short(prompts[0])}" if n else ""
+        raise RewardError(f"reward function '{name}' raised {type(e).__name__}: {e} "
+                          f"(batch of {n} samples{first})") from e
+
+    values = _as_sequence(result)
+    if values is None:
+        shape = getattr(result, "shape", None)
+        what = type(result).__name__ + (f" of shape {tuple(shape)}" if shape is not None else "")
+        raise RewardError(f"reward function '{name}' returned a {what}; it must return a list of {n} floats, "
+                          "one per response")
+    if len(values) != n:
+        raise RewardError(f"reward function '{name}' returned {len(values)} rewards for {n} responses; "
+                          "it must return exactly one float per response, in order")
+    rewards: list[float] = []
+    for i, value in enumerate(values):
+        x = _as_float(value)
+        if x is None:
+            raise RewardError(f"reward function '{name}' returned {_short(value)} at index {i}; every reward "
+                              "must be a finite number (return e.g. 0.0 for responses that cannot be scored)")
+        rewards.append(x)
+    return rewards

@@ -1,0 +1,56 @@
+"""Built-in rule-based rewards for the bundled verifiable tasks.
+
+All rewards share the calling convention of user reward functions::
+
+    def my_reward(prompts: list[str], responses: list[str], answers: list[str | None]) -> list[float]
+
+one float per response, in order. ``reward_range = (low, high)`` on the
+function declares the possible values (used for logging and sanity checks).
+"""
+
+from __future__ import annotations
+
+
+def _check_answers(name: str, responses: list[str], answers: list[str | None]) -> None:
+    if len(answers) != len(responses):
+        raise ValueError(f"{name}: got {len(responses)} responses but {len(answers)} answers")
+    if any(a is None for a in answers):
+        raise ValueError(f"{name} needs a reference answer for every prompt, but some are missing; "
+                         "add an 'answer' column to the prompt dataset, or use a reward that does not need one")
+
+
+def _is_correct(response: str, answer: str) -> bool:
+    return response.strip() == answer.strip()
+
+
+def _is_bare(response: str) -> bool:
+    # A bare answer: one run of letters/digits (optionally negative), nothing else.
+    # Surrounding whitespace is fine, since generation often ends with a newline.
+    text = response.strip()
+    body = text[1:] if text.startswith("-") else text
+    return body.isalnum()
+
+
+def exact_match(prompts: list[str], responses: list[str], answers: list[str | None]) -> list[float]:
+    """1.0 if the response equals the answer (ignoring surrounding whitespace), else 0.0."""
+    _check_answers("exact_match", responses, answers)
+    return [1.0 if _is_correct(r, a) else 0.0 for r, a in zip(responses, answers)]
+
+
+def format_reward(prompts: list[str], responses: list[str], answers: list[str | None]) -> list[float]:
+    """1.0 if the response is a bare answer (a single run of letters/digits), else 0.0. Ignores answers."""
+    return [1.0 if _is_bare(r) else 0.0 for r in responses]
+
+
+def exact_match_with_format(prompts: list[str], responses: list[str], answers: list[str | None]) -> list[float]:
+    """1.0 if correct, 0.1 if a well-formatted but wrong bare answer, 0.0 otherwise.
+
+    The small format bonus gives a learning signal before the model gets any answer right.
+    """
+    _check_answers("exact_match_with_format", responses, answers)
+    return [1.0 if _is_correct(r, a) else 0.1 if _is_bare(r) else 0.0 for r, a in zip(responses, answers)]
+
+
+exact_match.reward_range = (0.0, 1.0)
+format_reward.reward_range = (0.0, 1.0)
+exact_match_with_format.reward_range = (0.0, 1.0)

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+
+from reflow.data.tasks import TASKS, write_task
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_addition_files_and_answers(tmp_path):
+    files = write_task("addition", tmp_path, n_train=200, n_test=50, seed=1)
+    assert set(files) == {"train", "test", "sft", "pairs"}
+    train, test, sft, pairs = (read(files[k]) for k in ("train", "test", "sft", "pairs"))
+    assert len(train) == len(sft) == len(pairs) == 200 and len(test) == 50
+    for row in train + test:
+        a, b = row["prompt"].removesuffix("=").split("+")
+        assert row["prompt"] == f"{int(a)}+{int(b)}="
+        assert row["answer"] == str(int(a) + int(b))
+        assert 0 <= int(a) <= 999 and 0 <= int(b) <= 999
+    assert [r["prompt"] for r in sft] == [r["prompt"] for r in train]
+    assert [r["response"] for r in sft] == [r["answer"] for r in train]
+    for row, ref in zip(pairs, train):
+        assert row["prompt"] == ref["prompt"] and row["chosen"] == ref["answer"]
+        assert row["rejected"] != row["chosen"] and row["rejected"].isdigit()
+
+
+def test_addition_is_deterministic_and_disjoint(tmp_path):
+    a = write_task("addition", tmp_path / "a", n_train=300, n_test=100, seed=3)
+    b = write_task("addition", tmp_path / "b", n_train=300, n_test=100, seed=3)
+    for key in a:
+        assert a[key].read_bytes() == b[key].read_bytes()
+    train = {r["prompt"] for r in read(a["train"])}
+    test = {r["prompt"] for r in read(a["test"])}
+    assert len(train) == 300 and len(test) == 100 and not train & test
+    c = write_task("addition", tmp_path / "c", n_train=300, n_test=100, seed=4)
+    assert read(c["train"]) != read(a["train"])
+    # Changing n_train leaves the test split alone.
+    d = write_task("addition", tmp_path / "d", n_train=50, n_test=100, seed=3)
+    assert d["test"].read_bytes() == a["test"].read_bytes()
+
+
+def test_addition_digit_options(tmp_path):
+    files = write_task("addition", tmp_path, n_train=50, n_test=10, min_digits=2, max_digits=2)
+    for row in read(files["train"]):
+        assert all(10 <= int(x) <= 99 for x in row["prompt"][:-1].split("+"))
+    # 1-digit operands: exactly 100 distinct questions exist.
+    write_task("addition", tmp_path / "all", n_train=90, n_test=10, max_digits=1)
+    with pytest.raises(ValueError, match="only 100 distinct questions"):
+        write_task("addition", tmp_path / "x", n_train=95, n_test=10, max_digits=1)
+
+
+def test_multiplication_answers(tmp_path):
+    files = write_task("multiplication", tmp_path, n_train=100, n_test=20)
+    for row in read(files["train"]) + read(files["test"]):
+        a, b = row["prompt"][:-1].split("*")
+        assert int(a) < 100 and int(b) < 100
+        assert row["answer"] == str(int(a) * int(b))
+
+
+def test_reverse_answers(tmp_path):
+    files = write_task("reverse", tmp_path, n_train=100, n_test=20)
+    for row in read(files["train"]) + read(files["test"]):
+        s = row["prompt"].removeprefix("reverse ").removesuffix("=")
+        assert 3 <= len(s) <= 8 and s.isalpha() and s.islower()
+        assert row["answer"] == s[::-1]
+    for row in read(files["pairs"]):
+        assert row["rejected"] != row["chosen"]
+
+
+def test_corrupt_handles_palindromes():
+    import random
+
+    rng = random.Random(0)
+    for answer in ["aaa", "aba", "b"]:
+        assert TASKS["reverse"].corrupt(rng, answer) != answer
+    for answer in ["0", "5", "10", "999"]:
+        wrong = TASKS["addition"].corrupt(rng, answer)
+        assert wrong != answer and int(wrong) >= 0
+
+
+def test_unknown_task_and_option(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'division'.*addition, multiplication, reverse"):
+        write_task("division", tmp_path, n_train=1, n_test=1)
+    with pytest.raises(ValueError, match="unknown option 'digits'.*min_digits, max_digits"):
+        write_task("addition", tmp_path, n_train=1, n_test=1, digits=3)
+    with pytest.raises(ValueError, match="min_digits=3 is larger than max_digits=2"):
+        write_task("addition", tmp_path, n_train=1, n_test=1, min_digits=3, max_digits=2)
