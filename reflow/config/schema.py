@@ -196,6 +196,7 @@ class RMConfig:
     epochs: int = 1
     max_steps: int | None = None
     eval_fraction: float = 0.1  # held-out share of the pairs for accuracy
+    eval_every: int = 0  # ranking accuracy on the held-out pairs every N steps (0 = only at the end)
     save_every: int = 0
     tensorboard: bool = False
     progress: bool = True

@@ -122,6 +122,10 @@ class SampleBatch:
     def index(self, positions: Sequence[int]) -> "SampleBatch":
         """New batch with the samples at `positions` (in that order)."""
         positions = [int(p) for p in positions]
+        return self._gather(positions, [self.ids[p] for p in positions])
+
+    def _gather(self, positions: list[int], ids: list[int]) -> "SampleBatch":
+        """The samples at `positions`, renamed to `ids` (repeat() repeats positions under new ids)."""
         pos_t = torch.tensor(positions, dtype=torch.long)
         if self.tokens and positions:
             offs = self.offsets
@@ -129,7 +133,7 @@ class SampleBatch:
         else:
             tok_idx = torch.empty(0, dtype=torch.long)
         return SampleBatch(
-            [self.ids[p] for p in positions],
+            ids,
             self.seqlens[pos_t] if positions else self.seqlens[:0],
             {k: v[tok_idx] for k, v in self.tokens.items()},
             {k: v[pos_t] if positions else v[:0] for k, v in self.samples.items()},
@@ -154,8 +158,8 @@ class SampleBatch:
     def repeat(self, n: int, first_id: int = 0) -> "SampleBatch":
         """Each sample n times in a row (n responses per prompt): new ids first_id.., group_id = old id."""
         positions = [p for p in range(len(self)) for _ in range(n)]
-        out = self.index(positions)
-        out.ids = list(range(first_id, first_id + len(positions)))
+        # gathered under the new ids directly: indexing under the old ids would repeat them
+        out = self._gather(positions, list(range(first_id, first_id + len(positions))))
         out.samples["group_id"] = torch.tensor([self.ids[p] for p in positions], dtype=torch.long)
         return out
 

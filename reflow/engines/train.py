@@ -78,7 +78,7 @@ class TrainEngine:
             loss, stats = loss_fn(self.model, mb, norm)
             loss.backward()
             for k, v in {"loss": loss, **stats}.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+                totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
         totals["grad_norm"] = float(grad_norm)
         totals["lr"] = self.scheduler.get_last_lr()[0]

@@ -10,6 +10,7 @@ A critic or reward model started from a causal-LM folder gets the backbone's wei
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
+    PreTrainedTokenizerFast,
 )
 
 
@@ -54,7 +56,15 @@ def check_model_dir(path: str | Path, key: str = "model path") -> Path:
 
 def load_tokenizer(path: str | Path):
     p = check_model_dir(path)
-    tok = AutoTokenizer.from_pretrained(p)
+    declared = None
+    if (p / "tokenizer_config.json").is_file():
+        declared = json.loads((p / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (p / "tokenizer.json").is_file():
+        # transformers 5 forces Qwen2Tokenizer on every qwen2 folder, which adds tokens our preset
+        # vocabulary lacks; a folder that declares a plain tokenizers backend gets exactly that.
+        tok = PreTrainedTokenizerFast.from_pretrained(p)
+    else:
+        tok = AutoTokenizer.from_pretrained(p)
     if tok.eos_token_id is None:
         raise ModelError(f"tokenizer in '{p}' has no eos_token; set one in tokenizer_config.json")
     if tok.pad_token_id is None:

@@ -1,0 +1,191 @@
+"""GenerationEngine: greedy and sampled decoding, log-probs, seeding, filtering and early retirement."""
+
+import pytest
+import torch
+
+from reflow.data.batch import SampleBatch
+from reflow.engines.generate import GenerationEngine, SamplingParams, filter_logits
+from reflow.models.load import load_policy
+from reflow.models.packing import token_logprobs
+from reflow.models.presets import init_model
+
+PAD, EOS = 0, 2
+# a few prompts of different lengths (byte-token ids 5..260), so a batch needs left padding
+PROMPTS = [
+    [40, 41, 42, 43, 44, 45, 46],
+    [100, 7],
+    [200, 201, 202, 203],
+    [9],
+    [150, 60, 70, 80, 90, 33, 34, 35, 36, 37, 38],
+]
+# "EOS" for a quarter of the byte tokens: rows end after a few steps, at different ones, or not at all
+MANY_EOS = list(range(5, 261, 4))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Debug-size matmuls gain nothing from intra-op threads, and on a busy 2-core box they spin-wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", params=["debug-llama", "debug-qwen2"])
+def model(request, tmp_path_factory):
+    path = init_model(request.param, tmp_path_factory.mktemp("generate") / request.param, seed=2)
+    model = load_policy(path).eval()
+    # A fresh preset (init std 0.02, tied embeddings) greedily repeats the last prompt token forever, which
+    # would make every greedy comparison vacuous; larger random weights make the output depend on context.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def engine(model, eos=(EOS,), batch_size=256):
+    return GenerationEngine(model, eos_token_ids=eos, pad_token_id=PAD, batch_size=batch_size)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_greedy_batched_equals_hf_generate_per_prompt(model):
+    n = 12
+    outs = engine(model).generate(PROMPTS, SamplingParams(max_new_tokens=n, greedy=True))
+    assert [g.index for g in outs] == list(range(len(PROMPTS)))
+    for g, p in zip(outs, PROMPTS):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 do_sample=False, eos_token_id=EOS, pad_token_id=PAD)[0, len(p):]
+        assert g.prompt_ids == p
+        assert g.tokens == ref.tolist()
+        assert len(g.logprobs) == len(g.tokens)
+
+
+def _as_batch(generations):
+    return SampleBatch.from_sequences(
+        [g.index for g in generations],
+        {"input_ids": [g.prompt_ids + g.tokens for g in generations],
+         "action_mask": [[0] * len(g.prompt_ids) + [1] * len(g.tokens) for g in generations]},
+    )
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 0.8)])
+def test_sampled_logprobs_equal_token_logprobs_at_the_same_temperature(model, top_k, top_p):
+    T = 0.7
+    params = SamplingParams(max_new_tokens=10, temperature=T, top_k=top_k, top_p=top_p)
+    outs = engine(model).generate(PROMPTS, params, gen(0))
+    batch = _as_batch(outs)
+    with torch.no_grad():
+        ref, _ = token_logprobs(model, batch, temperature=T)
+    mine = torch.tensor([lp for g in outs for lp in [0.0] * len(g.prompt_ids) + g.logprobs])
+    mask = batch.tokens["action_mask"].bool()
+    torch.testing.assert_close(mine[mask], ref[mask], atol=1e-4, rtol=0)
+    # log-probs are of the unfiltered distribution, so they are not all log(1) even with filtering
+    assert (mine[mask] < -1e-3).all()
+
+
+def test_same_seed_same_samples_different_seed_different(model):
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    a = engine(model).generate(PROMPTS, params, gen(1))
+    b = engine(model).generate(PROMPTS, params, gen(1))
+    c = engine(model).generate(PROMPTS, params, gen(2))
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+    assert [g.logprobs for g in a] == [g.logprobs for g in b]
+    assert [g.tokens for g in a] != [g.tokens for g in c]
+
+
+def test_top_k_1_sampling_equals_greedy(model):
+    greedy = engine(model).generate(PROMPTS, SamplingParams(max_new_tokens=8, greedy=True))
+    top1 = engine(model).generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.3, top_k=1), gen(3))
+    assert [g.tokens for g in top1] == [g.tokens for g in greedy]
+
+
+def test_filter_logits_top_p_keeps_the_smallest_prefix_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.1, 0.3, 0.05]])
+    logits = probs.log()
+    # sorted: 0.5, 0.3, 0.1, 0.05, 0.05 -> cumulative 0.5, 0.8, 0.9, ...
+    keep = lambda p: torch.isfinite(filter_logits(logits, 0, p))[0].tolist()  # noqa: E731
+    assert keep(0.5) == [False, True, False, False, False]  # the top token alone reaches 0.5
+    assert keep(0.6) == [False, True, False, True, False]
+    assert keep(0.85) == [False, True, True, True, False]
+    assert keep(0.01) == [False, True, False, False, False]  # the top token always stays
+    assert keep(1.0) == [True] * 5
+    kept = filter_logits(logits, 0, 0.6)
+    torch.testing.assert_close(kept.softmax(-1)[0, [1, 3]], torch.tensor([0.5, 0.3]) / 0.8)
+
+
+def test_filter_logits_top_k_and_rows_are_independent():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [9.0, 1.0, 8.0, 7.0]])
+    out = filter_logits(logits, 2, 1.0)
+    assert torch.isfinite(out).tolist() == [[False, True, True, False], [True, False, True, False]]
+    assert torch.equal(out[torch.isfinite(out)], torch.tensor([4.0, 3.0, 9.0, 8.0]))
+
+
+def test_early_retirement_rows_end_at_their_own_eos(model):
+    eos = set(MANY_EOS)
+    n = 12
+    outs = engine(model, eos=MANY_EOS).generate(PROMPTS, SamplingParams(max_new_tokens=n, greedy=True))
+    assert [g.index for g in outs] == list(range(len(PROMPTS)))  # exactly one generation per prompt
+    lengths = [len(g.tokens) for g in outs]
+    assert len(set(lengths)) > 1, f"rows should end at different steps, got {lengths}"
+    assert any(g.finished for g in outs) and not all(g.finished for g in outs)
+    for g in outs:
+        assert 1 <= len(g.tokens) <= n and len(g.logprobs) == len(g.tokens)
+        assert g.finished == (g.tokens[-1] in eos)
+        assert not any(t in eos for t in g.tokens[:-1])  # nothing after the first eos
+        if not g.finished:
+            assert len(g.tokens) == n
+    # retiring rows (and their cache entries) does not change what the remaining rows decode
+    for g, p in zip(outs, PROMPTS):
+        alone = engine(model, eos=MANY_EOS).generate([p], SamplingParams(max_new_tokens=n, greedy=True))[0]
+        assert (alone.tokens, alone.finished) == (g.tokens, g.finished)
+        torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(g.logprobs), atol=1e-5, rtol=0)
+
+
+def test_stream_yields_in_finish_order_and_generate_in_prompt_order(model):
+    params = SamplingParams(max_new_tokens=12, greedy=True)
+    streamed = list(engine(model, eos=MANY_EOS).stream(PROMPTS, params))
+    assert sorted(g.index for g in streamed) == list(range(len(PROMPTS)))
+    lengths = [len(g.tokens) for g in streamed]
+    assert lengths == sorted(lengths)  # a row finishing at an earlier step is yielded earlier
+    assert [g.index for g in streamed] != list(range(len(PROMPTS)))
+    ordered = engine(model, eos=MANY_EOS).generate(PROMPTS, params)
+    assert [g.index for g in ordered] == list(range(len(PROMPTS)))
+    by_index = {g.index: g.tokens for g in streamed}
+    assert [g.tokens for g in ordered] == [by_index[i] for i in range(len(PROMPTS))]
+
+
+def test_chunked_batches_give_the_same_greedy_results(model):
+    params = SamplingParams(max_new_tokens=10, greedy=True)
+    whole = engine(model, eos=MANY_EOS).generate(PROMPTS, params)
+    chunked = engine(model, eos=MANY_EOS, batch_size=2).generate(PROMPTS, params)
+    assert [(g.index, g.tokens) for g in chunked] == [(g.index, g.tokens) for g in whole]
+
+
+def test_max_new_tokens_cuts_unfinished_rows(model):
+    never = 10_000  # an EOS id outside the vocabulary: no row can end early
+    outs = engine(model, eos=[never]).generate(PROMPTS, SamplingParams(max_new_tokens=5, temperature=1.0), gen(4))
+    assert len(outs) == len(PROMPTS)
+    for g in outs:
+        assert len(g.tokens) == len(g.logprobs) == 5
+        assert g.finished is False
+
+
+def test_empty_prompt_is_an_error(model):
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine(model).generate([[5, 6], []], SamplingParams(max_new_tokens=2, greedy=True))
+
+
+def test_generation_restores_training_mode(model):
+    model.train()
+    try:
+        engine(model).generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, greedy=True))
+        assert model.training
+    finally:
+        model.eval()

@@ -1,0 +1,127 @@
+"""End to end: init-model -> sft -> train (GRPO / PPO), rm -> train with a reward model, checkpoints, --resume."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from reflow.cli import main
+from reflow.utils.metrics import read_metrics
+
+
+def by_step(rows):
+    """metrics.jsonl rows merged per step (a step can have a train row and an eval row)."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["step"], {}).update(r)
+    return out
+
+
+def length_reward_file(tmp_path):
+    p = tmp_path / "length_reward.py"
+    p.write_text("def reward(prompts, responses, answers):\n    return [float(len(r)) for r in responses]\n")
+    return p
+
+
+def rl_args(model, data, out, *extra):
+    return ["train", f"actor.path={model}", f"data.train={data}/train.jsonl", f"data.eval={data}/test.jsonl",
+            f"output_dir={out}", "rollout.prompts_per_step=4", "rollout.n=4", "rollout.max_new_tokens=5",
+            "trainer.progress=false", "actor.optim.lr=1e-3", *extra]
+
+
+def test_sft_then_grpo_writes_metrics_checkpoints_and_hf_folders(debug_model, addition_data, tmp_path):
+    sft_out = tmp_path / "sft"
+    assert main(["sft", f"model.path={debug_model}", f"data.train={addition_data}/sft.jsonl",
+                 f"data.eval={addition_data}/test.jsonl", f"output_dir={sft_out}", "max_steps=3",
+                 "batch_size=16", "progress=false"]) == 0
+    rows = read_metrics(sft_out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert any("eval/accuracy" in r for r in rows)
+    assert (sft_out / "config.yaml").is_file() and (sft_out / "curves.png").is_file()
+    AutoModelForCausalLM.from_pretrained(sft_out / "final")  # an HF folder transformers loads
+
+    # a reward with variance inside each group (length), so advantages are non-zero and weights must move
+    length_reward = length_reward_file(tmp_path)
+    out = tmp_path / "grpo"
+    assert main(rl_args(sft_out / "final", addition_data, out, "trainer.steps=4", "trainer.save_every=2",
+                        "trainer.eval_every=2", "algo.kl_coef=0.01", f"reward.fn={length_reward}:reward")) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in ["reward/mean", "reward/std", "accuracy", "actor/kl", "actor/entropy", "response_len/mean",
+                "actor/clipfrac", "time/actor_gen", "time/ref_inf", "time/actor_train", "throughput/gen_tokens_per_s"]:
+        assert steps[-1][key] is not None, key
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 4]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_000002", "step_000004"]
+    saved = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_000004" / "actor")
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    for a, b in zip(saved.state_dict().values(), final.state_dict().values()):
+        assert torch.equal(a, b)
+    # training moved the weights
+    start = AutoModelForCausalLM.from_pretrained(sft_out / "final")
+    assert not torch.equal(start.model.embed_tokens.weight, final.model.embed_tokens.weight)
+    assert (out / "curves.png").is_file()
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_resume_continues_with_the_same_metrics_as_an_uninterrupted_run(debug_model, addition_data, tmp_path, algo):
+    out = tmp_path / algo
+    args = rl_args(debug_model, addition_data, out, f"algo.name={algo}", "trainer.steps=4", "trainer.save_every=2",
+                   "trainer.eval_every=0", "data.eval_size=4", "algo.kl_coef=0.05", "algo.mini_batches=2",
+                   "actor.optim.schedule=cosine", "actor.optim.warmup_steps=1",
+                   f"reward.fn={length_reward_file(tmp_path)}:reward")
+    assert main(args) == 0
+    full = by_step(read_metrics(out / "metrics.jsonl"))
+    assert full[3]["actor/grad_norm"] > 0  # a real update happened, so equality below means something
+    # Simulate a crash after step 2: the step-4 checkpoint never happened.
+    shutil.rmtree(out / "checkpoints" / "step_000004")
+    assert main(args + ["--resume"]) == 0
+    resumed = by_step(read_metrics(out / "metrics.jsonl"))
+    assert sorted(resumed) == sorted(full)
+    keys = ["reward/mean", "actor/loss", "actor/entropy", "actor/kl", "actor/grad_norm", "actor/lr"]
+    if algo == "ppo":
+        keys += ["critic/loss", "critic/grad_norm"]
+    for step in (3, 4):
+        for k in keys:
+            assert resumed[step][k] == pytest.approx(full[step][k], rel=1e-5, abs=1e-7), (step, k)
+    # steps before the checkpoint are kept, not rewritten
+    assert resumed[1]["time/step"] == full[1]["time/step"]
+
+
+def test_ppo_trains_a_critic_and_checkpoints_it(debug_model, addition_data, tmp_path):
+    out = tmp_path / "ppo"
+    assert main(rl_args(debug_model, addition_data, out, "algo.name=ppo", "trainer.steps=2", "trainer.eval_every=0",
+                        "data.eval_size=4", "algo.kl_coef=0.05")) == 0
+    last = read_metrics(out / "metrics.jsonl")[-2]  # the last row is the final eval
+    assert last["critic/loss"] > 0 and last["time/critic_inf"] > 0 and last["time/critic_train"] > 0
+    assert (out / "checkpoints" / "step_000002" / "critic" / "config.json").is_file()
+
+
+def test_reward_model_then_rl_from_it(debug_model, addition_data, tmp_path):
+    rm_out = tmp_path / "rm"
+    assert main(["rm", f"model.path={debug_model}", f"data.train={addition_data}/pairs.jsonl", f"output_dir={rm_out}",
+                 "max_steps=3", "batch_size=8", "progress=false", "eval_fraction=0.2"]) == 0
+    rows = read_metrics(rm_out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert 0 <= rows[-1]["eval/accuracy"] <= 1
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_out / "final")
+    assert rm.config.num_labels == 1
+    out = tmp_path / "rl_rm"
+    assert main(rl_args(debug_model, addition_data, out, "reward.fn=null", f"reward.model={rm_out}/final",
+                        "trainer.steps=1", "trainer.eval_every=0", "data.eval_size=4")) == 0
+    step1 = read_metrics(out / "metrics.jsonl")[1]
+    assert step1["reward/std"] > 0  # scores come from the model, not a 0/1 rule
+
+
+def test_eval_and_generate_commands(debug_model, addition_data, capsys):
+    assert main(["eval", "--model", str(debug_model), "--data", f"{addition_data}/test.jsonl", "--json",
+                 "--max-new-tokens", "4"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 16 and 0 <= result["accuracy"] <= 1
+    assert main(["generate", "--model", str(debug_model), "--prompt", "12+34=", "--n", "2",
+                 "--max-new-tokens", "3"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 2 and all(x["prompt"] == "12+34=" for x in lines)

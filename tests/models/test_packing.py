@@ -1,0 +1,186 @@
+"""Packed and padded forwards equal per-sample forwards; log-probs, values and scores are what they claim."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+from reflow.data.batch import SampleBatch
+from reflow.models import packing
+from reflow.models.load import load_critic, load_policy, load_reward_model, load_tokenizer, save_model
+from reflow.models.presets import init_model
+
+FAMILIES = ["debug-llama", "debug-qwen2"]
+LENS = [5, 9, 3, 7]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Debug-size matmuls gain nothing from intra-op threads, and on a busy 2-core box they spin-wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("packing_models")
+    return {name: init_model(name, root / name, seed=1) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def policies(model_dirs):
+    return {name: load_policy(path).eval() for name, path in model_dirs.items()}
+
+
+def make_batch(lens=LENS, prompt_lens=None, seed=0) -> SampleBatch:
+    """Random non-special token ids; actions after each sample's prompt (default: the first 2 tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(5, 261, (n,), generator=g) for n in lens]
+    prompt_lens = prompt_lens or [2] * len(lens)
+    masks = [(torch.arange(n) >= p).long() for n, p in zip(lens, prompt_lens)]
+    return SampleBatch.from_sequences(range(len(lens)), {"input_ids": seqs, "action_mask": masks})
+
+
+def per_sample(model, batch):
+    """Per-sample forwards of the full model, one sequence at a time (no packing, no padding)."""
+    with torch.no_grad():
+        return [model(input_ids=s[None]) for s in batch.unpack("input_ids")]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_packed_and_padded_forward_equal_per_sample_forward(policies, family, layout):
+    model = policies[family]
+    batch = make_batch()
+    backbone, head = packing.backbone_and_head(model)
+    with torch.no_grad():
+        h = packing.hidden_states(model, batch, layout)
+        ref_h = torch.cat([backbone(input_ids=s[None]).last_hidden_state[0] for s in batch.unpack("input_ids")])
+        ref_logits = torch.cat([o.logits[0] for o in per_sample(model, batch)])
+        logits = head(h)
+    assert h.shape == (batch.num_tokens, model.config.hidden_size)
+    torch.testing.assert_close(h, ref_h, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_unknown_layout_raises(policies):
+    with pytest.raises(ValueError, match="unknown layout"):
+        packing.hidden_states(policies["debug-llama"], make_batch(), "ragged")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_position_ids_alone_do_not_separate_packed_samples(policies, family):
+    """Why packing builds its own block mask: with only position_ids, sample 2 attends to sample 1."""
+    model = policies[family]
+    batch = make_batch()
+    with torch.no_grad():
+        plain = model(input_ids=batch.tokens["input_ids"][None],
+                      position_ids=batch.position_in_sample()[None]).logits[0]
+    ref = [o.logits[0] for o in per_sample(model, batch)]
+    parts = torch.split(plain, LENS)
+    torch.testing.assert_close(parts[0], ref[0], atol=1e-5, rtol=0)  # the first sample sees nothing else
+    assert (parts[1] - ref[1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_logprobs_and_entropy_match_manual_log_softmax(policies, family):
+    model = policies[family]
+    batch = make_batch(prompt_lens=[2, 4, 1, 3])
+    T = 0.7
+    with torch.no_grad():
+        logp, ent = packing.token_logprobs(model, batch, temperature=T, with_entropy=True)
+    ref_logp, ref_ent = [], []
+    for s, o in zip(batch.unpack("input_ids"), per_sample(model, batch)):
+        lsm = F.log_softmax(o.logits[0, :-1].float() / T, dim=-1)  # predicts tokens 1..n-1
+        ref_logp.append(torch.cat([torch.zeros(1), lsm.gather(-1, s[1:, None])[:, 0]]))
+        ref_ent.append(torch.cat([torch.zeros(1), -(lsm.exp() * lsm).sum(-1)]))
+    mask = batch.tokens["action_mask"].bool()
+    ref_logp, ref_ent = torch.cat(ref_logp) * mask, torch.cat(ref_ent) * mask
+    assert logp.shape == ent.shape == (batch.num_tokens,)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
+    assert (logp[~mask] == 0).all() and (ent[~mask] == 0).all()
+    assert (logp[mask] < 0).all() and (ent[mask] > 0).all()
+
+
+def test_token_logprobs_entropy_is_none_unless_asked(policies):
+    with torch.no_grad():
+        _, ent = packing.token_logprobs(policies["debug-llama"], make_batch())
+    assert ent is None
+
+
+def test_action_on_first_token_of_a_sample_is_an_error(policies):
+    batch = make_batch(prompt_lens=[2, 0, 1, 3])  # sample 1 has an action at its first token
+    with pytest.raises(ValueError, match="first token"):
+        packing.token_logprobs(policies["debug-llama"], batch)
+
+
+def _randomise_head(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_values_are_the_critic_head_on_the_previous_hidden_state(model_dirs, family):
+    critic = _randomise_head(load_critic(model_dirs[family]).eval(), seed=3)
+    batch = make_batch(prompt_lens=[2, 4, 1, 3])
+    with torch.no_grad():
+        v = packing.token_values(critic, batch)
+    ref = torch.cat([torch.cat([torch.zeros(1), o.logits[0, :-1, 0]]) for o in per_sample(critic, batch)])
+    mask = batch.tokens["action_mask"].bool()
+    assert v.shape == (batch.num_tokens,)
+    torch.testing.assert_close(v, ref * mask, atol=1e-5, rtol=0)
+    assert v[mask].abs().min() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_sequence_scores_are_the_reward_head_on_the_last_token(model_dirs, family, layout):
+    rm = _randomise_head(load_reward_model(model_dirs[family]).eval(), seed=4)
+    batch = make_batch()
+    backbone, head = packing.backbone_and_head(rm)
+    with torch.no_grad():
+        scores = packing.sequence_scores(rm, batch, layout)
+        ref = torch.stack([head(backbone(input_ids=s[None]).last_hidden_state[0, -1])[0]
+                           for s in batch.unpack("input_ids")])
+        hf = torch.stack([o.logits[0, 0] for o in per_sample(rm, batch)])  # HF's own last-token pooling
+    assert scores.shape == (len(batch),)
+    torch.testing.assert_close(scores, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores, hf, atol=1e-5, rtol=0)
+    assert len(set(scores.tolist())) == len(batch)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fresh_heads_from_a_causal_lm_folder_output_zero(model_dirs, policies, family):
+    critic, rm = load_critic(model_dirs[family]), load_reward_model(model_dirs[family])
+    batch = make_batch()
+    with torch.no_grad():
+        assert torch.equal(packing.token_values(critic, batch), torch.zeros(batch.num_tokens))
+        assert torch.equal(packing.sequence_scores(rm, batch), torch.zeros(len(batch)))
+    # ... while the backbone is the causal LM's
+    lm_state = policies[family].base_model.state_dict()
+    for k, v in critic.base_model.state_dict().items():
+        assert torch.equal(v, lm_state[k]), k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("role", ["critic", "reward"])
+def test_saved_scalar_head_model_loads_back_with_plain_transformers(model_dirs, tmp_path, family, role):
+    loader, cls = {"critic": (load_critic, AutoModelForTokenClassification),
+                   "reward": (load_reward_model, AutoModelForSequenceClassification)}[role]
+    model = _randomise_head(loader(model_dirs[family]), seed=5)
+    out = save_model(model, load_tokenizer(model_dirs[family]), tmp_path / role)
+    back = cls.from_pretrained(out)
+    ours = model.state_dict()
+    theirs = back.state_dict()
+    assert set(theirs) == set(ours)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    assert back.config.num_labels == 1
+    # reflow's own loader keeps a trained head instead of zeroing it again
+    again = loader(out)
+    assert torch.equal(again.score.weight, model.score.weight)
