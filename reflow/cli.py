@@ -149,6 +149,12 @@ def cmd_generate(args) -> None:
                           "finished": g.finished}))
 
 
+def cmd_demo(args) -> None:
+    from reflow.experiments.demo import run_demo
+
+    run_demo(".", args.sft, args.rl)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reflow", description="Fast RLHF: SFT, reward models, GRPO and PPO on HF models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -178,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", nargs="?", const=True, default=None,
                        help="continue from the latest checkpoint in output_dir, or from the given checkpoint folder")
         s.set_defaults(fn=cmd_run(kind))
+
+    s = sub.add_parser("demo", help="init-model -> sft -> grpo on the addition task, with a summary (minutes on CPU)")
+    s.add_argument("--sft", nargs="*", default=[], help="overrides for the sft stage (key=value)")
+    s.add_argument("--rl", nargs="*", default=[], help="overrides for the grpo stage (key=value)")
+    s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("eval", help="greedy accuracy / reward of a model on a prompt set")
     s.add_argument("--model", required=True)

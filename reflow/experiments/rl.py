@@ -283,7 +283,7 @@ class RLExperiment:
         save_model(self.actor, self.tokenizer, out / "final")
         rows = read_metrics(out / "metrics.jsonl")
         plot_curves(rows, ["eval/accuracy", "reward/mean", "actor/kl", "response_len/mean"], out / "curves.png",
-                    title=f"{cfg.algo.name} - {out.name}")
+                    title=f"{cfg.algo.name}: {out}")
         return results
 
     # ------------------------------------------------------------------ checkpoints

@@ -88,7 +88,7 @@ class SupervisedExperiment:
             results["final_eval"] = do_eval(self.step)
         logger.close()
         save_model(self.model, self.tokenizer, out / "final")
-        plot_curves(read_metrics(out / "metrics.jsonl"), self.curve_keys, out / "curves.png", title=f"{self.name} - {out.name}")
+        plot_curves(read_metrics(out / "metrics.jsonl"), self.curve_keys, out / "curves.png", title=f"{self.name}: {out}")
         return results
 
     def save_checkpoint(self) -> Path:
