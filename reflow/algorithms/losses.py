@@ -66,10 +66,18 @@ def sequence_nll(logp, mask, denom) -> torch.Tensor:
 
 
 def pairwise_reward_loss(chosen_scores, rejected_scores, denom) -> tuple[torch.Tensor, dict]:
-    """Bradley-Terry reward-model loss: -log sigmoid(s_chosen - s_rejected), summed / denom pairs."""
+    """Bradley-Terry reward-model loss: -log sigmoid(s_chosen - s_rejected), summed / denom pairs.
+
+    Accuracy counts a tie as half right, so an untrained (constant) scorer sits at 0.5, not 0.
+    """
     margin = chosen_scores - rejected_scores
     loss = -torch.nn.functional.logsigmoid(margin).sum() / denom
-    return loss, {"accuracy": (margin > 0).float().sum().detach() / denom, "margin": margin.sum().detach() / denom}
+    return loss, {"accuracy": pair_accuracy(margin).sum().detach() / denom, "margin": margin.sum().detach() / denom}
+
+
+def pair_accuracy(margin: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 if chosen scores higher, 0.5 on a tie, 0 otherwise."""
+    return (margin > 0).float() + 0.5 * (margin == 0).float()
 
 
 class AdaptiveKLController:

@@ -100,6 +100,7 @@ class AlgoConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_in: Literal["reward", "loss"] | None = None  # None = ppo: reward, grpo: loss
     kl_target: float | None = None  # adaptive KL controller when set
+    kl_metric: bool = True  # report KL to the reference even when kl_coef = 0 (one reference forward per step)
     kl_horizon: int = 10000
     entropy_coef: float = 0.0
     ppo_epochs: int = 1

@@ -84,7 +84,7 @@ class RLExperiment:
         self.gen_engine = GenerationEngine(self.actor, [self.tokenizer.eos_token_id], self.tokenizer.pad_token_id,
                                            cfg.rollout.batch_size)
         self.ref = None
-        if cfg.algo.kl_coef > 0 or cfg.algo.kl_target is not None:
+        if cfg.algo.kl_coef > 0 or cfg.algo.kl_target is not None or cfg.algo.kl_metric:
             self.ref = load_policy(cfg.ref.path or cfg.actor.path, cfg.ref.dtype).eval().requires_grad_(False)
         self.critic = self.critic_engine = None
         if cfg.algo.uses_critic:

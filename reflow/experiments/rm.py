@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from reflow.algorithms.losses import pairwise_reward_loss
+from reflow.algorithms.losses import pair_accuracy, pairwise_reward_loss
 from reflow.config.schema import RMConfig
 from reflow.data.batch import SampleBatch
 from reflow.data.datasets import load_preferences
@@ -69,4 +69,4 @@ class RMExperiment(SupervisedExperiment):
             return {}
         s = InferenceEngine(self.model, self.cfg.model.micro_batch_tokens, self.cfg.model.layout).scores(
             pair_batch(self.eval_pairs))
-        return {"eval/accuracy": (s[0::2] > s[1::2]).float().mean().item(), "eval/margin": (s[0::2] - s[1::2]).mean().item()}
+        return {"eval/accuracy": pair_accuracy(s[0::2] - s[1::2]).mean().item(), "eval/margin": (s[0::2] - s[1::2]).mean().item()}

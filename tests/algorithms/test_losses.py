@@ -134,7 +134,7 @@ def test_pairwise_reward_loss_and_accuracy():
     margins = [1.0, -0.5, 0.0]
     expected = sum(math.log1p(math.exp(-m)) for m in margins) / 3.0  # -log sigmoid(m)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
-    assert stats["accuracy"].item() == pytest.approx(1 / 3)  # a tie is not a win
+    assert stats["accuracy"].item() == pytest.approx(1.5 / 3)  # a tie counts half
     assert stats["margin"].item() == pytest.approx(0.5 / 3)
 
 
@@ -164,3 +164,9 @@ def test_adaptive_kl_state_round_trip():
     d = AdaptiveKLController(0.1, target=1.0, horizon=10)
     d.load_state_dict(c.state_dict())
     assert d.value == c.value != 0.1
+
+
+def test_pair_accuracy_counts_ties_as_half():
+    from reflow.algorithms.losses import pair_accuracy
+
+    assert pair_accuracy(torch.tensor([1.0, 0.0, -2.0])).tolist() == [1.0, 0.5, 0.0]

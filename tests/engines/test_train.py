@@ -19,13 +19,6 @@ from reflow.models.presets import init_model
 LR, EPS = 1.0, 10.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Debug-size matmuls gain nothing from intra-op threads, and on a busy 2-core box they spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

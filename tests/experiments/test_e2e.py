@@ -125,3 +125,16 @@ def test_eval_and_generate_commands(debug_model, addition_data, capsys):
                  "--max-new-tokens", "3"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert len(lines) == 2 and all(x["prompt"] == "12+34=" for x in lines)
+
+
+def test_tensorboard_logs_the_step_metrics(debug_model, addition_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    assert main(rl_args(debug_model, addition_data, out, "trainer.steps=2", "trainer.eval_every=0",
+                        "data.eval_size=4", "trainer.tensorboard=true")) == 0
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2]
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [0, 2]

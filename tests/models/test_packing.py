@@ -14,13 +14,6 @@ FAMILIES = ["debug-llama", "debug-qwen2"]
 LENS = [5, 9, 3, 7]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Debug-size matmuls gain nothing from intra-op threads, and on a busy 2-core box they spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

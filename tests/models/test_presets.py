@@ -9,12 +9,6 @@ from reflow.models.presets import PRESETS, PresetError, init_model, preset_confi
 from reflow.models.tokenizer import build_byte_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
