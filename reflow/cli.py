@@ -4,6 +4,7 @@
     reflow data addition --out data/addition                     # bundled verifiable tasks
     reflow sft   configs/sft_addition.yaml  [key=value ...] [--resume [CKPT]]
     reflow rm    configs/rm_addition.yaml   [key=value ...] [--resume [CKPT]]
+    reflow dpo   configs/dpo_addition.yaml  [key=value ...] [--resume [CKPT]]
     reflow train configs/grpo_addition.yaml [key=value ...] [--resume [CKPT]]
     reflow eval --model runs/grpo/final --data data/addition/test.jsonl
     reflow generate --model runs/grpo/final --prompt "12+34="
@@ -74,7 +75,7 @@ def cmd_data(args) -> None:
 
 
 def _experiment(kind: str, args):
-    from reflow.config.schema import RLConfig, RMConfig, SFTConfig
+    from reflow.config.schema import DPOConfig, RLConfig, RMConfig, SFTConfig
 
     path, overrides = _split_config_args(args)
     if kind == "train":
@@ -83,6 +84,9 @@ def _experiment(kind: str, args):
     if kind == "sft":
         from reflow.experiments.sft import SFTExperiment
         return SFTExperiment(load_config(SFTConfig, path, overrides), args.resume)
+    if kind == "dpo":
+        from reflow.experiments.dpo import DPOExperiment
+        return DPOExperiment(load_config(DPOConfig, path, overrides), args.resume)
     from reflow.experiments.rm import RMExperiment
     return RMExperiment(load_config(RMConfig, path, overrides), args.resume)
 
@@ -177,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_data)
 
     for kind, help_ in [("sft", "supervised fine-tuning"), ("rm", "train a pairwise reward model"),
-                        ("train", "RL training (GRPO, PPO)")]:
+                        ("train", "RL training (GRPO, PPO, RLOO, REINFORCE++, ReMax, GRPOVI)"),
+                        ("dpo", "direct preference optimisation (DPO, IPO, conservative DPO)")]:
         s = sub.add_parser(kind, help=help_)
         s.add_argument("config", nargs="?", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.optim.lr=1e-5 rollout.n=8")

@@ -3,18 +3,56 @@
 Shapes: B samples, T = total tokens of the packed batch, `action_mask` [T] marks response tokens.
 Per-token tensors follow the batch convention (position t = the action of emitting token t).
 Each estimator returns (advantages [T], returns [T]); both are 0 outside the action mask.
+
+Registered estimators take keyword arguments only and ignore the ones they do not use (`**_`):
+    rewards [B]            scalar score of each sample
+    group_ids [B]          samples from the same prompt share a group id
+    seqlens [B]            tokens per sample (prompt + response)
+    action_mask [T]        1 on response tokens
+    token_rewards [T]      score on the last action token minus the per-token KL penalties when the KL is
+                           in the reward; 0 elsewhere
+    values [T] | None, last_values [B] | None, truncated [B] bool   (critic estimators)
+    gamma, lam, norm_std, baseline_rewards [B] | None
+Estimators without a critic return returns = advantages.
+
+    name                    advantage of the action tokens of sample i
+    grpo                    (r_i - mean_g r) / (std_g r + eps)                         Shao et al. 2024
+    drgrpo                  r_i - mean_g r                                             Liu et al. 2025
+    rloo                    r_i - mean_{j in g, j != i} r_j                            Ahmadian et al. 2024
+    remax                   r_i - r(greedy response to the same prompt)               Li et al. 2023
+    reinforce++             whiten_batch( sum_{s >= t} gamma^(s-t) token_rewards_s )   Hu 2025
+    reinforce++-baseline    as reinforce++ with the score centred on its group mean   Hu 2025
+    gae                     generalised advantage estimation with a critic            Schulman et al. 2016
 """
 
 from __future__ import annotations
 
 import torch
 
+from reflow.algorithms.aggregation import sample_index
 from reflow.algorithms.registry import register_advantage
 
 
 def broadcast_to_tokens(per_sample: torch.Tensor, seqlens: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
     """[B] -> [T]: every action token of sample i gets per_sample[i]."""
-    return torch.repeat_interleave(per_sample.float(), seqlens) * action_mask.float()
+    per_sample = per_sample.float()
+    return torch.repeat_interleave(per_sample, seqlens.to(per_sample.device)) * action_mask.float().to(per_sample.device)
+
+
+def _groups(group_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inv [B]: each sample's group in 0..G-1, count [G]: samples per group). Groups need not be contiguous."""
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    inv = inv.to(device)
+    G = int(inv.max()) + 1 if len(inv) else 0
+    count = torch.zeros(G, device=device).index_add_(0, inv, torch.ones(len(inv), device=device))
+    return inv, count
+
+
+def group_mean(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """[B] mean reward of each sample's group (a group of one: the sample's own reward)."""
+    r = rewards.float()
+    inv, count = _groups(group_ids, r.device)
+    return (torch.zeros(len(count), device=r.device).index_add_(0, inv, r) / count)[inv]
 
 
 def group_baseline(rewards: torch.Tensor, group_ids: torch.Tensor, norm_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -22,21 +60,71 @@ def group_baseline(rewards: torch.Tensor, group_ids: torch.Tensor, norm_std: boo
 
     A group of one sample has mean = its reward, so its score is 0. `norm_std=False` is Dr.GRPO.
     """
-    _, inv = torch.unique(group_ids, return_inverse=True)
-    G = int(inv.max()) + 1 if len(inv) else 0
-    count = torch.zeros(G).index_add_(0, inv, torch.ones_like(rewards, dtype=torch.float))
-    mean = torch.zeros(G).index_add_(0, inv, rewards.float()) / count
-    centred = rewards.float() - mean[inv]
+    r = rewards.float()
+    inv, count = _groups(group_ids, r.device)
+    centred = r - group_mean(r, group_ids)
     if not norm_std:
         return centred
-    var = torch.zeros(G).index_add_(0, inv, centred**2) / (count - 1).clamp(min=1)
+    var = torch.zeros(len(count), device=r.device).index_add_(0, inv, centred**2) / (count - 1).clamp(min=1)
     return centred / (var.sqrt()[inv] + eps)
+
+
+def rloo_baseline(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """[B] RLOO score: r_i - (sum_{j in g} r_j - r_i) / (n_g - 1), the mean of the *other* samples of i's group.
+
+    Equals n_g / (n_g - 1) * (r_i - mean_g r). A group of one has no other sample: score 0.
+    """
+    r = rewards.float()
+    inv, count = _groups(group_ids, r.device)
+    total = torch.zeros(len(count), device=r.device).index_add_(0, inv, r)[inv]
+    n = count[inv]
+    score = r - (total - r) / (n - 1).clamp(min=1)
+    return torch.where(n > 1, score, torch.zeros_like(score))
 
 
 @register_advantage("grpo")
 def grpo(*, rewards, group_ids, seqlens, action_mask, norm_std: bool = True, **_) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO (Shao et al. 2024), outcome supervision: A_{i,t} = (r_i - mean_g r) / std_g r for every token t of i."""
     score = group_baseline(rewards, group_ids, norm_std=norm_std)
+    adv = broadcast_to_tokens(score, seqlens, action_mask)
+    return adv, adv
+
+
+@register_advantage("drgrpo")
+def drgrpo(*, rewards, group_ids, seqlens, action_mask, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-like training"): A_{i,t} = r_i - mean_g r.
+
+    GRPO without the division by the group std (which up-weights prompts that are almost always or almost
+    never solved). `norm_std` is ignored: this name always centres only. Pair it with the
+    "seq-mean-token-sum-norm" loss aggregation for the paper's full recipe.
+    """
+    adv = broadcast_to_tokens(group_baseline(rewards, group_ids, norm_std=False), seqlens, action_mask)
+    return adv, adv
+
+
+@register_advantage("rloo")
+def rloo(*, rewards, group_ids, seqlens, action_mask, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): A_{i,t} = r_i - 1/(n_g - 1) sum_{j in g, j != i} r_j.
+
+    The leave-one-out baseline does not depend on sample i, so the estimate stays unbiased; a group of one
+    gets 0 (verl keeps r_i there instead). Broadcast to every action token of i.
+    """
+    adv = broadcast_to_tokens(rloo_baseline(rewards, group_ids), seqlens, action_mask)
+    return adv, adv
+
+
+@register_advantage("remax")
+def remax(*, rewards, seqlens, action_mask, baseline_rewards=None, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReMax (Li et al. 2023): A_{i,t} = r_i - b_i, b_i = reward of the greedy response to sample i's prompt.
+
+    baseline_rewards [B]: b_i for every sample (repeat it over the samples of a prompt).
+    """
+    if baseline_rewards is None:
+        raise ValueError("the 'remax' estimator needs baseline_rewards [B]: the reward of a greedy (temperature 0) "
+                         "response to each sample's prompt, scored by the same reward")
+    if baseline_rewards.shape != rewards.shape:
+        raise ValueError(f"baseline_rewards has shape {tuple(baseline_rewards.shape)}, rewards {tuple(rewards.shape)}")
+    score = rewards.float() - baseline_rewards.float().to(rewards.device)
     adv = broadcast_to_tokens(score, seqlens, action_mask)
     return adv, adv
 
@@ -88,3 +176,112 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
     if vals.numel() < 2:
         return x * m
     return ((x - vals.mean()) / (vals.std(unbiased=False) + eps)) * m
+
+
+def batch_normalize(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(max(var, eps)) over all masked entries of the batch; 0 outside the mask.
+
+    mean and var are the population moments over the action tokens (var divides by their count), as
+    OpenRLHF normalises REINFORCE++ advantages. Unlike `masked_whiten`, values outside the mask may be
+    anything (inf, NaN): they never enter.
+    """
+    m = mask.bool()
+    zero = torch.zeros((), device=x.device)
+    xf = torch.where(m, x.float(), zero)
+    n = m.sum().clamp(min=1)
+    mean = xf.sum() / n
+    var = (torch.where(m, xf - mean, zero) ** 2).sum() / n
+    return torch.where(m, (xf - mean) * var.clamp(min=eps).rsqrt(), zero)
+
+
+def action_layout(seqlens: torch.Tensor, action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded view of each sample's action tokens, in order.
+
+    Returns idx [B, L] (flat position of the k-th action token of sample i), real [B, L] (k < n_i) and
+    n [B] (action tokens per sample); L = max n_i. Padding entries of idx are 0: mask them with `real`.
+    """
+    m = action_mask.bool()
+    owner_of = sample_index(seqlens, m.shape[0], m.device)
+    pos = m.nonzero(as_tuple=True)[0]
+    owner = owner_of[pos]
+    B = len(seqlens)
+    n = torch.bincount(owner, minlength=B)
+    rank = torch.arange(len(pos), device=m.device) - (n.cumsum(0) - n)[owner]
+    L = int(n.max()) if len(pos) else 0
+    idx = torch.zeros(B, L, dtype=torch.long, device=m.device)
+    real = torch.zeros(B, L, dtype=torch.bool, device=m.device)
+    idx[owner, rank] = pos
+    real[owner, rank] = True
+    return idx, real, n
+
+
+def last_action_index(seqlens: torch.Tensor, action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat position [B] of each sample's last action token, has_actions [B]); position is 0 where there is none."""
+    idx, real, n = action_layout(seqlens, action_mask)
+    has = n > 0
+    if idx.shape[1] == 0:
+        return torch.zeros(len(n), dtype=torch.long, device=idx.device), has
+    return idx.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0] * has, has
+
+
+def return_to_go(token_rewards: torch.Tensor, seqlens: torch.Tensor, action_mask: torch.Tensor,
+                 gamma: float = 1.0) -> torch.Tensor:
+    """[T] G_t = sum_{s >= t} gamma^(k(s) - k(t)) r_s over the action tokens s of t's sample (k = rank among them).
+
+    The sum runs over each sample's own action tokens only: nothing crosses a sample boundary, and
+    rewards on prompt tokens are ignored. 0 outside the action mask.
+    """
+    idx, real, _ = action_layout(seqlens, action_mask)
+    zero = torch.zeros((), device=idx.device)
+    r = torch.where(real, token_rewards.float().to(idx.device)[idx], zero)
+    if gamma == 1.0:
+        g = r.flip(1).cumsum(1).flip(1)
+    else:
+        g = torch.zeros_like(r)
+        running = torch.zeros(r.shape[0], device=r.device)
+        for t in reversed(range(r.shape[1])):  # padding sits after each sample's end and adds 0
+            running = r[:, t] + gamma * running
+            g[:, t] = running
+    out = torch.zeros(action_mask.shape[0], device=idx.device)
+    out[idx[real]] = g[real]
+    return out
+
+
+@register_advantage("reinforce++")
+def reinforce_pp(*, token_rewards, seqlens, action_mask, gamma: float = 1.0, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025, arXiv 2501.03262): return-to-go of token rewards, normalised over the whole batch.
+
+        G_t = sum_{s >= t} gamma^(s - t) r_s          r = token_rewards (score on the last token, - beta * KL_s)
+        A_t = (G_t - mean) / sqrt(max(var, 1e-8))    mean, var: population moments over all action tokens
+
+    As OpenRLHF's experience maker ("reinforce"): the global normalisation both subtracts the batch mean
+    and divides by the batch std (OpenRLHF's --no_advantage_std_norm would skip the division; not
+    offered here). verl's reinforce_plus_plus whitens the same way, but with the unbiased variance.
+    """
+    adv = batch_normalize(return_to_go(token_rewards, seqlens, action_mask, gamma), action_mask)
+    return adv, adv
+
+
+@register_advantage("reinforce++-baseline")
+def reinforce_pp_baseline(*, rewards, group_ids, token_rewards, seqlens, action_mask, gamma: float = 1.0,
+                          **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++-baseline (Hu 2025): REINFORCE++ with the score centred on its group mean first.
+
+        r'_t = token_rewards_t - [t = last action token of i] * mean_{j in g(i)} r_j
+        G_t  = sum_{s >= t} gamma^(s - t) r'_s
+        A_t  = (G_t - mean) / sqrt(max(var, 1e-8))   over all action tokens of the batch
+
+    i.e. the score on the last token is replaced by r_i - mean_g r (the caller's token_rewards must carry
+    the score on each sample's last action token, as the RL experiment places it; KL penalties stay as
+    they are). OpenRLHF (experience_maker.compute_advantages_and_returns, "reinforce_baseline") centres
+    the group without dividing by the group std ("/ std is not needed in RL variance reduction theory"),
+    then applies the same global normalisation as REINFORCE++: subtract the batch mean *and* divide by
+    the batch std. OpenRLHF forces gamma = 1 for this estimator; here gamma is used as given (default 1).
+    A group of one sample is centred to 0 (OpenRLHF's group mean of itself; verl leaves it uncentred).
+    """
+    shaped = torch.where(action_mask.bool(), token_rewards.float(), torch.zeros((), device=token_rewards.device))
+    last, has = last_action_index(seqlens, action_mask)
+    mean = group_mean(rewards, group_ids).to(shaped.device)
+    shaped = shaped.index_add(0, last[has], -mean[has])
+    adv = batch_normalize(return_to_go(shaped, seqlens, action_mask, gamma), action_mask)
+    return adv, adv

@@ -1,14 +1,22 @@
-"""Policy, value and KL terms: pure functions on packed per-token tensors.
+"""Policy, value, KL and preference losses: pure functions on packed per-token tensors.
 
-Every loss is a *sum* over this micro-batch's tokens divided by a normaliser `denom` that the
-caller computes over the whole mini-batch (number of action tokens for token-mean). Summing the
-micro-batch losses then gives exactly the mini-batch mean, however the mini-batch was cut into
-micro-batches (and, once distributed, however it was spread over data-parallel ranks).
+Every loss is a *sum* over this micro-batch divided by normalisers that the caller computes over the
+whole mini-batch: a `Norm` (tokens, samples, max_tokens) for per-token losses aggregated by
+`reflow.algorithms.aggregation.aggregate`, or a plain `denom` (pairs, tokens) for the others. Summing the
+micro-batch losses then gives exactly the mini-batch value, however the mini-batch was cut into
+micro-batches (and, once distributed, however it was spread over data-parallel ranks). Metrics follow
+the same rule: sums over the micro-batch / mini-batch normaliser, so they add up too.
+
+Shapes: T = tokens of the packed micro-batch, B = its samples (`seqlens` [B], sum = T), `mask` [T] the
+action tokens; P = preference pairs. Entries outside `mask` never reach a loss, a metric or a gradient,
+even when they hold inf or NaN.
 """
 
 from __future__ import annotations
 
 import torch
+
+from reflow.algorithms.aggregation import Norm, aggregate
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
@@ -27,57 +35,163 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
     raise ValueError(f"unknown KL estimator '{kind}'; use k1, k2 or k3")
 
 
-def ppo_policy_loss(logp, old_logp, advantages, mask, denom, clip_low: float = 0.2,
-                    clip_high: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate (Schulman et al. 2017), token-level, summed and divided by `denom`.
+def _masked(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x where m, 0 elsewhere (a where, not a product: garbage outside the mask cannot turn into NaN)."""
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
-        ratio_t = exp(logp_t - old_logp_t)
-        L_t = -min(ratio_t * A_t, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A_t)
-    Returns the loss and sums for metrics (clipped-token count, approx KL to the old policy).
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, seqlens, norm: Norm, *, clip_low: float = 0.2,
+                    clip_high: float = 0.2, dual_clip: float | None = None,
+                    agg: str = "token-mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate (Schulman et al. 2017), optionally dual-clipped (Ye et al. 2020), aggregated by `agg`.
+
+        ratio_t = exp(logp_t - old_logp_t)                         (log-ratio clamped to +-20)
+        L_t     = max(-ratio_t A_t, -clip(ratio_t, 1 - clip_low, 1 + clip_high) A_t)
+        dual clip, A_t < 0 only:  L_t = min(L_t, -dual_clip * A_t) = min(L_t, dual_clip * |A_t|)
+    With A < 0 and a ratio far above 1 + clip_high the plain PPO loss -ratio * A grows without bound; dual
+    clip caps it at dual_clip * |A| (zero gradient beyond ratio = dual_clip). dual_clip must be > 1.
+
+    logp, old_logp, advantages, mask: [T]; seqlens [B]; loss = aggregate(L, mask, seqlens, norm, agg).
+    Stats (token means: sums / norm.tokens, whatever `agg`): clipfrac (tokens whose clipped term is the
+    larger loss), clipfrac_lower (tokens capped by the dual clip), approx_kl_old (mean 0.5 * log-ratio^2).
     """
-    m = mask.float()
-    log_ratio = (logp - old_logp).clamp(-20, 20)
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (typically 3), got {dual_clip}")
+    m = mask.bool()
+    adv = _masked(advantages.float(), m)
+    log_ratio = _masked((logp.float() - old_logp.float()).clamp(-20, 20), m)
     ratio = torch.exp(log_ratio)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages
-    per_token = -torch.minimum(unclipped, clipped)
-    loss = (per_token * m).sum() / denom
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(loss_unclipped, loss_clipped)
+    lower = torch.zeros_like(m)
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        lower = (adv < 0) & (per_token > cap)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    loss = aggregate(per_token, m, seqlens, norm, agg)
     stats = {
-        "clipfrac": ((clipped < unclipped).float() * m).sum().detach() / denom,
-        "approx_kl_old": ((0.5 * log_ratio**2) * m).sum().detach() / denom,
+        "clipfrac": ((loss_clipped > loss_unclipped) & m).float().sum().detach() / norm.tokens,
+        "clipfrac_lower": (lower & m).float().sum().detach() / norm.tokens,
+        "approx_kl_old": (0.5 * log_ratio.detach() ** 2).sum() / norm.tokens,
     }
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, denom, clip: float | None = 0.2) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss (PPO2): 0.5 * max((V - R)^2, (clip(V, V_old +- eps) - R)^2), summed / denom."""
-    m = mask.float()
-    err = (values - returns) ** 2
+def value_loss(values, old_values, returns, mask, seqlens, norm: Norm, clip: float | None = 0.2,
+               agg: str = "token-mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss (PPO2), aggregated by `agg`:
+
+        L_t = 0.5 * max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -clip, clip) - R_t)^2)
+    (clip=None: 0.5 * (V_t - R_t)^2). All inputs [T] except seqlens [B]. Stats (sums / norm.tokens):
+    value_error = mean (V - R)^2, value_clipfrac = share of tokens where the clipped error is the larger.
+    """
+    m = mask.bool()
+    v, r = _masked(values.float(), m), _masked(returns.float(), m)
+    err = (v - r) ** 2
+    per_token, clipped_wins = err, torch.zeros_like(m)
     if clip is not None:
-        v_clipped = old_values + (values - old_values).clamp(-clip, clip)
-        err = torch.maximum(err, (v_clipped - returns) ** 2)
-    loss = 0.5 * (err * m).sum() / denom
-    return loss, {"value_error": ((values - returns) ** 2 * m).sum().detach() / denom}
+        v_old = _masked(old_values.float(), m)
+        err_clipped = (v_old + (v - v_old).clamp(-clip, clip) - r) ** 2
+        per_token = torch.maximum(err, err_clipped)
+        clipped_wins = err_clipped > err
+    loss = 0.5 * aggregate(per_token, m, seqlens, norm, agg)
+    stats = {
+        "value_error": err.detach().sum() / norm.tokens,
+        "value_clipfrac": (clipped_wins & m).float().sum().detach() / norm.tokens,
+    }
+    return loss, stats
+
+
+def entropy_bonus(entropy, mask, seqlens, norm: Norm, agg: str = "token-mean") -> torch.Tensor:
+    """Aggregated policy entropy H = agg(entropy_t) (entropy [T]); the actor loss subtracts coef * H."""
+    return aggregate(entropy.float(), mask, seqlens, norm, agg)
+
+
+def kl_loss(logp, ref_logp, mask, seqlens, norm: Norm, kind: str = "k3", agg: str = "token-mean") -> torch.Tensor:
+    """KL(pi || ref) as a loss term (GRPO's placement): agg(kl_penalty(logp, ref_logp, kind)), inputs [T]."""
+    m = mask.bool()
+    return aggregate(kl_penalty(_masked(logp.float(), m), _masked(ref_logp.float(), m), kind), m, seqlens, norm, agg)
 
 
 def sequence_nll(logp, mask, denom) -> torch.Tensor:
     """SFT loss: -sum of response-token log-likelihood / denom (token-mean when denom = #tokens)."""
-    return -(logp * mask.float()).sum() / denom
+    return -_masked(logp, mask.bool()).sum() / denom
 
 
-def pairwise_reward_loss(chosen_scores, rejected_scores, denom) -> tuple[torch.Tensor, dict]:
-    """Bradley-Terry reward-model loss: -log sigmoid(s_chosen - s_rejected), summed / denom pairs.
+sft_loss = sequence_nll
 
-    Accuracy counts a tie as half right, so an untrained (constant) scorer sits at 0.5, not 0.
+
+def ptx_loss(logp, mask, seqlens, norm: Norm, agg: str = "token-mean") -> torch.Tensor:
+    """PPO-ptx (Ouyang et al. 2022) pre-training / SFT term: agg(-logp_t) over the ptx batch's target tokens.
+
+    `norm` counts the ptx mini-batch (its tokens and samples), not the RL one; the actor loss adds
+    ptx_coef * this.
     """
-    margin = chosen_scores - rejected_scores
-    loss = -torch.nn.functional.logsigmoid(margin).sum() / denom
-    return loss, {"accuracy": pair_accuracy(margin).sum().detach() / denom, "margin": margin.sum().detach() / denom}
+    return aggregate(-logp, mask, seqlens, norm, agg)
+
+
+def pairwise_reward_loss(chosen_scores, rejected_scores, denom,
+                         margin: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Bradley-Terry reward-model loss: -log sigmoid(s_chosen - s_rejected - margin), summed / denom pairs.
+
+    `margin` [P] (optional, Llama 2's RM): how much better chosen is (e.g. from a preference-strength
+    rating); the RM must separate the pair by at least that much before the loss flattens out.
+    Accuracy counts a tie as half right, so an untrained (constant) scorer sits at 0.5, not 0; accuracy
+    and the reported margin use s_chosen - s_rejected, without the target margin.
+    """
+    diff = chosen_scores - rejected_scores
+    target = diff if margin is None else diff - margin.to(diff)
+    loss = -torch.nn.functional.logsigmoid(target).sum() / denom
+    return loss, {"accuracy": pair_accuracy(diff).sum().detach() / denom, "margin": diff.sum().detach() / denom}
 
 
 def pair_accuracy(margin: torch.Tensor) -> torch.Tensor:
     """Per pair: 1 if chosen scores higher, 0.5 on a tie, 0 otherwise."""
     return (margin > 0).float() + 0.5 * (margin == 0).float()
+
+
+DPO_KINDS = ("sigmoid", "ipo")
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, denom, *,
+             beta: float = 0.1, kind: str = "sigmoid", label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Direct preference losses on sequence log-probabilities [P] of the chosen / rejected responses.
+
+        h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))
+        sigmoid  DPO (Rafailov et al. 2023):      -log sigma(beta h)
+                 conservative DPO, eps = label_smoothing (labels flipped with probability eps):
+                                                  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+        ipo      IPO (Azar et al. 2023):          (h - 1 / (2 beta))^2     (beta is the paper's tau)
+    Each summed over the pairs / denom. IPO regresses h to a finite target instead of pushing it to
+    infinity; the paper (and TRL) feed it length-averaged log-probs, which is the caller's choice here.
+    Stats (sums / denom): rewards/chosen = beta (pi_c - ref_c), rewards/rejected = beta (pi_r - ref_r),
+    accuracy (chosen reward above rejected; a tie counts 0.5), margin = rewards/chosen - rewards/rejected.
+    """
+    if kind not in DPO_KINDS:
+        raise ValueError(f"unknown DPO loss '{kind}'; choose one of: {', '.join(DPO_KINDS)}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if kind == "ipo" and label_smoothing:
+        raise ValueError("label_smoothing (conservative DPO) applies to kind='sigmoid' only")
+    chosen = policy_chosen_logps.float() - ref_chosen_logps.float()
+    rejected = policy_rejected_logps.float() - ref_rejected_logps.float()
+    h = chosen - rejected
+    logsig = torch.nn.functional.logsigmoid
+    if kind == "sigmoid":
+        losses = -(1 - label_smoothing) * logsig(beta * h)
+        if label_smoothing:
+            losses = losses - label_smoothing * logsig(-beta * h)
+    else:
+        losses = (h - 1 / (2 * beta)) ** 2
+    r_c, r_r = beta * chosen.detach(), beta * rejected.detach()
+    stats = {
+        "rewards/chosen": r_c.sum() / denom,
+        "rewards/rejected": r_r.sum() / denom,
+        "accuracy": pair_accuracy(r_c - r_r).sum() / denom,
+        "margin": (r_c - r_r).sum() / denom,
+    }
+    return losses.sum() / denom, stats
 
 
 class AdaptiveKLController:

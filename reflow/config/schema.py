@@ -51,6 +51,7 @@ class DataConfig:
     eval_size: int | None = None  # use the first N eval prompts (None = all)
     max_prompt_len: int = 256  # tokens; longer prompts are an error (or skipped with on_bad_row=skip)
     max_len: int = 512  # tokens of prompt + response (SFT and preference data)
+    ptx: str | None = None  # SFT (prompt, response) file for PPO-ptx (algo.ptx_coef > 0)
     on_bad_row: Literal["error", "skip"] = "error"
     shuffle: bool = True
 
@@ -88,23 +89,36 @@ class RewardConfig:
 @dataclass
 class AlgoConfig:
     name: Literal["grpo", "ppo"] = "grpo"
-    adv_estimator: str | None = None  # None = the algorithm's own (grpo -> grpo, ppo -> gae)
+    # gae | grpo | drgrpo | rloo | reinforce++ | reinforce++-baseline | remax | grpovi (None = by name)
+    adv_estimator: str | None = None
     norm_std: bool = True  # GRPO: divide by the group std (False = Dr.GRPO)
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True  # PPO: whiten GAE advantages over the batch
     clip_low: float = 0.2
-    clip_high: float = 0.2
+    clip_high: float = 0.2  # > clip_low = DAPO's clip-higher
+    dual_clip: float | None = None  # dual-clip PPO: cap the loss of negative-advantage tokens at dual_clip * |A|
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
     value_clip: float | None = 0.2
     kl_coef: float = 0.0
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_in: Literal["reward", "loss"] | None = None  # None = ppo: reward, grpo: loss
     kl_target: float | None = None  # adaptive KL controller when set
-    kl_metric: bool = True  # report KL to the reference even when kl_coef = 0 (one reference forward per step)
     kl_horizon: int = 10000
+    kl_metric: bool = True  # report KL to the reference even when kl_coef = 0 (one reference forward per step)
     entropy_coef: float = 0.0
     ppo_epochs: int = 1
     mini_batches: int = 1  # optimizer steps per epoch over the rollout batch
+    # GRPOVI: rewards are bounded in [grpovi_low, grpovi_high] (None = the reward function's declared range)
+    grpovi_low: float | None = None
+    grpovi_high: float | None = None
+    # "Is DPO superior to PPO?": the reference follows the actor, ref <- a * ref + (1 - a) * actor every k steps
+    ref_ema: float | None = None
+    ref_ema_every: int = 1
+    # DeepSpeed-Chat: PPO-ptx mixes ptx_coef * SFT NLL on data.ptx into the actor loss; an EMA copy of the actor
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 32
+    actor_ema: float | None = None  # e.g. 0.992; saved as ema_actor/ in checkpoints and final_ema/
 
     @property
     def estimator(self) -> str:
@@ -120,13 +134,21 @@ class AlgoConfig:
 
     def validate(self):
         from reflow.algorithms.registry import ADVANTAGE_ESTIMATORS
-        import reflow.algorithms.advantages  # noqa: F401  (registers the estimators)
+        import reflow.algorithms  # noqa: F401  (registers the estimators)
 
         if self.estimator not in ADVANTAGE_ESTIMATORS:
             raise ConfigError(f"algo.adv_estimator '{self.estimator}' is unknown; choose one of: "
                               f"{', '.join(sorted(ADVANTAGE_ESTIMATORS))}")
         if self.ppo_epochs < 1 or self.mini_batches < 1:
             raise ConfigError("algo.ppo_epochs and algo.mini_batches must be >= 1")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ConfigError(f"algo.dual_clip must be > 1 (typically 3), got {self.dual_clip}")
+        for key in ("ref_ema", "actor_ema"):
+            v = getattr(self, key)
+            if v is not None and not 0 <= v < 1:
+                raise ConfigError(f"algo.{key} must be in [0, 1), got {v}")
+        if self.ref_ema_every < 1:
+            raise ConfigError("algo.ref_ema_every must be >= 1")
 
 
 @dataclass
@@ -158,6 +180,13 @@ class RLConfig:
     def validate(self):
         if self.actor.path is None:
             raise ConfigError("actor.path is required: a HF model folder (e.g. the output of `reflow sft`)")
+        if self.algo.ptx_coef > 0 and not self.data.ptx:
+            raise ConfigError("algo.ptx_coef > 0 needs data.ptx: an SFT file of (prompt, response) rows")
+        if self.algo.ref_ema is not None and not (self.algo.kl_coef > 0 or self.algo.kl_metric):
+            raise ConfigError("algo.ref_ema needs a reference model: set algo.kl_coef > 0 or algo.kl_metric=true")
+        if self.algo.estimator == "grpovi" and not self.algo.kl_metric and self.algo.kl_coef == 0:
+            raise ConfigError("algo.adv_estimator=grpovi weights samples by the reference model: "
+                              "set algo.kl_metric=true or algo.kl_coef > 0")
         if self.rollout.prompts_per_step * self.rollout.n < self.algo.mini_batches:
             raise ConfigError("algo.mini_batches is larger than the number of samples per step "
                               "(rollout.prompts_per_step * rollout.n)")
@@ -205,5 +234,38 @@ class RMConfig:
     def validate(self):
         if self.model.path is None:
             raise ConfigError("model.path is required: a HF model folder")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class DPOConfig:
+    """`reflow dpo`: direct preference optimisation on (prompt, chosen, rejected) rows against a frozen reference."""
+
+    output_dir: str = "runs/dpo"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ref: ModelConfig = field(default_factory=ModelConfig)  # path None = model.path (the usual SFT reference)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train="data/addition/pairs.jsonl"))
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO (Rafailov et al.) or IPO (Azar et al.)
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO: the preference label is flipped with this probability
+    batch_size: int = 32  # pairs per optimizer step
+    epochs: int = 1
+    max_steps: int | None = None
+    eval_fraction: float = 0.1  # held-out share of the pairs: implicit-reward accuracy
+    eval_every: int = 0
+    eval_max_new_tokens: int = 16  # generation accuracy on data.eval (when set)
+    save_every: int = 0
+    tensorboard: bool = False
+    progress: bool = True
+
+    def validate(self):
+        if self.model.path is None:
+            raise ConfigError("model.path is required: the policy to train (usually the SFT model)")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")

@@ -8,21 +8,14 @@ engine knows nothing about the algorithm, so any loss trains under it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
+from reflow.algorithms.aggregation import Norm  # noqa: F401  (re-exported: `from reflow.engines.train import Norm`)
 from reflow.data.batch import SampleBatch
-
-
-@dataclass
-class Norm:
-    """Mini-batch-wide normalisers handed to loss functions."""
-
-    tokens: float  # action tokens in the mini-batch (token-mean losses)
-    samples: float  # samples in the mini-batch (sequence-mean losses)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -63,22 +56,19 @@ class TrainEngine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(schedule, warmup_steps, total_steps, min_lr_ratio))
 
-    def step(self, batch: SampleBatch, loss_fn, norm: Norm | None = None, group_key: str | None = None) -> dict[str, float]:
+    def step(self, batch: SampleBatch, loss_fn, norm: Norm | None = None, group_key: str | None = None,
+             extra: Sequence[tuple[SampleBatch, Callable, Norm]] = ()) -> dict[str, float]:
         """One optimizer step on `batch`; returns the summed loss stats, grad norm and LR.
 
         `group_key`: samples sharing it stay in one micro-batch (losses over pairs or groups).
+        `extra`: further (batch, loss_fn, norm) terms whose gradients join the same step (PPO-ptx's SFT
+        term); their stats are reported under their own names, their losses are not added to "loss".
         """
         self.model.train()
-        if norm is None:
-            mask = batch.tokens.get("action_mask")
-            norm = Norm(tokens=float(mask.sum()) if mask is not None else float(batch.num_tokens), samples=float(len(batch)))
-        norm = Norm(max(norm.tokens, 1.0), max(norm.samples, 1.0))
         totals: dict[str, float] = {}
-        for mb in batch.micro_batches(self.micro_batch_tokens, group_key):
-            loss, stats = loss_fn(self.model, mb, norm)
-            loss.backward()
-            for k, v in {"loss": loss, **stats}.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        self._accumulate(batch, loss_fn, norm, group_key, totals, "loss")
+        for b, fn, n in extra:
+            self._accumulate(b, fn, n, None, totals, None)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
         totals["grad_norm"] = float(grad_norm)
         totals["lr"] = self.scheduler.get_last_lr()[0]
@@ -86,6 +76,20 @@ class TrainEngine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return totals
+
+    def _accumulate(self, batch: SampleBatch, loss_fn, norm: Norm | None, group_key, totals: dict, loss_name) -> None:
+        """Backward over the micro-batches of `batch` (gradients add up in .grad)."""
+        if norm is None:
+            mask = batch.tokens.get("action_mask")
+            norm = Norm(tokens=float(mask.sum()) if mask is not None else float(batch.num_tokens), samples=float(len(batch)))
+        # an empty mask must not divide by zero; every other field (max_tokens, ...) is kept as given
+        norm = dataclasses.replace(norm, tokens=max(norm.tokens, 1.0), samples=max(norm.samples, 1.0))
+        for mb in batch.micro_batches(self.micro_batch_tokens, group_key):
+            loss, stats = loss_fn(self.model, mb, norm)
+            loss.backward()
+            items = {loss_name: loss, **stats} if loss_name else stats
+            for k, v in items.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

@@ -20,21 +20,24 @@ from pathlib import Path
 import torch
 
 from reflow.algorithms import advantages as adv_lib
-from reflow.algorithms.losses import AdaptiveKLController, kl_penalty, ppo_policy_loss, value_loss
+from reflow.algorithms.aggregation import Norm, aggregate
+from reflow.algorithms.losses import (AdaptiveKLController, kl_loss, kl_penalty, ppo_policy_loss, sequence_nll,
+                                      value_loss)
 from reflow.algorithms.registry import get_advantage
-from reflow.config.loader import save_config
+from reflow.config.loader import ConfigError, save_config
 from reflow.config.schema import RLConfig
 from reflow.data.batch import SampleBatch
-from reflow.data.datasets import load_prompts
+from reflow.data.datasets import load_prompts, load_sft
 from reflow.engines.generate import GenerationEngine, SamplingParams
 from reflow.engines.infer import InferenceEngine
-from reflow.engines.train import Norm, TrainEngine
+from reflow.engines.train import TrainEngine
 from reflow.experiments.common import (PromptSampler, batch_from_generations, evaluate, exact_match_accuracy,
                                        seed_everything)
 from reflow.models.load import (check_model_dir, load_critic, load_policy, load_reward_model, load_tokenizer,
                                 save_model)
+from reflow.models.ema import EMAWeights, ema_update_
 from reflow.models.packing import token_logprobs, token_values
-from reflow.rewards.registry import compute_rewards, load_reward_fn
+from reflow.rewards.registry import compute_rewards, load_reward_fn, reward_range
 from reflow.utils import checkpoint as ckpt_lib
 from reflow.utils.console import RunConsole
 from reflow.utils.metrics import MetricsLogger, StageTimer, read_metrics, truncate_metrics
@@ -71,7 +74,21 @@ class RLExperiment:
                                                        on_bad_row=cfg.data.on_bad_row)
             skipped += skipped_eval
             self.eval_set = self.eval_set[: cfg.data.eval_size] if cfg.data.eval_size else self.eval_set
+        self.ptx_set = []
+        if cfg.algo.ptx_coef > 0:
+            self.ptx_set, skipped_ptx = load_sft(cfg.data.ptx, self.tokenizer, max_len=cfg.data.max_len,
+                                                 on_bad_row=cfg.data.on_bad_row)
+            skipped += skipped_ptx
         self.skipped_rows = skipped
+        self.grpovi_bounds = None
+        if cfg.algo.estimator == "grpovi":
+            declared = reward_range(self.reward_fn) if self.reward_fn is not None else None
+            low = cfg.algo.grpovi_low if cfg.algo.grpovi_low is not None else (declared[0] if declared else None)
+            high = cfg.algo.grpovi_high if cfg.algo.grpovi_high is not None else (declared[1] if declared else None)
+            if low is None or high is None or not low < high:
+                raise ConfigError("algo.adv_estimator=grpovi needs reward bounds: set algo.grpovi_low and "
+                                  "algo.grpovi_high (low < high), or give the reward function a reward_range attribute")
+            self.grpovi_bounds = (float(low), float(high))
         if self.reward_fn is not None:  # a reward function that is broken fails now, not after generation
             first = self.train_set[0]
             compute_rewards(self.reward_fn, [first.prompt_text], [first.answer or ""], [first.answer])
@@ -85,7 +102,9 @@ class RLExperiment:
                                            cfg.rollout.batch_size)
         self.ref = None
         if cfg.algo.kl_coef > 0 or cfg.algo.kl_target is not None or cfg.algo.kl_metric:
-            self.ref = load_policy(cfg.ref.path or cfg.actor.path, cfg.ref.dtype).eval().requires_grad_(False)
+            # with an EMA reference the reference changes during training, so a resume loads its saved copy
+            ref_src = resume_dir / "ref" if (resume_dir and cfg.algo.ref_ema is not None) else (cfg.ref.path or cfg.actor.path)
+            self.ref = load_policy(ref_src, cfg.ref.dtype).eval().requires_grad_(False)
         self.critic = self.critic_engine = None
         if cfg.algo.uses_critic:
             critic_src = resume_dir / "critic" if resume_dir else (cfg.critic.path or cfg.actor.path)
@@ -95,7 +114,9 @@ class RLExperiment:
         if cfg.reward.model:
             self.reward_model = load_reward_model(cfg.reward.model).eval().requires_grad_(False)
         self.kl_ctl = AdaptiveKLController(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
+        self.actor_ema = EMAWeights(self.actor, cfg.algo.actor_ema) if cfg.algo.actor_ema is not None else None
         self.sampler = PromptSampler(len(self.train_set), cfg.seed, cfg.data.shuffle)
+        self.ptx_sampler = PromptSampler(len(self.ptx_set), cfg.seed + 1, cfg.data.shuffle) if self.ptx_set else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         if resume_dir:
@@ -111,6 +132,13 @@ class RLExperiment:
         first_id = self.step * len(examples)
         groups = [first_id + j // n for j in range(len(examples))]
         return batch_from_generations(gens, examples, groups, first_id, self.tokenizer)
+
+    def actor_gen_greedy(self, prompt_idx: list[int]) -> SampleBatch:
+        """ReMax's extra call: one greedy response per prompt (its reward is the baseline of the prompt's samples)."""
+        examples = [self.train_set[i] for i in prompt_idx]
+        greedy = SamplingParams(self.sampling.max_new_tokens, greedy=True)
+        gens = self.gen_engine.generate([e.prompt_ids for e in examples], greedy)
+        return batch_from_generations(gens, examples, list(range(len(gens))), 0, self.tokenizer)
 
     def reward(self, batch: SampleBatch) -> SampleBatch:
         if self.reward_model is not None:
@@ -148,10 +176,20 @@ class RLExperiment:
             rewards=batch.samples["score"], group_ids=batch.samples["group_id"], seqlens=batch.seqlens,
             action_mask=mask, token_rewards=token_rewards, values=batch.tokens.get("values"),
             last_values=batch.samples.get("last_values"), truncated=batch.samples["truncated"],
-            gamma=a.gamma, lam=a.lam, norm_std=a.norm_std)
+            gamma=a.gamma, lam=a.lam, norm_std=a.norm_std, baseline_rewards=batch.samples.get("baseline_score"),
+            ref_seq_logprobs=self._ref_seq_logprobs(batch),
+            reward_low=self.grpovi_bounds[0] if self.grpovi_bounds else None,
+            reward_high=self.grpovi_bounds[1] if self.grpovi_bounds else None)
         if a.estimator == "gae" and a.whiten_advantages:
             adv = adv_lib.masked_whiten(adv, mask)
         return batch.with_tokens(advantages=adv, returns=ret)
+
+    @staticmethod
+    def _ref_seq_logprobs(batch: SampleBatch) -> torch.Tensor | None:
+        """[B] reference log-prob of each whole response (GRPOVI weights the group by its softmax)."""
+        if "ref_logprobs" not in batch.tokens:
+            return None
+        return torch.zeros(len(batch)).index_add_(0, batch.sample_index(), batch.tokens["ref_logprobs"])
 
     def _actor_loss(self, model, mb: SampleBatch, norm: Norm):
         a = self.cfg.algo
@@ -161,35 +199,56 @@ class RLExperiment:
         # On-policy single update: the old policy *is* the current one, so its log-probs are logp.detach()
         # (ratio = 1, gradient = policy gradient) and the extra actor_inf forward is skipped.
         old = mb.tokens["old_logprobs"] if "old_logprobs" in mb.tokens else logp.detach()
-        loss, stats = ppo_policy_loss(logp, old, mb.tokens["advantages"], mask, norm.tokens, a.clip_low, a.clip_high)
-        stats = {"pg_loss": loss.detach(), **stats, "entropy": (ent * mask).sum().detach() / norm.tokens}
+        loss, stats = ppo_policy_loss(logp, old, mb.tokens["advantages"], mask, mb.seqlens, norm, clip_low=a.clip_low,
+                                      clip_high=a.clip_high, dual_clip=a.dual_clip, agg=a.loss_agg)
+        stats = {"pg_loss": loss.detach(), **stats,
+                 "entropy": aggregate(ent.detach(), mask, mb.seqlens, norm, "token-mean")}
         if self.ref is not None:
-            kl = (kl_penalty(logp, mb.tokens["ref_logprobs"], a.kl_estimator) * mask).sum() / norm.tokens
+            kl = kl_loss(logp, mb.tokens["ref_logprobs"], mask, mb.seqlens, norm, kind=a.kl_estimator, agg=a.loss_agg)
             stats["kl"] = kl.detach()
             if a.kl_placement == "loss":
                 loss = loss + self.kl_ctl.value * kl
         if a.entropy_coef:
-            loss = loss - a.entropy_coef * (ent * mask).sum() / norm.tokens
+            loss = loss - a.entropy_coef * aggregate(ent, mask, mb.seqlens, norm, a.loss_agg)
         return loss, stats
+
+    def _ptx_loss(self, model, mb: SampleBatch, norm: Norm):
+        """PPO-ptx: ptx_coef * token-mean SFT NLL on a batch of the ptx data, added to the actor's gradient."""
+        logp, _ = token_logprobs(model, mb, layout=self.cfg.actor.layout)
+        nll = sequence_nll(logp, mb.tokens["action_mask"], norm.tokens)
+        return self.cfg.algo.ptx_coef * nll, {"ptx_nll": nll.detach()}
+
+    def _ptx_batch(self) -> SampleBatch:
+        examples = [self.ptx_set[i] for i in self.ptx_sampler.next(self.cfg.algo.ptx_batch_size)]
+        return SampleBatch.from_sequences(
+            range(len(examples)),
+            {"input_ids": [torch.tensor(e.prompt_ids + e.response_ids) for e in examples],
+             "action_mask": [torch.tensor([0] * len(e.prompt_ids) + [1] * len(e.response_ids)) for e in examples]})
 
     def _critic_loss(self, model, mb: SampleBatch, norm: Norm):
         values = token_values(model, mb, self.cfg.critic.layout)
-        return value_loss(values, mb.tokens["values"], mb.tokens["returns"], mb.tokens["action_mask"], norm.tokens,
-                          self.cfg.algo.value_clip)
+        return value_loss(values, mb.tokens["values"], mb.tokens["returns"], mb.tokens["action_mask"], mb.seqlens,
+                          norm, clip=self.cfg.algo.value_clip, agg=self.cfg.algo.loss_agg)
 
-    def _train(self, engine: TrainEngine, batch: SampleBatch, loss_fn, prefix: str) -> dict[str, float]:
+    def _train(self, engine: TrainEngine, batch: SampleBatch, loss_fn, prefix: str, ptx: bool = False) -> dict[str, float]:
         a = self.cfg.algo
         sums: dict[str, float] = {}
         n = 0
         for _ in range(a.ppo_epochs):
             for mini in batch.chunks(a.mini_batches):
-                for k, v in engine.step(mini, loss_fn).items():
+                mask = mini.tokens["action_mask"]
+                norm = Norm(tokens=float(mask.sum()), samples=float(len(mini)), max_tokens=float(self.cfg.rollout.max_new_tokens))
+                extra = []
+                if ptx:  # the SFT term joins the same optimizer step
+                    pb = self._ptx_batch()
+                    extra.append((pb, self._ptx_loss, Norm(float(pb.tokens["action_mask"].sum()), float(len(pb)))))
+                for k, v in engine.step(mini, loss_fn, norm, extra=extra).items():
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
         return {f"{prefix}/{k}": v / n for k, v in sums.items()}
 
     def actor_train(self, batch: SampleBatch) -> dict[str, float]:
-        return self._train(self.actor_engine, batch, self._actor_loss, "actor")
+        return self._train(self.actor_engine, batch, self._actor_loss, "actor", ptx=bool(self.ptx_set))
 
     def critic_train(self, batch: SampleBatch) -> dict[str, float]:
         return self._train(self.critic_engine, batch, self._critic_loss, "critic")
@@ -199,10 +258,15 @@ class RLExperiment:
         timer = StageTimer()
         t0 = time.perf_counter()
         cfg = self.cfg
+        prompt_idx = self.sampler.next(cfg.rollout.prompts_per_step)
         with timer("actor_gen"):
-            batch = self.actor_gen(self.sampler.next(cfg.rollout.prompts_per_step))
+            batch = self.actor_gen(prompt_idx)
         with timer("reward"):
             batch = self.reward(batch)
+        if cfg.algo.estimator == "remax":
+            with timer("actor_gen_greedy"):
+                greedy = self.reward(self.actor_gen_greedy(prompt_idx))
+            batch.with_samples(baseline_score=greedy.samples["score"].repeat_interleave(cfg.rollout.n))
         if self.ref is not None:
             with timer("ref_inf"):
                 batch = self.ref_inf(batch)
@@ -221,6 +285,10 @@ class RLExperiment:
                 metrics.update(self.critic_train(batch))
         if "actor/kl" in metrics:
             self.kl_ctl.update(metrics["actor/kl"], 1)
+        if cfg.algo.ref_ema is not None and (self.step + 1) % cfg.algo.ref_ema_every == 0:
+            ema_update_(self.ref, self.actor, cfg.algo.ref_ema)
+        if self.actor_ema is not None:
+            self.actor_ema.update(self.actor)
         step_time = time.perf_counter() - t0
         scores = batch.samples["score"]
         resp_len = batch.samples["response_len"].float()
@@ -281,6 +349,8 @@ class RLExperiment:
             results["final_eval"] = do_eval(self.step)
         logger.close()
         save_model(self.actor, self.tokenizer, out / "final")
+        if self.actor_ema is not None:
+            self._save_ema(out / "final_ema")
         rows = read_metrics(out / "metrics.jsonl")
         plot_curves(rows, ["eval/accuracy", "reward/mean", "actor/kl", "response_len/mean"], out / "curves.png",
                     title=f"{cfg.algo.name}: {out}")
@@ -292,6 +362,10 @@ class RLExperiment:
         save_model(self.actor, self.tokenizer, d / "actor")
         if self.critic is not None:
             save_model(self.critic, None, d / "critic")
+        if self.cfg.algo.ref_ema is not None:
+            save_model(self.ref, None, d / "ref")
+        if self.actor_ema is not None:
+            self._save_ema(d / "ema_actor")
         ckpt_lib.save_state(d, {
             "step": self.step,
             "actor_engine": self.actor_engine.state_dict(),
@@ -300,6 +374,8 @@ class RLExperiment:
             "generator": self.generator.get_state(),
             "kl_ctl": self.kl_ctl.state_dict(),
             "rng": ckpt_lib.rng_state(),
+            "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_sampler else None,
+            "actor_ema": self.actor_ema.state_dict() if self.actor_ema else None,
         })
         ckpt_lib.prune(self.out, self.cfg.trainer.keep_checkpoints)
         return d
@@ -314,3 +390,16 @@ class RLExperiment:
         self.generator.set_state(s["generator"])
         self.kl_ctl.load_state_dict(s["kl_ctl"])
         ckpt_lib.set_rng_state(s["rng"])
+        if self.ptx_sampler is not None and s.get("ptx_sampler"):
+            self.ptx_sampler.load_state_dict(s["ptx_sampler"])
+        if self.actor_ema is not None and s.get("actor_ema"):
+            self.actor_ema.load_state_dict(s["actor_ema"])
+
+    def _save_ema(self, out: Path) -> None:
+        """The EMA weights as their own HF folder (swap them into the actor, save, swap back)."""
+        live = {n: p.detach().clone() for n, p in self.actor.named_parameters()}
+        self.actor_ema.copy_to(self.actor)
+        save_model(self.actor, self.tokenizer, out)
+        with torch.no_grad():
+            for n, p in self.actor.named_parameters():
+                p.copy_(live[n])

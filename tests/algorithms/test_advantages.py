@@ -5,7 +5,26 @@ import statistics
 import pytest
 import torch
 
-from reflow.algorithms.advantages import broadcast_to_tokens, gae, group_baseline, grpo, masked_whiten
+from reflow.algorithms.advantages import (
+    batch_normalize,
+    broadcast_to_tokens,
+    drgrpo,
+    gae,
+    group_baseline,
+    group_mean,
+    grpo,
+    last_action_index,
+    masked_whiten,
+    reinforce_pp,
+    reinforce_pp_baseline,
+    remax,
+    return_to_go,
+    rloo,
+    rloo_baseline,
+)
+from reflow.algorithms.registry import ADVANTAGE_ESTIMATORS, get_advantage
+
+NAN, INF = float("nan"), float("inf")
 
 
 def packed(prompt_lens, response_lens):
@@ -168,3 +187,191 @@ def test_masked_whiten_standardises_over_the_mask_only():
     assert out[m].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
     assert (out[~m] == 0).all()
     torch.testing.assert_close(out, masked_whiten(x, mask))
+
+
+# ----------------------------------------------------------------- registry
+def test_registered_names():
+    for name in ("grpo", "drgrpo", "rloo", "reinforce++", "reinforce++-baseline", "remax", "gae"):
+        assert name in ADVANTAGE_ESTIMATORS
+    assert get_advantage("reinforce++") is reinforce_pp and get_advantage("drgrpo") is drgrpo
+    with pytest.raises(KeyError, match="unknown advantage estimator 'ppo'"):
+        get_advantage("ppo")
+
+
+def full_kwargs(seed=0):
+    """Everything the RL experiment hands an estimator: each must take what it needs and ignore the rest."""
+    case = random_case(seed)
+    B = len(case["seqlens"])
+    return dict(case, rewards=torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0]), group_ids=torch.tensor([0, 0, 1, 1, 1]),
+                gamma=1.0, lam=0.95, norm_std=True, baseline_rewards=torch.zeros(B), something_new=42)
+
+
+@pytest.mark.parametrize("name", sorted(["grpo", "drgrpo", "rloo", "reinforce++", "reinforce++-baseline", "remax",
+                                         "gae"]))
+def test_every_estimator_takes_the_common_keywords_and_stays_on_actions(name):
+    kw = full_kwargs()
+    adv, ret = get_advantage(name)(**kw)
+    T = int(kw["seqlens"].sum())
+    assert adv.shape == (T,) and ret.shape == (T,)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    off = kw["action_mask"] == 0
+    assert (adv[off] == 0).all() and (ret[off] == 0).all()
+    if name != "gae":
+        assert torch.equal(ret, adv)  # no critic: returns = advantages
+
+
+# ----------------------------------------------------------------- Dr.GRPO
+def test_drgrpo_is_grpo_without_std_whatever_norm_std_says():
+    seqlens, mask = packed([2, 1, 3], [2, 3, 1])
+    rewards, groups = torch.tensor([1.0, 0.0, 4.0]), torch.tensor([5, 5, 6])
+    adv, ret = drgrpo(rewards=rewards, group_ids=groups, seqlens=seqlens, action_mask=mask, norm_std=True)
+    ref, _ = grpo(rewards=rewards, group_ids=groups, seqlens=seqlens, action_mask=mask, norm_std=False)
+    torch.testing.assert_close(adv, ref)
+    # group 5: mean 0.5 -> +0.5 / -0.5; group 6 has one sample -> 0
+    expected = torch.tensor([0, 0, 0.5, 0.5, 0, -0.5, -0.5, -0.5, 0, 0, 0, 0])
+    torch.testing.assert_close(adv, expected)
+    assert torch.equal(ret, adv)
+
+
+# ----------------------------------------------------------------- RLOO
+def test_rloo_baseline_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 2.0, 5.0, 3.0, 7.0])
+    groups = torch.tensor([7, 7, 7, 9, 9, 9, 4])
+    out = rloo_baseline(rewards, groups)
+    # group 7: 1 - (0 + 1)/2, 0 - (1 + 1)/2, 1 - (1 + 0)/2; group 9: 2 - 4, 5 - 2.5, 3 - 3.5; group of one: 0
+    torch.testing.assert_close(out, torch.tensor([0.5, -1.0, 0.5, -2.0, 2.5, -0.5, 0.0]))
+    # = n/(n-1) * (r - mean)
+    torch.testing.assert_close(out[:6], 1.5 * group_baseline(rewards[:6], groups[:6], norm_std=False))
+
+
+def test_rloo_broadcasts_to_action_tokens_only():
+    seqlens, mask = packed([2, 1, 3], [1, 2, 2])
+    adv, ret = rloo(rewards=torch.tensor([3.0, 1.0, 8.0]), group_ids=torch.tensor([0, 0, 1]), seqlens=seqlens,
+                    action_mask=mask)
+    # pair (3, 1): +2 / -2; sample 2 alone: 0
+    torch.testing.assert_close(adv, torch.tensor([0, 0, 2.0, 0, -2.0, -2.0, 0, 0, 0, 0, 0]))
+    assert torch.equal(ret, adv)
+
+
+# ----------------------------------------------------------------- ReMax
+def test_remax_subtracts_the_greedy_reward():
+    seqlens, mask = packed([1, 2], [2, 1])
+    adv, ret = remax(rewards=torch.tensor([1.0, 0.5]), baseline_rewards=torch.tensor([0.25, 1.0]), seqlens=seqlens,
+                     action_mask=mask, group_ids=torch.tensor([0, 1]))
+    torch.testing.assert_close(adv, torch.tensor([0, 0.75, 0.75, 0, 0, -0.5]))
+    assert torch.equal(ret, adv)
+
+
+def test_remax_without_baseline_says_what_it_needs():
+    seqlens, mask = packed([1], [2])
+    with pytest.raises(ValueError, match="remax.*baseline_rewards.*greedy"):
+        remax(rewards=torch.tensor([1.0]), seqlens=seqlens, action_mask=mask)
+    with pytest.raises(ValueError, match="shape"):
+        remax(rewards=torch.tensor([1.0]), baseline_rewards=torch.tensor([1.0, 2.0]), seqlens=seqlens, action_mask=mask)
+
+
+# ----------------------------------------------------------------- REINFORCE++
+def rpp_case():
+    """Sample 0: prompt 2, response 3; sample 1: prompt 1, response 2. Garbage rewards on prompt tokens."""
+    seqlens, mask = packed([2, 1], [3, 2])
+    #                     prompt       response: KL penalties, score 1 - 0.3 on the last
+    r = torch.tensor([NAN, 100.0, -0.1, -0.2, 0.7, INF, 0.0, 2.0])
+    return seqlens, mask, r
+
+
+def test_return_to_go_by_hand_stays_inside_each_sample():
+    seqlens, mask, r = rpp_case()
+    g = return_to_go(r, seqlens, mask, gamma=0.5)
+    # sample 0: 0.7; -0.2 + 0.5 * 0.7 = 0.15; -0.1 + 0.5 * 0.15 = -0.025. sample 1: 2; 0 + 0.5 * 2 = 1
+    torch.testing.assert_close(g, torch.tensor([0, 0, -0.025, 0.15, 0.7, 0, 1.0, 2.0]))
+    g1 = return_to_go(r, seqlens, mask, gamma=1.0)
+    torch.testing.assert_close(g1, torch.tensor([0, 0, 0.4, 0.5, 0.7, 0, 2.0, 2.0]))
+
+
+def test_return_to_go_matches_a_loop_on_random_packed_batches():
+    case = random_case(4)
+    for gamma in (1.0, 0.9):
+        out = return_to_go(case["token_rewards"], case["seqlens"], case["action_mask"], gamma)
+        ref = torch.zeros_like(out)
+        start = 0
+        for n in case["seqlens"].tolist():
+            running = 0.0
+            for t in reversed(range(start, start + n)):
+                if case["action_mask"][t]:
+                    running = float(case["token_rewards"][t]) + gamma * running
+                    ref[t] = running
+            start += n
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_reinforce_pp_by_hand():
+    seqlens, mask, r = rpp_case()
+    adv, ret = reinforce_pp(token_rewards=r, seqlens=seqlens, action_mask=mask, gamma=0.5)
+    g = [-0.025, 0.15, 0.7, 1.0, 2.0]
+    mean, std = statistics.mean(g), statistics.pstdev(g)  # population std over all action tokens of the batch
+    expected = torch.tensor([0, 0, *[(x - mean) / std for x in g[:3]], 0, *[(x - mean) / std for x in g[3:]]])
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=0)
+    assert torch.equal(ret, adv)
+
+
+def test_reinforce_pp_normalises_over_all_action_tokens():
+    case = random_case(5)
+    adv, _ = reinforce_pp(**case, gamma=0.9)
+    m = case["action_mask"].bool()
+    assert adv[m].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert adv[m].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    assert (adv[~m] == 0).all()
+    # garbage on the prompt tokens changes nothing
+    dirty = case["token_rewards"].clone()
+    dirty[~m] = float("nan")
+    torch.testing.assert_close(reinforce_pp(**{**case, "token_rewards": dirty}, gamma=0.9)[0], adv)
+
+
+def test_batch_normalize_constant_and_empty():
+    mask = torch.tensor([0, 1, 1, 1])
+    assert torch.equal(batch_normalize(torch.tensor([NAN, 2.0, 2.0, 2.0]), mask), torch.zeros(4))
+    assert torch.equal(batch_normalize(torch.tensor([1.0, 2.0]), torch.zeros(2)), torch.zeros(2))
+
+
+def test_last_action_index():
+    seqlens, mask = packed([2, 3, 1], [2, 0, 3])
+    last, has = last_action_index(seqlens, mask)
+    assert last[has].tolist() == [3, 10]  # samples span 0-3, 4-6, 7-10 and has.tolist() == [True, False, True]
+
+
+def test_group_mean():
+    torch.testing.assert_close(group_mean(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([2, 2, 0])),
+                               torch.tensor([2.0, 2.0, 5.0]))
+
+
+def rppb_case():
+    """Scores [1, 0, 2], groups [0, 0, 1]; responses of 2, 3, 1 tokens after prompts of 1, 2, 2 tokens."""
+    seqlens, mask = packed([1, 2, 2], [2, 3, 1])
+    #            prompt | KL, score 1 | prompt     | 0, KL, score 0 | prompt   | score 2
+    r = torch.tensor([9.0, -0.1, 1.0, NAN, 5.0, 0.0, -0.2, 0.0, INF, -7.0, 2.0])
+    return dict(rewards=torch.tensor([1.0, 0.0, 2.0]), group_ids=torch.tensor([0, 0, 1]), token_rewards=r,
+                seqlens=seqlens, action_mask=mask)
+
+
+def test_reinforce_pp_baseline_by_hand():
+    case = rppb_case()
+    adv, ret = reinforce_pp_baseline(**case, gamma=1.0)
+    # centred scores: 1 - 0.5, 0 - 0.5, 2 - 2 (group of one). Last tokens become 0.5, -0.5, 0.
+    # returns-to-go: sample 0 [-0.1 + 0.5, 0.5] = [0.4, 0.5]; sample 1 [-0.7, -0.7, -0.5]; sample 2 [0]
+    g = [0.4, 0.5, -0.7, -0.7, -0.5, 0.0]
+    mean, std = statistics.mean(g), statistics.pstdev(g)
+    z = [(x - mean) / std for x in g]
+    expected = torch.tensor([0, z[0], z[1], 0, 0, z[2], z[3], z[4], 0, 0, z[5]])
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=0)
+    assert torch.equal(ret, adv)
+    m = case["action_mask"].bool()
+    # as OpenRLHF: the global normalisation subtracts the batch mean and divides by the batch std
+    assert adv[m].sum().item() == pytest.approx(0.0, abs=1e-5)
+    assert adv[m].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_reinforce_pp_baseline_ignores_a_shift_of_all_scores_in_a_group():
+    case = rppb_case()
+    shifted = dict(case, rewards=case["rewards"] + 10.0, token_rewards=case["token_rewards"].clone())
+    shifted["token_rewards"][[2, 7, 10]] += 10.0  # the score on each last token moves with it
+    torch.testing.assert_close(reinforce_pp_baseline(**shifted)[0], reinforce_pp_baseline(**case)[0], atol=1e-5, rtol=0)

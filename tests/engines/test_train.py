@@ -189,3 +189,40 @@ def test_inference_values_and_scores_independent_of_micro_batches(model_dir):
     s_big = InferenceEngine(rm, micro_batch_tokens=10_000).scores(batch)
     torch.testing.assert_close(s_small, s_big, atol=1e-6, rtol=0)
     assert s_small.shape == (len(batch),) and len(set(s_small.tolist())) == len(batch)
+
+
+def test_norm_fields_reach_the_loss_unchanged(model_dir):
+    """The engine guards against empty masks but must pass every other normaliser (max_tokens) through."""
+    seen = []
+    model = load_policy(model_dir)
+    engine = TrainEngine(model, lr=1e-3)
+
+    def loss_fn(m, mb, norm):
+        seen.append(norm)
+        logp, _ = token_logprobs(m, mb)
+        return sequence_nll(logp, mb.tokens["action_mask"], norm.tokens), {}
+
+    engine.step(make_batch(), loss_fn, Norm(tokens=10.0, samples=3.0, max_tokens=7.0))
+    assert seen[0].max_tokens == 7.0 and seen[0].tokens == 10.0
+
+
+def test_extra_terms_join_the_same_optimizer_step(model_dir):
+    """step(a, extra=[(b, ...)]) == one step on the summed loss: gradients accumulate before the update."""
+    batch_a, batch_b = make_batch(seed=1), make_batch(lens=(5, 8), seed=2)
+
+    def nll(m, mb, norm):
+        logp, _ = token_logprobs(m, mb)
+        return sequence_nll(logp, mb.tokens["action_mask"], norm.tokens), {"nll": torch.tensor(0.0)}
+
+    def summed(m, mb, norm):  # the same two terms in one loss: both batches' own normalisers
+        la = nll(m, batch_a, Norm(float(batch_a.tokens["action_mask"].sum()), len(batch_a)))[0]
+        lb = nll(m, batch_b, Norm(float(batch_b.tokens["action_mask"].sum()), len(batch_b)))[0]
+        return la + lb, {}
+
+    m1, m2 = load_policy(model_dir), load_policy(model_dir)
+    e1 = TrainEngine(m1, lr=LR, eps=EPS, grad_clip=0)
+    e2 = TrainEngine(m2, lr=LR, eps=EPS, grad_clip=0)
+    e1.step(batch_a, nll, extra=[(batch_b, nll, Norm(float(batch_b.tokens["action_mask"].sum()), len(batch_b)))])
+    e2.step(batch_a, summed)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.allclose(p1, p2, atol=1e-6)
