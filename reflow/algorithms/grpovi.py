@@ -59,14 +59,22 @@ Let A_k = P_1 + ... + P_k (weight at M) and B_j = P_{K-j+1} + ... + P_K (weight 
    They are compatible: A_{k*} + B_{j*} <= a* + b* = 1. If the sum is < 1 the middle is non-empty and
    alpha is as above; if it is = 1 the middle is empty and (M^{k*}, m^{j*}) has mean exactly c.
    (Viewed as "for each k, which j": the best j is j* for every k, and the objective then increases
-   in k over the feasible range, so a scan over k would only confirm k*.) Every other vertex is reached
-   from some (k, j) by steps of 2., so the maximiser is unique.
+   in k over the feasible range, so a scan over k would only confirm k*.)
+4. Uniqueness (all p_i > 0). Any feasible vertex is some (k, j) with k <= k*, j <= j*; the chain
+   (k, j) -> (k+1, j) -> ... -> (k*, j) -> ... -> (k*, j*) stays feasible and each step strictly increases
+   the objective unless it leaves the vector unchanged. So every other vertex is strictly worse, and a
+   strictly convex function is maximised over a polytope only at vertices: z is unique.
 
 Because A_k and B_j are monotone, k* and j* are threshold counts over the prefix/suffix sums: after
 one sort, one O(n) pass. Total O(n log n) time, O(n) memory. The pass runs in float64; thresholds
-get an absolute slack of 1e-12 so that exactly-tight cases (e.g. r = (1, 0, 0, 0), p uniform) come out
-exact, and alpha is clipped to [m, M]. The solution is continuous in (r, p), so rounding near a
-threshold only moves z by O(rounding).
+get a slack of the size of the rounding error (4 eps (n + 1) (1 + max(|m|, |M|) / (M - m)), ~1e-14 for
+small groups) so that exactly-tight cases (e.g. r = (1, 0, 0, 0), p uniform) come out exact, and alpha
+is clipped to [m, M]. The solution is continuous in (r, p), so rounding near a threshold only moves z
+by O(rounding); only a block lighter than the slack can land on the wrong side of a threshold.
+
+Batches: `variance_increase_groups` solves all groups of a batch of B samples in one vectorised pass
+(sort by (group, -r); per-group prefix/suffix sums in a zero-padded [groups, Kmax] layout, groups
+bucketed by power-of-two size so the padding stays <= 2x): O(B log B) time, O(B) memory.
 
 Zero weights (a softmax that underflows in float64) are accepted: such samples do not enter the
 objective or the mean, so their z is not unique; they get the value of the level their block falls
@@ -76,14 +84,23 @@ Worked examples (p uniform, [m, M] = [0, 1])
 --------------------------------------------
 r = (1, 0, 0, 0):          c = 1/4, a* = 1/4, b* = 3/4; A_1 = 1/4, B = 3/4 -> z = r (already extreme).
 r = (0.8, 0.5, 0.2):       c = 1/2; k* = 1 (A_1 = 1/3), j* = 1, alpha = (1/2 - 1/3) / (1/3) = 1/2 -> z = (1, 0.5, 0).
-r = (0.9, 0.6, 0.3, 0.0):  c = 0.45; k* = 1, j* = 2 (B_2 = 1/2 <= 0.55), alpha = (0.45 - 0.25) / 0.25 -> z = (1, 0.8, 0, 0).
+r = (0.9, 0.6, 0.3, 0.0):  c = 0.45; k* = 1, j* = 2 (B_2 = 1/2 <= 0.55), alpha = 0.2 / 0.25 -> z = (1, 0.8, 0, 0).
 """
 
 from __future__ import annotations
 
 import torch
 
-_TOL = 1e-12  # slack on the thresholds a*, b* (weights and thresholds live in [0, 1])
+from reflow.algorithms.advantages import grpo
+from reflow.algorithms.registry import register_advantage
+
+_EPS = torch.finfo(torch.float64).eps
+
+
+def _slack(n, low: float, high: float):
+    """Slack on the thresholds a*, b* (weight units): a bound on the float64 rounding of the prefix sums
+    (n terms <= 1) and of a* = (c - m) / (M - m) with c a sum of n terms <= max(|m|, |M|)."""
+    return 4 * _EPS * (n + 1) * (1 + max(abs(low), abs(high)) / (high - low))
 
 
 def _check_bounds(low: float, high: float) -> tuple[float, float]:
@@ -105,9 +122,14 @@ def _check_rewards(rewards: torch.Tensor, low: float, high: float) -> None:
         )
 
 
+def _out_dtype(rewards: torch.Tensor) -> torch.dtype:
+    return rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
+
+
 def _solve_groups(r: torch.Tensor, p: torch.Tensor, g: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Vectorised core. r, p float64 [N]; g long [N] group index in 0..G-1 (every index present);
-    p sums to 1 within each group. Returns z float64 [N]. Memory O(G * Kmax), Kmax = most blocks in a group."""
+    p sums to 1 within each group. Returns z float64 [N].
+    Memory O(G * Kmax), Kmax = most blocks in a group (callers bucket groups by size)."""
     N = r.numel()
     dev = r.device
     G = int(g.max()) + 1
@@ -138,8 +160,9 @@ def _solve_groups(r: torch.Tensor, p: torch.Tensor, g: torch.Tensor, low: float,
     a_star = (c - low) / span
     b_star = (high - c) / span
     # 4. Threshold counts (A, B monotone): k* = #{k >= 1 : A_k <= a*}, j* = #{j >= 1 : B_j <= b*}.
-    k_star = ((A <= (a_star + _TOL)[:, None]) & valid).sum(1)
-    j_star = ((B <= (b_star + _TOL)[:, None]) & valid).sum(1)
+    tol = _slack(torch.bincount(g, minlength=G).to(torch.float64), low, high)
+    k_star = ((A <= (a_star + tol)[:, None]) & valid).sum(1)
+    j_star = ((B <= (b_star + tol)[:, None]) & valid).sum(1)
     j_star = torch.minimum(j_star, K - k_star)  # only rounding can make them overlap
     # 5. alpha on the middle blocks k*..K-j*-1.
     zero = torch.zeros(G, 1, dtype=torch.float64, device=dev)
@@ -167,7 +190,8 @@ def variance_increase(rewards: torch.Tensor, weights: torch.Tensor, low: float, 
     or do not sum to 1 (within 1e-6; they are then renormalised in float64).
     """
     if rewards.dim() != 1 or weights.shape != rewards.shape:
-        raise ValueError(f"rewards and weights must both be [n]; got {tuple(rewards.shape)} and {tuple(weights.shape)}")
+        raise ValueError(
+            f"rewards and weights must both be [n]; got {tuple(rewards.shape)} and {tuple(weights.shape)}")
     low, high = _check_bounds(low, high)
     _check_rewards(rewards, low, high)
     n = rewards.numel()
@@ -181,7 +205,7 @@ def variance_increase(rewards: torch.Tensor, weights: torch.Tensor, low: float, 
         raise ValueError(f"GRPOVI weights must sum to 1, got {s.item()}")
     r = rewards.to(torch.float64)
     g = torch.zeros(n, dtype=torch.long, device=rewards.device)
-    return _solve_groups(r, p / s, g, low, high).to(rewards.dtype)
+    return _solve_groups(r, p / s, g, low, high).to(_out_dtype(rewards))
 
 
 def variance_increase_groups(rewards: torch.Tensor, log_weights: torch.Tensor, group_ids: torch.Tensor,
@@ -219,19 +243,20 @@ def variance_increase_groups(rewards: torch.Tensor, log_weights: torch.Tensor, g
         idx = (bucket == b).nonzero(as_tuple=True)[0]
         _, gl = torch.unique(g[idx], return_inverse=True)
         z[idx] = _solve_groups(r[idx], p[idx], gl, low, high)
-    return z.to(rewards.dtype)
+    return z.to(_out_dtype(rewards))
 
 
 def variance_increase_bruteforce(rewards: torch.Tensor, weights: torch.Tensor, low: float, high: float,
-                                 tol: float = _TOL) -> torch.Tensor:
+                                 tol: float | None = None) -> torch.Tensor:
     """Reference for tests and benchmarks only: O(n^2) enumeration of ALL split points, no cleverness.
 
     Sort r descending (stable). For every k in 0..n samples at M and j in 0..n-k samples at m (split
     points at the *sample* level, not blocks), the middle samples get alpha from the mean constraint.
     A candidate is kept when it is feasible: m <= alpha <= M, checked as m Q <= alpha Q <= M Q on the
-    weight scale with slack tol * (M - m) (with an empty middle: the mean holds), and ties are kept (a
-    split between two equal rewards needs equal values on both sides). The best objective sum p z^2
-    wins. Returns z in rewards' dtype. O(n^2) time, O(n) memory beyond ~1M-pair chunks of the (k, j) grid.
+    weight scale with slack tol * (M - m) (tol defaults to the fast pass's rounding slack; with an empty
+    middle this says the mean holds), and ties are kept (a split between two equal rewards needs equal
+    values on both sides). The best objective sum p z^2 wins. Returns z in rewards' dtype.
+    O(n^2) time, O(n) memory beyond ~1M-pair chunks of the (k, j) grid.
     """
     low, high = _check_bounds(low, high)
     _check_rewards(rewards, low, high)
@@ -245,7 +270,7 @@ def variance_increase_bruteforce(rewards: torch.Tensor, weights: torch.Tensor, l
     rs, ps = r[order], p[order]
     c = (p * r).sum()
     span = high - low
-    slack = tol * span
+    slack = (_slack(n, low, high) if tol is None else tol) * span
     P = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(ps, 0)])  # P[i] = weight of first i
     tie = torch.zeros(n + 1, dtype=torch.bool)  # tie[i]: split before sorted position i cuts a tie
     tie[1:n] = rs[1:] == rs[:-1]
@@ -272,7 +297,8 @@ def variance_increase_bruteforce(rewards: torch.Tensor, weights: torch.Tensor, l
         at_hi, at_lo = gap_hi.abs() <= slack, gap_lo.abs() <= slack
         tie_top, tie_bot = tie[k] & has_mid, tie[end] & has_mid & (j > 0)
         to_lo = at_lo & (tie_bot | ~at_hi)
-        alpha = torch.where(to_lo, torch.full_like(alpha, low), torch.where(at_hi, torch.full_like(alpha, high), alpha))
+        alpha = torch.where(to_lo, torch.full_like(alpha, low),
+                            torch.where(at_hi, torch.full_like(alpha, high), alpha))
         alpha = alpha.clamp(low, high)
         # a zero-weight middle is the same vector as a relabelled split; skip it (alpha undefined)
         ok &= ~(has_mid & (Q <= 0))
@@ -291,4 +317,25 @@ def variance_increase_bruteforce(rewards: torch.Tensor, weights: torch.Tensor, l
     zs[k:end] = a
     z = torch.empty(n, dtype=torch.float64)
     z[order] = zs
-    return z.to(rewards.dtype)
+    return z.to(_out_dtype(rewards))
+
+
+@register_advantage("grpovi")
+def grpovi(*, rewards, group_ids, seqlens, action_mask, ref_seq_logprobs=None, reward_low=None, reward_high=None,
+           norm_std: bool = True, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPOVI: GRPO advantages on the variance-increased rewards z of each group.
+
+    z = variance_increase_groups(rewards, ref_seq_logprobs, group_ids, low, high), weights p = softmax over the
+    group of the reference model's sequence log-probs [B]; then A_{i,t} = (z_i - mean_g z) / std_g z.
+    """
+    if ref_seq_logprobs is None:
+        raise ValueError("grpovi needs the reference model's sequence log-probs (ref_seq_logprobs [B])")
+    if reward_low is None or reward_high is None:
+        raise ValueError("grpovi needs reward bounds reward_low / reward_high")
+    # rewards arrive in float32: a value that rounds just past a bound (e.g. -0.05) is snapped onto it
+    tol = 1e-6 * max(1.0, abs(reward_low), abs(reward_high))
+    r = rewards.double()
+    r = torch.where((r < reward_low) & (r >= reward_low - tol), torch.full_like(r, reward_low), r)
+    r = torch.where((r > reward_high) & (r <= reward_high + tol), torch.full_like(r, reward_high), r)
+    z = variance_increase_groups(r, ref_seq_logprobs.double(), group_ids, reward_low, reward_high).float()
+    return grpo(rewards=z, group_ids=group_ids, seqlens=seqlens, action_mask=action_mask, norm_std=norm_std)

@@ -37,7 +37,7 @@ from reflow.models.load import (check_model_dir, load_critic, load_policy, load_
                                 save_model)
 from reflow.models.ema import EMAWeights, ema_update_
 from reflow.models.packing import token_logprobs, token_values
-from reflow.rewards.registry import compute_rewards, load_reward_fn, reward_range
+from reflow.rewards.registry import RewardError, compute_rewards, load_reward_fn, reward_range
 from reflow.utils import checkpoint as ckpt_lib
 from reflow.utils.console import RunConsole
 from reflow.utils.metrics import MetricsLogger, StageTimer, read_metrics, truncate_metrics
@@ -172,6 +172,14 @@ class RLExperiment:
         if self.ref is not None and a.kl_placement == "reward":
             kl = kl_penalty(batch.tokens["gen_logprobs"], batch.tokens["ref_logprobs"], "k1")
             token_rewards = token_rewards - self.kl_ctl.value * kl * mask
+        if self.grpovi_bounds is not None:
+            low, high = self.grpovi_bounds
+            bad = ((batch.samples["score"] < low - 1e-4) | (batch.samples["score"] > high + 1e-4)).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                raise RewardError(f"reward {float(batch.samples['score'][i]):g} of sample {i} is outside the GRPOVI "
+                                  f"bounds [{low:g}, {high:g}]; fix the reward function's reward_range or set "
+                                  "algo.grpovi_low / algo.grpovi_high")
         adv, ret = get_advantage(a.estimator)(
             rewards=batch.samples["score"], group_ids=batch.samples["group_id"], seqlens=batch.seqlens,
             action_mask=mask, token_rewards=token_rewards, values=batch.tokens.get("values"),

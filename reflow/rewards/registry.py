@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from reflow.rewards.rules import exact_match, exact_match_with_format, format_reward
+from reflow.rewards.rules import digit_match, exact_match, exact_match_with_format, format_reward
 
 RewardFn = Callable[..., Any]
 
@@ -35,6 +35,7 @@ BUILTIN: dict[str, RewardFn] = {
     "exact_match": exact_match,
     "format": format_reward,
     "exact_match_with_format": exact_match_with_format,
+    "digit_match": digit_match,
 }
 
 _SPEC_ATTR = "reflow_spec"  # remembered on loaded functions so errors use the user's own spelling

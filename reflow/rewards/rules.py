@@ -51,6 +51,25 @@ def exact_match_with_format(prompts: list[str], responses: list[str], answers: l
     return [1.0 if _is_correct(r, a) else 0.1 if _is_bare(r) else 0.0 for r, a in zip(responses, answers)]
 
 
+def digit_match(prompts: list[str], responses: list[str], answers: list[str | None]) -> list[float]:
+    """Graded credit for numeric answers: the share of digit positions (aligned from the right, where the
+    units digit is) that agree, over the longer of response and answer; 1.0 exactly when the answer is right.
+
+        score = #{i : resp[-i] == ans[-i]} / max(len(resp), len(ans))      (after stripping whitespace)
+    e.g. answer "124": "124" -> 1, "134" -> 2/3, "24" -> 2/3, "1240" -> 0, "" -> 0.
+    A graded reward gives groups more than two levels, which reward shaping such as GRPOVI acts on.
+    """
+    _check_answers("digit_match", responses, answers)
+    out = []
+    for r, a in zip(responses, answers):
+        r, a = r.strip(), str(a).strip()
+        width = max(len(r), len(a))
+        same = sum(1 for x, y in zip(reversed(r), reversed(a)) if x == y)
+        out.append(same / width if width else 1.0)
+    return out
+
+
 exact_match.reward_range = (0.0, 1.0)
+digit_match.reward_range = (0.0, 1.0)
 format_reward.reward_range = (0.0, 1.0)
 exact_match_with_format.reward_range = (0.0, 1.0)

@@ -51,8 +51,9 @@ def check_against_bruteforce(r, p, low, high):
 def assert_same_optimum(z, zb, p, scale=1.0):
     """The maximiser is unique in exact arithmetic (see the module docstring), so z must match; but a
     sample of negligible weight is barely constrained (a middle block of weight Q carries rounding of
-    order eps / Q, and a block lighter than the 1e-12 threshold slack may sit on either side), so
-    compare in the p-weighted norm over samples heavier than that, and entry-wise where p >= 1e-4."""
+    order eps / Q, and a block lighter than the ~1e-14 threshold slack may sit on either side, as may
+    one whose weight is below the rounding of the objective), so compare in the p-weighted norm over
+    samples heavier than that, and entry-wise where p >= 1e-4."""
     seen = p > 1e-11
     assert float((p * (z - zb) ** 2)[seen].sum()) ** 0.5 <= 1e-7 * scale
     heavy = p >= 1e-4
@@ -182,13 +183,13 @@ def groups(draw):
     return r, p, low, high
 
 
-@settings(max_examples=700, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(groups())
 def test_fast_matches_bruteforce(case):
     check_against_bruteforce(*case)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(groups(), st.randoms(use_true_random=False))
 def test_permutation_equivariant(case, rnd):
     r, p, low, high = case
@@ -203,9 +204,9 @@ def test_permutation_equivariant(case, rnd):
 
 
 def test_many_random_groups_against_bruteforce():
-    """1000 seeded groups through the batched wrapper, each checked against the brute force."""
+    """1500 seeded groups through the batched wrapper, each checked against the brute force."""
     g = torch.Generator().manual_seed(1)
-    n_groups, low, high = 1000, 0.0, 1.0
+    n_groups, low, high = 1500, 0.0, 1.0
     sizes = torch.randint(1, 13, (n_groups,), generator=g)
     gid = torch.repeat_interleave(torch.arange(n_groups), sizes)
     B = len(gid)
@@ -213,7 +214,8 @@ def test_many_random_groups_against_bruteforce():
     discrete = torch.randint(0, 1000, (B,), generator=g) % (levels + 1) / levels
     cont = torch.rand(B, generator=g, dtype=F64)
     r = torch.where(torch.rand(B, generator=g) < 0.5, discrete.to(F64), cont)
-    lw = torch.randn(B, generator=g, dtype=F64) * torch.tensor([0.0, 1.0, 5.0, 15.0])[torch.randint(0, 4, (n_groups,), generator=g)][gid]
+    logit_scale = torch.tensor([0.0, 1.0, 5.0, 15.0])[torch.randint(0, 4, (n_groups,), generator=g)]  # 15: peaked
+    lw = torch.randn(B, generator=g, dtype=F64) * logit_scale[gid]
     perm = torch.randperm(B, generator=g)  # interleave the groups
     r, lw, gid = r[perm], lw[perm], gid[perm]
     z = variance_increase_groups(r, lw, gid, low, high)
@@ -274,3 +276,21 @@ def test_groups_underflowing_weights():
     assert float((p * z**2).sum()) == pytest.approx(float((p * zb**2).sum()), abs=1e-12)
     with pytest.raises(ValueError, match="-inf"):
         variance_increase_groups(t([0.5, 0.5]), t([-float("inf")] * 2), torch.tensor([0, 0]), 0.0, 1.0)
+
+
+def test_grpovi_estimator_is_grpo_on_the_variance_increased_rewards():
+    from reflow.algorithms.advantages import grpo as grpo_est
+    from reflow.algorithms.registry import get_advantage
+
+    rewards = torch.tensor([0.8, 0.5, 0.2, 1.0, 1.0, 0.0])
+    group_ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    ref_seq = torch.zeros(6)  # uniform weights in each group
+    seqlens = torch.tensor([3, 2, 4, 2, 2, 3])
+    mask = torch.cat([torch.tensor([0] + [1] * (n - 1)) for n in seqlens.tolist()])
+    adv, _ = get_advantage("grpovi")(rewards=rewards, group_ids=group_ids, seqlens=seqlens, action_mask=mask,
+                                     ref_seq_logprobs=ref_seq, reward_low=0.0, reward_high=1.0)
+    # hand: group 0 (0.8, 0.5, 0.2) -> z = (1, 0.5, 0); group 1 is already at the bounds
+    z = torch.tensor([1.0, 0.5, 0.0, 1.0, 1.0, 0.0])
+    expected, _ = grpo_est(rewards=z, group_ids=group_ids, seqlens=seqlens, action_mask=mask)
+    assert torch.allclose(adv, expected, atol=1e-6)
+    assert (adv[mask == 0] == 0).all()

@@ -115,3 +115,14 @@ def test_dpo_trains_from_preference_pairs(debug_model, addition_data, tmp_path, 
     assert rows[1]["loss"] > 0 and rows[3]["grad_norm"] > 0
     assert rows[3]["eval/pair_accuracy"] != pytest.approx(0.5)  # training moved the implicit reward
     AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+def test_reward_outside_the_grpovi_bounds_is_a_one_line_error(debug_model, addition_data, tmp_path, capsys):
+    fn = tmp_path / "too_big.py"
+    fn.write_text("def reward(prompts, responses, answers):\n    return [2.0 for _ in responses]\n"
+                  "reward.reward_range = (0.0, 1.0)\n")
+    assert main(["train", f"actor.path={debug_model}", f"data.train={addition_data}/train.jsonl", "data.eval=null",
+                 f"output_dir={tmp_path}/run", "algo.adv_estimator=grpovi", f"reward.fn={fn}:reward",
+                 "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=2", "trainer.progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "outside the GRPOVI bounds" in err and len(err.strip().splitlines()) == 1

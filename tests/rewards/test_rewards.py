@@ -160,3 +160,12 @@ def test_accepts_arrays_tensors_and_bools():
 
     with pytest.raises(RewardError, match="index 0"):
         compute_rewards(infinite, *args)
+
+
+def test_digit_match_gives_graded_credit_aligned_at_the_units_digit():
+    from reflow.rewards.registry import load_reward_fn
+
+    fn = load_reward_fn("digit_match")
+    responses = ["124", "134", "24", "1240", "", " 124 "]
+    assert fn([""] * 6, responses, ["124"] * 6) == pytest.approx([1.0, 2 / 3, 2 / 3, 0.0, 0.0, 1.0])
+    assert fn.reward_range == (0.0, 1.0)
