@@ -80,10 +80,20 @@ class RewardConfig:
     fn: str | None = "exact_match"  # built-in name or "module:function" / "file.py:function"
     model: str | None = None  # reward-model folder (from `reflow rm`); used when fn is null
     clip: float | None = None  # clip scores to [-clip, clip]
+    # Process rewards (Gao et al. 2024): a PRM scores each step of a response (steps split by prm_sep);
+    # "module:function" / "file.py:function" taking (prompts, responses, steps) -> per-step scores, or a
+    # reward-model folder scored at each step's last token. Refined, scaled by prm_coef, added to the token rewards.
+    prm: str | None = None
+    prm_refine: Literal["clip", "delta", "clip+delta", "none"] = "clip"
+    prm_eta: float = 0.0  # Clip: r_k -> min(r_k - eta, 0)
+    prm_sep: str = "\n"
+    prm_coef: float = 1.0
 
     def validate(self):
         if (self.fn is None) == (self.model is None):
             raise ConfigError("set exactly one of reward.fn (a reward function) and reward.model (a reward-model folder)")
+        if self.prm is not None and not self.prm_sep:
+            raise ConfigError("reward.prm_sep must be a non-empty step separator")
 
 
 @dataclass
@@ -180,6 +190,9 @@ class RLConfig:
     def validate(self):
         if self.actor.path is None:
             raise ConfigError("actor.path is required: a HF model folder (e.g. the output of `reflow sft`)")
+        if self.reward.prm is not None and self.algo.estimator not in ("gae", "reinforce++", "reinforce++-baseline"):
+            raise ConfigError(f"reward.prm gives per-step (token) rewards, which algo.adv_estimator="
+                              f"'{self.algo.estimator}' ignores; use gae, reinforce++ or reinforce++-baseline")
         if self.algo.ptx_coef > 0 and not self.data.ptx:
             raise ConfigError("algo.ptx_coef > 0 needs data.ptx: an SFT file of (prompt, response) rows")
         if self.algo.ref_ema is not None and not (self.algo.kl_coef > 0 or self.algo.kl_metric):

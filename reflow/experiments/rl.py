@@ -37,6 +37,7 @@ from reflow.models.load import (check_model_dir, load_critic, load_policy, load_
                                 save_model)
 from reflow.models.ema import EMAWeights, ema_update_
 from reflow.models.packing import token_logprobs, token_values
+from reflow.rewards.process import ProcessReward
 from reflow.rewards.registry import RewardError, compute_rewards, load_reward_fn, reward_range
 from reflow.utils import checkpoint as ckpt_lib
 from reflow.utils.console import RunConsole
@@ -113,6 +114,10 @@ class RLExperiment:
         self.reward_model = None
         if cfg.reward.model:
             self.reward_model = load_reward_model(cfg.reward.model).eval().requires_grad_(False)
+        self.prm = None
+        if cfg.reward.prm:
+            self.prm = ProcessReward(cfg.reward.prm, refine_mode=cfg.reward.prm_refine, eta=cfg.reward.prm_eta,
+                                     sep=cfg.reward.prm_sep, coef=cfg.reward.prm_coef, load_model=load_reward_model)
         self.kl_ctl = AdaptiveKLController(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.actor_ema = EMAWeights(self.actor, cfg.algo.actor_ema) if cfg.algo.actor_ema is not None else None
         self.sampler = PromptSampler(len(self.train_set), cfg.seed, cfg.data.shuffle)
@@ -148,7 +153,10 @@ class RLExperiment:
                                                   batch.meta["answer"]), dtype=torch.float)
         if self.cfg.reward.clip is not None:
             scores = scores.clamp(-self.cfg.reward.clip, self.cfg.reward.clip)
-        return batch.with_samples(score=scores)
+        batch.with_samples(score=scores)
+        if self.prm is not None:  # dense per-step rewards on top of the outcome score
+            batch.with_tokens(prm_rewards=self.prm.token_rewards(batch, self.tokenizer))
+        return batch
 
     def ref_inf(self, batch: SampleBatch) -> SampleBatch:
         engine = InferenceEngine(self.ref, self.cfg.ref.micro_batch_tokens, self.cfg.ref.layout)
@@ -169,6 +177,8 @@ class RLExperiment:
         score_tok = torch.zeros(batch.num_tokens)
         score_tok[batch.offsets[1:] - 1] = batch.samples["score"]  # the score lands on the last action
         token_rewards = score_tok * mask
+        if "prm_rewards" in batch.tokens:
+            token_rewards = token_rewards + batch.tokens["prm_rewards"]
         if self.ref is not None and a.kl_placement == "reward":
             kl = kl_penalty(batch.tokens["gen_logprobs"], batch.tokens["ref_logprobs"], "k1")
             token_rewards = token_rewards - self.kl_ctl.value * kl * mask
@@ -303,6 +313,7 @@ class RLExperiment:
         metrics.update({
             "reward/mean": scores.mean().item(),
             "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
+            "reward/prm_sum": (batch.tokens["prm_rewards"].sum() / len(batch)).item() if "prm_rewards" in batch.tokens else None,
             "accuracy": exact_match_accuracy(batch.meta["response"], batch.meta["answer"]),
             "response_len/mean": resp_len.mean().item(),
             "response_len/max": resp_len.max().item(),

@@ -25,7 +25,7 @@ import inspect
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from reflow.rewards.rules import digit_match, exact_match, exact_match_with_format, format_reward
 
@@ -49,11 +49,12 @@ class RewardError(ValueError):
 # --------------------------------------------------------------------------- loading
 
 
-def load_reward_fn(spec: str) -> RewardFn:
+def load_reward_fn(spec: str, keywords: Sequence[str] = ("prompts", "responses", "answers")) -> RewardFn:
     """Resolve a reward spec (builtin name, ``module:function`` or ``file.py:function``) to a callable.
 
-    Checks up front that the callable accepts ``prompts``, ``responses`` and
-    ``answers`` keywords, so a wrong signature fails at startup, not mid-training.
+    Checks up front that the callable accepts the `keywords` (``prompts``, ``responses`` and ``answers``
+    for outcome rewards; a process reward takes ``steps`` instead of ``answers``), so a wrong signature
+    fails at startup, not mid-training.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise RewardError(f"reward spec must be a non-empty string, got {spec!r}; {_SPEC_HELP}")
@@ -80,7 +81,7 @@ def load_reward_fn(spec: str) -> RewardFn:
     if not callable(obj):
         raise RewardError(f"reward spec {spec!r}: {attr_path!r} is not a function (type {type(obj).__name__}); "
                           "point the spec at a function taking (prompts, responses, answers)")
-    _check_signature(spec, obj)
+    _check_signature(spec, obj, keywords)
     try:
         setattr(obj, _SPEC_ATTR, spec)
     except (AttributeError, TypeError):  # bound methods, builtins: fall back to module:qualname
@@ -130,16 +131,17 @@ def _import_file(spec: str, file_part: str):
     return module
 
 
-def _check_signature(spec: str, fn: RewardFn) -> None:
+def _check_signature(spec: str, fn: RewardFn, keywords: Sequence[str]) -> None:
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # some C callables have no inspectable signature; trust them
         return
     try:
-        sig.bind(prompts=[], responses=[], answers=[])
+        sig.bind(**{k: [] for k in keywords})
     except TypeError:
+        args = ", ".join(keywords)
         raise RewardError(f"reward function {spec!r} has signature {sig}; it must accept keyword arguments "
-                          "(prompts, responses, answers), e.g. def fn(prompts, responses, answers): ...") from None
+                          f"({args}), e.g. def fn({args}): ...") from None
 
 
 def _name(fn: RewardFn) -> str:

@@ -126,3 +126,41 @@ def test_reward_outside_the_grpovi_bounds_is_a_one_line_error(debug_model, addit
                  "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=2", "trainer.progress=false"]) == 2
     err = capsys.readouterr().err
     assert "outside the GRPOVI bounds" in err and len(err.strip().splitlines()) == 1
+
+
+def test_process_rewards_land_on_step_ends_and_train(debug_model, data, tmp_path):
+    """A PRM function scores each newline-separated step; Clip refines; the rewards reach the token rewards."""
+    prm = tmp_path / "prm.py"
+    prm.write_text("def prm(prompts, responses, steps):\n    return [[0.5] * len(s) for s in steps]\n")
+    out = tmp_path / "prm_run"
+    assert main(rl_args(debug_model, data, out, "algo.adv_estimator=reinforce++", f"reward.prm={prm}:prm",
+                        "reward.prm_refine=clip", "reward.prm_eta=1.0")) == 0
+    rows = by_step(read_metrics(out / "metrics.jsonl"))
+    # Clip: every step scores min(0.5 - 1.0, 0) = -0.5; every non-empty response has at least one step
+    assert rows[1]["reward/prm_sum"] < 0 and rows[2]["actor/grad_norm"] > 0
+
+
+def test_process_rewards_need_a_token_level_estimator(debug_model, data, tmp_path, capsys):
+    assert main(rl_args(debug_model, data, tmp_path / "x", "reward.prm=digit_match")) == 2
+    assert "reinforce++" in capsys.readouterr().err
+
+
+def test_process_reward_placement_unit(debug_model):
+    """Step ends map to the right packed positions: a response "1\\n2\\n3" has steps ending at tokens 0, 2, 4."""
+    from reflow.data.batch import SampleBatch
+    from reflow.models.load import load_tokenizer
+    from reflow.rewards.process import ProcessReward
+
+    tok = load_tokenizer(debug_model)
+    prompt = tok("9+9=", add_special_tokens=False)["input_ids"]
+    resp = tok("1\n2\n3", add_special_tokens=False)["input_ids"]
+    batch = SampleBatch.from_sequences([0], {"input_ids": [prompt + resp],
+                                             "action_mask": [[0] * len(prompt) + [1] * len(resp)]},
+                                       samples={"prompt_len": [len(prompt)]},
+                                       meta={"prompt": ["9+9="], "response": ["1\n2\n3"]})
+    p = ProcessReward("digit_match", refine_mode="none", eta=0.0, sep="\n", coef=1.0, load_model=None)
+    p.fn = lambda prompts, responses, steps: [[float(len(s)) * 10 + k for k, _ in enumerate(s)] for s in steps]
+    r = p.token_rewards(batch, tok)
+    expected = torch.zeros(len(prompt) + len(resp))
+    expected[len(prompt) + torch.tensor([0, 2, 4])] = torch.tensor([30.0, 31.0, 32.0])
+    assert torch.equal(r, expected)
