@@ -164,3 +164,13 @@ def test_process_reward_placement_unit(debug_model):
     expected = torch.zeros(len(prompt) + len(resp))
     expected[len(prompt) + torch.tensor([0, 2, 4])] = torch.tensor([30.0, 31.0, 32.0])
     assert torch.equal(r, expected)
+
+
+def test_process_reward_model_folder_is_read_at_step_ends(debug_model, data, tmp_path):
+    """A PRM folder: a fresh (zero) score head gives 0 per step, so Clip with eta gives exactly -eta per step."""
+    out = tmp_path / "prm_model"
+    assert main(rl_args(debug_model, data, out, "algo.adv_estimator=gae", f"reward.prm={debug_model}",
+                        "reward.prm_refine=clip", "reward.prm_eta=0.5", "trainer.steps=1")) == 0
+    row = by_step(read_metrics(out / "metrics.jsonl"))[1]
+    steps_per_response = -row["reward/prm_sum"] / 0.5
+    assert steps_per_response >= 1 and abs(steps_per_response - round(steps_per_response * 12) / 12) < 1e-6
