@@ -25,5 +25,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Benchmarks: a separate .venv-bench with reflow and the TRL baseline (bench/requirements.txt: never a
+# dependency of reflow), then bench/run_all.py regenerates bench/results/. `make bench BENCH_ARGS=--quick`.
+BENCH_VENV  := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.bench-installed
+
+$(BENCH_STAMP): pyproject.toml bench/requirements.txt
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	@$(BENCH_VENV)/bin/python -c "import torch" 2>/dev/null || $(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/python -m pip install -q -e .
+	$(BENCH_VENV)/bin/python -m pip install -q -r bench/requirements.txt
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python bench/run_all.py $(BENCH_ARGS)
+
 clean:
 	rm -rf runs data/addition

@@ -9,35 +9,56 @@ from reflow.models.packing import Layout, sequence_scores, token_logprobs, token
 
 
 class InferenceEngine:
-    def __init__(self, model: torch.nn.Module, micro_batch_tokens: int = 4096, layout: Layout = "padded"):
-        self.model = model
+    """`parallel`: a ParallelContext under whose layout `model` runs (parallelized by the caller or by
+    `parallelize=True`); each data-parallel rank computes its share and every rank returns the whole batch's outputs."""
+
+    def __init__(self, model: torch.nn.Module, micro_batch_tokens: int = 4096, layout: Layout = "padded",
+                 parallel=None, parallelize: bool = False):
+        from reflow.parallel.parallelize import parallelize as apply_layout
+
+        self.ctx = parallel
+        self.model = apply_layout(model, parallel) if parallelize else model
         self.micro_batch_tokens = micro_batch_tokens
         self.layout = layout
 
     def _map(self, batch: SampleBatch, fn) -> list:
+        """fn over the micro-batches of this rank's part; padding micro-batches' outputs are dropped."""
+        from reflow.parallel.context import equal_micro_batches
+
+        part = batch if self.ctx is None else self.ctx.local_part(batch)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                return [fn(mb) for mb in batch.micro_batches(self.micro_batch_tokens)]
+                out = [(fn(mb), real) for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens)]
+                return [o for o, real in out if real], part
         finally:
             self.model.train(was_training)
 
+    def _gather(self, batch, part, token_out=None, sample_out=None):
+        from reflow.parallel.context import gather_by_id
+
+        return gather_by_id(self.ctx, batch, part, token_out, sample_out)
+
     def logprobs(self, batch: SampleBatch, temperature: float = 1.0, with_entropy: bool = False):
         """[T] log-probs of the batch's own tokens at action positions (and [T] entropy if asked)."""
-        outs = self._map(batch, lambda mb: token_logprobs(self.model, mb, temperature=temperature,
-                                                          with_entropy=with_entropy, layout=self.layout))
+        outs, part = self._map(batch, lambda mb: token_logprobs(self.model, mb, temperature=temperature,
+                                                                with_entropy=with_entropy, layout=self.layout))
         logp = torch.cat([o[0].cpu() for o in outs])
-        ent = torch.cat([o[1].cpu() for o in outs]) if with_entropy else None
+        logp, _ = self._gather(batch, part, logp)
+        ent = None
+        if with_entropy:
+            ent, _ = self._gather(batch, part, torch.cat([o[1].cpu() for o in outs]))
         return logp, ent
 
     def values(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """[T] values V(x_<t) at action positions, and [B] values of the whole sequences (for bootstrapping)."""
         def fn(mb):
             return token_values(self.model, mb, self.layout).cpu(), sequence_scores(self.model, mb, self.layout).cpu()
-        outs = self._map(batch, fn)
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        outs, part = self._map(batch, fn)
+        return self._gather(batch, part, torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]))
 
     def scores(self, batch: SampleBatch) -> torch.Tensor:
         """[B] reward-model scores at each sample's last token."""
-        return torch.cat([o.cpu() for o in self._map(batch, lambda mb: sequence_scores(self.model, mb, self.layout))])
+        outs, part = self._map(batch, lambda mb: sequence_scores(self.model, mb, self.layout))
+        return self._gather(batch, part, sample_out=torch.cat([o.cpu() for o in outs]))[1]

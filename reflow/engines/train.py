@@ -16,6 +16,9 @@ import torch
 
 from reflow.algorithms.aggregation import Norm  # noqa: F401  (re-exported: `from reflow.engines.train import Norm`)
 from reflow.data.batch import SampleBatch
+from reflow.parallel.context import equal_micro_batches
+from reflow.parallel.grad_norm import clip_grad_norm_
+from reflow.parallel.parallelize import parallelize
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -40,8 +43,10 @@ class TrainEngine:
     def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8, grad_clip: float = 1.0, warmup_steps: int = 0, total_steps: int = 1,
                  schedule: str = "constant", min_lr_ratio: float = 0.0, micro_batch_tokens: int = 4096,
-                 layout: str = "padded", gradient_checkpointing: bool = False):
-        self.model = model
+                 layout: str = "padded", gradient_checkpointing: bool = False, parallel=None):
+        """`parallel`: a ParallelContext; the model (a plain HF model) is then parallelized here under its layout."""
+        self.ctx = parallel
+        self.model = parallelize(model, parallel)
         self.micro_batch_tokens = micro_batch_tokens
         self.layout = layout
         self.grad_clip = grad_clip
@@ -52,24 +57,34 @@ class TrainEngine:
         no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=tuple(betas), eps=eps)
+            lr=lr, betas=tuple(betas), eps=eps,
+            # foreach kernels refuse lists that mix DTensor (sharded) and plain (replicated) parameters
+            foreach=None if parallel is None else False)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(schedule, warmup_steps, total_steps, min_lr_ratio))
 
     def step(self, batch: SampleBatch, loss_fn, norm: Norm | None = None, group_key: str | None = None,
-             extra: Sequence[tuple[SampleBatch, Callable, Norm]] = ()) -> dict[str, float]:
+             extra: Sequence[tuple[SampleBatch, Callable, Norm]] = (), local: bool = False) -> dict[str, float]:
         """One optimizer step on `batch`; returns the summed loss stats, grad norm and LR.
 
         `group_key`: samples sharing it stay in one micro-batch (losses over pairs or groups).
         `extra`: further (batch, loss_fn, norm) terms whose gradients join the same step (PPO-ptx's SFT
         term); their stats are reported under their own names, their losses are not added to "loss".
+        Under a layout, every rank passes the same whole mini-batch and takes its data-parallel share
+        (or, with `local=True`, its share only, and the normaliser is summed over the data-parallel group).
+        Stats are summed over the data-parallel group, so every rank returns the mini-batch's values.
         """
         self.model.train()
         totals: dict[str, float] = {}
-        self._accumulate(batch, loss_fn, norm, group_key, totals, "loss")
+        self._accumulate(batch, loss_fn, norm, group_key, totals, "loss", local)
         for b, fn, n in extra:
-            self._accumulate(b, fn, n, None, totals, None)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
+            self._accumulate(b, fn, n, None, totals, None, local)
+        if self.ctx is not None and self.ctx.layout.d > 1 and totals:
+            keys = sorted(totals)
+            t = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+            self.ctx.all_reduce(t, dim="dp")
+            totals = dict(zip(keys, t.tolist()))
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.grad_clip, self.ctx)
         totals["grad_norm"] = float(grad_norm)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -77,15 +92,23 @@ class TrainEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return totals
 
-    def _accumulate(self, batch: SampleBatch, loss_fn, norm: Norm | None, group_key, totals: dict, loss_name) -> None:
-        """Backward over the micro-batches of `batch` (gradients add up in .grad)."""
+    def _accumulate(self, batch: SampleBatch, loss_fn, norm: Norm | None, group_key, totals: dict, loss_name,
+                    local: bool = False) -> None:
+        """Backward over the micro-batches of this rank's part of `batch` (gradients add up in .grad)."""
         if norm is None:
             mask = batch.tokens.get("action_mask")
-            norm = Norm(tokens=float(mask.sum()) if mask is not None else float(batch.num_tokens), samples=float(len(batch)))
+            counts = torch.tensor([float(mask.sum()) if mask is not None else float(batch.num_tokens), float(len(batch))])
+            if local and self.ctx is not None and self.ctx.layout.d > 1:
+                self.ctx.all_reduce(counts, dim="dp")
+            norm = Norm(tokens=float(counts[0]), samples=float(counts[1]))
         # an empty mask must not divide by zero; every other field (max_tokens, ...) is kept as given
         norm = dataclasses.replace(norm, tokens=max(norm.tokens, 1.0), samples=max(norm.samples, 1.0))
-        for mb in batch.micro_batches(self.micro_batch_tokens, group_key):
+        part = batch if (local or self.ctx is None) else self.ctx.local_part(batch, group_key)
+        for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key):
             loss, stats = loss_fn(self.model, mb, norm)
+            if not real:  # padding micro-batch: runs FSDP's collectives, contributes nothing
+                (loss * 0.0).backward()
+                continue
             loss.backward()
             items = {loss_name: loss, **stats} if loss_name else stats
             for k, v in items.items():

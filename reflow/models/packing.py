@@ -16,6 +16,7 @@ computed from the hidden state at t-1; position 0 of each sample holds 0.
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 import torch
@@ -46,24 +47,38 @@ def block_causal_mask(seqlens: torch.Tensor, dtype: torch.dtype, device=None) ->
     return mask[None, None]
 
 
+def _final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
+    """The model's final (normed) hidden states, through the model's *own* forward.
+
+    Going through the root module (not `model.base_model`) matters under FSDP2: its hooks gather the
+    root's parameters (embeddings, final norm, head) there. A causal LM computes logits for one position
+    only (`logits_to_keep=1`); the engines apply the head themselves where they need it.
+    """
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(**inputs, output_hidden_states=True, use_cache=False, **extra)
+    return out.hidden_states[-1]
+
+
+def _param(model: torch.nn.Module) -> torch.Tensor:
+    p = next(model.parameters())
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def hidden_states(model: torch.nn.Module, batch: SampleBatch, layout: Layout = "packed",
                   key: str = "input_ids") -> torch.Tensor:
     """[T, H] last hidden states of every token of the packed batch."""
-    backbone, _ = backbone_and_head(model)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    device, dtype = _param(model).device, _param(model).dtype
     if layout == "packed":
         ids = batch.tokens[key].to(device)[None]
         pos = batch.position_in_sample().to(device)[None]
         mask = block_causal_mask(batch.seqlens, dtype, device)
-        out = backbone(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
-        return out.last_hidden_state[0]
+        return _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=mask)[0]
     if layout == "padded":
         ids, real = batch.padded(key)
         ids, real = ids.to(device), real.to(device)
         pos = (real.long().cumsum(-1) - 1).clamp(min=0)
-        out = backbone(input_ids=ids, position_ids=pos, attention_mask=real.long(), use_cache=False)
-        return out.last_hidden_state[real]  # row-major order == the packed flat order
+        hidden = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=real.long())
+        return hidden[real]  # row-major order == the packed flat order
     raise ValueError(f"unknown layout '{layout}'; use 'packed' or 'padded'")
 
 

@@ -182,3 +182,166 @@ def test_generation_restores_training_mode(model):
         assert model.training
     finally:
         model.eval()
+
+
+# ---------------------------------------------------------------- continuous batching (refilling freed slots)
+from reflow.engines import generate as generate_mod  # noqa: E402
+
+_g = torch.Generator().manual_seed(11)
+# more prompts than slots, of very different lengths (a later long prompt widens the running cache window)
+MANY_PROMPTS = [torch.randint(5, 261, (n,), generator=_g).tolist() for n in [3, 17, 1, 8, 25, 2, 12, 5, 30, 4, 9, 6]]
+
+
+def hf_greedy(model, prompt, n, eos):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             do_sample=False, eos_token_id=list(eos), pad_token_id=PAD)[0, len(prompt):]
+    return out.tolist()
+
+
+@pytest.mark.parametrize("batch_size,refill_min", [(1, 1), (2, 1), (3, 1), (4, 3)])
+@pytest.mark.parametrize("eos", [(EOS,), tuple(MANY_EOS)], ids=["eos", "many_eos"])
+def test_refilled_greedy_equals_hf_generate_per_prompt(model, batch_size, refill_min, eos):
+    n = 14
+    eng = GenerationEngine(model, eos, PAD, batch_size, refill_min=refill_min)
+    outs = eng.generate(MANY_PROMPTS, SamplingParams(max_new_tokens=n, greedy=True))
+    assert [g.index for g in outs] == list(range(len(MANY_PROMPTS)))
+    if len(eos) > 1:
+        assert len({len(g.tokens) for g in outs}) > 2, "rows should end at different steps"
+    for g, p in zip(outs, MANY_PROMPTS):
+        ref = hf_greedy(model, p, n, eos)
+        assert g.prompt_ids == p
+        assert g.tokens == ref
+        assert g.finished == (g.tokens[-1] in eos) and len(g.logprobs) == len(g.tokens)
+
+
+def test_refilled_logprobs_equal_logprobs_of_each_prompt_alone(model):
+    n = 12
+    params = SamplingParams(max_new_tokens=n, greedy=True)
+    outs = engine(model, eos=MANY_EOS, batch_size=3).generate(MANY_PROMPTS, params)
+    for g, p in zip(outs, MANY_PROMPTS):
+        alone = engine(model, eos=MANY_EOS).generate([p], params)[0]
+        assert (alone.tokens, alone.finished) == (g.tokens, g.finished)
+        torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(g.logprobs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 0.8)])
+def test_refilled_sampled_logprobs_equal_token_logprobs(model, top_k, top_p):
+    T = 0.8
+    params = SamplingParams(max_new_tokens=10, temperature=T, top_k=top_k, top_p=top_p)
+    outs = engine(model, eos=MANY_EOS, batch_size=3).generate(MANY_PROMPTS, params, gen(5))
+    assert len({len(g.tokens) for g in outs}) > 1
+    batch = _as_batch(outs)
+    with torch.no_grad():
+        ref, _ = token_logprobs(model, batch, temperature=T)
+    mine = torch.tensor([lp for g in outs for lp in [0.0] * len(g.prompt_ids) + g.logprobs])
+    mask = batch.tokens["action_mask"].bool()
+    torch.testing.assert_close(mine[mask], ref[mask], atol=1e-4, rtol=0)
+
+
+def test_refilled_sampling_is_deterministic_given_the_seed(model):
+    params = SamplingParams(max_new_tokens=9, temperature=1.0)
+    run = lambda seed: engine(model, eos=MANY_EOS, batch_size=3).generate(MANY_PROMPTS, params, gen(seed))  # noqa: E731
+    a, b, c = run(7), run(7), run(8)
+    assert [(g.tokens, g.logprobs, g.finished) for g in a] == [(g.tokens, g.logprobs, g.finished) for g in b]
+    assert [g.tokens for g in a] != [g.tokens for g in c]
+    # top-k 1 sampling with refills is greedy decoding
+    top1 = engine(model, eos=MANY_EOS, batch_size=3).generate(
+        MANY_PROMPTS, SamplingParams(max_new_tokens=9, temperature=1.3, top_k=1), gen(3))
+    greedy = engine(model, eos=MANY_EOS, batch_size=3).generate(MANY_PROMPTS, SamplingParams(max_new_tokens=9, greedy=True))
+    assert [g.tokens for g in top1] == [g.tokens for g in greedy]
+
+
+def simulate(budgets, batch_size, refill_min, refill=True):
+    """Reference schedule: live rows at each sampling step, and the step at which each prompt ends."""
+    queue, live, occupancy, end_step, got = list(range(len(budgets))), [], [], {}, {}
+    step = 0
+    while queue or live:
+        free = batch_size - len(live)
+        if queue and free and (not live or (refill and free >= min(refill_min, len(queue)))):
+            take, queue = queue[:free], queue[free:]
+            live += take
+            got.update({i: 0 for i in take})
+        occupancy.append(len(live))
+        for i in live:
+            got[i] += 1
+        for i in [i for i in live if got[i] == budgets[i]]:
+            end_step[i] = step
+            live.remove(i)
+        step += 1
+    return occupancy, end_step
+
+
+@pytest.mark.parametrize("refill,refill_min", [(True, 1), (True, 2), (False, 1)])
+def test_freed_slots_are_refilled_from_the_queue(model, monkeypatch, refill, refill_min):
+    budgets = [9, 2, 3, 1, 4, 2, 5, 7, 1, 3]
+    prompts = [MANY_PROMPTS[i % len(MANY_PROMPTS)] for i in range(len(budgets))]
+    eng = GenerationEngine(model, [10_000], PAD, batch_size=3, refill=refill, refill_min=refill_min)
+    occupancy = []
+    real_sample = eng._sample
+    monkeypatch.setattr(eng, "_sample", lambda logits, *a: (occupancy.append(logits.shape[0]), real_sample(logits, *a))[1])
+    streamed = list(eng.stream(prompts, SamplingParams(max_new_tokens=99, temperature=1.0), gen(0), max_new_tokens=budgets))
+    expected, end_step = simulate(budgets, 3, refill_min, refill)
+    assert occupancy == expected
+    assert [len(g.tokens) for g in sorted(streamed, key=lambda g: g.index)] == budgets
+    # stream yields each sample at the step it ends
+    steps = [end_step[g.index] for g in streamed]
+    assert steps == sorted(steps)
+    if refill and refill_min == 1:  # the batch is full for as long as prompts are waiting
+        static, _ = simulate(budgets, 3, refill_min, refill=False)
+        assert len(occupancy) < len(static)
+        assert occupancy[:len(occupancy) - max(budgets)] == [3] * (len(occupancy) - max(budgets))
+
+
+def test_stream_yields_before_later_prompts_are_started(model):
+    prompts = MANY_PROMPTS[:6]
+    seen = []  # input shapes of the model calls
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        it = engine(model, eos=[10_000], batch_size=2).stream(
+            prompts, SamplingParams(max_new_tokens=20, greedy=True), max_new_tokens=[1, 20, 20, 20, 20, 20])
+        first = next(it)
+        assert first.index == 0 and len(first.tokens) == 1
+        assert seen == [(2, 17)]  # only the prefill of the first two prompts has run when the first one is yielded
+        rest = list(it)
+    finally:
+        hook.remove()
+    assert sorted(g.index for g in rest) == [1, 2, 3, 4, 5]
+
+
+def test_per_prompt_budgets(model):
+    budgets = [3, 0, 7, 1, 12, 5, 2, 9, 4, 6, 11, 8]
+    outs = engine(model, eos=[EOS], batch_size=4).generate(MANY_PROMPTS, SamplingParams(max_new_tokens=2, greedy=True),
+                                                           max_new_tokens=budgets)
+    assert [g.index for g in outs] == list(range(len(MANY_PROMPTS)))
+    for g, p, m in zip(outs, MANY_PROMPTS, budgets):
+        if m == 0:
+            assert (g.tokens, g.logprobs, g.finished) == ([], [], False)
+            continue
+        assert g.tokens == hf_greedy(model, p, m, (EOS,))
+        assert len(g.tokens) == m or g.finished
+    with pytest.raises(ValueError, match="entries"):
+        engine(model).generate(MANY_PROMPTS, SamplingParams(), max_new_tokens=[1, 2])
+    with pytest.raises(ValueError, match=">= 0"):
+        engine(model).generate(MANY_PROMPTS[:2], SamplingParams(), max_new_tokens=[1, -1])
+    assert engine(model).generate(MANY_PROMPTS[:2], SamplingParams(max_new_tokens=0)) == [
+        generate_mod.Generation(i, p, [], [], False) for i, p in enumerate(MANY_PROMPTS[:2])]
+
+
+def test_cache_window_moves_back_when_the_buffer_is_full(model, monkeypatch):
+    """Many short rows through one slot: the right-aligned window reaches the buffer's end and is moved."""
+    moves = []
+    real = generate_mod._SlotCache._window
+
+    def spy(self, width):
+        if not (self.end >= width and self.end < self.cap):
+            moves.append((self.rows, self.end, width))
+        return real(self, width)
+
+    monkeypatch.setattr(generate_mod._SlotCache, "_window", spy)
+    n = 10
+    outs = engine(model, eos=[10_000], batch_size=2).generate(MANY_PROMPTS, SamplingParams(max_new_tokens=n, greedy=True))
+    assert any(rows > 0 for rows, _, _ in moves), moves  # a move with live rows (not only the first admission)
+    for g, p in zip(outs, MANY_PROMPTS):
+        assert g.tokens == hf_greedy(model, p, n, (10_000,))

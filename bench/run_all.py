@@ -1,0 +1,259 @@
+"""Regenerate every benchmark result and the summary table bench/results/README.md.
+
+    make bench                                   # creates .venv-bench (reflow + TRL), then runs this
+    .venv-bench/bin/python bench/run_all.py [--quick] [--only e2e_vs_trl mfu ...] [--skip generation ...]
+                                            [--e2e-steps 100] [--grpovi-steps 100] [--grpovi-seeds 0 1 2]
+
+Runs, one after the other, each as its own process with this interpreter (TRL must be importable for
+e2e_vs_trl, hence .venv-bench):
+
+    e2e_vs_trl      bench/e2e_vs_trl.py       reflow vs TRL GRPOTrainer end to end -> e2e_vs_trl.md
+    mfu             bench/mfu.py              TrainEngine MFU on three model sizes -> mfu.md
+    grpovi_vs_grpo  bench/grpovi_vs_grpo.py   GRPOVI vs GRPO learning curves       -> grpovi_vs_grpo.{md,png}
+    grpovi_scaling  bench/grpovi_scaling.py   GRPOVI O(n log n) micro-benchmark    -> grpovi_scaling.md (its output)
+    generation      bench/generation.py       generation throughput (when the script exists) -> generation.md
+
+and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
+key figures, wall time and result file. About 10 minutes on the project's idle 2-core CPU machine (default
+sizes); `--quick` (30 e2e steps, 3 MFU steps, GRPOVI 50 steps x 1 seed) about 5. A benchmark that fails is
+reported in the table and the others still run; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def python_cmd() -> str:
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(ROOT))
+    except ValueError:
+        return exe.name
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> str:
+    out = []
+    for mod in ("torch", "transformers", "trl", "accelerate", "datasets"):
+        try:
+            out.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            out.append(f"{mod} (not installed)")
+    return ", ".join(out) + f", python {platform.python_version()}"
+
+
+def git_state() -> str:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "reflow")
+    except OSError:
+        return "unknown"
+    return f"`{head}`" + (" + uncommitted changes in reflow/" if dirty else "")
+
+
+def run(name: str, argv: list[str], log_dir: Path) -> dict:
+    """Run one benchmark, streaming its output; returns rc, wall time, captured stdout and its BENCH_SUMMARY."""
+    cmd = [sys.executable, *argv]
+    shown = " ".join([python_cmd(), *argv])
+    print(f"\n=== {name}: {shown}", flush=True)
+    t0 = time.perf_counter()
+    lines: list[str] = []
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as p:
+        for line in p.stdout:
+            sys.stdout.write(line)
+            lines.append(line)
+    wall = time.perf_counter() - t0
+    (log_dir / f"{name}.log").write_text("".join(lines))
+    summary = None
+    for line in reversed(lines):
+        if line.startswith("BENCH_SUMMARY "):
+            summary = json.loads(line[len("BENCH_SUMMARY "):])
+            break
+    print(f"=== {name}: exit {p.returncode}, {wall:.0f} s", flush=True)
+    return {"name": name, "rc": p.returncode, "wall": wall, "cmd": shown, "out": "".join(lines), "summary": summary}
+
+
+# ------------------------------------------------------------------------------------------ key figures
+
+
+def fig_e2e(r: dict) -> str:
+    s = r["summary"]
+    if not s:
+        return "no summary (see the log)"
+    R, T, acc = s["reflow"], s["trl"], s["held_out_accuracy"]
+    return (f"generated tokens/s end to end: reflow {R['e2e_gen_tok_per_s']:.0f} vs TRL {T['e2e_gen_tok_per_s']:.0f} "
+            f"(**{R['e2e_gen_tok_per_s'] / T['e2e_gen_tok_per_s']:.2f}x**); step {R['step_s']:.3f} s vs "
+            f"{T['step_s']:.3f} s; generation stage {R['stage_gen_tok_per_s'] / T['stage_gen_tok_per_s']:.2f}x; "
+            f"train reward (last 10 steps) {R['reward_last10']:.3f} vs {T['reward_last10']:.3f}; held-out accuracy "
+            f"{acc['reflow']:.3f} vs {acc['trl']:.3f} (from {acc['sft (start)']:.3f}); equal work: "
+            f"{'yes' if s['equal_work'] else '**no**'}")
+
+
+def fig_mfu(r: dict) -> str:
+    s = r["summary"]
+    if not s:
+        return "no summary (see the log)"
+    parts = [f"{k} ({v['params'] / 1e6:.1f}M) {v['mfu']:.0%}" for k, v in s["models"].items()]
+    return f"peak fp32 matmul {s['peak_flops'] / 1e9:.0f} GFLOP/s; MFU " + ", ".join(parts)
+
+
+def fig_grpovi_vs_grpo(r: dict) -> str:
+    path = RESULTS / "grpovi_vs_grpo.md"
+    if not path.is_file():
+        return "no result file"
+    rows = [ln for ln in path.read_text().splitlines() if ln.startswith("| grpo")]
+    out = []
+    for ln in rows:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if len(cells) >= 5:
+            out.append(f"{cells[0]}: final held-out accuracy {cells[2]} (std {cells[3]}), train reward {cells[4]}")
+    return "; ".join(out) or "see the result file"
+
+
+def fig_scaling(r: dict) -> str:
+    rows = [ln for ln in r["out"].splitlines() if re.match(r"^\s*\d+ \|", ln)]
+    if not rows:
+        return "no output table"
+    cells = {int(ln.split("|")[0]): [c.strip() for c in ln.split("|")] for ln in rows}
+    n_max = max(cells)
+    brute = [n for n, c in cells.items() if c[3] != "-"]
+    txt = f"n = {n_max:,}: {cells[n_max][1]} ms"
+    if brute:
+        b = max(brute)
+        txt += f"; brute force / fast at n = {b:,}: {cells[b][3]}x"
+    return txt
+
+
+def fig_generation(r: dict) -> str:
+    path = RESULTS / "generation.md"
+    if r["summary"]:
+        return json.dumps(r["summary"])[:400]
+    if not path.is_file():
+        return "no result file"
+    table = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
+    return f"{max(0, len(table) - 2)} rows, see the table in the result file"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer steps and seeds (about half the time)")
+    ap.add_argument("--only", nargs="+", help="run only these benchmarks")
+    ap.add_argument("--skip", nargs="+", default=[], help="skip these benchmarks")
+    ap.add_argument("--e2e-steps", type=int, help="GRPO steps per side in e2e_vs_trl (default 100, quick 30)")
+    ap.add_argument("--mfu-steps", type=int, help="timed train steps per model in mfu (default 5, quick 3)")
+    ap.add_argument("--grpovi-steps", type=int, help="steps per run in grpovi_vs_grpo (default 100, quick 50)")
+    ap.add_argument("--grpovi-seeds", type=int, nargs="+", help="seeds in grpovi_vs_grpo (default 0 1 2, quick 0)")
+    args = ap.parse_args()
+    q = args.quick
+    e2e_steps = args.e2e_steps or (30 if q else 100)
+    mfu_steps = args.mfu_steps or (3 if q else 5)
+    g_steps = args.grpovi_steps or (50 if q else 100)
+    g_seeds = args.grpovi_seeds or ([0] if q else [0, 1, 2])
+    g_every = max(1, g_steps // 4)
+
+    jobs = [
+        ("e2e_vs_trl", ["bench/e2e_vs_trl.py", "--steps", str(e2e_steps)], ["e2e_vs_trl.md"], fig_e2e),
+        ("mfu", ["bench/mfu.py", "--steps", str(mfu_steps)], ["mfu.md"], fig_mfu),
+        ("grpovi_vs_grpo", ["bench/grpovi_vs_grpo.py", "--steps", str(g_steps), "--eval-every", str(g_every),
+                            "--seeds", *map(str, g_seeds)], ["grpovi_vs_grpo.md", "grpovi_vs_grpo.png"],
+         fig_grpovi_vs_grpo),
+        ("grpovi_scaling", ["bench/grpovi_scaling.py"], ["grpovi_scaling.md"], fig_scaling),
+    ]
+    if (ROOT / "bench" / "generation.py").is_file():
+        jobs.append(("generation", ["bench/generation.py", "--out", "bench/results/generation.md"],
+                     ["generation.md"], fig_generation))
+    jobs = [j for j in jobs if (not args.only or j[0] in args.only) and j[0] not in args.skip]
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log_dir = ROOT / "runs" / "bench" / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    load_start = load_avg()
+    t0 = time.perf_counter()
+    results = []
+    for name, argv, files, fig in jobs:
+        r = run(name, argv, log_dir)
+        r["load_after"] = load_avg()
+        if name == "grpovi_scaling" and r["rc"] == 0:  # the script prints its table; keep it as the result file
+            (RESULTS / "grpovi_scaling.md").write_text(
+                "# GRPOVI cost (bench/grpovi_scaling.py)\n\n"
+                f"command: `{r['cmd']}` (CPU, {os.cpu_count()}-core machine; run by bench/run_all.py)\n\n"
+                "```\n" + r["out"].rstrip("\n") + "\n```\n")
+        try:
+            r["figures"] = fig(r) if r["rc"] == 0 else f"**failed** (exit {r['rc']}; log: runs/bench/logs/{name}.log)"
+        except Exception as e:  # a summary that cannot be read must not lose the other results
+            r["figures"] = f"could not read the key figures ({type(e).__name__}: {e})"
+        r["files"] = files
+        results.append(r)
+    total = time.perf_counter() - t0
+
+    md = [
+        "# Benchmark results",
+        "",
+        f"Regenerated by `make bench` (`{python_cmd()} bench/run_all.py{' --quick' if q else ''}`), {started}, "
+        f"in {total / 60:.1f} min.",
+        "",
+        f"- device: CPU, {cpu_name()}, {os.cpu_count()} cores (the project's shared 2-core machine; other jobs may "
+        "run beside the benchmarks, so absolute times vary: compare the ratios measured within one benchmark)",
+        f"- versions: {versions()}",
+        f"- reflow: {git_state()}",
+        f"- load average (1/5/15 min) at the start: {load_start}; after each benchmark: see the table",
+        "",
+        "| benchmark | command | key figures | wall | load after | result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        links = ", ".join(f"[{f}]({f})" for f in r["files"] if (RESULTS / f).is_file()) or "-"
+        md.append(f"| {r['name']} | `{r['cmd']}` | {r['figures']} | {r['wall']:.0f} s | {r['load_after']} | {links} |")
+    md += [
+        "",
+        "What each one measures:",
+        "",
+        "- **e2e_vs_trl**: reflow's GRPO loop against TRL's `GRPOTrainer` (a benchmark-only dependency, installed in "
+        "`.venv-bench`), same model, prompts, batch (32 prompts x 8 samples), sampling, optimizer, LR schedule, loss "
+        "aggregation, reward and number of steps, interleaved step by step in one process; per-stage times and the "
+        "equal-work checks are in the result file.",
+        "- **mfu**: FLOP/s of `TrainEngine.step` on SFT-like batches as a share of the measured peak fp32 matmul "
+        "FLOP/s, for three model sizes.",
+        "- **grpovi_vs_grpo**: held-out accuracy and training reward of GRPOVI and GRPO from the same SFT model.",
+        "- **grpovi_scaling**: the O(n log n) GRPOVI variance-increase pass against the O(n^2) brute force.",
+    ]
+    if any(r["name"] == "generation" for r in results):
+        md.append("- **generation**: reflow's generation engine against transformers `model.generate` "
+                  "(bench/generation.py).")
+    (RESULTS / "README.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    sys.exit(1 if any(r["rc"] for r in results) else 0)
+
+
+if __name__ == "__main__":
+    main()

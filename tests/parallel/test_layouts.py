@@ -1,0 +1,64 @@
+"""Layouts: parsing and validation, and equivalence with the one-process engines on several gloo processes."""
+
+import pytest
+
+from reflow.parallel.equivalence import check_layouts
+from reflow.parallel.launch import WorkerError, launch
+from reflow.parallel.layout import Layout, LayoutError, validate_layout
+
+
+def test_parse_and_coordinates():
+    layout = Layout.parse("d2t2p2")
+    assert (layout.d, layout.t, layout.p, layout.size) == (2, 2, 2, 8)
+    # tensor peers adjacent, then data, then pipeline
+    assert [layout.coords(i) for i in (0, 1, 2, 3, 4)] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0)]
+    assert str(layout) == "d2t2p2"
+    with pytest.raises(LayoutError, match="dXtYpZ"):
+        Layout.parse("dp2")
+
+
+@pytest.mark.parametrize("text,ranks,needle", [
+    ("d1t3p1", [0, 1, 2], "t=3 does not divide num_attention_heads=4"),
+    ("d1t4p1", [0, 1, 2, 3], "num_key_value_heads=2"),
+    ("d1t1p3", [0, 1, 2], "p=3 exceeds the 2 layers"),
+    ("d2t1p1", [0, 1, 2], "needs d*t*p = 2 ranks but 3"),
+    ("d2t1p1", [0, 7], "ranks [7] do not exist"),
+    ("d2t1p1", [1, 1], "repeats a rank"),
+])
+def test_bad_layouts_fail_before_anything_starts(debug_model, text, ranks, needle):
+    from transformers import AutoConfig
+
+    with pytest.raises(LayoutError) as e:
+        validate_layout(Layout.parse(text), AutoConfig.from_pretrained(debug_model), ranks, world_size=4)
+    assert needle in str(e.value)
+    if "divide" in needle:
+        assert "would fit" in str(e.value) and "[1, 2]" in str(e.value)
+
+
+def _assert_equivalent(results: list[dict]):
+    for rank_result in results:
+        for layout, diff in rank_result.items():
+            assert diff["moved"] > 1e-3, layout  # the step really changed the weights
+            assert diff["loss"] < 1e-5, (layout, diff)
+            assert diff["grad_norm"] < 1e-4, (layout, diff)
+            assert diff["weights"] < 1e-5, (layout, diff)
+            assert diff["logprobs"] < 1e-5, (layout, diff)
+
+
+def test_two_process_layouts_match_one_process(debug_model):
+    _assert_equivalent(launch(check_layouts, 2, args=(str(debug_model), ["d2t1p1", "d1t2p1"])))
+
+
+def test_four_process_layouts_match_one_process(debug_model):
+    _assert_equivalent(launch(check_layouts, 4, args=(str(debug_model), ["d2t2p1", "d4t1p1"])))
+
+
+def _raise_on_rank_1(rank, world):
+    if rank == 1:
+        raise ValueError("boom on one rank")
+    return rank
+
+
+def test_a_failing_worker_reports_its_rank_and_error():
+    with pytest.raises(WorkerError, match="rank 1: ValueError: boom on one rank"):
+        launch(_raise_on_rank_1, 2)
