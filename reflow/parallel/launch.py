@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import queue as queue_mod
 import socket
 import traceback
 from typing import Any, Callable
@@ -55,24 +56,40 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
 
 def launch(fn: Callable[..., Any], nprocs: int, args: tuple = (), backend: str | None = None,
            timeout_s: float = 120.0) -> list[Any]:
-    """Run fn(rank, world_size, *args) on `nprocs` processes; return their results in rank order."""
+    """Run fn(rank, world_size, *args) on `nprocs` processes; return their results in rank order.
+
+    `fn` must be importable by the workers (defined at module level in an importable module). A worker
+    that dies without reporting (a crash, or `fn` that cannot be unpickled) is an error, not a hang.
+    """
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, nprocs, port, backend or default_backend(), timeout_s, fn, args, queue))
              for r in range(nprocs)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
-    errors: list[str] = []
-    for _ in range(nprocs):
-        rank, status, value = queue.get()
-        if status == "ok":
-            results[rank] = value
-        else:
-            errors.append(f"rank {rank}: {value}")
+    errors: dict[int, str] = {}
+    while len(results) + len(errors) < nprocs:
+        try:
+            rank, status, value = queue.get(timeout=0.5)
+            (results if status == "ok" else errors)[rank] = value
+            continue
+        except queue_mod.Empty:
+            pass
+        for r, p in enumerate(procs):
+            if r not in results and r not in errors and p.exitcode is not None:
+                try:  # it may have reported just before exiting
+                    rank, status, value = queue.get(timeout=1.0)
+                    (results if status == "ok" else errors)[rank] = value
+                    break
+                except queue_mod.Empty:
+                    errors[r] = (f"exited with code {p.exitcode} without reporting a result "
+                                 f"(did it crash, or is {getattr(fn, '__qualname__', fn)!r} not importable by workers?)")
     for p in procs:
-        p.join()
+        p.join(timeout=timeout_s)
+        if p.is_alive():
+            p.kill()
     if errors:
-        raise WorkerError("worker failed:\n" + "\n".join(errors))
+        raise WorkerError("worker failed:\n" + "\n".join(f"rank {r}: {e}" for r, e in sorted(errors.items())))
     return [results[r] for r in range(nprocs)]

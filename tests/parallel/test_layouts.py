@@ -53,12 +53,15 @@ def test_four_process_layouts_match_one_process(debug_model):
     _assert_equivalent(launch(check_layouts, 4, args=(str(debug_model), ["d2t2p1", "d4t1p1"])))
 
 
-def _raise_on_rank_1(rank, world):
-    if rank == 1:
-        raise ValueError("boom on one rank")
+def test_a_failing_worker_reports_its_rank_and_error(debug_model):
+    with pytest.raises(WorkerError, match="rank 0: LayoutError: layout d1t3p1"):
+        launch(check_layouts, 3, args=(str(debug_model), ["d1t3p1"]))
+
+
+def _defined_in_a_test_module(rank, world):  # not importable by spawned workers under importlib mode
     return rank
 
 
-def test_a_failing_worker_reports_its_rank_and_error():
-    with pytest.raises(WorkerError, match="rank 1: ValueError: boom on one rank"):
-        launch(_raise_on_rank_1, 2)
+def test_a_worker_that_cannot_start_is_an_error_not_a_hang():
+    with pytest.raises(WorkerError, match="without reporting a result"):
+        launch(_defined_in_a_test_module, 2)
