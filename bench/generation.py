@@ -53,6 +53,23 @@ def workload(n: int, seed: int, lo: int, hi: int, median: float, sigma: float) -
     return prompts, budgets
 
 
+class CallCounter:
+    """Counts model forwards and the token slots they process (rows x query length, padding included)."""
+
+    def __init__(self, model):
+        self.calls = self.slots = 0
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.calls += 1
+        self.slots += kwargs["input_ids"].numel()
+
+    def take(self) -> tuple[int, int]:
+        out = (self.calls, self.slots)
+        self.calls = self.slots = 0
+        return out
+
+
 def run_hf(model, prompts, budgets, batch: int, seed: int) -> tuple[float, int]:
     """Wall time and tokens computed (rows x steps) of model.generate over consecutive batches."""
     torch.manual_seed(seed)
@@ -106,6 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             model = load_policy(init_model(name, Path(tmp) / name, seed=0)).eval()
+            counter = CallCounter(model)
             warm_p, warm_m = workload(16, args.seed + 99, 4, 16, 8, 0.5)
             run_hf(model, warm_p, warm_m, 8, 0)
             run_reflow(model, warm_p, warm_m, 8, 0, True)
@@ -120,19 +138,23 @@ def main() -> None:
                 if not args.no_static:
                     sides["static"] = lambda: run_reflow(model, prompts, budgets, batch, args.seed, False)
                 best = {k: float("inf") for k in sides}
+                work = {}
                 load0 = os.getloadavg()[0]
                 for rep in range(args.repeats):  # interleaved, the order rotating, best of the repeats
                     names = list(sides)
                     for k in names[rep % len(names):] + names[:rep % len(names)]:
+                        counter.take()
                         best[k] = min(best[k], sides[k]())
+                        work[k] = counter.take()
                 computed = sum(len(budgets[s:s + batch]) * max(budgets[s:s + batch]) for s in range(0, n, batch))
                 rows.append(dict(model=name, batch=batch, n=n, useful=useful, computed=computed,
                                  mean=useful / n, max=max(budgets), t_hf=best["hf"], t_static=best.get("static"),
-                                 t_cb=best["reflow"], load=(load0, os.getloadavg()[0])))
+                                 t_cb=best["reflow"], load=(load0, os.getloadavg()[0]), work=work))
                 r = rows[-1]
                 print(f"{name} batch {batch}: hf {r['t_hf']:.2f}s, static {r['t_static'] or float('nan'):.2f}s, "
                       f"reflow {r['t_cb']:.2f}s, reflow/hf {r['t_hf'] / r['t_cb']:.2f}x, "
                       f"load {r['load'][0]:.2f} -> {r['load'][1]:.2f}", flush=True)
+            counter.handle.remove()
             del model
 
     load = os.getloadavg()
@@ -152,6 +174,10 @@ def main() -> None:
             f"{r['t_hf'] / r['t_cb']:>8.2f}x | {(st / r['t_cb'] if st else float('nan')):>12.2f}x | "
             f"{r['t_hf']:>6.2f} | {(st or float('nan')):>8.2f} | {r['t_cb']:>8.2f} | "
             f"{r['useful'] / r['computed']:>6.0%} | {r['load'][0]:>4.2f}->{r['load'][1]:<5.2f}")
+    lines += ["", "model forwards (token slots, padding included) per run:"]
+    for r in rows:
+        lines.append(f"{r['model']:>11} batch {r['batch']:>3}: " + ", ".join(
+            f"{k} {c} ({t})" for k, (c, t) in r["work"].items()))
     table = "\n".join(lines)
     print()
     print(table)

@@ -36,8 +36,17 @@ class InferenceEngine:
             self.model.train(was_training)
 
     def _gather(self, batch, part, token_out=None, sample_out=None):
+        """Outputs of this rank's part -> the whole batch's outputs on every rank (from the last pipeline stage)."""
+        import torch.distributed as dist
+
         from reflow.parallel.context import gather_by_id
 
+        stage = getattr(self.model, "_reflow_stage", None)
+        if stage is not None:
+            stage.reset()
+            box = [(token_out, sample_out)]
+            dist.broadcast_object_list(box, src=stage.ranks[-1], group=stage.group)
+            token_out, sample_out = box[0]
         return gather_by_id(self.ctx, batch, part, token_out, sample_out)
 
     def logprobs(self, batch: SampleBatch, temperature: float = 1.0, with_entropy: bool = False):

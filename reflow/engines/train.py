@@ -13,11 +13,13 @@ import math
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from reflow.algorithms.aggregation import Norm  # noqa: F401  (re-exported: `from reflow.engines.train import Norm`)
 from reflow.data.batch import SampleBatch
 from reflow.parallel.context import equal_micro_batches
 from reflow.parallel.grad_norm import clip_grad_norm_
+from reflow.models.packing import hidden_states
 from reflow.parallel.parallelize import parallelize
 
 
@@ -79,12 +81,18 @@ class TrainEngine:
         self._accumulate(batch, loss_fn, norm, group_key, totals, "loss", local)
         for b, fn, n in extra:
             self._accumulate(b, fn, n, None, totals, None, local)
+        stage = getattr(self.model, "_reflow_stage", None)
+        if stage is not None:  # shared parameters' gradients summed over stages; stats live on the last stage
+            stage.sync_shared_grads()
+            box = [totals]
+            dist.broadcast_object_list(box, src=stage.ranks[-1], group=stage.group)
+            totals = box[0]
         if self.ctx is not None and self.ctx.layout.d > 1 and totals:
             keys = sorted(totals)
             t = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
             self.ctx.all_reduce(t, dim="dp")
             totals = dict(zip(keys, t.tolist()))
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.grad_clip, self.ctx)
+        grad_norm = clip_grad_norm_(self.model, self.grad_clip, self.ctx)
         totals["grad_norm"] = float(grad_norm)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -104,6 +112,10 @@ class TrainEngine:
         # an empty mask must not divide by zero; every other field (max_tokens, ...) is kept as given
         norm = dataclasses.replace(norm, tokens=max(norm.tokens, 1.0), samples=max(norm.samples, 1.0))
         part = batch if (local or self.ctx is None) else self.ctx.local_part(batch, group_key)
+        stage = getattr(self.model, "_reflow_stage", None)
+        if stage is not None:
+            self._accumulate_pipeline(stage, part, loss_fn, norm, group_key, totals, loss_name)
+            return
         for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key):
             loss, stats = loss_fn(self.model, mb, norm)
             if not real:  # padding micro-batch: runs FSDP's collectives, contributes nothing
@@ -113,6 +125,20 @@ class TrainEngine:
             items = {loss_name: loss, **stats} if loss_name else stats
             for k, v in items.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+
+    def _accumulate_pipeline(self, stage, part, loss_fn, norm, group_key, totals, loss_name) -> None:
+        """GPipe: every micro-batch forward (the last stage computes the loss), then all backward."""
+        losses = []
+        for mb in part.micro_batches(self.micro_batch_tokens, group_key):
+            if stage.is_last:
+                loss, stats = loss_fn(self.model, mb, norm)
+                losses.append(loss)
+                items = {loss_name: loss, **stats} if loss_name else stats
+                for k, v in items.items():
+                    totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            else:  # runs this stage's layers and sends the activation on
+                hidden_states(self.model, mb, self.layout)
+        stage.backward(losses)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

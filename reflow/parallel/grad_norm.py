@@ -17,13 +17,22 @@ from reflow.parallel.context import ParallelContext
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float, ctx: ParallelContext | None) -> float:
-    params = [p for p in params if p.grad is not None]
+def clip_grad_norm_(model: torch.nn.Module, max_norm: float, ctx: ParallelContext | None) -> float:
+    """Clip the gradients of `model` to a global norm of `max_norm` (0 = no clipping); returns the norm.
+
+    Under pipeline parallel, parameters outside the stage's layers (embeddings, final norm, head) are on
+    every stage with equal (summed) gradients, so they count once: replicas = p * d * t.
+    """
+    stage = getattr(model, "_reflow_stage", None)
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    params = [p for _, p in named]
     if ctx is None:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))  # 0 = no clipping
-    replica_group = ctx.layout.d * ctx.layout.t
     total = torch.zeros((), dtype=torch.float64)
-    for p in params:
+    for name, p in named:
+        replica_group = ctx.layout.d * ctx.layout.t
+        if stage is not None and not stage.owned(name):
+            replica_group *= ctx.layout.p
         g = p.grad
         if isinstance(g, DTensor):
             mesh_size = g.device_mesh.size()

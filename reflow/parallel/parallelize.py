@@ -68,8 +68,15 @@ def parallelize(model: torch.nn.Module, ctx) -> torch.nn.Module:
         return model
     if ctx.layout.p > 1:
         from reflow.parallel.layout import LayoutError
+        from reflow.parallel.pipeline import PipelineStage
 
-        raise LayoutError(f"layout {ctx.layout}: pipeline parallel (p > 1) is not supported by the engines yet")
+        if ctx.layout.d > 1 or ctx.layout.t > 1:
+            raise LayoutError(f"layout {ctx.layout}: pipeline parallel combined with data or tensor parallel "
+                              "is not supported by the engines yet; use d1t1pN, or p1 with d and t")
+        pp_mesh = ctx.sub_mesh("pp")
+        model._reflow_stage = PipelineStage(model, ctx.pp_rank, ctx.layout.p, pp_mesh.mesh.flatten().tolist(),
+                                            pp_mesh.get_group())
+        return model
     apply_tp(model, ctx.sub_mesh("tp"))
     apply_fsdp(model, ctx.sub_mesh("dp"))
     return model

@@ -46,7 +46,7 @@ def _assert_equivalent(results: list[dict]):
 
 
 def test_two_process_layouts_match_one_process(debug_model):
-    _assert_equivalent(launch(check_layouts, 2, args=(str(debug_model), ["d2t1p1", "d1t2p1"])))
+    _assert_equivalent(launch(check_layouts, 2, args=(str(debug_model), ["d2t1p1", "d1t2p1", "d1t1p2"])))
 
 
 def test_four_process_layouts_match_one_process(debug_model):
@@ -56,6 +56,20 @@ def test_four_process_layouts_match_one_process(debug_model):
 def test_a_failing_worker_reports_its_rank_and_error(debug_model):
     with pytest.raises(WorkerError, match="rank 0: LayoutError: layout d1t3p1"):
         launch(check_layouts, 3, args=(str(debug_model), ["d1t3p1"]))
+
+
+def test_generation_under_tensor_parallel_matches_one_process(debug_model):
+    from reflow.parallel.equivalence import check_generation
+
+    for result in launch(check_generation, 2, args=(str(debug_model), "d1t2p1")):
+        for mode, r in result.items():
+            assert r["same_tokens"], mode
+            assert r["logprob_diff"] < 1e-4, (mode, r)
+
+
+def test_pipeline_with_data_or_tensor_parallel_is_refused(debug_model):
+    with pytest.raises(WorkerError, match="pipeline parallel combined with data or tensor parallel"):
+        launch(check_layouts, 4, args=(str(debug_model), ["d2t1p2"]))
 
 
 def _defined_in_a_test_module(rank, world):  # not importable by spawned workers under importlib mode
