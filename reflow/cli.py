@@ -31,9 +31,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from reflow.models.load import ModelError
     from reflow.models.presets import PresetError
     from reflow.rewards.registry import RewardError
+    from reflow.parallel.layout import LayoutError
     from reflow.utils.checkpoint import CheckpointError
 
-    return ConfigError, DataError, ModelError, PresetError, RewardError, CheckpointError, FileNotFoundError
+    return (ConfigError, DataError, ModelError, PresetError, RewardError, CheckpointError, LayoutError,
+            FileNotFoundError)
 
 
 def _split_config_args(args) -> tuple[str | None, list[str]]:
@@ -153,6 +155,31 @@ def cmd_generate(args) -> None:
                           "finished": g.finished}))
 
 
+def cmd_layout(args) -> None:
+    """Validate layouts for a model; with --check, run them on local processes against one process."""
+    from transformers import AutoConfig
+
+    from reflow.models.load import check_model_dir
+    from reflow.parallel.layout import Layout, validate_layout
+
+    config = AutoConfig.from_pretrained(check_model_dir(args.model, "--model"))
+    layouts = [Layout.parse(text) for text in args.layouts]
+    for layout in layouts:
+        validate_layout(layout, config, list(range(layout.size)), source=args.model)
+        print(f"{layout}: valid for {args.model} on {layout.size} ranks")
+    if args.check:
+        from reflow.parallel.equivalence import check_layouts
+        from reflow.parallel.launch import launch
+
+        for size in sorted({layout.size for layout in layouts}):
+            group = [str(layout) for layout in layouts if layout.size == size]
+            results = launch(check_layouts, size, args=(args.model, group))
+            for text in group:
+                worst = {k: max(r[text][k] for r in results) for k in results[0][text]}
+                print(f"{text}: max |difference| vs one process: loss {worst['loss']:.1e}, "
+                      f"weights {worst['weights']:.1e}, log-probs {worst['logprobs']:.1e}")
+
+
 def cmd_demo(args) -> None:
     from reflow.experiments.demo import run_demo
 
@@ -194,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sft", nargs="*", default=[], help="overrides for the sft stage (key=value)")
     s.add_argument("--rl", nargs="*", default=[], help="overrides for the grpo stage (key=value)")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("layout", help="validate dXtYpZ layouts for a model; --check runs them on local processes")
+    s.add_argument("layouts", nargs="+", help="layouts such as d2t1p1 d1t2p1 d1t1p2")
+    s.add_argument("--model", required=True, help="HF model folder")
+    s.add_argument("--check", action="store_true",
+                   help="run one train step and inference under each layout on CPU processes (gloo) and compare "
+                        "with one process")
+    s.set_defaults(fn=cmd_layout)
 
     s = sub.add_parser("eval", help="greedy accuracy / reward of a model on a prompt set")
     s.add_argument("--model", required=True)

@@ -99,3 +99,10 @@ def test_user_reward_function_is_used(debug_model, addition_data, tmp_path):
     assert main(rl(debug_model, addition_data, f"reward.fn={fn}:reward", f"output_dir={out}", "trainer.steps=1",
                    "rollout.n=2", "rollout.prompts_per_step=2", "rollout.max_new_tokens=2", "data.eval=null")) == 0
     assert read_metrics(out / "metrics.jsonl")[0]["reward/mean"] == pytest.approx(0.25)
+
+
+def test_layout_command_validates_before_running(debug_model, capsys):
+    assert main(["layout", "d2t1p1", "d1t2p1", "--model", str(debug_model)]) == 0
+    assert "d1t2p1: valid" in capsys.readouterr().out
+    err = run_error(capsys, ["layout", "d1t3p1", "--model", str(debug_model)])
+    assert "t=3" in err and "would fit" in err

@@ -38,6 +38,7 @@ class ModelConfig:
 
     path: str | None = None  # HF model folder; None = derive from the actor (critic, ref)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = mixed precision training (fp32 master weights)
     optim: OptimConfig = field(default_factory=OptimConfig)
     micro_batch_tokens: int = 4096  # token budget of one forward/backward
     gradient_checkpointing: bool = False

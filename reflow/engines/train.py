@@ -8,6 +8,7 @@ engine knows nothing about the algorithm, so any loss trains under it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Callable, Sequence
@@ -45,8 +46,14 @@ class TrainEngine:
     def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8, grad_clip: float = 1.0, warmup_steps: int = 0, total_steps: int = 1,
                  schedule: str = "constant", min_lr_ratio: float = 0.0, micro_batch_tokens: int = 4096,
-                 layout: str = "padded", gradient_checkpointing: bool = False, parallel=None):
-        """`parallel`: a ParallelContext; the model (a plain HF model) is then parallelized here under its layout."""
+                 layout: str = "padded", gradient_checkpointing: bool = False, parallel=None,
+                 precision: str = "fp32"):
+        """`parallel`: a ParallelContext; the model (a plain HF model) is then parallelized here under its layout.
+        `precision`: "fp32", or "bf16" = mixed precision (forward and backward under bf16 autocast, fp32
+        master weights, gradients and optimizer state)."""
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.precision = precision
         self.ctx = parallel
         self.model = parallelize(model, parallel)
         self.micro_batch_tokens = micro_batch_tokens
@@ -117,7 +124,8 @@ class TrainEngine:
             self._accumulate_pipeline(stage, part, loss_fn, norm, group_key, totals, loss_name)
             return
         for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key):
-            loss, stats = loss_fn(self.model, mb, norm)
+            with self._autocast():
+                loss, stats = loss_fn(self.model, mb, norm)
             if not real:  # padding micro-batch: runs FSDP's collectives, contributes nothing
                 (loss * 0.0).backward()
                 continue
@@ -126,18 +134,26 @@ class TrainEngine:
             for k, v in items.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
 
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        device = "cuda" if next(self.model.parameters()).is_cuda else "cpu"
+        return torch.autocast(device, dtype=torch.bfloat16)
+
     def _accumulate_pipeline(self, stage, part, loss_fn, norm, group_key, totals, loss_name) -> None:
         """GPipe: every micro-batch forward (the last stage computes the loss), then all backward."""
         losses = []
         for mb in part.micro_batches(self.micro_batch_tokens, group_key):
             if stage.is_last:
-                loss, stats = loss_fn(self.model, mb, norm)
+                with self._autocast():
+                    loss, stats = loss_fn(self.model, mb, norm)
                 losses.append(loss)
                 items = {loss_name: loss, **stats} if loss_name else stats
                 for k, v in items.items():
                     totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
             else:  # runs this stage's layers and sends the activation on
-                hidden_states(self.model, mb, self.layout)
+                with self._autocast():
+                    hidden_states(self.model, mb, self.layout)
         stage.backward(losses)
 
     def state_dict(self) -> dict:

@@ -52,7 +52,7 @@ def train_engine_for(model, mcfg, total_steps: int) -> TrainEngine:
     return TrainEngine(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, grad_clip=o.grad_clip,
                        warmup_steps=o.warmup_steps, total_steps=total_steps, schedule=o.schedule,
                        min_lr_ratio=o.min_lr_ratio, micro_batch_tokens=mcfg.micro_batch_tokens, layout=mcfg.layout,
-                       gradient_checkpointing=mcfg.gradient_checkpointing)
+                       gradient_checkpointing=mcfg.gradient_checkpointing, precision=mcfg.precision)
 
 
 class RLExperiment:

@@ -226,3 +226,15 @@ def test_extra_terms_join_the_same_optimizer_step(model_dir):
     e2.step(batch_a, summed)
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         assert torch.allclose(p1, p2, atol=1e-6)
+
+
+def test_bf16_mixed_precision_keeps_fp32_weights_and_tracks_fp32(model_dir):
+    batch = make_batch()
+    m32, m16 = load_policy(model_dir), load_policy(model_dir)
+    s32 = TrainEngine(m32, lr=1e-3).step(batch, nll_loss)
+    s16 = TrainEngine(m16, lr=1e-3, precision="bf16").step(batch, nll_loss)
+    assert all(p.dtype == torch.float32 for p in m16.parameters())  # master weights stay fp32
+    assert s16["loss"] == pytest.approx(s32["loss"], rel=2e-2)  # bf16 has ~3 significant digits
+    assert s16["loss"] != s32["loss"]  # autocast really ran the matmuls in bf16
+    with pytest.raises(ValueError, match="precision"):
+        TrainEngine(load_policy(model_dir), lr=1e-3, precision="fp8")
