@@ -1,6 +1,6 @@
 """reflow vs TRL's GRPOTrainer, end to end, same model, data, batch, sampling, optimizer and steps.
 
-    .venv-bench/bin/python bench/e2e_vs_trl.py [--steps 50] [--threads 2] [--warmup 2] [--schedule interleaved]
+    .venv-bench/bin/python bench/e2e_vs_trl.py [--steps 100] [--threads 2] [--warmup 2] [--schedule interleaved]
 
 Needs the benchmark venv (`make bench` creates .venv-bench with TRL; TRL is never a dependency of reflow).
 Both sides train the demo's SFT model (runs/demo/sft/final, built with the demo's config if missing) on
@@ -33,10 +33,12 @@ reflow's. The settings:
 After training, both final models are saved as HF folders, loaded back with reflow's `load_policy` and scored
 by reflow's `evaluate` (greedy, 6 new tokens, the 500 held-out prompts of data/addition/test.jsonl).
 
-Measured per step (steady state: steps after --warmup): wall time (end of one step to the end of the next, so
-the data loading and logging between steps count), samples/s, generated tokens/s (completion tokens including
-the EOS, counted the same way on both sides: up to and including the first EOS, else max_new_tokens), and the
-time per stage. reflow's stages are its own time/* metrics. TRL's are measured by hooks (see `TimedGRPOTrainer`):
+Measured per step (steady state: steps after --warmup): wall time (TRL: from the end of its previous step, or
+of the reflow step run in between, to `on_step_end`, so its data loading and logging count; reflow: `train_step`
+plus its metrics row), samples/s, generated tokens/s (completion tokens including the EOS, counted the same way
+on both sides: up to and including the first EOS, else max_new_tokens), and the time per stage. reflow's stages
+are its own time/* metrics (time/actor_gen also packs the rollout into a SampleBatch and decodes the text, which
+TRL does in "rollout rest"). TRL's are measured by hooks (see `TimedGRPOTrainer`):
   generate  : the model's `generate` call (patched on the model instance; TRL calls it on the unwrapped model)
   rollout   : `_prepare_inputs` when it generates (generate + tokenise/pad + decode + reward + advantages)
   reward    : `_calculate_rewards` (inside rollout)
@@ -354,7 +356,7 @@ def summarise(r: dict, warmup: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads, both sides")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the per-step figures")
@@ -407,9 +409,10 @@ def main() -> None:
                            f"completions/mean_length {mean(trl_logged):.3f}")
     lr_r = [x["lr"] for x in results["reflow"]["records"]]
     lr_t = [x["lr_next"] for x in results["trl"]["records"]]
-    lines_check.append(f"LR at steps 1, {args.steps // 2}, {args.steps}: reflow "
-                       f"{lr_r[0]:.3g}, {lr_r[args.steps // 2 - 1]:.3g}, {lr_r[-1]:.3g}; TRL "
-                       f"{LR:.3g}, {lr_t[args.steps // 2 - 2]:.3g}, {lr_t[-2]:.3g}")
+    if args.steps >= 4:  # TRL's record holds the LR of the next step; reflow's the LR its step used
+        mid = args.steps // 2
+        lines_check.append(f"LR at steps 1, {mid}, {args.steps}: reflow {lr_r[0]:.3g}, {lr_r[mid - 1]:.3g}, "
+                           f"{lr_r[-1]:.3g}; TRL {LR:.3g}, {lr_t[mid - 2]:.3g}, {lr_t[-2]:.3g}")
 
     # ---------------------------------------------------------------- table
     R, T = S["reflow"], S["trl"]

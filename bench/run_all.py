@@ -14,9 +14,12 @@ e2e_vs_trl, hence .venv-bench):
     generation      bench/generation.py       generation throughput (when the script exists) -> generation.md
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
-key figures, wall time and result file. About 10 minutes on the project's idle 2-core CPU machine (default
-sizes); `--quick` (30 e2e steps, 3 MFU steps, GRPOVI 50 steps x 1 seed) about 5. A benchmark that fails is
-reported in the table and the others still run; the exit status is then 1.
+key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
+`--only NAME` re-runs one benchmark and the table keeps the others' last results (marked as earlier runs).
+Time on the project's 2-core CPU machine: 17 and 26 minutes measured with other jobs beside it (e2e_vs_trl
+about 1 minute of it when the machine is quiet, 11 when it is not); `--quick` (30 e2e steps, 3 MFU steps, GRPOVI 50 steps x 1 seed,
+generation on tiny-llama at batches 8 and 32) about a third of that. A benchmark that fails is reported in the
+table and the others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -93,13 +96,26 @@ def run(name: str, argv: list[str], log_dir: Path) -> dict:
             lines.append(line)
     wall = time.perf_counter() - t0
     (log_dir / f"{name}.log").write_text("".join(lines))
-    summary = None
-    for line in reversed(lines):
-        if line.startswith("BENCH_SUMMARY "):
-            summary = json.loads(line[len("BENCH_SUMMARY "):])
-            break
+    rec = {"name": name, "rc": p.returncode, "wall": wall, "cmd": shown, "load_after": load_avg(),
+           "finished": dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
+    (log_dir / f"{name}.json").write_text(json.dumps(rec) + "\n")
     print(f"=== {name}: exit {p.returncode}, {wall:.0f} s", flush=True)
-    return {"name": name, "rc": p.returncode, "wall": wall, "cmd": shown, "out": "".join(lines), "summary": summary}
+    return load_record(name, log_dir)
+
+
+def load_record(name: str, log_dir: Path) -> dict | None:
+    """The last run of benchmark `name` (its record and captured output), or None if it never ran here."""
+    meta, log = log_dir / f"{name}.json", log_dir / f"{name}.log"
+    if not (meta.is_file() and log.is_file()):
+        return None
+    rec = json.loads(meta.read_text())
+    rec["out"] = log.read_text()
+    rec["summary"] = None
+    for line in reversed(rec["out"].splitlines()):
+        if line.startswith("BENCH_SUMMARY "):
+            rec["summary"] = json.loads(line[len("BENCH_SUMMARY "):])
+            break
+    return rec
 
 
 # ------------------------------------------------------------------------------------------ key figures
@@ -154,13 +170,22 @@ def fig_scaling(r: dict) -> str:
 
 
 def fig_generation(r: dict) -> str:
-    path = RESULTS / "generation.md"
+    """reflow/hf tokens/s per model and batch, from the table bench/generation.py prints."""
     if r["summary"]:
         return json.dumps(r["summary"])[:400]
-    if not path.is_file():
-        return "no result file"
-    table = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
-    return f"{max(0, len(table) - 2)} rows, see the table in the result file"
+    lines = r["out"].splitlines()
+    head = next((i for i, ln in enumerate(lines) if "reflow/hf" in ln and "|" in ln), None)
+    if head is None:
+        return "see the result file"
+    cols = [c.strip() for c in lines[head].split("|")]
+    out = []
+    for ln in lines[head + 1:]:
+        cells = [c.strip() for c in ln.split("|")]
+        if len(cells) != len(cols):
+            continue
+        row = dict(zip(cols, cells))
+        out.append(f"{row.get('model', '?')} batch {row.get('batch', '?')} {row['reflow/hf']}")
+    return "reflow / `model.generate` tokens/s: " + ", ".join(out) if out else "see the result file"
 
 
 def main() -> None:
@@ -189,9 +214,10 @@ def main() -> None:
         ("grpovi_scaling", ["bench/grpovi_scaling.py"], ["grpovi_scaling.md"], fig_scaling),
     ]
     if (ROOT / "bench" / "generation.py").is_file():
-        jobs.append(("generation", ["bench/generation.py", "--out", "bench/results/generation.md"],
+        quick_gen = ["--models", "tiny-llama", "--batches", "8", "32"] if q else []
+        jobs.append(("generation", ["bench/generation.py", *quick_gen, "--out", "bench/results/generation.md"],
                      ["generation.md"], fig_generation))
-    jobs = [j for j in jobs if (not args.only or j[0] in args.only) and j[0] not in args.skip]
+    selected = [j for j in jobs if (not args.only or j[0] in args.only) and j[0] not in args.skip]
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     log_dir = ROOT / "runs" / "bench" / "logs"
@@ -199,28 +225,40 @@ def main() -> None:
     started = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     load_start = load_avg()
     t0 = time.perf_counter()
-    results = []
-    for name, argv, files, fig in jobs:
+    ran = set()
+    failed = False
+    for name, argv, files, fig in selected:
         r = run(name, argv, log_dir)
-        r["load_after"] = load_avg()
+        ran.add(name)
+        failed |= r["rc"] != 0
         if name == "grpovi_scaling" and r["rc"] == 0:  # the script prints its table; keep it as the result file
             (RESULTS / "grpovi_scaling.md").write_text(
                 "# GRPOVI cost (bench/grpovi_scaling.py)\n\n"
                 f"command: `{r['cmd']}` (CPU, {os.cpu_count()}-core machine; run by bench/run_all.py)\n\n"
                 "```\n" + r["out"].rstrip("\n") + "\n```\n")
+    total = time.perf_counter() - t0
+
+    # The table holds the last run of every benchmark: this invocation's, or an earlier one's (marked).
+    results = []
+    for name, argv, files, fig in jobs:
+        r = load_record(name, log_dir)
+        if r is None:
+            continue
         try:
             r["figures"] = fig(r) if r["rc"] == 0 else f"**failed** (exit {r['rc']}; log: runs/bench/logs/{name}.log)"
         except Exception as e:  # a summary that cannot be read must not lose the other results
             r["figures"] = f"could not read the key figures ({type(e).__name__}: {e})"
+        if name not in ran:
+            r["figures"] += f" *(earlier run, {r['finished']})*"
         r["files"] = files
         results.append(r)
-    total = time.perf_counter() - t0
 
     md = [
         "# Benchmark results",
         "",
         f"Regenerated by `make bench` (`{python_cmd()} bench/run_all.py{' --quick' if q else ''}`), {started}, "
-        f"in {total / 60:.1f} min.",
+        f"in {total / 60:.1f} min" + (f" (this time: {', '.join(sorted(ran))}; the other rows are from earlier runs)"
+                                      if len(ran) < len(results) else "") + ".",
         "",
         f"- device: CPU, {cpu_name()}, {os.cpu_count()} cores (the project's shared 2-core machine; other jobs may "
         "run beside the benchmarks, so absolute times vary: compare the ratios measured within one benchmark)",
@@ -252,7 +290,7 @@ def main() -> None:
                   "(bench/generation.py).")
     (RESULTS / "README.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    sys.exit(1 if any(r["rc"] for r in results) else 0)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
