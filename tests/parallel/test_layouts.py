@@ -72,10 +72,13 @@ def test_pipeline_with_data_or_tensor_parallel_is_refused(debug_model):
         launch(check_layouts, 4, args=(str(debug_model), ["d2t1p2"]))
 
 
-def _defined_in_a_test_module(rank, world):  # not importable by spawned workers under importlib mode
-    return rank
+def test_a_worker_that_dies_without_reporting_is_an_error_not_a_hang(monkeypatch):
+    import pathlib
+    import sys
 
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent))  # spawned workers inherit sys.path
+    import crash_worker
 
-def test_a_worker_that_cannot_start_is_an_error_not_a_hang():
-    with pytest.raises(WorkerError, match="without reporting a result"):
-        launch(_defined_in_a_test_module, 2)
+    with pytest.raises(WorkerError, match="exited with code 17 without reporting a result"):
+        launch(crash_worker.die, 2)
+    sys.modules.pop("crash_worker", None)
