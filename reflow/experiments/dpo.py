@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from reflow.algorithms.losses import dpo_loss
+from reflow.algorithms.losses import dpo_loss, pair_accuracy
 from reflow.config.schema import DPOConfig
 from reflow.data.batch import SampleBatch
-from reflow.data.datasets import load_preferences, load_prompts
+from reflow.data.datasets import load_preferences
 from reflow.engines.infer import InferenceEngine
 from reflow.engines.train import Norm
 from reflow.experiments.common import evaluate, seed_everything
@@ -58,16 +58,8 @@ class DPOExperiment(SupervisedExperiment):
         self.tokenizer = load_tokenizer(cfg.model.path)
         pairs, self.skipped = load_preferences(cfg.data.train, self.tokenizer, max_len=cfg.data.max_len,
                                                on_bad_row=cfg.data.on_bad_row)
-        g = torch.Generator().manual_seed(cfg.seed)
-        order = torch.randperm(len(pairs), generator=g).tolist()
-        n_eval = int(len(pairs) * cfg.eval_fraction)
-        self.eval_pairs = [pairs[i] for i in order[:n_eval]]
-        self.examples = [pairs[i] for i in order[n_eval:]]
-        self.eval_set = []
-        if cfg.data.eval:
-            self.eval_set, _ = load_prompts(cfg.data.eval, self.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
-                                            on_bad_row=cfg.data.on_bad_row)
-            self.eval_set = self.eval_set[: cfg.data.eval_size] if cfg.data.eval_size else self.eval_set
+        self.examples, self.eval_pairs = self.split_held_out(pairs)  # held-out pairs measure ranking accuracy
+        self.eval_set = self.load_eval_prompts()
         seed_everything(cfg.seed)
         self.model = load_policy(resume_dir / "model" if resume_dir else cfg.model.path, cfg.model.dtype)
         self.ref = load_policy(cfg.ref.path or cfg.model.path, cfg.ref.dtype).eval().requires_grad_(False)
@@ -98,7 +90,7 @@ class DPOExperiment(SupervisedExperiment):
             logp, _ = InferenceEngine(self.model, self.cfg.model.micro_batch_tokens, self.cfg.model.layout).logprobs(batch)
             h = sequence_logprobs(logp, batch) - batch.samples["ref_logp"]
             margin = h[0::2] - h[1::2]
-            out["eval/pair_accuracy"] = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+            out["eval/pair_accuracy"] = pair_accuracy(margin).mean().item()
             out["eval/margin"] = (self.cfg.beta * margin).mean().item()
         if self.eval_set:
             out.update(evaluate(self.model, self.tokenizer, self.eval_set,

@@ -42,12 +42,7 @@ class RMExperiment(SupervisedExperiment):
         self.tokenizer = load_tokenizer(cfg.model.path)
         pairs, self.skipped = load_preferences(cfg.data.train, self.tokenizer, max_len=cfg.data.max_len,
                                                on_bad_row=cfg.data.on_bad_row)
-        # a fixed, seeded held-out share of the pairs measures ranking accuracy
-        g = torch.Generator().manual_seed(cfg.seed)
-        order = torch.randperm(len(pairs), generator=g).tolist()
-        n_eval = int(len(pairs) * cfg.eval_fraction)
-        self.eval_pairs = [pairs[i] for i in order[:n_eval]]
-        self.examples = [pairs[i] for i in order[n_eval:]]
+        self.examples, self.eval_pairs = self.split_held_out(pairs)  # held-out pairs measure ranking accuracy
         seed_everything(cfg.seed)
         self.model = load_reward_model(resume_dir / "model" if resume_dir else cfg.model.path, cfg.model.dtype)
         steps = cfg.max_steps or cfg.epochs * -(-len(self.examples) // cfg.batch_size)

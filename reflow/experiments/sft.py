@@ -9,7 +9,7 @@ import torch
 
 from reflow.config.schema import SFTConfig
 from reflow.data.batch import SampleBatch
-from reflow.data.datasets import load_prompts, load_sft
+from reflow.data.datasets import load_sft
 from reflow.algorithms.losses import sequence_nll
 from reflow.experiments.common import evaluate, seed_everything
 from reflow.experiments.rl import train_engine_for
@@ -30,11 +30,7 @@ class SFTExperiment(SupervisedExperiment):
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.examples, self.skipped = load_sft(cfg.data.train, self.tokenizer, max_len=cfg.data.max_len,
                                                on_bad_row=cfg.data.on_bad_row)
-        self.eval_set = []
-        if cfg.data.eval:
-            self.eval_set, _ = load_prompts(cfg.data.eval, self.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
-                                            on_bad_row=cfg.data.on_bad_row)
-            self.eval_set = self.eval_set[: cfg.data.eval_size] if cfg.data.eval_size else self.eval_set
+        self.eval_set = self.load_eval_prompts()
         seed_everything(cfg.seed)
         self.model = load_policy(resume_dir / "model" if resume_dir else cfg.model.path, cfg.model.dtype)
         steps = cfg.max_steps or cfg.epochs * -(-len(self.examples) // cfg.batch_size)

@@ -8,6 +8,8 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 from reflow.config.loader import save_config
 from reflow.data.batch import SampleBatch
 from reflow.engines.train import Norm
@@ -36,6 +38,24 @@ class SupervisedExperiment:
             self.engine.load_state_dict(s["engine"])
             self.sampler.load_state_dict(s["sampler"])
             ckpt_lib.set_rng_state(s["rng"])
+
+    def load_eval_prompts(self) -> list:
+        """The prompt set of `data.eval` (first `data.eval_size`), or [] when none is configured."""
+        from reflow.data.datasets import load_prompts
+
+        cfg = self.cfg
+        if not cfg.data.eval:
+            return []
+        prompts, _ = load_prompts(cfg.data.eval, self.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
+                                  on_bad_row=cfg.data.on_bad_row)
+        return prompts[: cfg.data.eval_size] if cfg.data.eval_size else prompts
+
+    def split_held_out(self, examples: list) -> tuple[list, list]:
+        """(train, held-out): a fixed, seeded `eval_fraction` share of the examples is held out."""
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        order = torch.randperm(len(examples), generator=g).tolist()
+        n_eval = int(len(examples) * self.cfg.eval_fraction)
+        return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
     def make_batch(self, examples: list) -> SampleBatch:
         raise NotImplementedError
