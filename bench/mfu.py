@@ -33,28 +33,20 @@ import statistics
 import time
 from pathlib import Path
 
+import sys
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
+from machine import cpu_name, python_cmd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
 MODELS = ROOT / "runs" / "bench" / "mfu"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def python_cmd() -> str:
-    import sys
-
-    exe = Path(sys.executable)
-    return str(exe.relative_to(ROOT)) if exe.is_relative_to(ROOT) else exe.name
 
 
 def peak_matmul(sizes: list[int], repeats: int) -> tuple[float, dict[int, float]]:
