@@ -10,14 +10,15 @@ from reflow.models.packing import Layout, sequence_scores, token_logprobs, token
 
 class InferenceEngine:
     """`parallel`: a ParallelContext under whose layout `model` runs (parallelized by the caller or by
-    `parallelize=True`); each data-parallel rank computes its share and every rank returns the whole batch's outputs."""
+    `parallelize=True`; with `shard_data=False` the data-parallel ranks then hold replicas instead of FSDP2
+    shards); each data-parallel rank computes its share and every rank returns the whole batch's outputs."""
 
     def __init__(self, model: torch.nn.Module, micro_batch_tokens: int = 4096, layout: Layout = "padded",
-                 parallel=None, parallelize: bool = False):
+                 parallel=None, parallelize: bool = False, shard_data: bool = True):
         from reflow.parallel.parallelize import parallelize as apply_layout
 
         self.ctx = parallel
-        self.model = apply_layout(model, parallel) if parallelize else model
+        self.model = apply_layout(model, parallel, shard_data=shard_data) if parallelize else model
         self.micro_batch_tokens = micro_batch_tokens
         self.layout = layout
 

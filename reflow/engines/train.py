@@ -143,10 +143,15 @@ class TrainEngine:
     def _accumulate_pipeline(self, stage, part, loss_fn, norm, group_key, totals, loss_name) -> None:
         """GPipe: every micro-batch forward (the last stage computes the loss), then all backward."""
         losses = []
-        for mb in part.micro_batches(self.micro_batch_tokens, group_key):
+        # the same count on every data-parallel rank (FSDP2 collectives); each stage of a data-parallel
+        # rank holds the same part, so its stages agree on the micro-batches too
+        for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key):
             if stage.is_last:
                 with self._autocast():
                     loss, stats = loss_fn(self.model, mb, norm)
+                if not real:  # padding micro-batch: runs the collectives, contributes nothing
+                    losses.append(loss * 0.0)
+                    continue
                 losses.append(loss)
                 items = {loss_name: loss, **stats} if loss_name else stats
                 for k, v in items.items():

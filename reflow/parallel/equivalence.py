@@ -8,6 +8,7 @@ under the layout, and reports the largest differences in loss, updated weights a
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from reflow.algorithms.losses import sequence_nll
@@ -48,7 +49,9 @@ def full_params(model) -> dict[str, torch.Tensor]:
 
 
 def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], micro_batch_tokens: int = 40) -> dict:
-    """{layout: {"loss": |dloss|, "weights": max |dw|, "logprobs": max |dlogp|, "moved": max |w1 - w0|}}."""
+    """{layout: {"loss": |dloss|, "grad_norm": |dnorm|, "weights": max |dw|, "logprobs": max |dlogp|,
+    "replica_logprobs": max |dlogp| with data-parallel replicas (`shard_data=False`), "replica_sharded":
+    whether that copy holds any FSDP2 module (it must not), "moved": max |w1 - w0|}}."""
     torch.manual_seed(0)
     batch = sample_batch()
     out = {}
@@ -68,11 +71,17 @@ def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], mic
         logp, _ = InferenceEngine(engine.model, micro_batch_tokens, parallel=ctx).logprobs(batch)
         stats = engine.step(batch, nll_loss)
         after = full_params(engine.model)
+        # the same layout with data-parallel replicas instead of FSDP2 shards (generation/inference copies)
+        replica = InferenceEngine(load_policy(model_dir), micro_batch_tokens, parallel=ctx, parallelize=True,
+                                  shard_data=False)
+        replica_logp, _ = replica.logprobs(batch)
         out[text] = {
             "loss": abs(stats["loss"] - ref_stats["loss"]),
             "grad_norm": abs(stats["grad_norm"] - ref_stats["grad_norm"]),
             "weights": max(float((after[n] - ref_after[n]).abs().max()) for n in after),
             "logprobs": float((logp - ref_logp).abs().max()),
+            "replica_logprobs": float((replica_logp - ref_logp).abs().max()),
+            "replica_sharded": any(isinstance(m, FSDPModule) for m in replica.model.modules()),
             "moved": max(float((ref_after[n] - before[n]).abs().max()) for n in before),
         }
     return out

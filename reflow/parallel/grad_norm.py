@@ -3,7 +3,10 @@
     ||g||^2 = sum over ranks of the layout of  sum_p ||local(g_p)||^2 / replicas(p)
 replicas(p) = how many ranks of the layout hold the same piece: for a DTensor, the product of the
 sizes of its Replicate mesh dims (times the data/tensor ranks outside its mesh); for a plain tensor,
-every data- and tensor-parallel rank of its pipeline stage (d * t). Each piece thus counts once.
+every data- and tensor-parallel rank of its pipeline stage (d * t). Under pipeline parallel, a
+parameter outside the stage's layers (embeddings, final norm, head; summed over stages, FSDP2 shards
+or not) is also held by every stage: its replicas are p times more; a stage's own layers are held by
+that stage alone, so the sum over the layout's ranks adds the stages up. Each piece thus counts once.
 """
 
 from __future__ import annotations

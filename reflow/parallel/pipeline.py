@@ -15,12 +15,26 @@ their gradients are summed over the pipeline group after backward, so all copies
 
 Schedule (GPipe): all micro-batches forward, then all backward in the same order. Stage s (not last)
 receives the gradient of what it sent, backpropagates it, and sends its Recv leaf's gradient back.
+
+With data and tensor parallel (any dXtYpZ): the stage is built first, on the ranks of this rank's
+pipeline sub-mesh (the ranks sharing its data- and tensor-parallel coordinates, one per stage), so every
+(dp, tp) coordinate runs its own pipeline and sends activations only to its peers. Then tensor parallel
+and FSDP2 apply to the stage's own layers (unwrapped from Recv/Send: `unwrap_layer`) and the root, as
+without pipeline (parallelize.py). Activations between stages are plain tensors, replicated over the
+tensor-parallel ranks. Data-parallel peers run the same number of micro-batches (the engines pad with
+zero-weighted ones), as every stage's FSDP2 collectives need. Under FSDP2 the GPipe backward keeps the
+parameters unsharded and the gradients unreduced until the last micro-batch, whose backward
+reduce-scatters their sum; the shared parameters' gradients are then data-parallel shards (DTensors),
+and `sync_shared_grads` sums the local shards over the pipeline group (every stage's rank with the same
+data-parallel coordinate holds the same shard).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from reflow.parallel.parallelize import decoder_layers
 
@@ -49,6 +63,17 @@ def recv_activation(like: torch.Tensor, src: int, group) -> torch.Tensor:
                          f"has shape {tuple(like.shape)}: every stage must use the same micro-batches and attention "
                          "layout (the loss function's `layout` must equal the engine's)")
     return buf
+
+
+def unwrap_layer(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder layer inside a stage's layer-list entry (None for another stage's PassThrough)."""
+    if isinstance(module, PassThrough):
+        return None
+    if isinstance(module, _RecvSend):
+        return module.recv_mod.layer
+    if isinstance(module, (Recv, Send)):
+        return module.layer
+    return module
 
 
 class PassThrough(torch.nn.Module):
@@ -125,7 +150,17 @@ class PipelineStage:
     def backward(self, losses: list[torch.Tensor]) -> None:
         """GPipe backward over the micro-batches of the last forward pass (in forward order)."""
         n = len(self.send.sent) if self.send is not None else len(losses)
+        fsdp = self.model if isinstance(self.model, FSDPModule) else None
         for i in range(n):
+            if fsdp is not None:
+                # FSDP2 under GPipe: all forwards ran before the first backward, and the output head (applied
+                # by the engines outside the root's forward) needs the root's unsharded weights in every
+                # backward; so parameters stay unsharded and gradients accumulate unreduced until the last
+                # micro-batch, whose backward reduce-scatters the sum and reshards (as torch's pipelining does)
+                last = i == n - 1
+                fsdp.set_requires_gradient_sync(last)
+                fsdp.set_reshard_after_backward(last)
+                fsdp.set_is_last_backward(last)
             if self.is_last:
                 losses[i].backward()
             else:
@@ -139,8 +174,12 @@ class PipelineStage:
                 dist.send(g.contiguous(), dst=self.ranks[self.stage - 1], group=self.group)
         self.reset()
 
+    @torch.no_grad()
     def sync_shared_grads(self) -> None:
-        """Sum the gradients of the parameters every stage holds (embeddings, final norm, head)."""
+        """Sum the gradients of the parameters every stage holds (embeddings, final norm, head).
+
+        Under FSDP2 these are DTensors sharded over the data-parallel group: every stage's rank with the
+        same data-parallel coordinate holds the same shard, so the local shards are summed."""
         if self.p == 1:
             return
         for name, param in self.model.named_parameters():
@@ -148,7 +187,8 @@ class PipelineStage:
                 continue
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad, group=self.group)
+            g = param.grad
+            dist.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=self.group)
 
 
 class _RecvSend(torch.nn.Module):
