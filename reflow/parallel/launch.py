@@ -14,6 +14,7 @@ import datetime
 import os
 import queue as queue_mod
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -55,11 +56,12 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
 
 
 def launch(fn: Callable[..., Any], nprocs: int, args: tuple = (), backend: str | None = None,
-           timeout_s: float = 120.0) -> list[Any]:
+           timeout_s: float = 120.0, grace_s: float = 10.0) -> list[Any]:
     """Run fn(rank, world_size, *args) on `nprocs` processes; return their results in rank order.
 
     `fn` must be importable by the workers (defined at module level in an importable module). A worker
-    that dies without reporting (a crash, or `fn` that cannot be unpickled) is an error, not a hang.
+    that dies without reporting (a crash, or `fn` that cannot be unpickled) is an error, not a hang;
+    once one worker has failed, the others get `grace_s` seconds to finish before they are stopped.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -70,7 +72,18 @@ def launch(fn: Callable[..., Any], nprocs: int, args: tuple = (), backend: str |
         p.start()
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
+    first_error_at = None
     while len(results) + len(errors) < nprocs:
+        if errors and first_error_at is None:
+            first_error_at = time.monotonic()
+        if first_error_at is not None and time.monotonic() - first_error_at > grace_s:
+            # peers of a failed rank usually wait in a collective it never joins (a group creation waits
+            # on the store, not the collective timeout): stop them instead of waiting
+            for r, p in enumerate(procs):
+                if r not in results and r not in errors:
+                    p.kill()
+                    errors[r] = f"stopped {grace_s:.0f} s after rank {min(errors)} failed (it was waiting for its peers)"
+            break
         try:
             rank, status, value = queue.get(timeout=0.5)
             (results if status == "ok" else errors)[rank] = value

@@ -93,3 +93,20 @@ def test_a_worker_that_dies_without_reporting_is_an_error_not_a_hang(monkeypatch
     with pytest.raises(WorkerError, match="exited with code 17 without reporting a result"):
         launch(crash_worker.die, 2)
     sys.modules.pop("crash_worker", None)
+
+
+def test_peers_of_a_failed_worker_are_stopped_not_left_hanging(monkeypatch):
+    import pathlib
+    import sys
+    import time
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent))
+    import crash_worker
+
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError) as e:
+        launch(crash_worker.raise_while_peer_waits, 2, timeout_s=300, grace_s=1)
+    assert "rank 1: RuntimeError: bad reward function" in str(e.value)
+    assert "rank 0: stopped 1 s after rank 1 failed" in str(e.value)
+    assert time.monotonic() - t0 < 60  # bounded by the grace period, not the 300 s collective timeout
+    sys.modules.pop("crash_worker", None)

@@ -1,0 +1,234 @@
+"""Reallocation checks, run on every rank of a `launch`ed world (tests, benchmarks, a user's machine).
+
+`check_pairs` reallocates a model's weights (as plain per-rank slices cut from one full state dict
+that every rank generates from the same seed) between every pair of layouts, on identical, overlapping
+and disjoint rank sets, and compares every arrived slice with the full tensor bit for bit; then it
+reallocates back (a round trip) into fresh buffers and compares with the original slices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from reflow.parallel.layout import Layout
+from reflow.parallel.shards import Sharding
+from reflow.realloc.execute import reallocate
+from reflow.realloc.plan import plan_reallocation
+
+
+def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+
+
+def slices_of(full: dict[str, torch.Tensor], sharding: Sharding, rank: int, fill: float | None = None) -> dict:
+    """This rank's slices of `full` under `sharding` (copies; `fill` = a constant instead, as a target)."""
+    out = {}
+    for n, t in full.items():
+        box = sharding.box(rank, n)
+        if box is not None:
+            piece = t[box.slices()]
+            out[n] = torch.full_like(piece, fill) if fill is not None else piece.clone()
+    return out
+
+
+def placements(src_size: int, dst_size: int) -> dict[str, tuple[list[int], list[int]]]:
+    """Source and destination rank lists: the same first ranks, partly overlapping, and disjoint."""
+    out = {"identical": (list(range(src_size)), list(range(dst_size)))}
+    if src_size > 1:
+        k = max(1, src_size // 2)
+        out["overlapping"] = (list(range(src_size)), list(range(k, k + dst_size)))
+    out["disjoint"] = (list(range(src_size)), list(range(src_size, src_size + dst_size)))
+    return out
+
+
+def _mismatches(got: dict, want: dict) -> list[str]:
+    bad = [n for n in want if n not in got or not torch.equal(got[n], want[n])]
+    return bad + [n for n in got if n not in want]
+
+
+def check_pairs(rank: int, world: int, shapes: dict, num_layers: int, layouts: list[str],
+                modes: tuple[tuple[bool, bool], ...] = ((True, False), (True, True))) -> dict:
+    """Every (source, destination) layout pair x placement x (source shard_data, destination shard_data)
+    mode: forward and back. Returns {"checked": pairs run, "failures": what differed on this rank}."""
+    full = random_state(shapes)
+    failures, count = [], 0
+    for a in layouts:
+        for b in layouts:
+            for where, (src_ranks, dst_ranks) in placements(Layout.parse(a).size, Layout.parse(b).size).items():
+                if max(src_ranks + dst_ranks) >= world:
+                    continue
+                for src_shard, dst_shard in modes:
+                    src = Sharding.of(a, src_ranks, shapes, num_layers, src_shard)
+                    dst = Sharding.of(b, dst_ranks, shapes, num_layers, dst_shard)
+                    plan = plan_reallocation(src, dst, world_size=world)
+                    got = slices_of(full, dst, rank, fill=float("nan"))
+                    reallocate(plan, slices_of(full, src, rank), got)
+                    tag = f"{src.describe()} -> {dst.describe()} [{where}]"
+                    failures += [f"{tag}: '{n}'" for n in _mismatches(got, slices_of(full, dst, rank))]
+                    back = slices_of(full, src, rank, fill=float("nan"))
+                    reallocate(plan_reallocation(dst, src, world_size=world), got, back)
+                    failures += [f"{tag} and back: '{n}'" for n in _mismatches(back, slices_of(full, src, rank))]
+                    count += 1
+    dist.barrier()
+    return {"checked": count, "failures": failures}
+
+
+def check_module_slices(rank: int, world: int, model_dir: str, layouts: list[str]) -> dict:
+    """The slices `Sharding.box` promises equal the local tensors of really parallelized modules, for
+    sharded (train) and replicated (generation) data parallelism. {layout/mode: max |diff| on this rank}."""
+    from reflow.models.load import load_policy
+    from reflow.parallel.context import ParallelContext
+    from reflow.parallel.parallelize import parallelize
+    from reflow.realloc.model import resharded_tensors
+
+    full = {n: p.detach().clone() for n, p in load_policy(model_dir).named_parameters()}
+    out = {}
+    for text in layouts:
+        size = Layout.parse(text).size
+        ctx = ParallelContext.build(text, list(range(size)))
+        for shard_data in (True, False):
+            if ctx.index is None:
+                continue
+            sharding = Sharding.of(text, ctx.ranks, {n: t.shape for n, t in full.items()},
+                                   len(full) and _num_layers(model_dir), shard_data)
+            local = resharded_tensors(parallelize(load_policy(model_dir), ctx, shard_data=shard_data))
+            want = slices_of(full, sharding, rank)
+            # an empty FSDP chunk is a zero-size local tensor and no slice
+            local = {n: t for n, t in local.items() if t.numel()}
+            key = f"{text}/{'sharded' if shard_data else 'replicated'}"
+            if set(local) != set(want):
+                out[key] = f"names differ: {sorted(set(local) ^ set(want))[:3]}"
+            elif any(local[n].shape != want[n].shape for n in want):
+                out[key] = f"shapes differ: {[n for n in want if local[n].shape != want[n].shape][:3]}"
+            else:
+                out[key] = max((float((local[n] - want[n]).abs().max()) for n in want), default=0.0)
+    dist.barrier()
+    return out
+
+
+def _num_layers(model_dir: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir).num_hidden_layers
+
+
+def check_train_generate_train(rank: int, world: int, model_dir: str) -> dict:
+    """Train under d2t1p1 on ranks 0-1, reallocate into generation models under d1t2p1 on disjoint (2-3),
+    identical (0-1) and overlapping (1-2) ranks, generate, train again, and reallocate back into a
+    sharded model (round trip). Everything is compared with one process doing the same on its own copy."""
+    from transformers import AutoModelForCausalLM
+
+    from reflow.engines.generate import GenerationEngine, SamplingParams
+    from reflow.engines.train import TrainEngine
+    from reflow.models.load import load_policy, load_tokenizer
+    from reflow.parallel.context import ParallelContext
+    from reflow.parallel.equivalence import EPS, LR, full_params, nll_loss, sample_batch
+    from reflow.realloc.model import build_destination, reallocate_model
+
+    tok = load_tokenizer(model_dir)
+    ref = load_policy(model_dir)
+    torch.manual_seed(3)  # scrambled weights: a fresh preset repeats its last token greedily
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    init = {k: v.clone() for k, v in ref.state_dict().items()}
+    config = ref.config
+    shapes = {n: tuple(p.shape) for n, p in ref.named_parameters()}
+    batches = [sample_batch(seed=0), sample_batch(seed=1)]
+    ref_engine = TrainEngine(ref, lr=LR, eps=EPS, micro_batch_tokens=40)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 261, (n,), generator=g).tolist() for n in (3, 7, 5, 9)]
+    params = {"greedy": SamplingParams(8, greedy=True), "sampled": SamplingParams(8, temperature=0.9)}
+
+    train_ctx = ParallelContext.build("d2t1p1", [0, 1])
+    src = Sharding.of("d2t1p1", [0, 1], shapes, config.num_hidden_layers, shard_data=True)
+    engine = None
+    if train_ctx.index is not None:
+        model = load_policy(model_dir)
+        model.load_state_dict(init)
+        engine = TrainEngine(model, lr=LR, eps=EPS, micro_batch_tokens=40, parallel=train_ctx)
+    out = {"generation": {}, "weights_after_train": [], "round_trip": None, "bytes": {}}
+    for step, batch in enumerate(batches):
+        ref_engine.step(batch, nll_loss)
+        if engine is not None:
+            engine.step(batch, nll_loss)
+            out["weights_after_train"].append(max(float((w - full_params(ref)[n]).abs().max())
+                                                  for n, w in full_params(engine.model).items()))
+        for where, ranks in {"disjoint": [2, 3], "identical": [0, 1], "overlapping": [1, 2]}.items():
+            gen_ctx = ParallelContext.build("d1t2p1", ranks)
+            dst = Sharding.of("d1t2p1", ranks, shapes, config.num_hidden_layers, shard_data=False)
+            gen_model = build_destination(AutoModelForCausalLM, config, gen_ctx, shard_data=False)
+            stats = reallocate_model(engine.model if engine else None, src, gen_model, dst)
+            out["bytes"][f"{step}/{where}"] = stats.received_bytes
+            if gen_model is None:
+                continue
+            for name, sp in params.items():
+                a = GenerationEngine(ref, [tok.eos_token_id], tok.pad_token_id).generate(
+                    prompts, sp, torch.Generator().manual_seed(7))
+                b = GenerationEngine(gen_model, [tok.eos_token_id], tok.pad_token_id).generate(
+                    prompts, sp, torch.Generator().manual_seed(7))
+                out["generation"][f"{step}/{where}/{name}"] = (
+                    all(x.tokens == y.tokens for x, y in zip(a, b)),
+                    max(max(abs(u - v) for u, v in zip(x.logprobs, y.logprobs)) for x, y in zip(a, b)))
+            del gen_model  # temporary copies are dropped after their call
+
+    # round trip: the last generation layout (ranks 1-2) back into a fresh sharded d2t1p1 on ranks 2-3
+    gen_ctx = ParallelContext.build("d1t2p1", [1, 2])
+    gen = Sharding.of("d1t2p1", [1, 2], shapes, config.num_hidden_layers, shard_data=False)
+    gen_model = build_destination(AutoModelForCausalLM, config, gen_ctx, shard_data=False)
+    reallocate_model(engine.model if engine else None, src, gen_model, gen)
+    back_ctx = ParallelContext.build("d2t1p1", [2, 3])
+    back = Sharding.of("d2t1p1", [2, 3], shapes, config.num_hidden_layers, shard_data=True)
+    back_model = build_destination(AutoModelForCausalLM, config, back_ctx, shard_data=True)
+    reallocate_model(gen_model, gen, back_model, back)
+    # the trained copy on 0-1 and its round-tripped copy on 2-3 are compared as full tensors on every rank
+    mine = full_params(engine.model) if engine is not None else full_params(back_model) if back_model else None
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    out["round_trip"] = all(torch.equal(gathered[0][n], gathered[2][n]) for n in gathered[0])
+    return out
+
+
+def check_memory(rank: int, world: int, model_dir: str, train: str = "d4t1p1", gen: str = "d2t2p1",
+                 bucket_bytes: int = 64 << 10) -> dict:
+    """A train layout's sharded model -> a generation layout on the same ranks: what this rank holds and
+    receives, against one full model copy. Every rank reuses its own training slice (received bytes =
+    destination slice - what it already holds) and its peak (both copies + transfer buffers) stays below a
+    full copy when the destination is sharded."""
+    from transformers import AutoModelForCausalLM
+
+    from reflow.models.load import load_policy
+    from reflow.parallel.context import ParallelContext
+    from reflow.parallel.parallelize import parallelize
+    from reflow.realloc.model import build_destination, reallocate_model, storage_bytes
+
+    full = {n: p.detach().clone() for n, p in load_policy(model_dir).named_parameters()}
+    shapes = {n: tuple(t.shape) for n, t in full.items()}
+    layers = _num_layers(model_dir)
+    train_ctx = ParallelContext.build(train, list(range(world)))
+    src = Sharding.of(train, range(world), shapes, layers, shard_data=True)
+    dst = Sharding.of(gen, range(world), shapes, layers, shard_data=False)
+    model = parallelize(load_policy(model_dir), train_ctx)
+    gen_model = build_destination(AutoModelForCausalLM, load_policy(model_dir).config,
+                                  ParallelContext.build(gen, list(range(world))), shard_data=False)
+    stats = reallocate_model(model, src, gen_model, dst, bucket_bytes=bucket_bytes)
+    from reflow.parallel.shards import local_tensors
+
+    got = local_tensors(gen_model)
+    want = slices_of(full, dst, rank)
+    overlap = 0
+    for n in shapes:
+        a, b = src.box(rank, n), dst.box(rank, n)
+        if a is not None and b is not None and (c := a.intersect(b)) is not None:
+            overlap += c.numel * 4
+    return {
+        "exact": set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want),
+        "full_bytes": sum(t.numel() * 4 for t in full.values()),
+        "dst_bytes": storage_bytes(got.values()),
+        "resident_bytes": stats.extra["resident_bytes"],
+        "buffer_peak_bytes": stats.buffer_peak_bytes,
+        "received_bytes": stats.received_bytes,
+        "expected_received_bytes": dst.local_bytes(rank) - overlap,
+    }
