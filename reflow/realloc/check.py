@@ -191,8 +191,13 @@ def check_train_generate_train(rank: int, world: int, model_dir: str) -> dict:
     return out
 
 
-def check_memory(rank: int, world: int, model_dir: str, train: str = "d4t1p1", gen: str = "d2t2p1",
+def check_memory(rank: int, world: int, model_dir: str, pairs: list[tuple[str, str]],
                  bucket_bytes: int = 64 << 10) -> dict:
+    """{"train->gen": `memory_after_reallocation`} for each (train layout, generation layout) pair."""
+    return {f"{a}->{b}": memory_after_reallocation(rank, world, model_dir, a, b, bucket_bytes) for a, b in pairs}
+
+
+def memory_after_reallocation(rank: int, world: int, model_dir: str, train: str, gen: str, bucket_bytes: int) -> dict:
     """A train layout's sharded model -> a generation layout on the same ranks: what this rank holds and
     receives, against one full model copy. Every rank reuses its own training slice (received bytes =
     destination slice - what it already holds) and its peak (both copies + transfer buffers) stays below a

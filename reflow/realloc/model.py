@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from reflow.models.empty import empty_model, materialize
 from reflow.parallel.parallelize import parallelize
@@ -73,7 +74,8 @@ class Offloaded:
 
     offload(): copy every local parameter slice to (pinned, on CUDA) host memory and free its device
     storage; reload(): allocate and copy back. The module object, its sharding and its parameters' identity
-    stay, so engines holding it keep working after reload.
+    (tied weights included) stay, so engines holding it keep working after reload. Not for FSDP2 modules
+    (they manage their own storage): frozen roles run replicated or tensor-parallel.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -83,19 +85,25 @@ class Offloaded:
     def offload(self) -> None:
         if self.host is not None:
             return
-        tensors = local_tensors(self.model)
         self.host = {}
-        for n, t in tensors.items():
-            pin = t.device.type == "cuda"
-            self.host[n] = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t)
-            t.untyped_storage().resize_(0)
+        for n, p in self.model.named_parameters():
+            t = p.to_local() if isinstance(p, DTensor) else p.data
+            self.host[n] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda").copy_(t)
+            if isinstance(p, DTensor):  # a DTensor's local storage is its own allocation: shrink it in place
+                p._local_tensor.untyped_storage().resize_(0)
+            else:  # a plain parameter (possibly memory-mapped from safetensors): point it at an empty tensor
+                p.data = torch.empty(0, dtype=t.dtype, device=t.device)
 
     def reload(self) -> None:
         if self.host is None:
             return
-        for n, t in local_tensors(self.model).items():
-            t.untyped_storage().resize_(self.host[n].numel() * self.host[n].element_size())
-            t.copy_(self.host[n], non_blocking=True)
+        for n, p in self.model.named_parameters():
+            h = self.host[n]
+            if isinstance(p, DTensor):
+                p._local_tensor.untyped_storage().resize_(h.numel() * h.element_size())
+                p._local_tensor.copy_(h, non_blocking=True)
+            else:
+                p.data = h.to(p.device, non_blocking=True) if p.device.type != "cpu" else h
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.host = None
