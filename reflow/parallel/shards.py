@@ -117,10 +117,15 @@ class Sharding:
         return cls(layout, tuple(int(r) for r in ranks), shapes_t, int(num_layers), shard_data)
 
     @classmethod
-    def of_model(cls, model_or_config, layout, ranks, shard_data: bool = True) -> "Sharding":
-        """From an HF model (its parameter names and shapes) or a (model class, config) pair's meta model."""
-        return cls.of(layout, ranks, param_shapes(model_or_config), model_or_config.config.num_hidden_layers,
-                      shard_data)
+    def of_model(cls, model: torch.nn.Module, layout, ranks, shard_data: bool = True) -> "Sharding":
+        """From any copy of the model (whole, sharded or a pipeline stage): the full names and shapes come
+        from an empty (meta) model of the same class and config."""
+        from reflow.models.empty import empty_model
+
+        # FSDP2 swaps the class for a generated FSDP<name> subclass: build the original one
+        model_cls = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
+        shapes = param_shapes(empty_model(model_cls, model.config))
+        return cls.of(layout, ranks, shapes, model.config.num_hidden_layers, shard_data)
 
     @cached_property
     def shape_of(self) -> dict[str, tuple[int, ...]]:

@@ -93,11 +93,15 @@ def check_module_slices(rank: int, world: int, model_dir: str, layouts: list[str
                 continue
             sharding = Sharding.of(text, ctx.ranks, {n: t.shape for n, t in full.items()},
                                    len(full) and _num_layers(model_dir), shard_data)
-            local = resharded_tensors(parallelize(load_policy(model_dir), ctx, shard_data=shard_data))
+            model = parallelize(load_policy(model_dir), ctx, shard_data=shard_data)
+            local = resharded_tensors(model)
+            key = f"{text}/{'sharded' if shard_data else 'replicated'}"
+            if Sharding.of_model(model, text, ctx.ranks, shard_data) != sharding:
+                out[key] = "Sharding.of_model of the parallelized model differs"
+                continue
             want = slices_of(full, sharding, rank)
             # an empty FSDP chunk is a zero-size local tensor and no slice
             local = {n: t for n, t in local.items() if t.numel()}
-            key = f"{text}/{'sharded' if shard_data else 'replicated'}"
             if set(local) != set(want):
                 out[key] = f"names differ: {sorted(set(local) ^ set(want))[:3]}"
             elif any(local[n].shape != want[n].shape for n in want):
@@ -143,7 +147,7 @@ def check_train_generate_train(rank: int, world: int, model_dir: str) -> dict:
     params = {"greedy": SamplingParams(8, greedy=True), "sampled": SamplingParams(8, temperature=0.9)}
 
     train_ctx = ParallelContext.build("d2t1p1", [0, 1])
-    src = Sharding.of("d2t1p1", [0, 1], shapes, config.num_hidden_layers, shard_data=True)
+    src = Sharding.of_model(ref, "d2t1p1", [0, 1], shard_data=True)
     engine = None
     if train_ctx.index is not None:
         model = load_policy(model_dir)
