@@ -174,6 +174,24 @@ class TrainerConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """Where the calls of a step run. workers = 0: the one-process loop; N >= 1: N Ray workers (one per
+    device, one torch.distributed world) running the experiment's graph under `plan`."""
+
+    workers: int = 0
+    plan: str = "colocate"  # colocate | separate | path of a plan YAML (see `reflow plan show`)
+    ray_address: str | None = None  # None: start an embedded Ray; "auto" or host:port: join a cluster
+    timeline: bool = False  # also write <output_dir>/timeline.json (Chrome trace: chrome://tracing, Perfetto)
+    offload_frozen: bool = False  # park frozen roles' weights in host memory between their calls
+    timeout_s: float = 120.0  # collective timeout: a dead or stuck worker ends the run within about this
+    threads_per_worker: int = 1
+
+    def validate(self):
+        if self.workers < 0:
+            raise ConfigError(f"runtime.workers must be >= 0, got {self.workers}")
+
+
+@dataclass
 class RLConfig:
     """`reflow train`: RL from a reward (GRPO, PPO)."""
 
@@ -187,6 +205,7 @@ class RLConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self):
         if self.actor.path is None:

@@ -1,0 +1,126 @@
+"""Experiments as graphs of model function calls.
+
+A call is (name, role, kind, input keys, output keys, options). The graph is derived from the keys:
+a call depends on the calls producing its inputs; keys no call produces come from the dataset. When a
+graph is built it reports, before anything runs:
+
+    a key produced by two calls                      a cycle (names the calls on it)
+    an input neither produced nor a dataset key      an output nobody consumes (and not a result)
+
+    kind      what the call does on its mesh                      role weights
+    generate  decode responses for prompts                       a (temporary) copy in the call's layout
+    infer     forward only: log-probs, values, rewards           same
+    train     one optimizer step (or several mini-batches)       the role's owner copy (its train layout)
+
+A role's calls keep their declared order within a step, and a role's first call of step i runs after
+its last call of step i-1 (the controller enforces this: weight versions stay consistent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KINDS = ("generate", "infer", "train")
+
+
+class GraphError(ValueError):
+    """A graph that cannot run; the message names the call and key."""
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str
+    role: str
+    kind: str
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    options: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise GraphError(f"call '{self.name}': kind '{self.kind}' is not one of {', '.join(KINDS)}")
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+
+
+@dataclass
+class Graph:
+    """calls in declaration order; dataset_keys: what the dataset provides; results: outputs kept after
+    the step even if no call consumes them (metrics of train calls need no key)."""
+
+    name: str
+    calls: list[Call]
+    dataset_keys: tuple[str, ...] = ("prompts",)
+    results: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        names = [c.name for c in self.calls]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise GraphError(f"graph '{self.name}': two calls are named '{dup}'")
+        self.producer: dict[str, str] = {}
+        for c in self.calls:
+            for k in c.outputs:
+                if k in self.producer:
+                    raise GraphError(f"graph '{self.name}': key '{k}' is produced by both '{self.producer[k]}' "
+                                     f"and '{c.name}'; rename one output")
+                if k in self.dataset_keys:
+                    raise GraphError(f"graph '{self.name}': call '{c.name}' outputs '{k}', a dataset key")
+                self.producer[k] = c.name
+        for c in self.calls:
+            for k in c.inputs:
+                if k not in self.producer and k not in self.dataset_keys:
+                    raise GraphError(f"graph '{self.name}': call '{c.name}' needs '{k}', which no call produces and "
+                                     f"the dataset does not provide (dataset keys: {', '.join(self.dataset_keys)})")
+        consumed = {k for c in self.calls for k in c.inputs} | set(self.results)
+        for c in self.calls:
+            for k in c.outputs:
+                if k not in consumed:
+                    raise GraphError(f"graph '{self.name}': output '{k}' of call '{c.name}' is never consumed; "
+                                     "drop it or list it in the graph's results")
+        self.deps: dict[str, list[str]] = {
+            c.name: sorted({self.producer[k] for k in c.inputs if k in self.producer}, key=names.index)
+            for c in self.calls}
+        self.order = self._topological_order()
+
+    def _topological_order(self) -> list[str]:
+        """Kahn's algorithm, ties broken by declaration order (so the order is stable and readable)."""
+        names = [c.name for c in self.calls]
+        indeg = {n: len(self.deps[n]) for n in names}
+        users = {n: [m for m in names if n in self.deps[m]] for n in names}
+        ready = [n for n in names if indeg[n] == 0]
+        order = []
+        while ready:
+            n = ready.pop(0)
+            order.append(n)
+            for m in users[n]:
+                indeg[m] -= 1
+                if indeg[m] == 0:
+                    ready.append(m)
+            ready.sort(key=names.index)
+        if len(order) < len(names):
+            stuck = [n for n in names if n not in order]
+            raise GraphError(f"graph '{self.name}': calls {', '.join(stuck)} form a cycle through their keys")
+        return order
+
+    def call(self, name: str) -> Call:
+        return next(c for c in self.calls if c.name == name)
+
+    @property
+    def roles(self) -> dict[str, list[str]]:
+        """Each role's calls in execution order."""
+        out: dict[str, list[str]] = {}
+        for n in self.order:
+            out.setdefault(self.call(n).role, []).append(n)
+        return out
+
+    def trained_roles(self) -> list[str]:
+        return [r for r, calls in self.roles.items() if any(self.call(c).kind == "train" for c in calls)]
+
+    def describe(self) -> str:
+        lines = [f"graph {self.name}:"]
+        for n in self.order:
+            c = self.call(n)
+            lines.append(f"  {c.name:<16} {c.role:<7} {c.kind:<8} {', '.join(c.inputs) or '-'} -> "
+                         f"{', '.join(c.outputs) or '(metrics)'}")
+        return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""The algorithm math of an RL step on a worker: advantages and the actor/critic losses.
+
+It is the one-process loop's own code (reflow.experiments.rl.RLExperiment), borrowed method by method
+so both paths compute the same numbers; those methods only read the attributes set here (the config,
+whether a reference exists, the current KL coefficient, the GRPOVI bounds).
+"""
+
+from __future__ import annotations
+
+from reflow.config.schema import RLConfig
+from reflow.experiments.rl import RLExperiment
+from reflow.rewards.registry import load_reward_fn, reward_range
+
+
+class _KL:
+    def __init__(self, value: float):
+        self.value = value
+
+
+class StepMath:
+    advantages = RLExperiment.advantages
+    _ref_seq_logprobs = staticmethod(RLExperiment._ref_seq_logprobs)
+    actor_loss = RLExperiment._actor_loss
+    critic_loss = RLExperiment._critic_loss
+    train = RLExperiment._train
+
+    def __init__(self, cfg: RLConfig, has_ref: bool):
+        self.cfg = cfg
+        self.ref = True if has_ref else None  # the loss code only asks whether a reference exists
+        self.kl_ctl = _KL(cfg.algo.kl_coef)
+        self.ptx_set = []
+        self.grpovi_bounds = None
+        if cfg.algo.estimator == "grpovi":
+            declared = reward_range(load_reward_fn(cfg.reward.fn)) if cfg.reward.fn else None
+            low = cfg.algo.grpovi_low if cfg.algo.grpovi_low is not None else (declared[0] if declared else None)
+            high = cfg.algo.grpovi_high if cfg.algo.grpovi_high is not None else (declared[1] if declared else None)
+            self.grpovi_bounds = (float(low), float(high))
+
+    @property
+    def kl_value(self) -> float:
+        return self.kl_ctl.value
+
+    @kl_value.setter
+    def kl_value(self, v: float) -> None:
+        self.kl_ctl.value = v
+
+    # RLExperiment._train calls self._actor_loss / self._critic_loss by these names
+    _actor_loss = actor_loss
+    _critic_loss = critic_loss

@@ -1,0 +1,188 @@
+"""Execution plans: a mesh (ranks) and a layout for every call of a graph. A plan is data: printed as a
+table, saved and loaded as YAML, validated before any worker starts, searched later (issue 7).
+
+    calls:                                   # YAML, in a config's `runtime.plan` or a file of its own
+      actor_gen:   {ranks: 0-3, layout: d4t1p1}
+      actor_train: {ranks: [0, 1, 2, 3], layout: d2t1p2}
+      ...
+
+Meaning of a layout per kind: train = FSDP2 over d (the role's owner copy, with its optimizer);
+generate / infer = d replicas (each holds its tensor/pipeline slice whole), the batch split over them.
+Built-in plans: "colocate" (every call on every device: DeepSpeed-Chat / verl style) and "separate"
+(each role on its own devices: OpenRLHF style).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from reflow.parallel.layout import Layout, LayoutError, validate_layout
+from reflow.runtime.graph import Graph
+
+
+class PlanError(ValueError):
+    """A plan that cannot run this graph on these workers; the message names the call and what to change."""
+
+
+def parse_ranks(value) -> tuple[int, ...]:
+    """[0, 1, 2] or "0-3" or "0,2" -> a tuple of ranks."""
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    out = []
+    for part in str(value).split(","):
+        a, _, b = part.strip().partition("-")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return tuple(out)
+
+
+def format_ranks(ranks: tuple[int, ...]) -> str:
+    if len(ranks) > 1 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(map(str, ranks))
+
+
+@dataclass(frozen=True)
+class Placement:
+    ranks: tuple[int, ...]
+    layout: Layout
+
+    def __str__(self) -> str:
+        return f"{self.layout} on {format_ranks(self.ranks)}"
+
+
+@dataclass
+class Plan:
+    name: str
+    world_size: int
+    calls: dict[str, Placement]
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_dict(cls, data: dict, world_size: int, name: str = "custom") -> "Plan":
+        calls = {}
+        for call, spec in (data.get("calls") or {}).items():
+            if not isinstance(spec, dict) or "ranks" not in spec or "layout" not in spec:
+                raise PlanError(f"plan call '{call}': give {{ranks: ..., layout: dXtYpZ}}, got {spec!r}")
+            try:
+                calls[call] = Placement(parse_ranks(spec["ranks"]), Layout.parse(str(spec["layout"])))
+            except (ValueError, LayoutError) as e:
+                raise PlanError(f"plan call '{call}': {e}") from None
+        return cls(data.get("name", name), int(data.get("world_size", world_size)), calls)
+
+    @classmethod
+    def load(cls, path: str | Path, world_size: int) -> "Plan":
+        p = Path(path)
+        if not p.exists():
+            raise PlanError(f"plan file {p} does not exist; give a path, or 'colocate' / 'separate'")
+        return cls.from_dict(yaml.safe_load(p.read_text()) or {}, world_size, name=p.stem)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "world_size": self.world_size,
+                "calls": {c: {"ranks": format_ranks(p.ranks), "layout": str(p.layout)} for c, p in self.calls.items()}}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    # ------------------------------------------------------------------ questions
+    def owner(self, graph: Graph, role: str) -> Placement:
+        """Where a role's weights live: its train call's placement (trained roles), else its first call's."""
+        calls = graph.roles[role]
+        train = [c for c in calls if graph.call(c).kind == "train"]
+        return self.calls[(train or calls)[0]]
+
+    def validate(self, graph: Graph, model_configs: dict | None = None) -> "Plan":
+        """Raise PlanError unless every call of `graph` has a placement that fits its role's model.
+        model_configs: role -> HF config (roles without a model, like a reward function, are left out)."""
+        missing = [c for c in graph.order if c not in self.calls]
+        if missing:
+            raise PlanError(f"plan '{self.name}' places no mesh for call(s) {', '.join(missing)}; add them under calls:")
+        extra = [c for c in self.calls if c not in graph.order]
+        if extra:
+            raise PlanError(f"plan '{self.name}' places call(s) {', '.join(extra)} that graph '{graph.name}' does not "
+                            f"have (its calls: {', '.join(graph.order)})")
+        for name in graph.order:
+            call, pl = graph.call(name), self.calls[name]
+            try:
+                config = (model_configs or {}).get(call.role)
+                if config is not None:
+                    validate_layout(pl.layout, config, list(pl.ranks), self.world_size, source=f"the {call.role} model")
+                else:
+                    validate_layout(pl.layout, _NoModel, list(pl.ranks), self.world_size)
+            except LayoutError as e:
+                raise PlanError(f"plan call '{name}': {e}") from None
+            if call.kind == "generate" and pl.layout.p > 1:
+                raise PlanError(f"plan call '{name}': generation under pipeline parallel is not supported; use p1 "
+                                f"(e.g. d{pl.layout.d * pl.layout.p}t{pl.layout.t}p1)")
+            if config is None and call.kind != "train" and (pl.layout.t > 1 or pl.layout.p > 1):
+                raise PlanError(f"plan call '{name}': role '{call.role}' has no model (a reward function); "
+                                f"use d{len(pl.ranks)}t1p1 on its ranks")
+        for role in graph.trained_roles():
+            places = {self.calls[c] for c in graph.roles[role] if graph.call(c).kind == "train"}
+            if len(places) > 1:
+                raise PlanError(f"plan: the train calls of role '{role}' must share one placement (the owner copy), "
+                                f"got {', '.join(map(str, places))}")
+        return self
+
+    def table(self, graph: Graph) -> str:
+        rows = [("call", "role", "kind", "ranks", "layout")]
+        for name in graph.order:
+            c, p = graph.call(name), self.calls[name]
+            rows.append((name, c.role, c.kind, format_ranks(p.ranks), str(p.layout)))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = [f"plan '{self.name}' on {self.world_size} worker(s), graph '{graph.name}'"]
+        for i, r in enumerate(rows):
+            lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)))
+            if i == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+class _NoModel:
+    """Stands in for a model config when a role has none: only rank checks apply."""
+
+    num_attention_heads = num_key_value_heads = intermediate_size = 1 << 20
+    num_hidden_layers = 1 << 20
+
+
+def colocate(graph: Graph, world_size: int) -> Plan:
+    """Every call on every worker: train calls FSDP2 over all (d=N), generate/infer N data-parallel replicas."""
+    everyone = tuple(range(world_size))
+    return Plan("colocate", world_size, {c: Placement(everyone, Layout(world_size, 1, 1)) for c in graph.order})
+
+
+def separate(graph: Graph, world_size: int) -> Plan:
+    """Each role on its own workers (OpenRLHF style): trained roles get twice the share of frozen ones; with
+    fewer workers than roles, roles share workers round-robin."""
+    roles = list(graph.roles)
+    weights = {r: 2 if r in graph.trained_roles() else 1 for r in roles}
+    if world_size < len(roles):
+        ranks = {r: (i % world_size,) for i, r in enumerate(roles)}
+    else:
+        share = {r: max(1, world_size * weights[r] // sum(weights.values())) for r in roles}
+        while sum(share.values()) > world_size:  # rounding: take back from the largest
+            share[max(share, key=share.get)] -= 1
+        while sum(share.values()) < world_size:  # and give leftovers to trained roles first
+            share[max(roles, key=lambda r: (weights[r], -share[r]))] += 1
+        ranks, start = {}, 0
+        for r in roles:
+            ranks[r] = tuple(range(start, start + share[r]))
+            start += share[r]
+    return Plan("separate", world_size, {c: Placement(ranks[graph.call(c).role], Layout(len(ranks[graph.call(c).role]), 1, 1))
+                                         for c in graph.order})
+
+
+BUILTIN = {"colocate": colocate, "separate": separate}
+
+
+def resolve_plan(spec, graph: Graph, world_size: int) -> Plan:
+    """A config's plan: a built-in name, a YAML file path, or an inline mapping."""
+    if isinstance(spec, dict):
+        return Plan.from_dict(spec, world_size)
+    if spec in BUILTIN:
+        return BUILTIN[spec](graph, world_size)
+    return Plan.load(spec, world_size)
