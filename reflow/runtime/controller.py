@@ -144,10 +144,16 @@ class Controller:
                                    f"(call, rank): {stuck[:6]}")
             try:
                 ray.get(done[0])
-            except Exception as e:  # noqa: BLE001 - RayTaskError / ActorDiedError carry the worker's traceback
-                what, rank = pending[done[0]]
-                self.shutdown()
-                raise WorkerFailed(f"worker {rank} failed in '{what}': {e}") from None
+            except Exception:  # noqa: BLE001 - RayTaskError / ActorDiedError carry the worker's traceback
+                # a dead worker fails all its tasks at once: report the first failed one in submission order
+                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
+                for ref in (r for r in pending if r in set(ready)):
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # noqa: BLE001
+                        what, rank = pending[ref]
+                        self.shutdown()
+                        raise WorkerFailed(f"worker {rank} failed in '{what}': {e}") from None
 
     # ------------------------------------------------------------------ the run
     def train(self) -> list[dict]:

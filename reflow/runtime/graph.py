@@ -99,7 +99,12 @@ class Graph:
                     ready.append(m)
             ready.sort(key=names.index)
         if len(order) < len(names):
-            stuck = [n for n in names if n not in order]
+            stuck = [n for n in names if n not in order]  # cycles and what depends on them
+            while True:  # peel off calls nothing left depends on: what remains is on a cycle
+                sinks = [n for n in stuck if not any(n in self.deps[m] for m in stuck)]
+                if not sinks:
+                    break
+                stuck = [n for n in stuck if n not in sinks]
             raise GraphError(f"graph '{self.name}': calls {', '.join(stuck)} form a cycle through their keys")
         return order
 

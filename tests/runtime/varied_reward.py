@@ -3,3 +3,14 @@
 
 def varied(prompts, responses, answers):
     return [(sum(map(ord, r)) % 7) / 6.0 for r in responses]
+
+
+def dies(prompts, responses, answers):
+    """Kills the worker process that calls it, as an out-of-memory kill or a segfault would."""
+    import os
+
+    os._exit(3)
+
+
+def raises(prompts, responses, answers):
+    raise ValueError("reward server unreachable")

@@ -1,0 +1,91 @@
+"""Graphs of calls and execution plans: derived dependencies, errors when built, YAML, built-in plans."""
+
+import pytest
+
+from reflow.parallel.layout import Layout
+from reflow.runtime import graphs
+from reflow.runtime.graph import Call, Graph, GraphError
+from reflow.runtime.plan import Placement, Plan, PlanError, colocate, parse_ranks, resolve_plan, separate
+
+
+def test_ppo_is_six_calls_in_dependency_order():
+    g = graphs.ppo()
+    assert len(g.calls) == 6
+    assert g.order[0] == "actor_gen" and set(g.order[-2:]) == {"actor_train", "critic_train"}
+    assert g.deps["actor_train"] == ["actor_gen", "reward", "ref_inf", "critic_inf"]
+    assert g.trained_roles() == ["actor", "critic"]
+    assert g.roles["actor"] == ["actor_gen", "actor_train"]
+
+
+@pytest.mark.parametrize("name", sorted(graphs.GRAPHS))
+def test_every_algorithm_is_a_valid_graph(name):
+    g = graphs.GRAPHS[name](ref=True, old_logprobs=True)
+    assert g.order[-1].endswith("_train") and "actor_gen" in g.order
+    assert "actor_inf" in g.order
+
+
+def test_remax_adds_a_greedy_generation_and_dpo_is_one_train_call():
+    g = graphs.remax()
+    assert g.call("actor_gen_greedy").options == {"greedy": True}
+    assert "baseline_scores" in g.call("actor_train").inputs
+    d = graphs.dpo()
+    assert [c.kind for c in d.calls] == ["infer", "train"] and d.dataset_keys == ("pairs",)
+
+
+def test_graph_errors_name_the_call_and_key():
+    gen = Call("gen", "actor", "generate", ("prompts",), ("responses",))
+    with pytest.raises(GraphError, match="call 'train' needs 'scores', which no call produces"):
+        Graph("g", [gen, Call("train", "actor", "train", ("responses", "scores"))])
+    with pytest.raises(GraphError, match="output 'extra' of call 'gen2' is never consumed"):
+        Graph("g", [gen, Call("gen2", "actor", "generate", ("prompts",), ("extra",)),
+                    Call("train", "actor", "train", ("responses",))])
+    with pytest.raises(GraphError, match="key 'responses' is produced by both 'gen' and 'again'"):
+        Graph("g", [gen, Call("again", "actor", "generate", ("prompts",), ("responses",)),
+                    Call("train", "actor", "train", ("responses",))])
+    with pytest.raises(GraphError, match="calls a, b form a cycle"):
+        Graph("g", [Call("a", "x", "infer", ("kb",), ("ka",)), Call("b", "x", "infer", ("ka",), ("kb",)),
+                    Call("t", "x", "train", ("ka",))])
+    with pytest.raises(GraphError, match="kind 'score' is not one of"):
+        Call("r", "reward", "score")
+
+
+def test_ranks_and_yaml_round_trip(tmp_path):
+    assert parse_ranks("0-3") == (0, 1, 2, 3) and parse_ranks("0,2") == (0, 2) and parse_ranks([1, 3]) == (1, 3)
+    g = graphs.grpo()
+    plan = separate(g, 4)
+    plan.save(tmp_path / "p.yaml")
+    again = Plan.load(tmp_path / "p.yaml", 4)
+    assert again.calls == plan.calls
+
+
+def test_builtin_plans():
+    g = graphs.ppo()
+    co = colocate(g, 4)
+    assert all(p == Placement((0, 1, 2, 3), Layout(4, 1, 1)) for p in co.calls.values())
+    sep = separate(g, 8).validate(g)
+    meshes = {g.call(c).role: p.ranks for c, p in sep.calls.items()}
+    assert sorted(r for ranks in meshes.values() for r in ranks) == list(range(8))  # disjoint, all used
+    assert len(meshes["actor"]) > len(meshes["ref"])  # trained roles get the larger share
+    assert "actor_gen" in sep.table(g) and "d" in sep.table(g)
+
+
+def test_bad_plans_fail_up_front_with_the_call(debug_model):
+    from transformers import AutoConfig
+
+    g = graphs.grpo()
+    configs = {"actor": AutoConfig.from_pretrained(debug_model), "ref": AutoConfig.from_pretrained(debug_model)}
+    base = {c: {"ranks": "0-1", "layout": "d2t1p1"} for c in g.order}
+    with pytest.raises(PlanError, match="places no mesh for call\\(s\\) ref_inf"):
+        Plan.from_dict({"calls": {k: v for k, v in base.items() if k != "ref_inf"}}, 2).validate(g, configs)
+    with pytest.raises(PlanError, match="plan call 'actor_train': layout d1t3p1: tensor degree t=3 does not divide"):
+        Plan.from_dict({"calls": {**base, "actor_train": {"ranks": "0-2", "layout": "d1t3p1"}}}, 4).validate(g, configs)
+    with pytest.raises(PlanError, match="plan call 'actor_gen': generation under pipeline parallel"):
+        Plan.from_dict({"calls": {**base, "actor_gen": {"ranks": "0-1", "layout": "d1t1p2"}}}, 2).validate(g, configs)
+    with pytest.raises(PlanError, match="ranks \\[5\\] do not exist"):
+        Plan.from_dict({"calls": {**base, "reward": {"ranks": "5", "layout": "d1t1p1"}}}, 4).validate(g, configs)
+    with pytest.raises(PlanError, match="role 'reward' has no model"):
+        Plan.from_dict({"calls": {**base, "reward": {"ranks": "0-1", "layout": "d1t2p1"}}}, 2).validate(g, configs)
+    with pytest.raises(PlanError, match="plan call 'reward': give"):
+        Plan.from_dict({"calls": {**base, "reward": "0-1"}}, 2)
+    with pytest.raises(PlanError, match="does not exist; give a path, or 'colocate'"):
+        resolve_plan("nope.yaml", g, 2)

@@ -1,0 +1,99 @@
+"""The Ray runtime: the same numbers under any plan (one worker vs several, reallocation, pipeline, disjoint
+meshes), and failures that end the run with the worker's error instead of a hang."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from reflow.config.loader import from_dict  # noqa: E402
+from reflow.config.schema import RLConfig  # noqa: E402
+from reflow.runtime.controller import Controller, WorkerFailed  # noqa: E402
+
+REWARDS = Path(__file__).parent / "varied_reward.py"
+PLANS = {
+    # reward and reference on disjoint single-rank meshes (concurrent); the actor trains d2t1p1 (FSDP2) on
+    # 0-1 and generates d1t2p1 (tensor parallel) on 2-3: a reallocation across meshes every step
+    "disjoint": {"actor_gen": ("2-3", "d1t2p1"), "reward": ("0", "d1t1p1"), "ref_inf": ("1", "d1t1p1"),
+                 "actor_train": ("0-1", "d2t1p1")},
+    # pipeline + data parallel training, four generation replicas, a pipelined reference
+    "pipeline": {"actor_gen": ("0-3", "d4t1p1"), "reward": ("2-3", "d2t1p1"), "ref_inf": ("0-1", "d1t1p2"),
+                 "actor_train": ("0-3", "d2t1p2")},
+}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def config(tmp_path, model, data, algo="grpo", workers=1, plan="colocate", reward="varied", **runtime):
+    if isinstance(plan, dict):
+        from reflow.runtime.plan import Plan
+
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        path = tmp_path / "plan.yaml"
+        Plan.from_dict({"calls": {c: {"ranks": r, "layout": lay} for c, (r, lay) in plan.items()}}, workers).save(path)
+        plan = str(path)
+    role = {"path": str(model), "micro_batch_tokens": 64, "optim": {"lr": 1e-3}}
+    return from_dict(RLConfig, {
+        "output_dir": str(tmp_path / f"run-{workers}"), "actor": role, "critic": {**role, "path": None},
+        "data": {"train": str(data / "train.jsonl"), "eval": None},
+        "rollout": {"prompts_per_step": 4, "n": 2, "max_new_tokens": 4},
+        "reward": {"fn": f"{REWARDS}:{reward}"}, "algo": {"name": algo, "kl_coef": 0.01},
+        "trainer": {"steps": 2, "progress": False},
+        "runtime": {"workers": workers, "plan": plan, "timeout_s": 30, **runtime}})
+
+
+def run(cfg) -> list[dict]:
+    controller = Controller(cfg)
+    try:
+        return controller.train()
+    finally:
+        controller.shutdown()
+
+
+def assert_same(a: list[dict], b: list[dict]):
+    assert len(a) == len(b) == 2
+    for step, (x, y) in enumerate(zip(a, b)):
+        keys = {k for k in x if not k.startswith(("time", "throughput"))}
+        assert keys == {k for k in y if not k.startswith(("time", "throughput"))}
+        for k in keys:
+            assert abs(x[k] - y[k]) <= 1e-5 + 1e-4 * abs(x[k]), (step, k, x[k], y[k])
+    assert a[1]["actor/kl"] > 1e-6 and a[0]["actor/grad_norm"] > 0.1  # the steps really trained
+
+
+def test_grpo_gives_the_same_numbers_under_any_plan(ray_session, tmp_path, debug_model, addition_data):
+    one = run(config(tmp_path / "one", debug_model, addition_data))
+    for name, plan in PLANS.items():
+        cfg = config(tmp_path / name, debug_model, addition_data, workers=4, plan=plan, timeline=True)
+        assert_same(one, run(cfg))
+    trace = json.loads((Path(cfg.output_dir) / "timeline.json").read_text())["traceEvents"]
+    names = {e["name"] for e in trace if e["ph"] == "X"}
+    assert {"actor_gen", "actor_gen:reallocate", "ref_inf", "actor_train"} <= names
+    assert {e["tid"] for e in trace if e["name"] == "actor_gen"} == {0, 1, 2, 3}
+
+
+def test_ppo_gives_the_same_numbers_on_separate_workers(ray_session, tmp_path, debug_model, addition_data):
+    one = run(config(tmp_path / "one", debug_model, addition_data, algo="ppo"))
+    four = run(config(tmp_path / "sep", debug_model, addition_data, algo="ppo", workers=4, plan="separate"))
+    assert_same(one, four)
+    assert "critic/loss" in four[0]
+
+
+@pytest.mark.parametrize("reward,needle", [("dies", "worker 0 failed in 'reward'"),
+                                           ("raises", "ValueError: reward server unreachable")])
+def test_a_failing_worker_ends_the_run_with_its_error(ray_session, tmp_path, debug_model, addition_data, reward,
+                                                      needle):
+    plan = {"actor_gen": ("0-1", "d2t1p1"), "reward": ("0", "d1t1p1"), "ref_inf": ("1", "d1t1p1"),
+            "actor_train": ("0-1", "d2t1p1")}
+    cfg = config(tmp_path, debug_model, addition_data, workers=2, plan=plan, reward=reward)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerFailed, match=needle):
+        run(cfg)
+    assert time.monotonic() - t0 < 90
