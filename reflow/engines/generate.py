@@ -28,8 +28,19 @@ finished rows still leave early (the engine's former behaviour, kept for benchma
 Log-probs are those of the temperature-scaled full distribution, log softmax(logits / T)[token]
 (before top-k/top-p filtering, as the inference engine computes them for the same tokens), so
 sampled log-probs agree with `token_logprobs(..., temperature=T)` up to float rounding.
-Sampling draws from `generator` one [b, V] multinomial per step over the live rows in slot order; the
-schedule depends only on the prompts, budgets and sampled tokens, so the same seed gives the same samples.
+
+Sampling has two sources of randomness:
+
+  generator : one [b, V] multinomial per step over the live rows in slot order. The schedule depends only
+              on the prompts, budgets and sampled tokens, so the same seed gives the same samples -- but a
+              prompt's tokens depend on which other prompts share the call and in which order.
+  keys+seed : batch-invariant, keyed by sample. Each prompt carries an integer key (e.g. its sample id) and
+              the call a seed; the noise of prompt key k at response position j is a pure function of
+              (seed, k, j) (counter-based: a SplitMix64 hash of (seed, k, j, vocab index), see
+              `keyed_uniforms`), and the token is the Gumbel-max of the filtered, temperature-scaled
+              logits: argmax(filter(logits / T) + Gumbel). A prompt therefore gets the same tokens alone,
+              in any batch, in any order, or on any data-parallel replica (up to the model's own float
+              rounding, which batch composition can change).
 """
 
 from __future__ import annotations
@@ -75,6 +86,91 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+# ---------------------------------------------------------------- keyed (counter-based) sampling noise
+# SplitMix64 (Steele, Lea & Flood 2014) in int64 torch ops. torch's int64 add and multiply wrap modulo 2^64
+# (two's complement), which is what the hash needs; `>>` on int64 is arithmetic, so the hash's logical
+# shifts mask off the copied sign bits.
+_MASK64 = (1 << 64) - 1
+
+
+def _i64(x: int) -> int:
+    """A Python int reduced mod 2^64 to the signed int64 with the same bits."""
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+_GAMMA = _i64(0x9E3779B97F4A7C15)
+_MUL1 = _i64(0xBF58476D1CE4E5B9)
+_MUL2 = _i64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _fmix(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function (a bijection of 64-bit words); in place on a temporary."""
+    z = z ^ _shr(z, 30)
+    z.mul_(_MUL1)
+    z.bitwise_xor_(_shr(z, 27))
+    z.mul_(_MUL2)
+    z.bitwise_xor_(_shr(z, 31))
+    return z
+
+
+def _splitmix(x: torch.Tensor) -> torch.Tensor:
+    """The first SplitMix64 output of state x."""
+    return _fmix(x + _GAMMA)
+
+
+def sample_seed(*parts: int) -> int:
+    """One int64 seed from several integers (e.g. a run seed and a step), for `generate(..., seed=)`."""
+    h = torch.tensor(_i64(0x5EED))
+    for p in parts:
+        h = _splitmix(h ^ _i64(int(p)))
+    return int(h)
+
+
+def _row_states(seed: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B] int64 stream states of (seed, key, position); distinct keys (or positions) give distinct states."""
+    s = _splitmix(torch.tensor(_i64(int(seed)), device=keys.device))
+    return _splitmix(_splitmix(s ^ keys) ^ positions)
+
+
+def keyed_uniforms(seed: int, keys: torch.Tensor, positions: torch.Tensor, vocab: int,
+                   lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """[B, hi - lo] float64 uniforms in (0, 1): entry [b, v] is a pure function of
+    (seed, keys[b], positions[b], lo + v) -- the (v+1)-th SplitMix64 output of the row's state, its top
+    53 bits mapped to (0, 1) -- independent of the other rows, of the batch size and of `vocab`."""
+    hi = vocab if hi is None else hi
+    keys = torch.as_tensor(keys, dtype=torch.long)
+    positions = torch.as_tensor(positions, dtype=torch.long, device=keys.device)
+    state = _row_states(seed, keys, positions)
+    counter = (torch.arange(lo, hi, device=keys.device, dtype=torch.long) + 1) * _GAMMA
+    bits = _fmix(state[:, None] + counter[None, :])
+    return (_shr(bits, 11).double() + 0.5) * 2.0 ** -53
+
+
+_NOISE_ELEMENTS = 1 << 24  # [rows, V] elements of hash noise made at once (bounds the int64 temporaries)
+
+
+def gumbel_sample(logits: torch.Tensor, seed: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, V] (already scaled and filtered; -inf = excluded) logits -> [B] tokens, argmax(logits + Gumbel)
+    with the Gumbel noise of `keyed_uniforms(seed, keys, positions)`: a draw from softmax(logits) that is
+    a pure function of each row's logits and (seed, key, position)."""
+    B, V = logits.shape
+    keys = torch.as_tensor(keys, dtype=torch.long).to(logits.device)
+    positions = torch.as_tensor(positions, dtype=torch.long).to(logits.device)
+    out = torch.empty(B, dtype=torch.long, device=logits.device)
+    step = max(1, _NOISE_ELEMENTS // max(V, 1))
+    for r in range(0, B, step):  # row chunks: a row's draw does not depend on its chunk
+        u = keyed_uniforms(seed, keys[r:r + step], positions[r:r + step], V)
+        gumbel = u.log_().neg_().log_().neg_()
+        out[r:r + step] = (logits[r:r + step].double() + gumbel).argmax(-1)
+    return out
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -207,18 +303,34 @@ class GenerationEngine:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  generator: torch.Generator | None = None,
-                 max_new_tokens: Sequence[int] | None = None) -> list[Generation]:
-        """All generations, in prompt order. `max_new_tokens`: a budget per prompt (default params.max_new_tokens)."""
-        out = sorted(self.stream(prompts, params, generator, max_new_tokens), key=lambda g: g.index)
+                 max_new_tokens: Sequence[int] | None = None, *,
+                 keys: Sequence[int] | None = None, seed: int = 0) -> list[Generation]:
+        """All generations, in prompt order. `max_new_tokens`: a budget per prompt (default params.max_new_tokens).
+
+        Sampling randomness comes from `generator` (shared by the batch), or, batch-invariant, from
+        `keys` (one distinct integer per prompt, e.g. its sample id) and `seed`: prompt key k's draw at
+        response position j is a pure function of (seed, k, j), whatever else is in the call.
+        """
+        out = sorted(self.stream(prompts, params, generator, max_new_tokens, keys=keys, seed=seed),
+                     key=lambda g: g.index)
         return out
 
     @torch.no_grad()
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                generator: torch.Generator | None = None,
-               max_new_tokens: Sequence[int] | None = None) -> Iterator[Generation]:
-        """Yield each generation as soon as it finishes (finish order, not prompt order)."""
+               max_new_tokens: Sequence[int] | None = None, *,
+               keys: Sequence[int] | None = None, seed: int = 0) -> Iterator[Generation]:
+        """Yield each generation as soon as it finishes (finish order, not prompt order). Arguments as `generate`."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("cannot generate from an empty prompt")
+        if keys is not None:
+            if generator is not None:
+                raise ValueError("pass either a generator or keys (keyed sampling), not both")
+            keys = [_i64(int(k)) for k in keys]
+            if len(keys) != len(prompts):
+                raise ValueError(f"keys has {len(keys)} entries for {len(prompts)} prompts")
+            if len(set(keys)) != len(keys):
+                raise ValueError("keys must be distinct: prompts with the same key would get the same random draws")
         if max_new_tokens is None:
             budgets = [int(params.max_new_tokens)] * len(prompts)
         else:
@@ -230,12 +342,16 @@ class GenerationEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            yield from self._run(prompts, budgets, params, generator)
+            yield from self._run(prompts, budgets, params, generator, keys, seed)
         finally:
             self.model.train(was_training)
 
-    def _sample(self, logits: torch.Tensor, params: SamplingParams, generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, V] logits of the next position -> (tokens [B], their log-probs [B])."""
+    def _sample(self, logits: torch.Tensor, params: SamplingParams, generator,
+                keyed: tuple[int, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, V] logits of the next position -> (tokens [B], their log-probs [B]).
+
+        keyed: (seed, keys [B], response positions [B]) for batch-invariant Gumbel-max sampling, else None
+        (multinomial from `generator`)."""
         logits = logits.float()
         if params.greedy:
             tok = logits.argmax(-1)
@@ -243,8 +359,11 @@ class GenerationEngine:
         else:
             scaled = logits / params.temperature
             logp = F.log_softmax(scaled, -1)
-            probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
-            tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            filtered = filter_logits(scaled, params.top_k, params.top_p)
+            if keyed is not None:
+                tok = gumbel_sample(filtered, *keyed)
+            else:
+                tok = torch.multinomial(filtered.softmax(-1), 1, generator=generator)[:, 0]
         return tok, logp.gather(-1, tok[:, None])[:, 0]
 
     def _prefill(self, idx: list[int], prompts, device) -> tuple[DynamicCache, torch.Tensor, int]:
@@ -265,7 +384,8 @@ class GenerationEngine:
                              "linear-attention or shared-KV cache layers)")
         return cache, logits, P
 
-    def _run(self, prompts, budgets: list[int], params: SamplingParams, generator) -> Iterator[Generation]:
+    def _run(self, prompts, budgets: list[int], params: SamplingParams, generator,
+             keys: list[int] | None = None, seed: int = 0) -> Iterator[Generation]:
         device = next(self.model.parameters()).device
         eos = self.eos.to(device)
         for i, m in enumerate(budgets):  # nothing to decode: done before anything runs
@@ -295,7 +415,11 @@ class GenerationEngine:
                 logits = new_logits if logits is None else torch.cat([logits, new_logits])
                 for i in idx:
                     tokens[i], logps[i] = [], []
-            tok, lp = self._sample(logits, params, generator)
+            keyed = None
+            if keys is not None and not params.greedy:  # each live row's key and response position
+                keyed = (seed, torch.tensor([keys[i] for i in slot], device=device),
+                         torch.tensor([len(tokens[i]) for i in slot], device=device))
+            tok, lp = self._sample(logits, params, generator, keyed)
             ended = torch.isin(tok, eos).tolist()
             done = []
             for s, (i, t, l) in enumerate(zip(slot, tok.tolist(), lp.tolist())):

@@ -28,7 +28,7 @@ from reflow.config.loader import ConfigError, save_config
 from reflow.config.schema import RLConfig
 from reflow.data.batch import SampleBatch
 from reflow.data.datasets import load_prompts, load_sft
-from reflow.engines.generate import GenerationEngine, SamplingParams
+from reflow.engines.generate import GenerationEngine, SamplingParams, sample_seed
 from reflow.engines.infer import InferenceEngine
 from reflow.engines.train import TrainEngine
 from reflow.experiments.common import (PromptSampler, batch_from_generations, evaluate, exact_match_accuracy,
@@ -122,7 +122,6 @@ class RLExperiment:
         self.actor_ema = EMAWeights(self.actor, cfg.algo.actor_ema) if cfg.algo.actor_ema is not None else None
         self.sampler = PromptSampler(len(self.train_set), cfg.seed, cfg.data.shuffle)
         self.ptx_sampler = PromptSampler(len(self.ptx_set), cfg.seed + 1, cfg.data.shuffle) if self.ptx_set else None
-        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         if resume_dir:
             self._load_state(resume_dir)
@@ -133,8 +132,13 @@ class RLExperiment:
     def actor_gen(self, prompt_idx: list[int]) -> SampleBatch:
         n = self.cfg.rollout.n
         examples = [self.train_set[i] for i in prompt_idx for _ in range(n)]
-        gens = self.gen_engine.generate([e.prompt_ids for e in examples], self.sampling, self.generator)
         first_id = self.step * len(examples)
+        # Keyed sampling: sample first_id + j's tokens are a pure function of (run seed, step, sample id), so
+        # they do not depend on how the step's prompts are batched or split over generation replicas, and a
+        # resumed run (same step, same ids) draws exactly what the uninterrupted run drew.
+        gens = self.gen_engine.generate([e.prompt_ids for e in examples], self.sampling,
+                                        keys=range(first_id, first_id + len(examples)),
+                                        seed=sample_seed(self.cfg.seed, self.step))
         groups = [first_id + j // n for j in range(len(examples))]
         return batch_from_generations(gens, examples, groups, first_id, self.tokenizer)
 
@@ -390,7 +394,6 @@ class RLExperiment:
             "actor_engine": self.actor_engine.state_dict(),
             "critic_engine": self.critic_engine.state_dict() if self.critic_engine else None,
             "sampler": self.sampler.state_dict(),
-            "generator": self.generator.get_state(),
             "kl_ctl": self.kl_ctl.state_dict(),
             "rng": ckpt_lib.rng_state(),
             "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_sampler else None,
@@ -406,7 +409,6 @@ class RLExperiment:
         if self.critic_engine is not None and s["critic_engine"] is not None:
             self.critic_engine.load_state_dict(s["critic_engine"])
         self.sampler.load_state_dict(s["sampler"])
-        self.generator.set_state(s["generator"])
         self.kl_ctl.load_state_dict(s["kl_ctl"])
         ckpt_lib.set_rng_state(s["rng"])
         if self.ptx_sampler is not None and s.get("ptx_sampler"):

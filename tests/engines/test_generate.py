@@ -345,3 +345,176 @@ def test_cache_window_moves_back_when_the_buffer_is_full(model, monkeypatch):
     assert any(rows > 0 for rows, _, _ in moves), moves  # a move with live rows (not only the first admission)
     for g, p in zip(outs, MANY_PROMPTS):
         assert g.tokens == hf_greedy(model, p, n, (10_000,))
+
+
+# ---------------------------------------------------------------- keyed (batch-invariant) sampling
+from reflow.engines.generate import gumbel_sample, keyed_uniforms, sample_seed  # noqa: E402
+
+KEYS = [1000 + 7 * i for i in range(len(MANY_PROMPTS))]  # e.g. sample ids: distinct, not 0..n-1
+KEYED = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.95)
+
+
+def keyed(model, prompts, keys, seed=17, params=KEYED, batch_size=8, eos=(EOS,)):
+    return GenerationEngine(model, eos, PAD, batch_size).generate(prompts, params, keys=keys, seed=seed)
+
+
+def assert_same_samples(a, b):
+    """Same tokens (exactly) and log-probs (up to the model's float rounding, which the batch's padding and
+    size change: a row's logits are not bitwise the same alone and in a batch)."""
+    assert [(g.prompt_ids, g.tokens, g.finished) for g in a] == [(g.prompt_ids, g.tokens, g.finished) for g in b]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("eos", [(EOS,), tuple(MANY_EOS)], ids=["eos", "many_eos"])
+def test_keyed_sampling_is_batch_invariant(model, eos):
+    P, K = MANY_PROMPTS, KEYS
+    whole = keyed(model, P, K, eos=eos)  # 12 prompts through 8 slots: refills too
+    assert len({tuple(g.tokens) for g in whole}) == len(P)
+    if len(eos) > 1:
+        assert len({len(g.tokens) for g in whole}) > 2, "rows should end at different steps"
+    one_by_one = [keyed(model, [p], [k], eos=eos)[0] for p, k in zip(P, K)]
+    reversed_ = keyed(model, P[::-1], K[::-1], eos=eos)[::-1]
+    halves = keyed(model, P[:6], K[:6], eos=eos) + keyed(model, P[6:], K[6:], eos=eos)
+    interleaved = keyed(model, P[1::2], K[1::2], eos=eos)  # another split, and a small batch with refills
+    interleaved = [g for pair in zip(keyed(model, P[::2], K[::2], batch_size=3, eos=eos), interleaved) for g in pair]
+    for other in (one_by_one, reversed_, halves, interleaved):
+        assert_same_samples(whole, other)
+
+
+def test_keyed_sampling_depends_on_seed_and_key_only(model):
+    P, K = MANY_PROMPTS, KEYS
+    a, b = keyed(model, P, K), keyed(model, P, K)
+    assert [(g.tokens, g.logprobs) for g in a] == [(g.tokens, g.logprobs) for g in b]  # same call: bitwise
+    other_seed = keyed(model, P, K, seed=18)
+    other_keys = keyed(model, P, [k + 1 for k in K])
+    for c in (other_seed, other_keys):
+        differ = [x.tokens != y.tokens for x, y in zip(a, c)]
+        assert sum(differ) >= len(P) // 2, differ
+    # one prompt under n keys (a GRPO group): n different samples
+    group = keyed(model, [P[1]] * 6, list(range(40, 46)))
+    assert len({tuple(g.tokens) for g in group}) == 6
+    # sample_seed mixes its parts: a run seed and a step give distinct seeds
+    assert len({sample_seed(s, t) for s in range(3) for t in range(50)}) == 150
+    assert sample_seed(1, 2) == sample_seed(1, 2) != sample_seed(2, 1)
+
+
+def test_keyed_sampling_argument_errors(model):
+    eng = engine(model)
+    with pytest.raises(ValueError, match="either a generator or keys"):
+        eng.generate(PROMPTS, KEYED, gen(0), keys=range(len(PROMPTS)))
+    with pytest.raises(ValueError, match="entries"):
+        eng.generate(PROMPTS, KEYED, keys=[1, 2])
+    with pytest.raises(ValueError, match="distinct"):
+        eng.generate(PROMPTS[:3], KEYED, keys=[4, 5, 4])
+    # greedy ignores the keys; keys may be any (big, negative) Python ints
+    greedy = SamplingParams(max_new_tokens=6, greedy=True)
+    ks = [-1, 2 ** 64 + 3, 2 ** 63, 0, 12345]
+    plain = eng.generate(PROMPTS, greedy)
+    assert [g.tokens for g in eng.generate(PROMPTS, greedy, keys=ks)] == [g.tokens for g in plain]
+    assert len(eng.generate(PROMPTS, KEYED, keys=ks, seed=-(2 ** 70))) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 0.8)])
+def test_keyed_sampled_logprobs_equal_token_logprobs(model, top_k, top_p):
+    T = 0.7
+    params = SamplingParams(max_new_tokens=10, temperature=T, top_k=top_k, top_p=top_p)
+    outs = keyed(model, MANY_PROMPTS, KEYS, params=params, batch_size=3, eos=MANY_EOS)
+    batch = _as_batch(outs)
+    with torch.no_grad():
+        ref, _ = token_logprobs(model, batch, temperature=T)
+    mine = torch.tensor([lp for g in outs for lp in [0.0] * len(g.prompt_ids) + g.logprobs])
+    mask = batch.tokens["action_mask"].bool()
+    torch.testing.assert_close(mine[mask], ref[mask], atol=1e-4, rtol=0)
+    assert (mine[mask] < -1e-3).all()  # of the unfiltered distribution
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.5), (8, 0.7)])
+def test_keyed_sampling_never_picks_a_filtered_token(model, top_k, top_p):
+    T = 1.5  # a flat distribution: without the filter, tokens outside it would be picked often
+    params = SamplingParams(max_new_tokens=10, temperature=T, top_k=top_k, top_p=top_p)
+    outs = keyed(model, MANY_PROMPTS, KEYS, params=params)
+    picked = 0
+    for g in outs:
+        ids = torch.tensor([g.prompt_ids + g.tokens])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(g.prompt_ids) - 1:-1].float() / T
+        kept = torch.isfinite(filter_logits(logits, top_k, top_p))
+        assert kept[torch.arange(len(g.tokens)), torch.tensor(g.tokens)].all()
+        picked += int((logits.argmax(-1) != torch.tensor(g.tokens)).sum())
+    assert picked > 0  # not greedy: the filter keeps more than one token and others are drawn
+    # top-k 1 keyed sampling is greedy decoding
+    top1 = keyed(model, MANY_PROMPTS, KEYS, params=SamplingParams(max_new_tokens=9, temperature=1.3, top_k=1))
+    greedy = engine(model).generate(MANY_PROMPTS, SamplingParams(max_new_tokens=9, greedy=True))
+    assert [g.tokens for g in top1] == [g.tokens for g in greedy]
+
+
+def splitmix64(state, n):
+    """Reference SplitMix64 in Python ints: the first n outputs of `state`."""
+    M, out = (1 << 64) - 1, []
+    for _ in range(n):
+        state = (state + 0x9E3779B97F4A7C15) & M
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def test_int64_hash_is_splitmix64():
+    """The torch int64 hash (wrapping multiply, emulated logical shifts) gives SplitMix64's outputs."""
+    assert hex(splitmix64(0, 1)[0]) == "0xe220a8397b1dcdaf"  # the published first output of seed 0
+    for state in [0, 1, 1234567, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 5]:
+        signed = state - 2 ** 64 if state >= 2 ** 63 else state
+        mine = generate_mod._fmix(torch.tensor(signed) + torch.arange(1, 6) * generate_mod._GAMMA)
+        assert [int(x) % 2 ** 64 for x in mine] == splitmix64(state, 5)
+
+
+def test_keyed_uniforms_are_per_entry_pure_functions():
+    keys, pos = torch.tensor([5, -3, 2 ** 40, 7]), torch.tensor([0, 3, 9, 0])
+    u = keyed_uniforms(11, keys, pos, 50)
+    assert u.dtype == torch.float64 and ((u > 0) & (u < 1)).all()
+    # a row's noise does not depend on the other rows, the vocabulary size or the column range asked for
+    torch.testing.assert_close(keyed_uniforms(11, keys[2:3], pos[2:3], 80)[:, :50], u[2:3], atol=0, rtol=0)
+    torch.testing.assert_close(keyed_uniforms(11, keys, pos, 50, lo=20, hi=30), u[:, 20:30], atol=0, rtol=0)
+    # and changes with the seed, the key and the position
+    assert not torch.equal(keyed_uniforms(12, keys, pos, 50), u)
+    assert not torch.equal(keyed_uniforms(11, keys + 1, pos, 50), u)
+    assert not torch.equal(keyed_uniforms(11, keys, pos + 1, 50), u)
+    # roughly uniform, uncorrelated neighbours (a broken shift or multiply shows here)
+    big = keyed_uniforms(3, torch.arange(400), torch.zeros(400, dtype=torch.long), 500).flatten()
+    assert abs(big.mean().item() - 0.5) < 0.005 and abs(big.var().item() - 1 / 12) < 0.002
+    assert abs(torch.corrcoef(torch.stack([big[:-1], big[1:]]))[0, 1].item()) < 0.01
+    counts = torch.histc(big.float(), bins=20, min=0, max=1)
+    assert ((counts - big.numel() / 20).abs() < 0.03 * big.numel() / 20).all()
+
+
+@pytest.mark.parametrize("over", ["keys", "positions"])
+def test_gumbel_max_frequencies_match_softmax(over):
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5, -3.0, float("-inf")])
+    probs = logits.softmax(-1)
+    n = 60_000
+    counter = torch.arange(n) * 3 + 1
+    zero = torch.zeros(n, dtype=torch.long)
+    keys, positions = (counter, zero) if over == "keys" else (zero + 42, counter)
+    tok = gumbel_sample(logits.expand(n, -1), 2024, keys, positions)
+    counts = torch.bincount(tok, minlength=len(logits)).double()
+    assert counts[-1] == 0  # a -inf (filtered) token is never drawn
+    expected = n * probs[:-1].double()
+    chi2 = ((counts[:-1] - expected) ** 2 / expected).sum().item()
+    assert chi2 < 22.5, (chi2, counts.tolist(), expected.tolist())  # 5 degrees of freedom: p ~ 0.0004
+
+
+def test_gumbel_sample_rows_are_independent_of_the_batch(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 300, generator=g) * 2
+    logits = filter_logits(logits, 30, 0.9)
+    keys, pos = torch.arange(40) * 11, torch.arange(40) % 7
+    whole = gumbel_sample(logits, 9, keys, pos)
+    assert torch.isfinite(logits.gather(-1, whole[:, None])).all()  # only kept tokens
+    perm = torch.randperm(40, generator=g)
+    assert torch.equal(gumbel_sample(logits[perm], 9, keys[perm], pos[perm]), whole[perm])
+    assert torch.equal(torch.cat([gumbel_sample(logits[i:i + 1], 9, keys[i:i + 1], pos[i:i + 1]) for i in range(40)]),
+                       whole)
+    monkeypatch.setattr(generate_mod, "_NOISE_ELEMENTS", 700)  # noise made two rows at a time
+    assert torch.equal(gumbel_sample(logits, 9, keys, pos), whole)
