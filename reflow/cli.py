@@ -6,11 +6,14 @@
     reflow rm    configs/rm_addition.yaml   [key=value ...] [--resume [CKPT]]
     reflow dpo   configs/dpo_addition.yaml  [key=value ...] [--resume [CKPT]]
     reflow train configs/grpo_addition.yaml [key=value ...] [--resume [CKPT]]
+    reflow train configs/grpo_addition.yaml runtime.workers=4 runtime.plan=separate   # on 4 Ray workers
+    reflow plan show configs/grpo_addition.yaml runtime.workers=4 [--save plan.yaml] # graph + plan table
     reflow eval --model runs/grpo/final --data data/addition/test.jsonl
     reflow generate --model runs/grpo/final --prompt "12+34="
 
-User mistakes (config keys, data rows, model folders, reward functions, resume paths) end the command
-with one line on stderr and exit code 2, before any training time is spent.
+User mistakes (config keys, data rows, model folders, reward functions, resume paths, plans) end the
+command with one line on stderr and exit code 2, before any training time is spent. A worker of the Ray
+runtime that fails mid-run ends it with exit code 1 and that worker's error.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from reflow.config.loader import ConfigError, load_config
 
@@ -32,10 +36,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from reflow.models.presets import PresetError
     from reflow.rewards.registry import RewardError
     from reflow.parallel.layout import LayoutError
+    from reflow.runtime.graph import GraphError
+    from reflow.runtime.plan import PlanError
     from reflow.utils.checkpoint import CheckpointError
 
     return (ConfigError, DataError, ModelError, PresetError, RewardError, CheckpointError, LayoutError,
-            FileNotFoundError)
+            PlanError, GraphError, FileNotFoundError)
+
+
+def _run_failures() -> tuple[type[BaseException], ...]:
+    """Failures of a run itself (exit code 1); the runtime is imported only by the commands that use it."""
+    controller = sys.modules.get("reflow.runtime.controller")
+    return (controller.WorkerFailed,) if controller is not None else ()
 
 
 def _split_config_args(args) -> tuple[str | None, list[str]]:
@@ -81,8 +93,11 @@ def _experiment(kind: str, args):
 
     path, overrides = _split_config_args(args)
     if kind == "train":
+        cfg = load_config(RLConfig, path, overrides)
+        if cfg.runtime.workers >= 1:
+            return _RuntimeRun(cfg, args.resume)
         from reflow.experiments.rl import RLExperiment
-        return RLExperiment(load_config(RLConfig, path, overrides), args.resume)
+        return RLExperiment(cfg, args.resume)
     if kind == "sft":
         from reflow.experiments.sft import SFTExperiment
         return SFTExperiment(load_config(SFTConfig, path, overrides), args.resume)
@@ -93,10 +108,59 @@ def _experiment(kind: str, args):
     return RMExperiment(load_config(RMConfig, path, overrides), args.resume)
 
 
+def _resolved_plan(cfg, workers: int):
+    """The graph of an RL config and its plan, validated against the models (nothing starts)."""
+    from reflow.runtime.controller import model_configs
+    from reflow.runtime.graphs import graph_for
+    from reflow.runtime.plan import resolve_plan
+    from reflow.runtime.support import check_plan_workers
+
+    graph = graph_for(cfg)
+    plan = check_plan_workers(resolve_plan(cfg.runtime.plan, graph, workers), cfg.runtime.workers)
+    return graph, plan.validate(graph, model_configs(cfg, graph))
+
+
+class _RuntimeRun:
+    """`reflow train` with runtime.workers >= 1: the graph of calls under a plan on Ray workers
+    (reflow.runtime.controller). Unsupported settings and bad plans fail here, before Ray starts."""
+
+    def __init__(self, cfg, resume):
+        from reflow.runtime.support import check_supported
+
+        self.cfg = cfg
+        for warning in check_supported(cfg, resume):
+            log.warning("%s", warning)
+        _resolved_plan(cfg, cfg.runtime.workers)
+
+    def run(self) -> None:
+        from reflow.runtime.controller import Controller
+
+        t0 = time.perf_counter()
+        controller = Controller(self.cfg)  # prints the plan table when training starts
+        try:
+            history = controller.train()
+        finally:
+            controller.shutdown()
+        cfg, out = self.cfg, Path(self.cfg.output_dir)
+        metrics = out / "metrics.jsonl"
+        if metrics.is_dir():  # the runtime's logger writes <output_dir>/metrics.jsonl/metrics.jsonl
+            metrics = metrics / "metrics.jsonl"
+        print(f"train done in {time.perf_counter() - t0:.0f}s on {cfg.runtime.workers} worker(s), plan "
+              f"'{controller.plan.name}' -> {out}  (metrics: {metrics}; no final model under the runtime yet)")
+        if history:
+            last = history[-1]
+            shown = [k for k in ("reward/mean", "accuracy", "time/step") if last.get(k) is not None]
+            print(f"  step {len(history)}: " + "  ".join(f"{k} {last[k]:.3f}" for k in shown))
+        if cfg.runtime.timeline:
+            print(f"  timeline: {out / 'timeline.json'} (open in chrome://tracing or ui.perfetto.dev)")
+
+
 def cmd_run(kind: str):
     def run(args) -> None:
         t0 = time.perf_counter()
         exp = _experiment(kind, args)
+        if isinstance(exp, _RuntimeRun):
+            return exp.run()
         results = exp.run()
         out = exp.cfg.output_dir
         summary = {k: (v.metrics("") if hasattr(v, "metrics") else v) for k, v in results.items() if v}
@@ -180,6 +244,24 @@ def cmd_layout(args) -> None:
                       f"weights {worst['weights']:.1e}, log-probs {worst['logprobs']:.1e}")
 
 
+def cmd_plan_show(args) -> None:
+    """Print an RL config's graph and its resolved, validated plan; --save writes the plan as YAML."""
+    from reflow.config.schema import RLConfig
+
+    path, overrides = _split_config_args(args)
+    cfg = load_config(RLConfig, path, overrides)
+    graph, plan = _resolved_plan(cfg, cfg.runtime.workers or 1)
+    print(graph.describe())
+    print()
+    print(plan.table(graph))
+    if not cfg.runtime.workers:
+        print(f"(runtime.workers=0: `reflow train` runs in one process; set runtime.workers={plan.world_size} "
+              "to run this plan)")
+    if args.save:
+        plan.save(args.save)
+        print(f"wrote {args.save}: edit it, then pass runtime.plan={args.save}")
+
+
 def cmd_demo(args) -> None:
     from reflow.experiments.demo import run_demo
 
@@ -216,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", nargs="?", const=True, default=None,
                        help="continue from the latest checkpoint in output_dir, or from the given checkpoint folder")
         s.set_defaults(fn=cmd_run(kind))
+
+    s = sub.add_parser("plan", help="execution plans of the Ray runtime (runtime.workers >= 1)")
+    plan_sub = s.add_subparsers(dest="plan_command", required=True)
+    s = plan_sub.add_parser("show", help="print an RL config's graph of calls and its plan (ranks and layout per "
+                                          "call), validated against the models; nothing starts")
+    s.add_argument("config", nargs="?", help="YAML config file (an RL config, as for `reflow train`)")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. runtime.workers=4 runtime.plan=separate")
+    s.add_argument("--save", metavar="PLAN_YAML", help="also write the plan as YAML, to edit and pass as runtime.plan")
+    s.set_defaults(fn=cmd_plan_show)
 
     s = sub.add_parser("demo", help="init-model -> sft -> grpo on the addition task, with a summary (minutes on CPU)")
     s.add_argument("--sft", nargs="*", default=[], help="overrides for the sft stage (key=value)")
@@ -259,12 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    command = " ".join(c for c in (args.command, getattr(args, "plan_command", None)) if c)
     try:
         args.fn(args)
     except _user_errors() as e:
         msg = str(e) if not isinstance(e, FileNotFoundError) else f"file not found: {e.filename or e}"
-        print(f"reflow {args.command}: error: {msg}", file=sys.stderr)
+        print(f"reflow {command}: error: {msg}", file=sys.stderr)
         return 2
+    except _run_failures() as e:
+        print(f"reflow {command}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

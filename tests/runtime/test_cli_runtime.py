@@ -1,0 +1,168 @@
+"""`reflow plan show` and `reflow train runtime.workers=N`'s checks: all before Ray starts (no Ray here)."""
+
+import sys
+
+import pytest
+import yaml
+
+from reflow.cli import main
+from reflow.config.loader import ConfigError, load_config
+from reflow.config.schema import RLConfig
+from reflow.runtime.support import check_supported
+
+
+def run_error(capsys, argv, code=2):
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def rl_args(model, data, *extra):
+    return [f"actor.path={model}", f"data.train={data}/train.jsonl", f"data.eval={data}/test.jsonl",
+            "trainer.progress=false", *extra]
+
+
+def no_ray_started():
+    return "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_plan_show_prints_graph_and_table(debug_model, addition_data, capsys):
+    assert main(["plan", "show", *rl_args(debug_model, addition_data, "runtime.workers=2",
+                                          "runtime.plan=colocate")]) == 0
+    out = capsys.readouterr().out
+    assert "graph grpo:" in out and "actor_gen" in out and "responses -> scores" in out
+    assert "plan 'colocate' on 2 worker(s), graph 'grpo'" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[out.splitlines().index("") + 1:]
+            if line.startswith("  ") and not line.strip().startswith(("call", "-"))}
+    assert set(rows) == {"actor_gen", "reward", "ref_inf", "actor_train"}
+    assert all(r[-2:] == ["0-1", "d2t1p1"] for r in rows.values())
+
+
+def test_plan_show_ppo_separate(debug_model, addition_data, capsys):
+    assert main(["plan", "show", *rl_args(debug_model, addition_data, "algo.name=ppo", "runtime.workers=4",
+                                          "runtime.plan=separate")]) == 0
+    out = capsys.readouterr().out
+    assert "graph ppo:" in out and "critic_train" in out and "plan 'separate' on 4 worker(s)" in out
+
+
+def test_plan_show_saves_a_plan_that_loads_back(debug_model, addition_data, capsys, tmp_path):
+    saved = tmp_path / "plan.yaml"
+    assert main(["plan", "show", *rl_args(debug_model, addition_data, "runtime.workers=4", "runtime.plan=separate"),
+                 "--save", str(saved)]) == 0
+    first = capsys.readouterr().out
+    data = yaml.safe_load(saved.read_text())
+    assert data["world_size"] == 4 and set(data["calls"]) == {"actor_gen", "reward", "ref_inf", "actor_train"}
+    data["calls"]["actor_gen"] = {"ranks": "0-1", "layout": "d1t2p1"}  # an edit: generate under tensor parallel
+    saved.write_text(yaml.safe_dump(data))
+    assert main(["plan", "show", *rl_args(debug_model, addition_data, "runtime.workers=4",
+                                          f"runtime.plan={saved}")]) == 0
+    out = capsys.readouterr().out
+    assert "plan 'separate' on 4 worker(s)" in first
+    assert [line for line in out.splitlines() if line.strip().startswith("actor_gen ") and "d1t2p1" in line]
+
+
+@pytest.mark.parametrize("calls, names", [
+    ({"actor_gen": {"ranks": "0-1", "layout": "d1t3p1"}}, ["actor_gen", "d1t3p1"]),  # 3 ranks on a 2-rank mesh
+    ({"actor_gen": {"ranks": "0-1", "layout": "d1t1p2"}}, ["actor_gen", "pipeline"]),  # generation under p2
+    ({"actor_gen": {"ranks": "0-5", "layout": "d6t1p1"}}, ["actor_gen"]),  # ranks beyond the 4 workers
+    ({"reward": {"ranks": "2-3", "layout": "d1t2p1"}}, ["reward", "no model"]),
+    ({"ref_inf": None}, ["ref_inf"]),  # a call the plan does not place
+    ({"critic_inf": {"ranks": "3", "layout": "d1t1p1"}}, ["critic_inf"]),  # a call the graph does not have
+    ({"actor_gen": {"ranks": "0-1"}}, ["actor_gen", "layout"]),
+])
+def test_bad_plan_file_names_the_call(debug_model, addition_data, capsys, tmp_path, calls, names):
+    plan = {"world_size": 4, "calls": {"actor_gen": {"ranks": "0-1", "layout": "d2t1p1"},
+                                       "reward": {"ranks": "2", "layout": "d1t1p1"},
+                                       "ref_inf": {"ranks": "3", "layout": "d1t1p1"},
+                                       "actor_train": {"ranks": "0-1", "layout": "d2t1p1"}}}
+    for call, spec in calls.items():
+        if spec is None:
+            del plan["calls"][call]
+        else:
+            plan["calls"][call] = spec
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    args = rl_args(debug_model, addition_data, "runtime.workers=4", f"runtime.plan={path}")
+    for command in (["plan", "show"], ["train"]):  # train fails the same way, before Ray starts
+        err = run_error(capsys, [*command, *args, f"output_dir={tmp_path}/run"])
+        assert all(n in err for n in names), err
+    assert no_ray_started()
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_for_other_worker_count(debug_model, addition_data, capsys, tmp_path):
+    path = tmp_path / "plan.yaml"
+    assert main(["plan", "show", *rl_args(debug_model, addition_data, "runtime.workers=4", "runtime.plan=separate"),
+                 "--save", str(path)]) == 0
+    err = run_error(capsys, ["train", *rl_args(debug_model, addition_data, "runtime.workers=2",
+                                               f"runtime.plan={path}", f"output_dir={tmp_path}/run")])
+    assert "runtime.workers=2" in err and "4 worker" in err
+
+
+def test_missing_plan_file(debug_model, addition_data, capsys):
+    err = run_error(capsys, ["plan", "show", *rl_args(debug_model, addition_data, "runtime.workers=2",
+                                                      "runtime.plan=no/such/plan.yaml")])
+    assert "no/such/plan.yaml" in err and "colocate" in err
+
+
+def _cfg(model, data, *extra):
+    return load_config(RLConfig, None, rl_args(model, data, "runtime.workers=2", *extra))
+
+
+@pytest.mark.parametrize("extra, key", [
+    (["algo.ptx_coef=0.1", "data.ptx=sft.jsonl"], "algo.ptx_coef"),
+    (["algo.adv_estimator=reinforce++", "reward.prm=prm.py:steps"], "reward.prm"),
+    (["algo.actor_ema=0.99"], "algo.actor_ema"),
+    (["algo.ref_ema=0.9"], "algo.ref_ema"),
+    (["actor.dtype=bfloat16"], "actor.dtype"),
+    (["algo.adv_estimator=grpovi", "algo.grpovi_low=1", "algo.grpovi_high=0"], "algo.adv_estimator=grpovi"),
+])
+def test_check_supported_rejects(debug_model, addition_data, extra, key):
+    with pytest.raises(ConfigError, match="workers=0|grpovi_low") as e:
+        check_supported(_cfg(debug_model, addition_data, *extra))
+    assert key in str(e.value)
+
+
+def test_check_supported_rejects_resume_and_warns(debug_model, addition_data):
+    cfg = _cfg(debug_model, addition_data)
+    with pytest.raises(ConfigError, match="--resume"):
+        check_supported(cfg, resume=True)
+    warnings = check_supported(cfg)
+    assert any("data.eval" in w for w in warnings) and any("checkpoints" in w for w in warnings)
+    assert not any("data.eval" in w for w in check_supported(_cfg(debug_model, addition_data, "data.eval=null")))
+    # the critic's dtype matters only when there is a critic
+    check_supported(_cfg(debug_model, addition_data, "critic.dtype=bfloat16"))
+
+
+def test_train_rejects_unsupported_before_ray(debug_model, addition_data, capsys, tmp_path):
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"prompt": "1+1=", "response": "2"}\n')
+    err = run_error(capsys, ["train", *rl_args(debug_model, addition_data, "runtime.workers=2", "algo.ptx_coef=0.1",
+                                               f"data.ptx={sft}", f"output_dir={tmp_path}/run")])
+    assert err.startswith("reflow train: error: algo.ptx_coef=0.1 (PPO-ptx) is not supported under runtime.workers=2")
+    err = run_error(capsys, ["train", *rl_args(debug_model, addition_data, "runtime.workers=2",
+                                               f"output_dir={tmp_path}/run"), "--resume"])
+    assert "--resume" in err
+    assert no_ray_started()
+    assert not (tmp_path / "run").exists()
+
+
+def test_worker_failure_exits_1_with_its_message(debug_model, addition_data, capsys, tmp_path, monkeypatch):
+    import reflow.runtime.controller as controller
+
+    class FailingController:
+        def __init__(self, cfg):
+            self.plan = None
+
+        def train(self):
+            raise controller.WorkerFailed("worker 1 failed in 'actor_train': boom")
+
+        def shutdown(self):
+            FailingController.shut = True
+
+    monkeypatch.setattr(controller, "Controller", FailingController)
+    err = run_error(capsys, ["train", *rl_args(debug_model, addition_data, "runtime.workers=2", "data.eval=null",
+                                               f"output_dir={tmp_path}/run")], code=1)
+    assert err == "reflow train: error: worker 1 failed in 'actor_train': boom"
+    assert FailingController.shut
