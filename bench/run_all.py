@@ -12,13 +12,14 @@ e2e_vs_trl, hence .venv-bench):
     grpovi_vs_grpo  bench/grpovi_vs_grpo.py   GRPOVI vs GRPO learning curves       -> grpovi_vs_grpo.{md,png}
     grpovi_scaling  bench/grpovi_scaling.py   GRPOVI O(n log n) micro-benchmark    -> grpovi_scaling.md (its output)
     generation      bench/generation.py       generation throughput (when the script exists) -> generation.md
+    realloc         bench/realloc.py          planned vs naive parameter reallocation, 4 gloo processes -> realloc.md
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
 `--only NAME` re-runs one benchmark and the table keeps the others' last results (marked as earlier runs).
 Time on the project's 2-core CPU machine: 17 and 26 minutes measured with other jobs beside it (e2e_vs_trl
 about 1 minute of it when the machine is quiet, 11 when it is not); `--quick` (30 e2e steps, 3 MFU steps, GRPOVI 50 steps x 1 seed,
-generation on tiny-llama at batches 8 and 32) about a third of that. A benchmark that fails is reported in the
+generation on tiny-llama at batches 8 and 32, realloc without the 100M model) about a third of that. A benchmark that fails is reported in the
 table and the others still run; the exit status is then 1.
 """
 
@@ -175,6 +176,26 @@ def fig_generation(r: dict) -> str:
     return "reflow / `model.generate` tokens/s: " + ", ".join(out) if out else "see the result file"
 
 
+def fig_realloc(r: dict) -> str:
+    """naive / planned time and bytes per model (range over the layout pairs), planned / bandwidth bound."""
+    s = r["summary"]
+    if not s:
+        return "no summary (see the log)"
+    by_model: dict[str, list[dict]] = {}
+    for row in s["rows"]:
+        by_model.setdefault(row["model"], []).append(row)
+    parts = []
+    for model, rows in by_model.items():
+        t = [x["t_naive"] / x["t_plan"] for x in rows]
+        b = [x["naive_total"] / x["plan_total"] for x in rows if x["plan_total"]]
+        lb = [x["t_plan"] / (x["plan_max"] / s["bandwidth_Bps"]) for x in rows if x["plan_max"]]
+        parts.append(f"{model}: time {min(t):.2f}-{max(t):.2f}x, bytes {min(b):.2f}-{max(b):.2f}x, "
+                     f"planned/bound {min(lb):.1f}-{max(lb):.1f}")
+    pairs = len({row["pair"] for row in s["rows"]})
+    return (f"naive / planned over {pairs} layout pairs on {s['world']} gloo processes; " + "; ".join(parts)
+            + f" (link {s['bandwidth_Bps'] / 1e9:.2f} GB/s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps and seeds (about half the time)")
@@ -204,6 +225,10 @@ def main() -> None:
         quick_gen = ["--models", "tiny-llama", "--batches", "8", "32"] if q else []
         jobs.append(("generation", ["bench/generation.py", *quick_gen, "--out", "bench/results/generation.md"],
                      ["generation.md"], fig_generation))
+    if (ROOT / "bench" / "realloc.py").is_file():
+        quick_realloc = ["--models", "tiny-llama", "small-llama"] if q else []
+        jobs.append(("realloc", ["bench/realloc.py", *quick_realloc, "--out", "bench/results/realloc.md"],
+                     ["realloc.md"], fig_realloc))
     selected = [j for j in jobs if (not args.only or j[0] in args.only) and j[0] not in args.skip]
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -275,6 +300,10 @@ def main() -> None:
     if any(r["name"] == "generation" for r in results):
         md.append("- **generation**: reflow's generation engine against transformers `model.generate` "
                   "(bench/generation.py).")
+    if any(r["name"] == "realloc" for r in results):
+        md.append("- **realloc**: reflow's planned parameter reallocation between layouts (identical, overlapping and "
+                  "disjoint meshes) against gathering the whole model everywhere, and against the bandwidth bound "
+                  "(bytes / measured gloo link bandwidth) (bench/realloc.py).")
     (RESULTS / "README.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     sys.exit(1 if failed else 0)
