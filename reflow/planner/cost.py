@@ -1,0 +1,300 @@
+"""Cost model: the time of one call of the graph under a layout on its ranks.
+
+Notation: layout dXtYpZ on ranks R; B sequences per iteration of P prompt and G generated tokens
+(S = P + G); a stage holds n_s decoder layers (stage_bounds), the last one also the head; F_layer and
+the parameter counts are those of reflow.planner.models; b = bytes per value (bf16: 2); hw figures as in
+hardware.py (F = flops x matmul efficiency, M = memory bandwidth x memory efficiency).
+
+One pass of a stage over T tokens attending to c keys each (the building block):
+
+    compute  = (n_s F_layer(T, c) / t + F_head(T)) / F          (the head is not tensor split here)
+    weights  = (n_s (P_split / t + P_whole) + P_head) b / M      (every weight read once per pass)
+    stage(T) = max(compute, weights) + n_s overhead + n_s k AR_t(T h b)
+
+with AR_t an all-reduce over the stage's tensor-parallel group (k = 2 per layer forward: after attention
+and after the MLP; 4 forward + backward; 6 with activation checkpointing, which reruns the forward).
+
+infer (forward: log-probs, values, rewards), per data-parallel replica, B/d sequences, T = (B/d) S tokens
+cut into m micro-batches (m = ceil(T / micro_tokens), at least p when pipelined), c = S/2 (causal):
+
+    time = (m + p - 1) * max_s [stage_s(T/m) + send(T/m h b)]         GPipe: bubble (p-1)/(m+p-1)
+
+train (one optimizer step per mini-batch, `epochs` passes): T = B S / (d * mini_batches) tokens per
+replica per step, m micro-batches; backward = 2 forward FLOPs (3 x, or 4 x with checkpointing);
+FSDP over the d ranks of each (pp, tp) group gathers the stage's weights twice (forward, backward) and
+reduce-scatters its gradients: per micro-batch without pipeline (reflow's engine syncs every micro-batch),
+once per step with one (the pipeline keeps weights gathered until the last micro-batch):
+
+    pipe   = (m + p - 1) * max_s train_stage_s(T/m)
+    fsdp   = k_sync (2 AG_d(W_s b) + RS_d(W_s b))            W_s: the stage's weights on one tp rank
+    step   = max(pipe, fsdp) + fsdp / (k_sync n_s)           (prefetch hides the gathers behind compute,
+                                                             except the first layer's)
+    adam   = W_s / d * 28 bytes / M                           (read fp32 master, m, v, grad; write 3)
+    time   = epochs * mini_batches * (step + adam)
+
+generate (per replica b_r = B/d sequences, in waves of at most `concurrency` sequences: the KV cache of a
+wave must fit, see memory.py): prefill is an infer pass over the wave's prompts (c = P/2); decode step k
+(k = 0..G-1) processes one token per sequence of the wave (T = wave) attending to P + k keys:
+
+    compute_k = (L F_layer(wave, P + k) / t + F_head(wave)) / F                 (linear in k)
+    memory_k  = ((L (P_split / t + P_whole) + P_head) b + L wave (P + k) kv / t) / M   (weights + KV read)
+    step_k    = max(compute_k, memory_k) + L overhead + 2 L AR_t(wave h b)
+    time      = waves * (prefill + sum_k step_k)             (decode is memory-bandwidth bound at small
+                                                             batch: every step reads all weights)
+
+A generate / infer call that runs on the owner copy of a trained role (same placement as its train call)
+uses the FSDP-sharded weights: every forward pass all-gathers the stage's weights over d (per micro-batch
+for infer, per decode step and prefill for generate), overlapped with compute:
+infer = max(pipe, m AG_d) + AG_d / n_s; decode = max(decode, G AG_d).
+
+A call on a role without a model (a reward function) costs nothing here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from reflow.parallel.layout import Layout
+from reflow.parallel.pipeline import stage_bounds
+from reflow.planner.hardware import Hardware
+from reflow.planner.models import ModelShape
+from reflow.runtime.plan import Placement
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one iteration processes.
+
+    batch: sequences per iteration (prompts x samples per prompt); prompt_len / gen_len: tokens per
+    sequence (every sequence generates gen_len tokens); mini_batches: optimizer steps per train call;
+    epochs: passes over the batch per train call; micro_tokens: tokens per micro-batch per data-parallel
+    replica (train and infer); checkpointing: activation checkpointing in train calls."""
+
+    batch: int = 512
+    prompt_len: int = 256
+    gen_len: int = 256
+    mini_batches: int = 1
+    epochs: int = 1
+    micro_tokens: int = 8192
+    checkpointing: bool = True
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.gen_len
+
+
+@dataclass
+class CallCost:
+    time: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- groups
+@lru_cache(maxsize=1 << 16)
+def groups(pl: Placement) -> dict[str, list[tuple[int, ...]]]:
+    """The tensor-, data- and pipeline-parallel groups (global ranks) of a placement."""
+    L = pl.layout
+    d, t, p = L.d, L.t, L.p
+    idx = lambda pp, dp, tp: pl.ranks[pp * d * t + dp * t + tp]  # noqa: E731 (layout.coords inverted)
+    return {
+        "tp": [tuple(idx(pp, dp, tp) for tp in range(t)) for pp in range(p) for dp in range(d)],
+        "dp": [tuple(idx(pp, dp, tp) for dp in range(d)) for pp in range(p) for tp in range(t)],
+        "pp": [tuple(idx(pp, dp, tp) for pp in range(p)) for dp in range(d) for tp in range(t)],
+    }
+
+
+def _worst_group(hw: Hardware, gs: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The group on the slowest link (inter-node if any is), as the representative one."""
+    for g in gs:
+        if hw.link(g) != (hw.intra_bw, hw.intra_lat):
+            return g
+    return gs[0]
+
+
+def stage_layers(m: ModelShape, p: int) -> list[int]:
+    return [b - a for a, b in (stage_bounds(m.layers, p, s) for s in range(p))]
+
+
+def stage_weight_elems(m: ModelShape, t: int, n_layers: int, last: bool) -> float:
+    """Weights one tensor-parallel rank of a stage holds whole (before any FSDP sharding)."""
+    return n_layers * (m.layer_split_params / t + m.layer_whole_params) + m.vocab * m.hidden + \
+        ((m.hidden + m.head_params) if last else 0)
+
+
+# ---------------------------------------------------------------------------------------------- passes
+def stage_pass(m: ModelShape, hw: Hardware, t: int, tp: tuple[int, ...], tokens: float, context: float,
+               n_layers: int, head: bool, compute_passes: float = 1.0, weight_reads: float = 1.0,
+               allreduces: int = 2) -> tuple[float, dict]:
+    """Time of one stage over `tokens` tokens: max(compute, weights) + overhead + TP all-reduces."""
+    flops = (n_layers * m.layer_flops(tokens, context) / t + (m.head_flops(tokens) if head else 0)) * compute_passes
+    compute = flops / hw.eff_flops
+    weights = (n_layers * (m.layer_split_params / t + m.layer_whole_params) + (m.head_params if head else 0)) \
+        * m.dtype_bytes * weight_reads / hw.eff_mem_bw
+    tp_comm = n_layers * allreduces * hw.all_reduce(tokens * m.hidden * m.dtype_bytes, tp) if t > 1 else 0.0
+    overhead = n_layers * hw.layer_overhead * compute_passes
+    return max(compute, weights) + overhead + tp_comm, {"compute": compute, "weights": weights, "tp_comm": tp_comm,
+                                                        "overhead": overhead}
+
+
+def _micro_batches(tokens: float, seqs: int, wl: Workload, p: int) -> int:
+    m = max(1, math.ceil(tokens / wl.micro_tokens))
+    if p > 1:
+        m = max(m, p)
+    return max(1, min(m, seqs))
+
+
+def _pipeline(m: ModelShape, hw: Hardware, pl: Placement, tokens: float, context: float, micro: int,
+              **kw) -> tuple[float, dict]:
+    """(micro + p - 1) x the slowest stage's per-micro-batch time (GPipe), with activation sends."""
+    L = pl.layout
+    g = groups(pl)
+    tp = _worst_group(hw, g["tp"])
+    layers = stage_layers(m, L.p)
+    tm = tokens / micro
+    worst, parts = 0.0, {}
+    for s, n in enumerate(layers):
+        t_s, parts_s = stage_pass(m, hw, L.t, tp, tm, context, n, s == L.p - 1, **kw)
+        if t_s > worst:
+            worst, parts = t_s, parts_s
+    send = 0.0
+    if L.p > 1:
+        pp = _worst_group(hw, g["pp"])
+        bw, lat = hw.link(pp)
+        send = tm * m.hidden * m.dtype_bytes * kw.get("weight_reads", 1.0) / bw + lat
+    per_micro = worst + send
+    total = (micro + L.p - 1) * per_micro
+    out = {k: v * micro for k, v in parts.items()}
+    out["pp_send"] = send * micro
+    out["pp_bubble"] = (L.p - 1) * per_micro
+    return total, out
+
+
+# ---------------------------------------------------------------------------------------------- calls
+def _owner_gather(m: ModelShape, pl: Placement, hw: Hardware) -> float:
+    """One all-gather of a stage's weights over its data-parallel group (a forward on the FSDP owner copy)."""
+    L = pl.layout
+    if L.d <= 1:
+        return 0.0
+    layers = stage_layers(m, L.p)
+    w = max(stage_weight_elems(m, L.t, n, s == L.p - 1) for s, n in enumerate(layers))
+    return hw.all_gather(w * m.dtype_bytes, _worst_group(hw, groups(pl)["dp"]))
+
+
+def infer_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, owner_sharded: bool = False) -> CallCost:
+    L = pl.layout
+    seqs = math.ceil(wl.batch / L.d)
+    tokens = seqs * wl.seq_len
+    micro = _micro_batches(tokens, seqs, wl, L.p)
+    total, parts = _pipeline(m, hw, pl, tokens, wl.seq_len / 2, micro)
+    if owner_sharded and L.d > 1:
+        ag = _owner_gather(m, pl, hw)
+        parts["fsdp"] = micro * ag
+        total = max(total, micro * ag) + ag / max(1, max(stage_layers(m, L.p)))
+    parts["micro_batches"] = micro
+    return CallCost(total, parts)
+
+
+def train_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload) -> CallCost:
+    L = pl.layout
+    seqs = math.ceil(wl.batch / (L.d * wl.mini_batches))
+    tokens = seqs * wl.seq_len
+    micro = _micro_batches(tokens, seqs, wl, L.p)
+    passes = 4.0 if wl.checkpointing else 3.0
+    pipe, parts = _pipeline(m, hw, pl, tokens, wl.seq_len / 2, micro, compute_passes=passes,
+                            weight_reads=3.0, allreduces=6 if wl.checkpointing else 4)
+    layers = stage_layers(m, L.p)
+    w_stage = max(stage_weight_elems(m, L.t, n, s == L.p - 1) for s, n in enumerate(layers))
+    fsdp = 0.0
+    if L.d > 1:
+        dp = _worst_group(hw, groups(pl)["dp"])
+        syncs = 1 if L.p > 1 else micro
+        fsdp = syncs * (2 * hw.all_gather(w_stage * m.dtype_bytes, dp) + hw.reduce_scatter(w_stage * m.dtype_bytes, dp))
+        step = max(pipe, fsdp) + fsdp / (syncs * max(1, max(layers)))
+    else:
+        step = pipe
+    adam = w_stage / L.d * 28 / hw.eff_mem_bw
+    steps = wl.epochs * wl.mini_batches
+    parts = {k: v * steps for k, v in parts.items()}
+    parts.update(fsdp=fsdp * steps, optimizer=adam * steps, micro_batches=micro, steps=steps)
+    return CallCost(steps * (step + adam), parts)
+
+
+def _sum_max_linear(a1: float, b1: float, a2: float, b2: float, n: int) -> float:
+    """sum_{k=0}^{n-1} max(a1 + b1 k, a2 + b2 k), exactly (the two lines cross at most once)."""
+    def seg(a, b, lo, hi):  # sum over k in [lo, hi)
+        cnt = hi - lo
+        return a * cnt + b * (lo + hi - 1) * cnt / 2 if cnt > 0 else 0.0
+
+    if n <= 0:
+        return 0.0
+    if b1 == b2:
+        return seg(max(a1, a2), b1, 0, n)
+    x = (a2 - a1) / (b1 - b2)  # f1 >= f2 for k >= x when b1 > b2
+    k = min(n, max(0, math.ceil(x)))
+    if b1 > b2:
+        return seg(a2, b2, 0, k) + seg(a1, b1, k, n)
+    return seg(a1, b1, 0, k) + seg(a2, b2, k, n)
+
+
+def generate_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, concurrency: int | None = None,
+                  owner_sharded: bool = False) -> CallCost:
+    L = pl.layout
+    seqs = math.ceil(wl.batch / L.d)
+    conc = max(1, min(seqs, concurrency or seqs))
+    waves = math.ceil(seqs / conc)
+    wave = math.ceil(seqs / waves)
+    g = groups(pl)
+    tp = _worst_group(hw, g["tp"])
+    P, G = wl.prompt_len, wl.gen_len
+    # prefill: one pass over the wave's prompts (pipelined over p micro-batches when p > 1)
+    pre_micro = max(1, min(wave, L.p))
+    prefill, _ = _pipeline(m, hw, pl, wave * P, P / 2, pre_micro)
+    # decode: every stage in turn for each token (no pipelining across stages within a step)
+    lin_c = [0.0, 0.0]
+    lin_m = [0.0, 0.0]
+    fixed = 0.0
+    for s, n in enumerate(stage_layers(m, L.p)):
+        head = s == L.p - 1
+        lin_c[0] += (n * m.layer_flops(wave, P) / L.t + (m.head_flops(wave) if head else 0)) / hw.eff_flops
+        lin_c[1] += n * 4 * wave * m.q_dim / L.t / hw.eff_flops
+        w = (n * (m.layer_split_params / L.t + m.layer_whole_params) + (m.head_params if head else 0)) * m.dtype_bytes
+        lin_m[0] += (w + n * wave * P * m.kv_bytes_per_token_layer / L.t) / hw.eff_mem_bw
+        lin_m[1] += n * wave * m.kv_bytes_per_token_layer / L.t / hw.eff_mem_bw
+        fixed += n * hw.layer_overhead + (n * 2 * hw.all_reduce(wave * m.hidden * m.dtype_bytes, tp) if L.t > 1 else 0)
+    if L.p > 1:
+        bw, lat = hw.link(_worst_group(hw, g["pp"]))
+        fixed += (L.p - 1) * (wave * m.hidden * m.dtype_bytes / bw + lat)
+    decode = _sum_max_linear(lin_c[0], lin_c[1], lin_m[0], lin_m[1], G) + G * fixed
+    gather = 0.0
+    if owner_sharded and L.d > 1:
+        ag = _owner_gather(m, pl, hw)
+        gather = (G + 1) * ag
+        decode = max(decode, G * ag)
+        prefill = max(prefill, ag) + ag / max(1, max(stage_layers(m, L.p)))
+    bound = "memory" if lin_m[0] + lin_m[1] * G / 2 > lin_c[0] + lin_c[1] * G / 2 else "compute"
+    return CallCost(waves * (prefill + decode), {"prefill": waves * prefill, "decode": waves * decode,
+                                                 "waves": waves, "wave_seqs": wave, "decode_fixed": waves * G * fixed,
+                                                 "fsdp": waves * gather,
+                                                 f"decode_{bound}_bound": 1})
+
+
+def call_cost(kind: str, m: ModelShape | None, pl: Placement, hw: Hardware, wl: Workload,
+              concurrency: int | None = None, owner_sharded: bool = False) -> CallCost:
+    """Time of one call of `kind` (generate, infer, train); a role without a model costs nothing.
+    owner_sharded: a generate / infer call on the FSDP owner copy of a trained role."""
+    if m is None:
+        return CallCost(0.0)
+    if kind == "generate":
+        return generate_cost(m, pl, hw, wl, concurrency, owner_sharded)
+    if kind == "infer":
+        return infer_cost(m, pl, hw, wl, owner_sharded)
+    if kind == "train":
+        return train_cost(m, pl, hw, wl)
+    raise ValueError(f"unknown call kind '{kind}'")
+
+
+def placement(layout: str | Layout, ranks) -> Placement:
+    """Placement('d2t2p1', range(4)) shorthand."""
+    return Placement(tuple(int(r) for r in ranks), Layout.parse(layout) if isinstance(layout, str) else layout)

@@ -1,0 +1,297 @@
+"""Plan search: simulated annealing over a mesh and a layout per call, scored by the simulator.
+
+The search space:
+
+    groups    the train calls of a role share one placement (its owner copy); every other call is a
+              group of its own
+    meshes    contiguous rank ranges of a power-of-2 size s, aligned to s: inside one node when
+              s < devices per node, whole nodes otherwise; and all devices
+    layouts   every dXtYpZ with d t p = mesh size that the role's model allows (t divides the heads,
+              KV heads and intermediate size; p <= layers), t <= devices per node (tensor parallel
+              stays on NVLink), p = 1 for generation; d only for a role without a model
+
+Moves (a group picked uniformly): another mesh with a random layout (30%), another layout on the same
+mesh (30%), the placement of another group of the same role (15%: removes a reallocation), the same
+layout on a neighbouring mesh of the same size (10%), the mesh halved or doubled (15%).
+
+Annealing: cost(plan) = simulated iteration time, times (2 + GB over memory) for plans that do not fit
+(so the chain can walk out of them; only plans that fit are ever returned). A move from cost c to c' is
+taken when c' <= c or with probability exp(-(c' - c) / (T c)), T falling geometrically from 0.1 to 0.001
+over the steps of a chain. Chains start from the built-in plans with their layouts tuned (coordinate
+descent over each group's layouts), which are also reported, with the built-in plans as they are, for
+comparison. Everything is driven by random.Random(seed): the same seed gives the same plan.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+from reflow.parallel.layout import Layout
+from reflow.planner.hardware import GB
+from reflow.planner.simulator import Evaluation, Problem, evaluate
+from reflow.runtime.plan import BUILTIN, Placement, Plan
+
+
+# ---------------------------------------------------------------------------------------------- space
+def candidate_meshes(world_size: int, per_node: int) -> list[tuple[int, ...]]:
+    """Contiguous, size-aligned power-of-2 rank ranges (inside a node, or whole nodes), and all ranks."""
+    out: list[tuple[int, ...]] = []
+    s = 1
+    while s <= world_size:
+        for k in range(world_size // s):
+            lo, hi = k * s, (k + 1) * s
+            within = lo // per_node == (hi - 1) // per_node
+            whole_nodes = lo % per_node == 0 and s % per_node == 0
+            if within or whole_nodes:
+                out.append(tuple(range(lo, hi)))
+        s *= 2
+    everyone = tuple(range(world_size))
+    if everyone not in out:
+        out.append(everyone)
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def candidate_layouts(size: int, model, kind: str, per_node: int) -> list[Layout]:
+    """Every layout of `size` ranks valid for the model (see the module docstring)."""
+    if model is None:
+        return [Layout(size, 1, 1)]
+    c = model.config if getattr(model, "config", None) is not None else None
+    heads = model.heads
+    kv = model.kv_heads
+    inter = model.intermediate
+    layers = model.layers
+    out = []
+    for t in _divisors(size):
+        if heads % t or kv % t or inter % t or t > per_node:
+            continue
+        for p in _divisors(size // t):
+            if p > layers or (kind == "generate" and p > 1):
+                continue
+            out.append(Layout(size // (t * p), t, p))
+    del c
+    return out
+
+
+@dataclass
+class Group:
+    name: str
+    role: str
+    kind: str  # "train", or the call's kind
+    calls: list[str]
+    model: object
+    layouts: dict[int, list[Layout]] = field(default_factory=dict)  # mesh size -> valid layouts
+    meshes: list[tuple[int, ...]] = field(default_factory=list)  # meshes with at least one valid layout
+
+
+def make_groups(problem: Problem) -> list[Group]:
+    g = problem.graph
+    per_node = problem.hw.devices_per_node
+    meshes = candidate_meshes(problem.world_size, per_node)
+    out: dict[str, Group] = {}
+    for name in g.order:
+        call = g.call(name)
+        key = f"{call.role}:train" if call.kind == "train" else name
+        if key not in out:
+            out[key] = Group(key, call.role, call.kind, [], problem.models.get(call.role))
+        out[key].calls.append(name)
+    for grp in out.values():
+        for mesh in meshes:
+            n = len(mesh)
+            if n not in grp.layouts:
+                grp.layouts[n] = candidate_layouts(n, grp.model, grp.kind, per_node)
+            if grp.layouts[n]:
+                grp.meshes.append(mesh)
+    return list(out.values())
+
+
+def to_plan(problem: Problem, groups: list[Group], state: dict[str, Placement], name: str) -> Plan:
+    calls = {}
+    for grp in groups:
+        for c in grp.calls:
+            calls[c] = state[grp.name]
+    return Plan(name, problem.world_size, {c: calls[c] for c in problem.graph.order})
+
+
+def from_plan(groups: list[Group], plan: Plan) -> dict[str, Placement]:
+    return {grp.name: plan.calls[grp.calls[0]] for grp in groups}
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def score(ev: Evaluation) -> float:
+    return ev.time if ev.feasible else ev.time * (2.0 + ev.memory.overflow / GB)
+
+
+class _Scorer:
+    def __init__(self, problem: Problem, groups: list[Group]):
+        self.problem, self.groups = problem, groups
+        self.cache: dict[tuple, Evaluation] = {}
+        self.evaluations = 0
+
+    def __call__(self, state: dict[str, Placement], name: str = "searched") -> Evaluation:
+        key = tuple(state[g.name] for g in self.groups)
+        ev = self.cache.get(key)
+        if ev is None:
+            self.evaluations += 1
+            ev = evaluate(self.problem, to_plan(self.problem, self.groups, state, name))
+            if len(self.cache) < 200_000:
+                self.cache[key] = ev
+        return ev
+
+
+def tune_layouts(scorer: _Scorer, state: dict[str, Placement], rounds: int = 2) -> dict[str, Placement]:
+    """Coordinate descent: each group in turn takes the best layout on its mesh, the others fixed."""
+    state = dict(state)
+    best = score(scorer(state))
+    for _ in range(rounds):
+        improved = False
+        for grp in scorer.groups:
+            mesh = state[grp.name].ranks
+            for lay in grp.layouts.get(len(mesh)) or candidate_layouts(len(mesh), grp.model, grp.kind,
+                                                                       scorer.problem.hw.devices_per_node):
+                trial = dict(state)
+                trial[grp.name] = Placement(mesh, lay)
+                s = score(scorer(trial))
+                if s < best - 1e-12:
+                    best, state, improved = s, trial, True
+        if not improved:
+            break
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- moves
+def _propose(rng: random.Random, groups: list[Group], state: dict[str, Placement]) -> dict[str, Placement] | None:
+    grp = groups[rng.randrange(len(groups))]
+    cur = state[grp.name]
+    u = rng.random()
+    new: Placement | None = None
+    if u < 0.30:
+        mesh = grp.meshes[rng.randrange(len(grp.meshes))]
+        lays = grp.layouts[len(mesh)]
+        new = Placement(mesh, lays[rng.randrange(len(lays))])
+    elif u < 0.60:
+        lays = grp.layouts.get(len(cur.ranks)) or []
+        if lays:
+            new = Placement(cur.ranks, lays[rng.randrange(len(lays))])
+    elif u < 0.75:
+        others = [g for g in groups if g.role == grp.role and g.name != grp.name]
+        if others:
+            pl = state[others[rng.randrange(len(others))].name]
+            if pl.layout in (grp.layouts.get(len(pl.ranks)) or []):
+                new = pl
+    elif u < 0.85:
+        same = [m for m in grp.meshes if len(m) == len(cur.ranks) and m != cur.ranks]
+        if same:
+            new = Placement(same[rng.randrange(len(same))], cur.layout)
+    else:
+        lo, hi = cur.ranks[0], cur.ranks[-1] + 1
+        near = [m for m in grp.meshes if len(m) in (2 * len(cur.ranks), len(cur.ranks) // 2)
+                and (m[0] <= lo < hi <= m[-1] + 1 or lo <= m[0] <= m[-1] < hi)]
+        if near:
+            mesh = near[rng.randrange(len(near))]
+            lays = grp.layouts[len(mesh)]
+            new = Placement(mesh, lays[rng.randrange(len(lays))])
+    if new is None or new == cur:
+        return None
+    out = dict(state)
+    out[grp.name] = new
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- search
+@dataclass
+class SearchResult:
+    plan: Plan
+    evaluation: Evaluation
+    baselines: dict[str, Evaluation]
+    steps: int
+    evaluations: int
+    seconds: float
+    seed: int
+
+    @property
+    def time(self) -> float:
+        return self.evaluation.time
+
+    @property
+    def peak_memory(self) -> dict[int, float]:
+        return self.evaluation.memory.peak
+
+    def report(self) -> str:
+        g = self.evaluation.plan
+        lines = [f"searched plan (seed {self.seed}, {self.steps} steps, {self.evaluations} plans simulated, "
+                 f"{self.seconds:.1f} s):", self.evaluation.summary()]
+        for name, ev in self.baselines.items():
+            ratio = f"  ({ev.time / self.time:.2f}x the searched plan)" if ev.feasible else ""
+            lines.append(f"  {name:<18} {ev.summary()}{ratio}")
+        del g
+        return "\n".join(lines)
+
+
+def default_steps(problem: Problem, groups: list[Group]) -> int:
+    return int(600 * len(groups) * (1 + math.log2(max(2, problem.world_size)) / 3))
+
+
+def search(problem: Problem, *, seed: int = 0, steps: int | None = None, chains: int = 2,
+           time_limit: float | None = None) -> SearchResult:
+    """The fastest plan found that fits in memory (see the module docstring). Deterministic for a seed
+    unless `time_limit` (seconds, a safety net) cuts the chains short."""
+    t_start = time.perf_counter()
+    groups = make_groups(problem)
+    scorer = _Scorer(problem, groups)
+    steps = steps or default_steps(problem, groups)
+
+    baselines: dict[str, Evaluation] = {}
+    starts: list[dict[str, Placement]] = []
+    for name, build in BUILTIN.items():
+        plan = build(problem.graph, problem.world_size)
+        baselines[name] = evaluate(problem, plan)
+        tuned = tune_layouts(scorer, from_plan(groups, plan))
+        baselines[f"{name} (tuned)"] = evaluate(problem, to_plan(problem, groups, tuned, f"{name} (tuned)"))
+        starts.append(tuned)
+
+    rng = random.Random(seed)
+    best_state, best_ev = None, None
+    for st in starts:
+        ev = scorer(st)
+        if ev.feasible and (best_ev is None or ev.time < best_ev.time):
+            best_state, best_ev = st, ev
+    per_chain = max(1, steps // max(1, chains))
+    done = 0
+    for ch in range(chains):
+        state = dict(starts[ch % len(starts)])
+        cur = score(scorer(state))
+        for k in range(per_chain):
+            if time_limit is not None and time.perf_counter() - t_start > time_limit:
+                break
+            temp = 0.1 * (0.01 ** (k / per_chain))
+            trial = _propose(rng, groups, state)
+            done += 1
+            if trial is None:
+                continue
+            ev = scorer(trial)
+            s = score(ev)
+            if s <= cur or rng.random() < math.exp(-(s - cur) / (temp * cur)):
+                state, cur = trial, s
+                if ev.feasible and (best_ev is None or ev.time < best_ev.time - 1e-12):
+                    best_state, best_ev = trial, ev
+        if best_state is not None and ch + 1 < chains:  # polish the best so far before the next chain
+            best_state = tune_layouts(scorer, best_state, rounds=1)
+            best_ev = scorer(best_state)
+    if best_state is None:
+        reasons = "; ".join(f"{n}: {e.reason}" for n, e in baselines.items() if not e.feasible)
+        raise PlanSearchError(f"no plan of {problem.world_size} devices found that fits in memory "
+                              f"({problem.hw.name}); built-in plans: {reasons}")
+    best_state = tune_layouts(scorer, best_state, rounds=1)
+    final = evaluate(problem, to_plan(problem, groups, best_state, "searched"))
+    return SearchResult(final.plan, final, baselines, done, scorer.evaluations, time.perf_counter() - t_start, seed)
+
+
+class PlanSearchError(ValueError):
+    """No plan fits: the message carries the built-in plans' memory reasons."""

@@ -1,0 +1,169 @@
+"""Simulator: a plan's iteration time and per-rank peak memory, by scheduling the graph's calls on their
+meshes for a few iterations.
+
+Rules (those of reflow.runtime.controller and the workers):
+
+    * calls are issued in the graph's order; a rank runs its tasks in issue order, so calls whose meshes
+      overlap serialise in graph order and calls on disjoint meshes overlap in time
+    * a call starts when its inputs are ready (the calls producing them have ended), its role's previous
+      call has ended (within an iteration; and a role's first call of iteration i+1 after its last call
+      of iteration i), and every rank it needs is free
+    * a generate / infer call that needs a copy of its role's weights (planner.realloc.needs_copy) first
+      reallocates them: a task on the owner's ranks and the call's ranks together (time from
+      planner.realloc), then the call
+    * barrier=True (the controller's behaviour: it waits for all of a step's tasks): iteration i+1 starts
+      when iteration i has ended; barrier=False lets the next iteration's calls start as soon as the rules
+      above allow (steady state measured over the last iterations)
+
+    iteration time = (end of the last iteration - end of the first) / (iterations - 1)
+
+Sample data moving between meshes is small next to weights (token ids, log-probs: bytes per token, not
+per parameter) and is not modelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from reflow.planner.cost import CallCost, Workload, call_cost
+from reflow.planner.hardware import GB, Hardware
+from reflow.planner.memory import MemoryReport, plan_memory
+from reflow.planner.models import ModelShape
+from reflow.planner.realloc import ReallocCost, needs_copy, realloc_cost, realloc_cost_exact
+from reflow.runtime.graph import Graph
+from reflow.runtime.plan import Placement, Plan
+
+
+@dataclass
+class Problem:
+    """What a plan is evaluated for: the graph, each role's model (None: no model, e.g. a reward
+    function), the hardware, the workload and the number of devices."""
+
+    graph: Graph
+    models: dict[str, ModelShape | None]
+    hw: Hardware
+    workload: Workload
+    world_size: int
+    exact_realloc: bool = False  # byte counts from plan_reallocation (small models) instead of the analytic ones
+    barrier: bool = True
+    iterations: int = 3
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def model_configs(self) -> dict:
+        return {r: m.config for r, m in self.models.items() if m is not None and m.config is not None}
+
+
+@dataclass
+class Event:
+    iteration: int
+    name: str  # a call, or "<call>:reallocate"
+    ranks: tuple[int, ...]
+    start: float
+    end: float
+
+
+@dataclass
+class Evaluation:
+    plan: Plan
+    time: float  # steady-state seconds per iteration
+    memory: MemoryReport
+    call_times: dict[str, CallCost]
+    realloc: dict[str, ReallocCost]
+    timeline: list[Event]
+
+    @property
+    def feasible(self) -> bool:
+        return self.memory.feasible
+
+    @property
+    def reason(self) -> str:
+        return self.memory.reason
+
+    def summary(self) -> str:
+        mem = self.memory.max_peak() / GB
+        head = f"{self.plan.name}: {self.time:.2f} s/iteration, peak {mem:.1f} GB/rank"
+        return head + ("" if self.feasible else f"  [over memory: {self.reason}]")
+
+    def table(self, graph: Graph) -> str:
+        lines = [f"{'call':<14} {'placement':<22} {'realloc s':>9} {'call s':>9}  parts"]
+        for name in graph.order:
+            c, r = self.call_times[name], self.realloc.get(name)
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in c.parts.items() if isinstance(v, float) and v >= 0.005)
+            lines.append(f"{name:<14} {str(self.plan.calls[name]):<22} {(r.time if r else 0):>9.2f} {c.time:>9.2f}  {parts}")
+        return "\n".join(lines)
+
+
+def _owner(problem: Problem, plan: Plan, role: str) -> Placement:
+    return plan.owner(problem.graph, role)
+
+
+def call_costs(problem: Problem, plan: Plan, memory: MemoryReport) -> tuple[dict[str, CallCost], dict[str, ReallocCost]]:
+    """Every call's time and every reallocation (cached per call / placement / wave size)."""
+    g = problem.graph
+    trained = set(g.trained_roles())
+    times: dict[str, CallCost] = {}
+    reallocs: dict[str, ReallocCost] = {}
+    for name in g.order:
+        call = g.call(name)
+        m = problem.models.get(call.role)
+        pl = plan.calls[name]
+        owner = _owner(problem, plan, call.role)
+        copy = m is not None and needs_copy(call.kind, pl, owner, call.role in trained)
+        sharded_owner = call.kind != "train" and not copy and call.role in trained
+        conc = memory.concurrency.get(name)
+        key = ("call", name, pl, conc, sharded_owner)
+        if key not in problem._cache:
+            problem._cache[key] = call_cost(call.kind, m, pl, problem.hw, problem.workload, conc, sharded_owner)
+        times[name] = problem._cache[key]
+        if copy:
+            fn = realloc_cost_exact if problem.exact_realloc else realloc_cost
+            reallocs[name] = fn(m, owner, pl, problem.hw, src_sharded=call.role in trained)
+    return times, reallocs
+
+
+def simulate(problem: Problem, plan: Plan, times: dict[str, CallCost], reallocs: dict[str, ReallocCost],
+             iterations: int | None = None, barrier: bool | None = None) -> tuple[float, list[Event]]:
+    """Schedule `iterations` iterations (rules in the module docstring); (iteration time, events)."""
+    g = problem.graph
+    iterations = max(1, iterations or problem.iterations)
+    barrier = problem.barrier if barrier is None else barrier
+    free = [0.0] * plan.world_size
+    role_end: dict[str, float] = {}
+    ends: list[float] = []
+    events: list[Event] = []
+    start_at = 0.0
+    for it in range(iterations):
+        done: dict[str, float] = {}
+        for name in g.order:
+            call = g.call(name)
+            pl = plan.calls[name]
+            ready = max([start_at, role_end.get(call.role, 0.0)] + [done[d] for d in g.deps[name]])
+            r = reallocs.get(name)
+            if r is not None and r.time > 0:
+                owner = _owner(problem, plan, call.role)
+                ranks = tuple(sorted(set(pl.ranks) | set(owner.ranks)))
+                t0 = max([ready] + [free[x] for x in ranks])
+                t1 = t0 + r.time
+                for x in ranks:
+                    free[x] = t1
+                events.append(Event(it, f"{name}:reallocate", ranks, t0, t1))
+                ready = t1
+            t0 = max([ready] + [free[x] for x in pl.ranks])
+            t1 = t0 + times[name].time
+            for x in pl.ranks:
+                free[x] = t1
+            events.append(Event(it, name, pl.ranks, t0, t1))
+            done[name] = role_end[call.role] = t1
+        ends.append(max(done.values()))
+        if barrier:
+            start_at = ends[-1]
+    iter_time = ends[0] if len(ends) == 1 else (ends[-1] - ends[0]) / (len(ends) - 1)
+    return iter_time, [e for e in events if e.iteration == iterations - 1]
+
+
+def evaluate(problem: Problem, plan: Plan) -> Evaluation:
+    """Memory, call and reallocation costs, and the simulated iteration time of `plan`."""
+    memory = plan_memory(problem.graph, plan, problem.models, problem.hw, problem.workload)
+    times, reallocs = call_costs(problem, plan, memory)
+    t, events = simulate(problem, plan, times, reallocs)
+    return Evaluation(plan, t, memory, times, reallocs, events)

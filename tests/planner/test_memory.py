@@ -1,0 +1,51 @@
+"""Memory model: rejects what cannot fit, with a reason; grows and shrinks the right way."""
+
+import pytest
+
+from reflow.planner.cost import Workload, placement
+from reflow.planner.hardware import GB, hardware
+from reflow.planner.memory import plan_memory
+from reflow.planner.models import ModelShape, llama_config
+from reflow.runtime.graph import Call, Graph
+from reflow.runtime.plan import Plan
+
+HW = hardware("a100-80g")
+
+
+def sft_graph():
+    return Graph("sft", [Call("actor_train", "actor", "train", ("prompts",))])
+
+
+def train_plan(layout, n):
+    return Plan("p", n, {"actor_train": placement(layout, range(n))})
+
+
+def test_70b_train_on_one_a100_is_rejected_with_a_reason():
+    m = ModelShape.of(llama_config("70b"))
+    rep = plan_memory(sft_graph(), train_plan("d1t1p1", 1), {"actor": m}, HW, Workload(batch=8))
+    assert not rep.feasible
+    assert "actor_train" in rep.reason and "rank 0" in rep.reason and "GB" in rep.reason
+    assert rep.peak[0] > 16 * m.params * 0.99  # weights + gradients + Adam at least
+    assert rep.overflow > 0
+
+
+def test_train_memory_shrinks_with_data_parallel_and_grows_with_batch():
+    m = ModelShape.of(llama_config("7b"))
+    peak = lambda lay, n, b: plan_memory(sft_graph(), train_plan(lay, n), {"actor": m}, HW, Workload(batch=b)).peak[0]  # noqa: E731
+    assert peak("d8t1p1", 8, 64) < peak("d4t1p1", 4, 64) < peak("d2t1p1", 2, 64)
+    assert peak("d8t1p1", 8, 512) > peak("d8t1p1", 8, 64)
+    rep = plan_memory(sft_graph(), train_plan("d8t1p1", 8), {"actor": m}, HW, Workload(batch=64))
+    assert rep.feasible and rep.max_peak() < HW.usable_memory
+
+
+def test_generation_waves_follow_free_memory():
+    m = ModelShape.of(llama_config("7b"))
+    g = Graph("gen", [Call("actor_gen", "actor", "generate", ("prompts",), ("responses",)),
+                      Call("actor_train", "actor", "train", ("responses",))])
+    wl = Workload(batch=4096, prompt_len=1024, gen_len=1024)
+    small = plan_memory(g, Plan("a", 8, {"actor_gen": placement("d1t8p1", range(8)),
+                                         "actor_train": placement("d8t1p1", range(8))}), {"actor": m}, HW, wl)
+    alone = plan_memory(g, Plan("b", 16, {"actor_gen": placement("d1t8p1", range(8)),
+                                          "actor_train": placement("d8t1p1", range(8, 16))}), {"actor": m}, HW, wl)
+    assert 1 <= small.concurrency["actor_gen"] < alone.concurrency["actor_gen"] <= 4096
+    assert all(p <= HW.usable_memory for p in alone.peak.values())
