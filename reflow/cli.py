@@ -127,7 +127,7 @@ class _RuntimeRun:
     def __init__(self, cfg, resume):
         from reflow.runtime.support import check_supported
 
-        self.cfg = cfg
+        self.cfg, self.resume = cfg, resume
         for warning in check_supported(cfg, resume):
             log.warning("%s", warning)
         _resolved_plan(cfg, cfg.runtime.workers)
@@ -136,17 +136,15 @@ class _RuntimeRun:
         from reflow.runtime.controller import Controller
 
         t0 = time.perf_counter()
-        controller = Controller(self.cfg)  # prints the plan table when training starts
+        controller = Controller(self.cfg, self.resume)  # prints the plan table when training starts
         try:
             history = controller.train()
         finally:
             controller.shutdown()
         cfg, out = self.cfg, Path(self.cfg.output_dir)
-        metrics = out / "metrics.jsonl"
-        if metrics.is_dir():  # the runtime's logger writes <output_dir>/metrics.jsonl/metrics.jsonl
-            metrics = metrics / "metrics.jsonl"
+        last_ckpt = max(out.glob("checkpoints/step_*"), default=None)
         print(f"train done in {time.perf_counter() - t0:.0f}s on {cfg.runtime.workers} worker(s), plan "
-              f"'{controller.plan.name}' -> {out}  (metrics: {metrics}; no final model under the runtime yet)")
+              f"'{controller.plan.name}' -> {out}  (metrics: {out / 'metrics.jsonl'}; models: {last_ckpt})")
         if history:
             last = history[-1]
             shown = [k for k in ("reward/mean", "accuracy", "time/step") if last.get(k) is not None]

@@ -40,6 +40,8 @@ def empty_model(model_cls, config, dtype: torch.dtype = torch.float32) -> torch.
             model = model_cls.from_config(config, dtype=dtype, attn_implementation="sdpa")
         else:
             model = model_cls(config)
+    for p in model.parameters():  # parameters only: buffers (rotary frequencies) keep their own dtype
+        p.data = p.data.to(dtype)
     return model
 
 

@@ -28,10 +28,10 @@ from reflow.config.schema import RLConfig
 from reflow.experiments.common import PromptSampler
 from reflow.algorithms.losses import AdaptiveKLController
 from reflow.models.load import check_model_dir, load_tokenizer
-from reflow.parallel.launch import free_port
 from reflow.runtime.graphs import graph_for
-from reflow.runtime.plan import resolve_plan
-from reflow.utils.metrics import MetricsLogger
+from reflow.runtime.plan import PlanError, resolve_plan
+from reflow.utils import checkpoint as ckpt_lib
+from reflow.utils.metrics import MetricsLogger, truncate_metrics
 
 log = logging.getLogger("reflow")
 
@@ -54,13 +54,19 @@ def model_configs(cfg: RLConfig, graph) -> dict:
 
 
 class Controller:
-    def __init__(self, cfg: RLConfig):
+    def __init__(self, cfg: RLConfig, resume: str | bool | None = None):
+        """resume: True / "latest" or a checkpoint folder; it may have been written under another plan."""
         import ray
 
         self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        resume_dir = ckpt_lib.find_resume(self.out, resume) if resume else None
         rt = cfg.runtime
         self.graph = graph_for(cfg)
         self.plan = resolve_plan(rt.plan, self.graph, rt.workers).validate(self.graph, model_configs(cfg, self.graph))
+        if self.plan.world_size != rt.workers:
+            raise PlanError(f"plan '{self.plan.name}' is for {self.plan.world_size} worker(s) but runtime.workers="
+                            f"{rt.workers}; set runtime.workers={self.plan.world_size} or edit the plan")
         tok = load_tokenizer(cfg.actor.path)
         from reflow.data.datasets import load_prompts
 
@@ -69,6 +75,14 @@ class Controller:
         self.sampler = PromptSampler(self.num_prompts, cfg.seed, cfg.data.shuffle)
         self.kl_ctl = AdaptiveKLController(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.step = 0
+        if resume_dir is not None:
+            state = ckpt_lib.load_state(resume_dir)
+            if not state.get("runtime"):
+                raise ckpt_lib.CheckpointError(f"--resume: '{resume_dir}' was written by the one-process loop "
+                                               "(runtime.workers=0); resume it with runtime.workers=0")
+            self.step = state["step"]
+            self.sampler.load_state_dict(state["sampler"])
+            self.kl_ctl.load_state_dict(state["kl"])
         self.timeline: list[dict] = []
         self._own_ray = not ray.is_initialized()
         if self._own_ray:
@@ -80,11 +94,12 @@ class Controller:
 
         gpus = 1 if _cuda_available() else 0
         actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(Worker)
-        addr = ray.util.get_node_ip_address() if rt.ray_address else "127.0.0.1"
-        port = free_port()
-        self.workers = [actor_cls.remote(r, rt.workers, addr, port, cfg, self.plan, rt.timeout_s, rt.threads_per_worker)
+        self.workers = [actor_cls.remote(r, rt.workers, cfg, self.plan, rt.timeout_s, rt.threads_per_worker,
+                                         str(resume_dir) if resume_dir else None)
                         for r in range(rt.workers)]
-        self._wait({w.ready.remote(): ("start", r) for r, w in enumerate(self.workers)})
+        # (starting actors imports torch and transformers in each: slow on a loaded machine, not a hang)
+        addr, port = ray.get(self.workers[0].endpoint.remote(), timeout=max(300.0, rt.timeout_s))
+        self._wait({w.start.remote(addr, port): ("start", r) for r, w in enumerate(self.workers)})
 
     # ------------------------------------------------------------------ one step
     def run_step(self) -> dict:
@@ -158,11 +173,13 @@ class Controller:
     # ------------------------------------------------------------------ the run
     def train(self) -> list[dict]:
         cfg = self.cfg
-        out = Path(cfg.output_dir)
+        out = self.out
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         self.plan.save(out / "plan.yaml")
-        logger = MetricsLogger(out / "metrics.jsonl")
+        if self.step > 0:  # resumed: drop rows logged after the checkpoint by the interrupted run
+            truncate_metrics(out / "metrics.jsonl", self.step)
+        logger = MetricsLogger(out, tensorboard=cfg.trainer.tensorboard, append=self.step > 0)
         history = []
         log.info("%s", self.plan.table(self.graph))
         try:
@@ -172,11 +189,24 @@ class Controller:
                 history.append(m)
                 log.info("step %d/%d reward %.3f acc %.3f  %.2fs", self.step, cfg.trainer.steps,
                          m.get("reward/mean", 0.0), m.get("accuracy", 0.0), m["time/step"])
+                every = cfg.trainer.save_every
+                if (every and self.step % every == 0) or self.step == cfg.trainer.steps:
+                    self.save()
         finally:
-            logger.close() if hasattr(logger, "close") else None
+            logger.close()
             if cfg.runtime.timeline:
                 self.write_timeline(out / "timeline.json")
         return history
+
+    def save(self) -> Path:
+        """A checkpoint of the trained roles (whole tensors: any plan resumes from it) and the run state."""
+        ckpt = ckpt_lib.checkpoint_dir(self.out, self.step)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        self._wait({w.save.remote(str(ckpt)): ("save", r) for r, w in enumerate(self.workers)})
+        ckpt_lib.save_state(ckpt, {"runtime": True, "step": self.step, "sampler": self.sampler.state_dict(),
+                                   "kl": self.kl_ctl.state_dict(), "plan": self.plan.to_dict()})
+        ckpt_lib.prune(self.out, self.cfg.trainer.keep_checkpoints)
+        return ckpt
 
     def write_timeline(self, path: Path) -> None:
         """Chrome-trace JSON: one row per worker, one slice per call (and per reallocation)."""

@@ -1,7 +1,7 @@
 """Execution plans: a mesh (ranks) and a layout for every call of a graph. A plan is data: printed as a
 table, saved and loaded as YAML, validated before any worker starts, searched later (issue 7).
 
-    calls:                                   # YAML, in a config's `runtime.plan` or a file of its own
+    calls:                                   # a YAML file, passed as runtime.plan=<path>
       actor_gen:   {ranks: 0-3, layout: d4t1p1}
       actor_train: {ranks: [0, 1, 2, 3], layout: d2t1p2}
       ...
@@ -180,7 +180,7 @@ BUILTIN = {"colocate": colocate, "separate": separate}
 
 
 def resolve_plan(spec, graph: Graph, world_size: int) -> Plan:
-    """A config's plan: a built-in name, a YAML file path, or an inline mapping."""
+    """A config's plan: a built-in name or a YAML file path (or, from Python, a mapping like the YAML)."""
     if isinstance(spec, dict):
         return Plan.from_dict(spec, world_size)
     if spec in BUILTIN:

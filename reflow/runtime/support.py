@@ -17,26 +17,19 @@ from reflow.runtime.plan import Plan, PlanError
 _HOW = "set runtime.workers=0 (the one-process loop) to use it"
 
 
-def check_supported(cfg: RLConfig, resume=None) -> list[str]:
+def check_supported(cfg: RLConfig, resume=None) -> list[str]:  # noqa: ARG001 (resume: any checkpoint works)
     """Raise ConfigError for the first setting the runtime cannot run yet; return warnings (one line each)
     for settings it skips. `resume`: the command's --resume value (None = a fresh run)."""
     from reflow.runtime.graphs import graph_for
 
     a, w = cfg.algo, cfg.runtime.workers
     where = f"under runtime.workers={w}"
-    if resume:
-        raise ConfigError(f"--resume is not supported {where} yet (the runtime writes no checkpoints); "
-                          f"run without --resume, or {_HOW}")
     unsupported = [
         (a.ptx_coef > 0, f"algo.ptx_coef={a.ptx_coef} (PPO-ptx)"),
         (cfg.reward.prm is not None, f"reward.prm={cfg.reward.prm} (process rewards)"),
         (a.actor_ema is not None, f"algo.actor_ema={a.actor_ema} (EMA actor)"),
         (a.ref_ema is not None, f"algo.ref_ema={a.ref_ema} (EMA reference)"),
     ]
-    roles = graph_for(cfg).roles
-    for role in ("actor", "ref", "critic"):  # workers load every model in float32
-        dtype = getattr(cfg, role).dtype
-        unsupported.append((role in roles and dtype != "float32", f"{role}.dtype={dtype}"))
     for bad, what in unsupported:
         if bad:
             raise ConfigError(f"{what} is not supported {where} yet; {_HOW}")
@@ -58,10 +51,6 @@ def check_supported(cfg: RLConfig, resume=None) -> list[str]:
     if cfg.data.eval:
         warnings.append(f"evaluation is not run {where} yet: data.eval ({cfg.data.eval}) is ignored; "
                         f"evaluate the model with `reflow eval`")
-    warnings.append(f"checkpoints and the final model are not written {where} yet (trainer.save_every is "
-                    f"ignored); the run writes config.yaml, plan.yaml and metrics")
-    if cfg.trainer.tensorboard:
-        warnings.append(f"trainer.tensorboard is ignored {where}: metrics go to metrics.jsonl only")
     return warnings
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ from reflow.realloc.execute import group_for
 from reflow.realloc.model import Offloaded, build_destination, reallocate_model
 from reflow.realloc.plan import plan_reallocation
 from reflow.rewards.registry import compute_rewards, load_reward_fn
+from reflow.runtime.checkpoint import load_optimizer, save_role
 from reflow.runtime.graphs import graph_for
 from reflow.runtime.math import StepMath
 from reflow.runtime.plan import Placement, Plan
@@ -69,12 +71,27 @@ class Role:
         self.name, self.path, self.owner, self.trained = name, path, owner, trained
         self.model = self.engine = self.parked = None
         self.sharding: Sharding | None = None
-        self.model_cls = self.config = None
+        self.model_cls = self.config = self.dtype = None
 
 
 class Worker:
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, cfg: RLConfig, plan: Plan,
-                 timeout_s: float = 120.0, threads: int = 1):
+    def __init__(self, rank: int, world_size: int, cfg: RLConfig, plan: Plan, timeout_s: float = 120.0,
+                 threads: int = 1, resume: str | None = None):
+        """Cheap: the controller first asks rank 0 for a rendezvous address on its own node (`endpoint`),
+        then every worker joins the world and loads its shards (`start`)."""
+        self._args = (rank, world_size, cfg, plan, timeout_s, threads, resume)
+
+    def endpoint(self) -> tuple[str, int]:
+        """An address and free port on this worker's node, for the torch.distributed rendezvous (rank 0
+        hosts the store, so the address must be its node's, which on a cluster is not the controller's)."""
+        import ray
+
+        from reflow.parallel.launch import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def start(self, master_addr: str, master_port: int) -> int:
+        rank, world_size, cfg, plan, timeout_s, threads, resume = self._args
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
         torch.set_num_threads(threads)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -82,6 +99,7 @@ class Worker:
             torch.cuda.set_device(0)  # Ray gives each worker actor its own GPU
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
         self.rank, self.world_size, self.cfg, self.plan = rank, world_size, cfg, plan
+        self.resume = Path(resume) if resume else None
         self.device_type = "cuda" if backend == "nccl" else "cpu"
         self.graph = graph_for(cfg)
         seed_everything(cfg.seed)
@@ -105,10 +123,13 @@ class Worker:
                         group_for(tuple(sorted((sender, *receivers))))
         self.math = StepMath(cfg, has_ref="ref" in self.graph.roles)
         self.timeline: list[dict] = []
+        return rank
 
     # ------------------------------------------------------------------ roles and their weights
     def _role_path(self, role: str) -> str | None:
         c = self.cfg
+        if self.resume is not None and role in self.graph.trained_roles():
+            return str(self.resume / role)
         return {"actor": c.actor.path, "ref": c.ref.path or c.actor.path, "critic": c.critic.path or c.actor.path,
                 "reward": c.reward.model}[role]
 
@@ -118,8 +139,9 @@ class Worker:
         if r.path is None:  # a reward function: no weights
             return r
         ctx = self.ctx[r.owner]
-        model = LOADERS[role](r.path)
-        r.model_cls, r.config = type(model), model.config
+        dtype = getattr(self.cfg, role).dtype if role != "reward" else "float32"
+        model = LOADERS[role](r.path, dtype)
+        r.model_cls, r.config, r.dtype = type(model), model.config, next(model.parameters()).dtype
         r.sharding = Sharding.of_model(model, r.owner.layout, r.owner.ranks, shard_data=trained)
         if ctx.index is None:
             return r
@@ -134,6 +156,8 @@ class Worker:
                                    gradient_checkpointing=mcfg.gradient_checkpointing, precision=mcfg.precision,
                                    parallel=ctx)
             r.model = r.engine.model
+            if self.resume is not None:
+                load_optimizer(r, r.engine, self.resume)
         else:
             r.model = parallelize(model.eval().requires_grad_(False), ctx, shard_data=False)
             if self.cfg.runtime.offload_frozen:
@@ -162,7 +186,8 @@ class Worker:
                 role.parked.reload()
             return role.model, False
         src, dst = self.realloc[name]
-        dst_model = build_destination(role.model_cls, role.config, self.ctx[self.plan.calls[name]], shard_data=False)
+        dst_model = build_destination(role.model_cls, role.config, self.ctx[self.plan.calls[name]], shard_data=False,
+                                      dtype=role.dtype)
         if role.parked is not None:
             role.parked.reload()
         reallocate_model(role.model, src, dst_model, dst)
@@ -171,9 +196,6 @@ class Worker:
         return dst_model, True
 
     # ------------------------------------------------------------------ remote methods
-    def ready(self) -> int:
-        return self.rank
-
     def send_weights(self, step: int, name: str) -> None:
         """This rank holds part of the owner copy but is not on the call's mesh: it only sends."""
         t0 = time.time()
@@ -214,6 +236,12 @@ class Worker:
             self.roles[call.role].parked.offload()
         self._record(step, name, t1)
         return out
+
+    def save(self, ckpt: str) -> None:
+        """Write the trained roles whole (any plan can resume from them); owner ranks of each role take part."""
+        for role in self.roles.values():
+            if role.trained and self.rank in role.owner.ranks:
+                save_role(role, role.engine, self.tokenizer, Path(ckpt))
 
     def timeline_events(self) -> list[dict]:
         events, self.timeline = self.timeline, []

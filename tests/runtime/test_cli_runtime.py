@@ -115,7 +115,6 @@ def _cfg(model, data, *extra):
     (["algo.adv_estimator=reinforce++", "reward.prm=prm.py:steps"], "reward.prm"),
     (["algo.actor_ema=0.99"], "algo.actor_ema"),
     (["algo.ref_ema=0.9"], "algo.ref_ema"),
-    (["actor.dtype=bfloat16"], "actor.dtype"),
     (["algo.adv_estimator=grpovi", "algo.grpovi_low=1", "algo.grpovi_high=0"], "algo.adv_estimator=grpovi"),
 ])
 def test_check_supported_rejects(debug_model, addition_data, extra, key):
@@ -124,15 +123,11 @@ def test_check_supported_rejects(debug_model, addition_data, extra, key):
     assert key in str(e.value)
 
 
-def test_check_supported_rejects_resume_and_warns(debug_model, addition_data):
+def test_check_supported_warns_what_it_skips(debug_model, addition_data):
     cfg = _cfg(debug_model, addition_data)
-    with pytest.raises(ConfigError, match="--resume"):
-        check_supported(cfg, resume=True)
-    warnings = check_supported(cfg)
-    assert any("data.eval" in w for w in warnings) and any("checkpoints" in w for w in warnings)
+    warnings = check_supported(cfg, resume=True)  # checkpoints of any plan resume under any other
+    assert any("data.eval" in w for w in warnings)
     assert not any("data.eval" in w for w in check_supported(_cfg(debug_model, addition_data, "data.eval=null")))
-    # the critic's dtype matters only when there is a critic
-    check_supported(_cfg(debug_model, addition_data, "critic.dtype=bfloat16"))
 
 
 def test_train_rejects_unsupported_before_ray(debug_model, addition_data, capsys, tmp_path):
@@ -143,7 +138,7 @@ def test_train_rejects_unsupported_before_ray(debug_model, addition_data, capsys
     assert err.startswith("reflow train: error: algo.ptx_coef=0.1 (PPO-ptx) is not supported under runtime.workers=2")
     err = run_error(capsys, ["train", *rl_args(debug_model, addition_data, "runtime.workers=2",
                                                f"output_dir={tmp_path}/run"), "--resume"])
-    assert "--resume" in err
+    assert "--resume: no checkpoint under" in err  # nothing to resume: said before Ray starts
     assert no_ray_started()
     assert not (tmp_path / "run").exists()
 
@@ -152,7 +147,7 @@ def test_worker_failure_exits_1_with_its_message(debug_model, addition_data, cap
     import reflow.runtime.controller as controller
 
     class FailingController:
-        def __init__(self, cfg):
+        def __init__(self, cfg, resume=None):
             self.plan = None
 
         def train(self):
