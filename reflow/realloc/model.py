@@ -23,7 +23,7 @@ from reflow.models.empty import empty_model, materialize
 from reflow.parallel.parallelize import parallelize
 from reflow.parallel.shards import Sharding, local_tensors
 from reflow.realloc.execute import ReallocStats, reallocate
-from reflow.realloc.plan import plan_reallocation
+from reflow.realloc.plan import DEFAULT_BUCKET_BYTES, plan_reallocation
 
 
 def resharded_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -58,7 +58,7 @@ def build_destination(model_cls, config, ctx, shard_data: bool = False, device=N
 
 
 def reallocate_model(src_model: torch.nn.Module | None, src: Sharding, dst_model: torch.nn.Module | None,
-                     dst: Sharding, *, ranks_per_node: int = 8, bucket_bytes: int = 64 << 20) -> ReallocStats:
+                     dst: Sharding, *, ranks_per_node: int = 8, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> ReallocStats:
     """Plan and run the move of `src_model`'s weights (this rank's part, or None) into `dst_model`."""
     plan = plan_reallocation(src, dst, world_size=dist.get_world_size(), ranks_per_node=ranks_per_node,
                              bucket_bytes=bucket_bytes)

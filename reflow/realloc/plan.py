@@ -29,6 +29,11 @@ from reflow.parallel.layout import validate_layout
 from reflow.parallel.shards import Box, Sharding
 
 
+# One message per bucket. 16 MB rather than larger: on gloo, 64 MB buckets were up to 2.9x slower on a 100M
+# model (bench/results/realloc.md); on NCCL larger buckets may pay off (not yet measured).
+DEFAULT_BUCKET_BYTES = 16 << 20
+
+
 class ReallocError(ValueError):
     """A reallocation that cannot be planned; raised before any transfer, says why."""
 
@@ -144,7 +149,7 @@ def check_compatible(src: Sharding, dst: Sharding) -> None:
 
 def plan_reallocation(src: Sharding, dst: Sharding, *, world_size: int | None = None, model_config=None,
                       ranks_per_node: int = 8, dtype_bytes: int | dict[str, int] = 4,
-                      bucket_bytes: int = 64 << 20) -> ReallocPlan:
+                      bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> ReallocPlan:
     """The transfers that turn `src` into `dst`. Raises ReallocError / LayoutError before anything moves.
 
     ranks_per_node: ranks r and q share a node when r // ranks_per_node == q // ranks_per_node.
