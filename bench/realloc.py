@@ -2,7 +2,7 @@
 then slice" method, and against the bandwidth lower bound, on a world of CPU processes over gloo.
 
     .venv/bin/python bench/realloc.py [--models tiny-llama small-llama bench-llama-1024x8] [--world 4]
-                                      [--repeats 5] [--warmup 1] [--bw-mb 64] [--alt-bucket-mb 16]
+                                      [--repeats 5] [--warmup 1] [--bw-mb 64] [--alt-bucket-mb 64]
                                       [--pairs pp-dp ...] [--out bench/results/realloc.md]
 
 Models: parameter shapes only (no weights are built or loaded): the HF Llama of each config on the meta device
@@ -28,7 +28,7 @@ Methods (both fill the same destination slices, compared bit for bit after the w
 
   planned : `plan_reallocation(src, dst, world_size=...)` then `reallocate(plan, src_slices, dst_slices)`
             (reflow.realloc): every destination rank receives only the pieces of its slice it does not hold,
-            each from one holder, in buckets of reflow's default size (64 MB; point-to-point waves, broadcasts
+            each from one holder, in buckets of reflow's default size (16 MB since this bench; point-to-point waves, broadcasts
             over cached groups); timed a second time with --alt-bucket-mb buckets (0: not).
   naive   : for every parameter, every distinct source slice (`Sharding.holders`) is broadcast from its lowest
             holder to every rank of source ∪ destination (the world, or a group over the union); every such rank
@@ -343,7 +343,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--bw-mb", type=int, default=64, help="MB per point-to-point bandwidth message")
-    ap.add_argument("--alt-bucket-mb", type=int, default=16,
+    ap.add_argument("--alt-bucket-mb", type=int, default=64,
                     help="also time the planned method with buckets of this many MB (0: don't)")
     ap.add_argument("--out", default="bench/results/realloc.md")
     args = ap.parse_args()
