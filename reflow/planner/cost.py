@@ -70,7 +70,8 @@ class Workload:
     batch: sequences per iteration (prompts x samples per prompt); prompt_len / gen_len: tokens per
     sequence (every sequence generates gen_len tokens); mini_batches: optimizer steps per train call;
     epochs: passes over the batch per train call; micro_tokens: tokens per micro-batch per data-parallel
-    replica (train and infer); checkpointing: activation checkpointing in train calls."""
+    replica (train and infer); checkpointing: activation checkpointing in train calls; decode_batch: at most
+    this many sequences decoded together per replica (None: as many as the KV cache holds)."""
 
     batch: int = 512
     prompt_len: int = 256
@@ -79,6 +80,7 @@ class Workload:
     epochs: int = 1
     micro_tokens: int = 8192
     checkpointing: bool = True
+    decode_batch: int | None = None
 
     @property
     def seq_len(self) -> int:

@@ -24,7 +24,7 @@ weights of the rank's pipeline stage on one tensor-parallel rank: n_s (P_split/t
     peak(rank) = resident(rank) + max over the calls that use the rank of their transient bytes
 
 A generation's wave (sequences decoded together) is as large as the KV cache allows on the fullest rank
-of its mesh, at most B/d; when not even one sequence fits, or any peak exceeds the device's usable
+of its mesh, at most B/d (and at most workload.decode_batch); when not even one sequence fits, or any peak exceeds the device's usable
 memory (memory - reserved), the plan is rejected with a reason naming the call, the rank and the GB.
 """
 
@@ -201,6 +201,8 @@ def plan_memory(graph: Graph, plan: Plan, models: dict[str, ModelShape | None], 
         conc = 0
         if call.kind == "generate":
             conc = math.ceil(wl.batch / pl.layout.d)
+            if wl.decode_batch:
+                conc = min(conc, wl.decode_batch)
             worst = None
             for r, fixed, per in _gen_fixed_per_seq(m, pl, copy, wl):
                 free = usable - base[r] - fixed
