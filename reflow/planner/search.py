@@ -263,7 +263,7 @@ def search(problem: Problem, *, seed: int = 0, steps: int | None = None, chains:
     done = 0
     for ch in range(chains):
         # the first chains start from the tuned built-in plans, the others from the best plan so far
-        state = dict(starts[ch] if ch < len(starts) or best_state is None else best_state)
+        state = dict(starts[ch % len(starts)] if ch < len(starts) or best_state is None else best_state)
         cur = score(scorer(state))
         for k in range(per_chain):
             if time_limit is not None and time.perf_counter() - t_start > time_limit:

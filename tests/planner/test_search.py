@@ -76,3 +76,14 @@ def test_candidate_space():
     lays = candidate_layouts(16, m70, "generate", 8)
     assert lays and all(lay.p == 1 and lay.t <= 8 and 8 % lay.t == 0 for lay in lays)
     assert all(lay.d * lay.t * lay.p == 16 for lay in candidate_layouts(16, m70, "train", 8))
+
+
+def test_search_with_fewer_devices_than_roles():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    models = {"actor": ModelShape.of(cfg, dtype_bytes=4), "ref": ModelShape.of(cfg, dtype_bytes=4),
+              "critic": ModelShape.of(cfg, "value", dtype_bytes=4), "reward": ModelShape.of(cfg, "score", dtype_bytes=4)}
+    pr = Problem(ppo(), models, hardware("cpu"), Workload(batch=8, prompt_len=8, gen_len=8, micro_tokens=64), 2)
+    check(pr, search(pr, seed=0, steps=200))
