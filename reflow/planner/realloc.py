@@ -47,9 +47,10 @@ from functools import lru_cache
 from reflow.parallel.pipeline import stage_bounds
 from reflow.planner.hardware import Hardware
 from reflow.planner.models import ModelShape, param_shapes
+from reflow.realloc import plan as _realloc_plan
 from reflow.runtime.plan import Placement
 
-BUCKET_BYTES = 64 << 20
+BUCKET_BYTES = getattr(_realloc_plan, "DEFAULT_BUCKET_BYTES", 64 << 20)  # the executor's bucket size
 
 
 @dataclass
