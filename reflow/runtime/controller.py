@@ -95,7 +95,7 @@ class Controller:
         gpus = 1 if _cuda_available() else 0
         actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(Worker)
         self.workers = [actor_cls.remote(r, rt.workers, cfg, self.plan, rt.timeout_s, rt.threads_per_worker,
-                                         str(resume_dir) if resume_dir else None)
+                                         str(resume_dir) if resume_dir else None, self.graph)
                         for r in range(rt.workers)]
         # (starting actors imports torch and transformers in each: slow on a loaded machine, not a hang)
         addr, port = ray.get(self.workers[0].endpoint.remote(), timeout=max(300.0, rt.timeout_s))

@@ -39,6 +39,7 @@ from reflow.realloc.model import Offloaded, build_destination, reallocate_model
 from reflow.realloc.plan import plan_reallocation
 from reflow.rewards.registry import compute_rewards, load_reward_fn
 from reflow.runtime.checkpoint import load_optimizer, save_role
+from reflow.runtime.graph import Graph
 from reflow.runtime.graphs import graph_for
 from reflow.runtime.math import StepMath
 from reflow.runtime.plan import Placement, Plan
@@ -76,10 +77,10 @@ class Role:
 
 class Worker:
     def __init__(self, rank: int, world_size: int, cfg: RLConfig, plan: Plan, timeout_s: float = 120.0,
-                 threads: int = 1, resume: str | None = None):
+                 threads: int = 1, resume: str | None = None, graph: Graph | None = None):
         """Cheap: the controller first asks rank 0 for a rendezvous address on its own node (`endpoint`),
         then every worker joins the world and loads its shards (`start`)."""
-        self._args = (rank, world_size, cfg, plan, timeout_s, threads, resume)
+        self._args = (rank, world_size, cfg, plan, timeout_s, threads, resume, graph)
 
     def endpoint(self) -> tuple[str, int]:
         """An address and free port on this worker's node, for the torch.distributed rendezvous (rank 0
@@ -91,7 +92,7 @@ class Worker:
         return ray.util.get_node_ip_address(), free_port()
 
     def start(self, master_addr: str, master_port: int) -> int:
-        rank, world_size, cfg, plan, timeout_s, threads, resume = self._args
+        rank, world_size, cfg, plan, timeout_s, threads, resume, graph = self._args
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
         torch.set_num_threads(threads)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -101,7 +102,7 @@ class Worker:
         self.rank, self.world_size, self.cfg, self.plan = rank, world_size, cfg, plan
         self.resume = Path(resume) if resume else None
         self.device_type = "cuda" if backend == "nccl" else "cpu"
-        self.graph = graph_for(cfg)
+        self.graph = graph or graph_for(cfg)  # the controller's graph: a user's own graph needs no registry here
         seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.actor.path)
         self.train_set, _ = load_prompts(cfg.data.train, self.tokenizer, max_prompt_len=cfg.data.max_prompt_len,

@@ -79,11 +79,14 @@ def test_grpo_gives_the_same_numbers_under_any_plan(ray_session, tmp_path, debug
     assert {e["tid"] for e in trace if e["name"] == "actor_gen"} == {0, 1, 2, 3}
 
 
-def test_ppo_gives_the_same_numbers_on_separate_workers(ray_session, tmp_path, debug_model, addition_data):
+def test_ppo_gives_the_same_numbers_under_builtin_plans(ray_session, tmp_path, debug_model, addition_data):
     one = run(config(tmp_path / "one", debug_model, addition_data, algo="ppo"))
-    four = run(config(tmp_path / "sep", debug_model, addition_data, algo="ppo", workers=4, plan="separate"))
-    assert_same(one, four)
-    assert "critic/loss" in four[0]
+    # separate: each role on its own worker; colocate: every call on all 4 (actor and critic FSDP2 over 4,
+    # generation and critic inference on 4 replicas reallocated from the shards every step)
+    for plan in ("separate", "colocate"):
+        four = run(config(tmp_path / plan, debug_model, addition_data, algo="ppo", workers=4, plan=plan))
+        assert_same(one, four)
+        assert "critic/loss" in four[0]
 
 
 @pytest.mark.parametrize("reward,needle", [("dies", "worker 0 failed in 'reward'"),
@@ -117,3 +120,20 @@ def test_resume_under_another_plan_continues_exactly(ray_session, tmp_path, debu
     finally:
         controller.shutdown()
     assert_same(whole[2:], resumed)
+
+
+def test_a_users_own_graph_and_estimator_run_on_workers(ray_session, tmp_path, debug_model, addition_data):
+    import importlib.util
+
+    plugin = Path(__file__).parent / "my_algo_plugin.py"
+    spec = importlib.util.spec_from_file_location("my_algo_plugin", plugin)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # registers in this process
+    cfg = config(tmp_path, debug_model, addition_data, workers=2, plan="separate")
+    cfg.algo.adv_estimator, cfg.algo.kl_coef, cfg.reward.fn = "centered_test", 0.0, f"{plugin}:reward"
+    controller = Controller(cfg)
+    try:
+        assert controller.graph.name == "centered_test" and controller.graph.order[-1] == "actor_train"
+        history = controller.train()
+    finally:
+        controller.shutdown()
+    assert len(history) == 2 and history[0]["actor/grad_norm"] > 0
