@@ -47,7 +47,13 @@ uses the FSDP-sharded weights: every forward pass all-gathers the stage's weight
 for infer, per decode step and prefill for generate), overlapped with compute:
 infer = max(pipe, m AG_d) + AG_d / n_s; decode = max(decode, G AG_d).
 
-A call on a role without a model (a reward function) costs nothing here.
+FSDP's fixed cost per unit (a decoder layer, or the root module) per gather / reduce-scatter:
+fsdp_overhead x (n_s + 1) per forward on the owner copy, 3 x that per micro-batch of a train call
+(gathers in forward and backward, reduce-scatter), added to the time above.
+
+Fixed overheads (hardware.py; 0 in the GPU presets, measured by `reflow profile` on CPU workers): every
+decode step adds step_overhead, every optimizer step optimizer_overhead, every call of the graph (a reward
+function too) call_overhead. A call on a role without a model (a reward function) costs only that.
 """
 
 from __future__ import annotations
@@ -184,6 +190,11 @@ def _owner_gather(m: ModelShape, pl: Placement, hw: Hardware) -> float:
     return hw.all_gather(w * m.dtype_bytes, _worst_group(hw, groups(pl)["dp"]))
 
 
+def _fsdp_units(m: ModelShape, p: int) -> int:
+    """FSDP units of the largest stage: one per decoder layer and the root (embeddings, norm, head)."""
+    return max(stage_layers(m, p)) + 1
+
+
 def infer_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, owner_sharded: bool = False) -> CallCost:
     L = pl.layout
     seqs = math.ceil(wl.batch / L.d)
@@ -192,8 +203,9 @@ def infer_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, owner_s
     total, parts = _pipeline(m, hw, pl, tokens, wl.seq_len / 2, micro)
     if owner_sharded and L.d > 1:
         ag = _owner_gather(m, pl, hw)
-        parts["fsdp"] = micro * ag
-        total = max(total, micro * ag) + ag / max(1, max(stage_layers(m, L.p)))
+        fixed = micro * _fsdp_units(m, L.p) * hw.fsdp_overhead
+        parts["fsdp"] = micro * ag + fixed
+        total = max(total, micro * ag) + ag / max(1, max(stage_layers(m, L.p))) + fixed
     parts["micro_batches"] = micro
     return CallCost(total, parts)
 
@@ -213,10 +225,12 @@ def train_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload) -> Call
         dp = _worst_group(hw, groups(pl)["dp"])
         syncs = 1 if L.p > 1 else micro
         fsdp = syncs * (2 * hw.all_gather(w_stage * m.dtype_bytes, dp) + hw.reduce_scatter(w_stage * m.dtype_bytes, dp))
-        step = max(pipe, fsdp) + fsdp / (syncs * max(1, max(layers)))
+        fixed = syncs * 3 * _fsdp_units(m, L.p) * hw.fsdp_overhead
+        step = max(pipe, fsdp) + fsdp / (syncs * max(1, max(layers))) + fixed
+        fsdp += fixed
     else:
         step = pipe
-    adam = w_stage / L.d * 28 / hw.eff_mem_bw
+    adam = w_stage / L.d * 28 / hw.eff_mem_bw + hw.optimizer_overhead
     steps = wl.epochs * wl.mini_batches
     parts = {k: v * steps for k, v in parts.items()}
     parts.update(fsdp=fsdp * steps, optimizer=adam * steps, micro_batches=micro, steps=steps)
@@ -265,6 +279,7 @@ def generate_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, conc
         lin_m[0] += (w + n * wave * P * m.kv_bytes_per_token_layer / L.t) / hw.eff_mem_bw
         lin_m[1] += n * wave * m.kv_bytes_per_token_layer / L.t / hw.eff_mem_bw
         fixed += n * hw.layer_overhead + (n * 2 * hw.all_reduce(wave * m.hidden * m.dtype_bytes, tp) if L.t > 1 else 0)
+    fixed += hw.step_overhead
     if L.p > 1:
         bw, lat = hw.link(_worst_group(hw, g["pp"]))
         fixed += (L.p - 1) * (wave * m.hidden * m.dtype_bytes / bw + lat)
@@ -287,14 +302,19 @@ def call_cost(kind: str, m: ModelShape | None, pl: Placement, hw: Hardware, wl: 
     """Time of one call of `kind` (generate, infer, train); a role without a model costs nothing.
     owner_sharded: a generate / infer call on the FSDP owner copy of a trained role."""
     if m is None:
-        return CallCost(0.0)
+        return CallCost(hw.call_overhead, {"call_overhead": hw.call_overhead} if hw.call_overhead else {})
     if kind == "generate":
-        return generate_cost(m, pl, hw, wl, concurrency, owner_sharded)
-    if kind == "infer":
-        return infer_cost(m, pl, hw, wl, owner_sharded)
-    if kind == "train":
-        return train_cost(m, pl, hw, wl)
-    raise ValueError(f"unknown call kind '{kind}'")
+        c = generate_cost(m, pl, hw, wl, concurrency, owner_sharded)
+    elif kind == "infer":
+        c = infer_cost(m, pl, hw, wl, owner_sharded)
+    elif kind == "train":
+        c = train_cost(m, pl, hw, wl)
+    else:
+        raise ValueError(f"unknown call kind '{kind}'")
+    if hw.call_overhead:
+        c.time += hw.call_overhead
+        c.parts["call_overhead"] = hw.call_overhead
+    return c
 
 
 def placement(layout: str | Layout, ranks) -> Placement:

@@ -14,6 +14,18 @@ A `Hardware` describes one kind of device and how devices are wired:
     devices_per_node   ranks r and q share a node when r // devices_per_node == q // devices_per_node
     layer_overhead     fixed time per decoder layer per forward (kernel launches, Python): what makes
                        small decode steps slower than their bytes
+    step_overhead      fixed time per decode step beyond the layers (sampling, masks, cache bookkeeping)
+    optimizer_overhead fixed time per optimizer step (launching the Adam update per parameter tensor)
+    call_overhead      fixed time per call of the graph (dispatching the task to the worker, moving and
+                       merging its input batches, building the engine)
+    realloc_overhead   fixed time per reallocation (building the destination model, planning the moves)
+    fsdp_overhead      fixed time per FSDP unit (a decoder layer) per all-gather / reduce-scatter (hooks,
+                       DTensor bookkeeping, a collective's launch)
+    cores_per_node     None: every device computes independently (GPUs). A number: the devices of a node
+                       share this many cores (CPU workers): when more of a node's ranks are busy at once,
+                       each computes at cores / busy of its speed (the simulator shares them)
+
+`reflow profile` measures these on the current devices and writes them as YAML (`save` / `load`).
 
 Collective times on a group of n ranks (ring bandwidth term, tree-like latency term):
 
@@ -37,7 +49,8 @@ Presets (commonly cited vendor / NCCL-test figures; `reflow profile` will calibr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
+from pathlib import Path
 
 GB = 1e9
 
@@ -57,6 +70,12 @@ class Hardware:
     memory_efficiency: float = 0.8
     reserved: float = 4 * GB
     layer_overhead: float = 20e-6
+    step_overhead: float = 0.0
+    optimizer_overhead: float = 0.0
+    call_overhead: float = 0.0
+    realloc_overhead: float = 0.0
+    fsdp_overhead: float = 0.0
+    cores_per_node: float | None = None
 
     # ------------------------------------------------------------------ derived figures
     @property
@@ -106,6 +125,66 @@ class Hardware:
     def with_(self, **changes) -> "Hardware":
         return replace(self, **changes)
 
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict:
+        def plain(v):
+            return v if v is None or isinstance(v, (str, int)) else float(v)
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "hardware") -> "Hardware":
+        if not isinstance(data, dict):
+            raise HardwareError(f"{source}: expected a mapping of hardware figures, got {type(data).__name__}")
+        names = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(names) - {"measured"})
+        if unknown:
+            raise HardwareError(f"{source}: unknown hardware figure(s) {', '.join(unknown)}; known: {', '.join(names)}")
+        missing = [n for n, f in names.items() if f.default is MISSING and n not in data]
+        if missing:
+            raise HardwareError(f"{source}: missing hardware figure(s) {', '.join(missing)}")
+        out = {}
+        for k, v in data.items():
+            if k == "measured":
+                continue
+            if k == "name":
+                out[k] = str(v)
+            elif k == "devices_per_node":
+                out[k] = int(v)
+            elif v is None and k == "cores_per_node":
+                out[k] = None
+            else:
+                try:
+                    out[k] = float(v)
+                except (TypeError, ValueError):
+                    raise HardwareError(f"{source}: '{k}' must be a number, got {v!r}") from None
+                if out[k] < 0 or (k in ("flops", "mem_bw", "memory", "intra_bw", "inter_bw") and out[k] <= 0):
+                    raise HardwareError(f"{source}: '{k}' must be positive, got {v!r}")
+        return cls(**out)
+
+    def save(self, path, measured: dict | None = None) -> None:
+        """Write the figures as YAML (with `measured`: the raw measurements they were fitted from)."""
+        import yaml
+
+        data = self.to_dict()
+        if measured:
+            data["measured"] = measured
+        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+    @classmethod
+    def load(cls, path) -> "Hardware":
+        """Figures written by `save` / `reflow profile`."""
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise HardwareError(f"hardware file {p} does not exist; write one with `reflow profile --out {p}` or "
+                                f"use --preset ({', '.join(PRESETS)})")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise HardwareError(f"hardware file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        return cls.from_dict(data or {}, source=str(p))
+
 
 PRESETS: dict[str, Hardware] = {
     "a100-80g": Hardware("a100-80g", flops=312e12, mem_bw=2039e9, memory=80 * GB,
@@ -125,9 +204,12 @@ class HardwareError(ValueError):
 
 
 def hardware(name: str | Hardware, **overrides) -> Hardware:
-    """A preset by name (a100-80g, h100-80g, cpu), optionally with figures overridden."""
+    """A preset by name (a100-80g, h100-80g, cpu) or a YAML file from `reflow profile` (a name ending in
+    .yaml / .yml), optionally with figures overridden."""
     if isinstance(name, Hardware):
         hw = name
+    elif isinstance(name, (str, Path)) and str(name).endswith((".yaml", ".yml")):
+        hw = Hardware.load(name)
     elif name in PRESETS:
         hw = PRESETS[name]
     else:

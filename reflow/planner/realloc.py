@@ -32,10 +32,11 @@ d't'p') and source rank r (owner layout dtp, sharded over d when the role trains
                     for whole layer tensors, also over pp outside the layers), the load spread evenly
                     over them (the planner picks the least loaded holder)
 
-    time          = max_r (sent(r) + received(r)) / bw + collectives * latency
+    time          = max_r (sent(r) + received(r)) / bw + collectives * latency + realloc_overhead
 
 with (bw, latency) the intra-node link when source and destination ranks share one node, the inter-node
-link otherwise, and collectives ~ ceil(bytes / bucket) + number of senders (the executor's buckets).
+link otherwise, and collectives ~ ceil(bytes / bucket) + number of senders (the executor's buckets);
+realloc_overhead (hardware.py, measured by `reflow profile`) is building the destination model and planning.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def _realloc_cost(m: ModelShape, src: Placement, dst: Placement, hw: Hardware, s
         return ReallocCost()
     cost.collectives = math.ceil(cost.total_bytes / bucket_bytes) + len(cost.sent)
     bw, lat = hw.link(sorted(set(src.ranks) | set(dst.ranks)))
-    cost.time = cost.max_rank_bytes / bw + cost.collectives * lat
+    cost.time = cost.max_rank_bytes / bw + cost.collectives * lat + hw.realloc_overhead
     return cost
 
 
@@ -228,5 +229,5 @@ def _exact(m: ModelShape, src: Placement, dst: Placement, hw: Hardware, src_shar
     out = ReallocCost(dict(c.sent), dict(c.received), c.collectives)
     if out.total_bytes:
         bw, lat = hw.link(sorted(set(src.ranks) | set(dst.ranks)))
-        out.time = out.max_rank_bytes / bw + out.collectives * lat
+        out.time = out.max_rank_bytes / bw + out.collectives * lat + hw.realloc_overhead
     return out

@@ -127,6 +127,8 @@ def simulate(problem: Problem, plan: Plan, times: dict[str, CallCost], reallocs:
     g = problem.graph
     iterations = max(1, iterations or problem.iterations)
     barrier = problem.barrier if barrier is None else barrier
+    if problem.hw.cores_per_node:
+        return simulate_shared(problem, plan, times, reallocs, iterations, barrier)
     free = [0.0] * plan.world_size
     role_end: dict[str, float] = {}
     ends: list[float] = []
@@ -159,6 +161,91 @@ def simulate(problem: Problem, plan: Plan, times: dict[str, CallCost], reallocs:
             start_at = ends[-1]
     iter_time = ends[0] if len(ends) == 1 else (ends[-1] - ends[0]) / (len(ends) - 1)
     return iter_time, [e for e in events if e.iteration == iterations - 1]
+
+
+def simulate_shared(problem: Problem, plan: Plan, times: dict[str, CallCost], reallocs: dict[str, ReallocCost],
+                    iterations: int, barrier: bool) -> tuple[float, list[Event]]:
+    """The same rules with devices that share cores (hw.cores_per_node: CPU workers on one machine).
+
+    Tasks (calls and reallocations) are issued in the same order with the same dependencies, and a rank
+    still runs its tasks in issue order; but a task's time is work at full speed, and while more ranks
+    of a node are busy than it has cores, every busy rank progresses at cores / busy of its speed (a task
+    on several ranks at the slowest of its nodes' rates). Event-driven: rates change when a task starts
+    or ends."""
+    g, hw = problem.graph, problem.hw
+    cores = float(hw.cores_per_node)
+    # tasks: (iteration, name, ranks, work, dependencies as task indices)
+    tasks: list[tuple[int, str, tuple[int, ...], float, list[int]]] = []
+    last_on_rank: dict[int, int] = {}
+    role_last: dict[str, int] = {}
+    prev_iter: list[int] = []
+    for it in range(iterations):
+        this_iter: list[int] = []
+        idx: dict[str, int] = {}
+        for name in g.order:
+            call = g.call(name)
+            pl = plan.calls[name]
+            deps = [idx[d] for d in g.deps[name]]
+            if call.role in role_last:
+                deps.append(role_last[call.role])
+            if barrier:
+                deps += prev_iter
+            r = reallocs.get(name)
+            if r is not None and r.time > 0:
+                owner = _owner(problem, plan, call.role)
+                ranks = tuple(sorted(set(pl.ranks) | set(owner.ranks)))
+                tasks.append((it, f"{name}:reallocate", ranks, r.time, deps + [last_on_rank[x] for x in ranks
+                                                                                if x in last_on_rank]))
+                k = len(tasks) - 1
+                for x in ranks:
+                    last_on_rank[x] = k
+                this_iter.append(k)
+                deps = [k]
+            tasks.append((it, name, pl.ranks, times[name].time, deps + [last_on_rank[x] for x in pl.ranks
+                                                                         if x in last_on_rank]))
+            k = len(tasks) - 1
+            for x in pl.ranks:
+                last_on_rank[x] = k
+            idx[name] = role_last[call.role] = k
+            this_iter.append(k)
+        prev_iter = this_iter
+    n = len(tasks)
+    left = [t[3] for t in tasks]
+    start = [None] * n
+    end: list[float | None] = [None] * n
+    running: set[int] = set()
+    now = 0.0
+    waiting = list(range(n))
+    while waiting or running:
+        for k in list(waiting):  # start every task whose predecessors have ended
+            if all(end[d] is not None for d in tasks[k][4]):
+                waiting.remove(k)
+                start[k] = now
+                if left[k] <= 0:
+                    end[k] = now
+                else:
+                    running.add(k)
+        if not running:
+            if waiting and not any(all(end[d] is not None for d in tasks[k][4]) for k in waiting):
+                raise RuntimeError("simulator: tasks wait on each other")  # cannot happen: deps point backwards
+            continue
+        busy: dict[int, int] = {}
+        for k in running:
+            for x in tasks[k][2]:
+                node = hw.node(x)
+                busy[node] = busy.get(node, 0) + 1
+        rate = {k: min(min(1.0, cores / busy[hw.node(x)]) for x in tasks[k][2]) for k in running}
+        dt = min(left[k] / rate[k] for k in running)
+        now += dt
+        for k in list(running):
+            left[k] -= dt * rate[k]
+            if left[k] <= 1e-12 * max(1.0, tasks[k][3]):
+                running.remove(k)
+                end[k] = now
+    ends = [max(end[k] for k in range(n) if tasks[k][0] == it) for it in range(iterations)]
+    iter_time = ends[0] if len(ends) == 1 else (ends[-1] - ends[0]) / (len(ends) - 1)
+    events = [Event(t[0], t[1], t[2], start[k], end[k]) for k, t in enumerate(tasks) if t[0] == iterations - 1]
+    return iter_time, events
 
 
 def evaluate(problem: Problem, plan: Plan) -> Evaluation:

@@ -1,0 +1,449 @@
+"""Calibration (`reflow profile`): measure the current devices and fit the Hardware figures the cost model
+predicts from, so that its predictions are for these devices rather than for preset figures.
+
+    reflow profile [--workers N] [--preset tiny-llama] [--out hardware.yaml]
+    hw = Hardware.load("hardware.yaml")           # or: reflow plan search ... --hardware hardware.yaml
+
+What is measured (N processes in one torch.distributed world, reflow.parallel.launch: gloo on CPU, NCCL
+on GPUs; one intra-op thread per process, as the runtime's workers use):
+
+    compute     a model of the preset (random weights, the byte tokenizer): forward and forward+backward
+                over 128..2048 tokens (sequences of 32), on rank 0 alone while the others wait
+    decode      reflow's GenerationEngine at a few (batch, prompt length) pairs, two token budgets each:
+                time per decode step = the difference / the extra steps (prefill cancels)
+    optimizer   one AdamW step (per-tensor, as the runtime's TrainEngine under a layout) after a backward
+    memory      a large tensor copy (bytes read + written / time)
+    sharing     the same forward on all N ranks at once: effective cores = N t_alone / t_together
+                (CPU workers share the machine's cores; on GPUs the figure is not used)
+    collectives all-reduce and broadcast over all ranks and send/recv between ranks 0 and 1, 4 KB..16 MB
+    realloc     reallocation of the model from its FSDP owner layout dNt1p1 to N replicas (what a
+                generate call on the train mesh does every step): build the destination, move the weights
+    fsdp        a forward on the FSDP owner copy and on the replica, all ranks at once: the difference
+                is the gathers' cost
+    call        (optional, needs Ray) the round trip of a chain of Ray actor tasks passing a batch-sized
+                object: the runtime's per-call dispatch
+
+Fitting (cost.py's formulas, least squares on relative error with non-negative coefficients, `fit_linear`):
+
+    forward(T)          = (L F_layer(T, S/2) + F_head(T)) / F + L layer_overhead
+    forward+backward(T) = 3 x the same (backward = 2 forwards, the cost model's rule)
+    decode step (b, c)  = (L F_layer(b, c) + F_head(b)) / F + L layer_overhead + step_overhead
+        -> F (flops, matmul_efficiency = 1), layer_overhead, step_overhead
+    collectives         all_reduce = 2 (n-1)/n B / bw + 2 ceil(log2 n) lat; broadcast = B / bw + ceil(log2 n) lat;
+                        send/recv = B / bw + lat                                  -> intra_bw, intra_lat
+    optimizer_overhead  = AdamW step time - 28 bytes x parameters / mem_bw
+    fsdp_overhead       = (FSDP forward - replica forward - the all-gather's predicted time) / (L + 1)
+    shared cores        measurements taken with k ranks busy at once (collectives, reallocation, FSDP)
+                        are converted to full-speed time: x min(1, cores / k), since the simulator
+                        shares the cores again when it schedules them
+    realloc_overhead    = measured reallocation - planner.realloc's prediction with the fitted link
+    call_overhead       = Ray chain time / hops
+
+The fitted figures describe one node (inter-node figures = intra-node ones, devices_per_node = N);
+tiny models on CPU are dominated by the fixed overheads, which is why they are fitted rather than assumed.
+Every measurement and its fitted prediction are kept under `measured:` in the YAML.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+from reflow.planner.hardware import GB, Hardware
+
+SEQ = 32  # sequence length of the compute measurements
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+def fit_linear(rows: list[tuple[list[float], float]], relative: bool = True) -> list[float]:
+    """Non-negative least squares: x >= 0 minimising sum_i w_i (a_i . x - t_i)^2, with w_i = 1 / t_i^2 when
+    `relative` (every measurement counts by its relative error, so microsecond latencies and second-long
+    passes weigh alike). rows: (a_i, t_i). Columns that no row uses come back 0. Active-set method
+    (Lawson-Hanson) on a handful of unknowns."""
+    import numpy as np
+
+    A = np.array([a for a, _ in rows], dtype=float)
+    t = np.array([y for _, y in rows], dtype=float)
+    if relative:
+        w = 1.0 / np.maximum(np.abs(t), 1e-12)
+        A, t = A * w[:, None], t * w
+    n = A.shape[1]
+    scale = np.maximum(np.abs(A).max(axis=0), 1e-300)  # columns of very different magnitudes (FLOPs vs 1)
+    As = A / scale
+    passive: list[int] = []
+    x = np.zeros(n)
+    for _ in range(3 * n + 10):
+        grad = As.T @ (t - As @ x)
+        cand = [j for j in range(n) if j not in passive and grad[j] > 1e-12 and np.abs(As[:, j]).sum() > 0]
+        if not cand:
+            break
+        passive.append(max(cand, key=lambda j: grad[j]))
+        while True:
+            z = np.zeros(n)
+            sol, *_ = np.linalg.lstsq(As[:, passive], t, rcond=None)
+            z[passive] = sol
+            if all(z[j] > 0 for j in passive):
+                x = z
+                break
+            neg = [j for j in passive if z[j] <= 0]
+            alpha = min(x[j] / (x[j] - z[j]) for j in neg)
+            x = x + alpha * (z - x)
+            passive = [j for j in passive if x[j] > 1e-15]
+            if not passive:
+                break
+    return [float(v) for v in x / scale]
+
+
+@dataclass
+class Fit:
+    hardware: Hardware
+    table: list[tuple[str, float, float]]  # (measurement, measured s, fitted s)
+
+    def report(self) -> str:
+        lines = [f"{'measurement':<44} {'measured':>11} {'fitted':>11} {'error':>7}"]
+        for name, t, p in self.table:
+            lines.append(f"{name:<44} {_fmt(t):>11} {_fmt(p):>11} {(p - t) / t:>+7.0%}")
+        return "\n".join(lines)
+
+
+def _fmt(s: float) -> str:
+    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def fit_hardware(meas: dict, shape, name: str = "profiled") -> Fit:
+    """The Hardware figures from the measurements `measure` returns (see the module docstring).
+    shape: the ModelShape of the model measured."""
+    L = shape.layers
+    rows, labels = [], []
+
+    def pass_flops(tokens, context):
+        return L * shape.layer_flops(tokens, context) + shape.head_flops(tokens)
+
+    for (b, s), t in meas["forward"]:
+        rows.append(([pass_flops(b * s, s / 2), L, 0.0], t))
+        labels.append(f"forward {b}x{s} tokens")
+    for (b, s), t in meas["forward_backward"]:
+        rows.append(([3 * pass_flops(b * s, s / 2), 3 * L, 0.0], t))
+        labels.append(f"forward+backward {b}x{s} tokens")
+    for (b, p, g), t in meas["decode_step"]:
+        rows.append(([pass_flops(b, p + g / 2), L, 1.0], t))
+        labels.append(f"decode step, batch {b}, {p}+{g} keys")
+    inv_f, layer_oh, step_oh = fit_linear(rows)
+    flops = 1.0 / inv_f if inv_f > 0 else 1e15
+    table = [(lab, t, sum(c * x for c, x in zip(a, (inv_f, layer_oh, step_oh))))
+             for lab, (a, t) in zip(labels, rows)]
+
+    n = meas["world"]
+    cores = None
+    if meas.get("device") == "cpu" and n > 1:
+        cores = max(1.0, min(float(n), n * meas["alone"] / meas["together"]))
+
+    def work(t, busy):
+        """Elapsed time with `busy` ranks computing at once -> time at full speed (CPU cores shared)."""
+        return t * min(1.0, cores / busy) if cores else t
+    crow, clab = [], []
+    lg = math.ceil(math.log2(n)) if n > 1 else 0
+    for nbytes, t in meas["all_reduce"]:
+        crow.append(([2 * (n - 1) / n * nbytes, 2 * lg], work(t, n)))
+        clab.append(f"all_reduce {nbytes / 1e6:g} MB on {n}")
+    for nbytes, t in meas["broadcast"]:
+        crow.append(([nbytes, max(1, lg)], work(t, n)))
+        clab.append(f"broadcast {nbytes / 1e6:g} MB on {n}")
+    for nbytes, t in meas["send_recv"]:
+        crow.append(([nbytes, 1.0], work(t, 2)))
+        clab.append(f"send/recv {nbytes / 1e6:g} MB")
+    if crow:
+        inv_bw, lat = fit_linear(crow)
+        table += [(lab, t, a[0] * inv_bw + a[1] * lat) for lab, (a, t) in zip(clab, crow)]
+        bw = 1.0 / inv_bw if inv_bw > 0 else 1e12
+    else:  # one device: nothing to measure
+        bw, lat = 1e12, 0.0
+
+    mem_bw = meas["copy_bytes"] / meas["copy"]
+    table.append((f"copy {meas['copy_bytes'] / 2e6:.0f} MB", meas["copy"], meas["copy"]))
+    opt = max(0.0, meas["optimizer"] - 28 * shape.params / mem_bw)
+    table.append(("optimizer step (AdamW)", meas["optimizer"], opt + 28 * shape.params / mem_bw))
+    hw = Hardware(name, flops=flops, mem_bw=mem_bw, memory=meas["memory"], intra_bw=bw, intra_lat=lat,
+                  inter_bw=bw, inter_lat=lat, devices_per_node=max(n, 1), matmul_efficiency=1.0,
+                  memory_efficiency=1.0, reserved=meas.get("reserved", 0.0), layer_overhead=layer_oh,
+                  step_overhead=step_oh, optimizer_overhead=opt, call_overhead=meas.get("call", 0.0),
+                  cores_per_node=cores)
+    if meas.get("realloc"):
+        from reflow.planner.cost import placement
+        from reflow.planner.realloc import realloc_cost
+
+        from reflow.planner.cost import _owner_gather
+
+        pl = placement(f"d{n}t1p1", range(n))
+        w = work(meas["realloc"], n)
+        pred = realloc_cost(shape, pl, pl, hw.with_(realloc_overhead=0.0), src_sharded=True).time
+        hw = hw.with_(realloc_overhead=max(0.0, w - pred))
+        table.append((f"reallocation d{n}t1p1 owner -> {n} replicas (work)", w, max(pred, w)))
+        extra = work(meas["fsdp_forward"] - meas["replica_forward"], n)
+        gather = _owner_gather(shape, pl, hw)
+        hw = hw.with_(fsdp_overhead=max(0.0, extra - gather) / (shape.layers + 1))
+        table.append((f"FSDP forward d{n} - replica forward (work)", extra, max(extra, gather)))
+    if meas.get("call"):
+        table.append(("call dispatch (Ray task chain, per call)", meas["call"], meas["call"]))
+    return Fit(hw, table)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def _timeit(fn, reps: int, sync=None) -> float:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def _model(preset: str, device, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from reflow.models.presets import preset_config
+    from reflow.models.tokenizer import build_byte_tokenizer
+
+    config = preset_config(preset, build_byte_tokenizer())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
+    return model, config
+
+
+def measure(rank: int, world: int, preset: str, quick: bool = False) -> dict | None:
+    """One rank of the profile world (run by reflow.parallel.launch.launch); rank 0 returns the measurements."""
+    import torch
+    import torch.distributed as dist
+
+    from reflow.engines.generate import GenerationEngine, SamplingParams
+
+    cuda = torch.cuda.is_available() and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else None
+    reps = 2 if quick else 3
+    model, config = _model(preset, device, dtype)
+    vocab = config.vocab_size
+    out: dict = {"world": world, "device": "cuda" if cuda else "cpu", "preset": preset,
+                 "dtype_bytes": 2 if cuda else 4}
+
+    def ids(b, s):
+        return torch.randint(5, vocab, (b, s), device=device)
+
+    def fwd(x):
+        with torch.no_grad():
+            model(x).logits
+
+    def fwd_bwd(x):
+        model(x).logits.float().log_softmax(-1).mean().backward()
+
+    sizes = [(4, SEQ), (16, SEQ), (64, SEQ)]
+    if rank == 0:  # alone: the others wait in the barrier below
+        for b, s in sizes:  # warm-up
+            fwd(ids(b, s))
+        out["forward"] = [((b, s), _timeit(lambda: fwd(ids(b, s)), reps, sync)) for b, s in sizes]
+        fb = sizes[:2] if quick else sizes
+        fwd_bwd(ids(4, SEQ))
+        out["forward_backward"] = [((b, s), _timeit(lambda: fwd_bwd(ids(b, s)), reps, sync)) for b, s in fb]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
+        fwd_bwd(ids(4, SEQ))
+
+        def opt_step():
+            opt.step()
+        out["optimizer"] = _timeit(opt_step, reps + 2, sync)
+        opt.zero_grad(set_to_none=True)
+        del opt
+        eng_cases = [(4, 16), (16, 16), (32, 48)]
+        steps = []
+        g1, g2 = 4, 20
+        for b, p in eng_cases:
+            eng = GenerationEngine(model, [-1], 0, batch_size=b)
+            prompts = [list(range(5, 5 + p))] * b
+
+            def gen(g):
+                eng.generate(prompts, SamplingParams(g), torch.Generator().manual_seed(0))
+            gen(2)
+            t1, t2 = _timeit(lambda: gen(g1), reps, sync), _timeit(lambda: gen(g2), reps, sync)
+            steps.append(((b, p, g1 + g2), max(t2 - t1, 1e-9) / (g2 - g1)))
+        out["decode_step"] = steps
+        n = (64 << 20) // 4
+        a, c = torch.empty(n, device=device), torch.empty(n, device=device)
+        a.fill_(1.0)
+        out["copy"] = _timeit(lambda: c.copy_(a), reps + 2, sync)
+        out["copy_bytes"] = 2 * 4 * n
+        del a, c
+        out["alone"] = _timeit(lambda: fwd(ids(16, SEQ)), reps + 2, sync)
+    dist.barrier()
+    # all ranks at once (CPU workers share cores)
+    x = ids(16, SEQ)
+    fwd(x)
+    dist.barrier()
+    together = _timeit(lambda: fwd(x), reps + 2, sync)
+    t = torch.tensor([together], dtype=torch.float64)
+    dist.all_reduce(t)
+    out["together"] = float(t) / world
+
+    # collectives
+    sizes_b = [4 << 10, 256 << 10, 4 << 20] + ([] if quick else [16 << 20])
+    out["all_reduce"], out["broadcast"], out["send_recv"] = [], [], []
+    if world > 1:
+        for nbytes in sizes_b:
+            buf = torch.zeros(nbytes // 4, device=device)
+            for kind in ("all_reduce", "broadcast", "send_recv"):
+                def op():
+                    if kind == "all_reduce":
+                        dist.all_reduce(buf)
+                    elif kind == "broadcast":
+                        dist.broadcast(buf, 0)
+                    elif rank == 0:
+                        dist.send(buf, 1)
+                    elif rank == 1:
+                        dist.recv(buf, 0)
+                op()
+                times = []
+                for _ in range(reps + 2):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    op()
+                    if sync:
+                        sync()
+                    times.append(time.perf_counter() - t0)
+                tt = torch.tensor([statistics.median(times)], dtype=torch.float64)
+                dist.all_reduce(tt, op=dist.ReduceOp.MAX)
+                out[kind].append((nbytes, float(tt)))
+        out.update(_measure_realloc(rank, world, model, config, device, reps, sync))
+    if cuda:
+        out["memory"] = float(torch.cuda.get_device_properties(device).total_memory)
+        out["reserved"] = 4 * GB if out["memory"] > 40 * GB else 2 * GB
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        out["memory"] = float(total) / world
+        out["reserved"] = 0.25 * GB
+    return out if rank == 0 else None
+
+
+def _measure_realloc(rank, world, model, config, device, reps, sync) -> dict:
+    """Owner copy FSDP over all ranks -> a replica on every rank (build + move), as the runtime does; then
+    a forward on the replica and on the FSDP owner copy (all ranks at once, 16 x 32 tokens each)."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    from reflow.parallel.context import ParallelContext
+    from reflow.parallel.layout import Layout
+    from reflow.parallel.parallelize import parallelize
+    from reflow.parallel.shards import Sharding
+    from reflow.realloc.model import build_destination, reallocate_model
+
+    layout, ranks = Layout(world, 1, 1), list(range(world))
+    src = Sharding.of_model(model, layout, ranks, shard_data=True)
+    dst = Sharding.of(layout, ranks, src.shape_of, src.num_layers, shard_data=False)
+    ctx = ParallelContext(layout, ranks, device.type)
+    owner = parallelize(copy.deepcopy(model), ctx, shard_data=True)
+    dtype = next(model.parameters()).dtype
+
+    def once():
+        dst_model = build_destination(type(model), config, ctx, shard_data=False, dtype=dtype)
+        reallocate_model(owner, src, dst_model, dst)
+        return dst_model
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times.append(time.perf_counter() - t0)
+        t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    realloc = timed(once)
+    replica = once()
+    x = torch.randint(5, config.vocab_size, (16, SEQ), device=device)
+
+    def fwd(m):
+        with torch.no_grad():
+            m(x).logits
+    t_rep = timed(lambda: fwd(replica))
+    t_fsdp = timed(lambda: fwd(owner))
+    return {"realloc": realloc, "replica_forward": t_rep, "fsdp_forward": t_fsdp}
+
+
+class _Hop:
+    """A Ray actor that passes a batch on (the runtime's per-call dispatch, without the model work)."""
+
+    def hop(self, batch):
+        return batch
+
+
+def measure_call_overhead(workers: int, hops: int = 24, payload_bytes: int = 256 << 10) -> float:
+    """Seconds per call of a chain of Ray actor tasks, each waiting for the previous one's output (a
+    batch of `payload_bytes`) and round-robin over `workers` actors, as the controller chains calls."""
+    import numpy as np
+    import ray
+
+    own = not ray.is_initialized()
+    if own:
+        ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
+    try:
+        actors = [ray.remote(num_cpus=1)(_Hop).remote() for _ in range(workers)]
+        ray.get([a.hop.remote(0) for a in actors])
+        batch = {"tokens": np.zeros(payload_bytes // 8, dtype=np.int64)}
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            ref = batch
+            for k in range(hops):
+                ref = actors[k % workers].hop.remote(ref)
+            ray.get(ref)
+            best = min(best, (time.perf_counter() - t0) / hops)
+        for a in actors:
+            ray.kill(a)
+        return best
+    finally:
+        if own:
+            ray.shutdown()
+
+
+def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, ray_calls: bool = True,
+            name: str | None = None) -> tuple[Fit, dict]:
+    """Measure on `workers` local processes and fit (see the module docstring): (Fit, raw measurements)."""
+    from reflow.models.presets import PRESETS, PresetError
+    from reflow.parallel.launch import launch
+    from reflow.planner.models import ModelShape
+
+    if preset not in PRESETS:
+        raise PresetError(f"unknown model preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    meas = launch(measure, workers, args=(preset, quick), timeout_s=300.0)[0]
+    if ray_calls:
+        meas["call"] = measure_call_overhead(workers)
+    from reflow.models.presets import preset_config
+    from reflow.models.tokenizer import build_byte_tokenizer
+
+    config = preset_config(preset, build_byte_tokenizer())
+    shape = ModelShape.of(config, "lm", dtype_bytes=meas["dtype_bytes"])
+    dev = "cuda" if meas["device"] == "cuda" else "cpu"
+    fit = fit_hardware(meas, shape, name or f"{dev}-profiled-{workers}")
+    return fit, meas
+
+
+def measured_for_yaml(meas: dict, fit: Fit) -> dict:
+    """The raw measurements as plain YAML values, with the fitted predictions."""
+    return {"preset": meas["preset"], "device": meas["device"], "world": meas["world"],
+            "rows": [{"what": n, "measured_s": float(f"{t:.6g}"), "fitted_s": float(f"{p:.6g}")}
+                     for n, t, p in fit.table],
+            "alone_s": meas["alone"], "together_s": meas["together"]}
