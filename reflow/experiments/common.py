@@ -129,3 +129,21 @@ def evaluate(model, tokenizer, examples: list[PromptExample], *, max_new_tokens:
         n=len(examples),
         samples=[(e.prompt_text, r, e.answer) for e, r in zip(examples[:3], responses[:3])],
     )
+
+
+def grpovi_bounds(cfg, reward_fn) -> tuple[float, float] | None:
+    """GRPOVI's reward bounds [low, high]: algo.grpovi_low/high, else the reward function's `reward_range`;
+    None for other estimators. A ConfigError (before anything is loaded) when neither gives low < high."""
+    from reflow.config.loader import ConfigError
+    from reflow.rewards.registry import reward_range
+
+    a = cfg.algo
+    if a.estimator != "grpovi":
+        return None
+    declared = reward_range(reward_fn) if reward_fn is not None else None
+    low = a.grpovi_low if a.grpovi_low is not None else (declared[0] if declared else None)
+    high = a.grpovi_high if a.grpovi_high is not None else (declared[1] if declared else None)
+    if low is None or high is None or not low < high:
+        raise ConfigError("algo.adv_estimator=grpovi needs reward bounds: set algo.grpovi_low and "
+                          "algo.grpovi_high (low < high), or give the reward function a reward_range attribute")
+    return float(low), float(high)

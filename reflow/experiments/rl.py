@@ -24,7 +24,7 @@ from reflow.algorithms.aggregation import Norm, aggregate
 from reflow.algorithms.losses import (AdaptiveKLController, kl_loss, kl_penalty, ppo_policy_loss, sequence_nll,
                                       value_loss)
 from reflow.algorithms.registry import get_advantage
-from reflow.config.loader import ConfigError, save_config
+from reflow.config.loader import save_config
 from reflow.config.schema import RLConfig
 from reflow.data.batch import SampleBatch
 from reflow.data.datasets import load_prompts, load_sft
@@ -32,13 +32,13 @@ from reflow.engines.generate import GenerationEngine, SamplingParams, sample_see
 from reflow.engines.infer import InferenceEngine
 from reflow.engines.train import TrainEngine
 from reflow.experiments.common import (PromptSampler, batch_from_generations, evaluate, exact_match_accuracy,
-                                       seed_everything)
+                                       grpovi_bounds, seed_everything)
 from reflow.models.load import (check_model_dir, load_critic, load_policy, load_reward_model, load_tokenizer,
                                 save_model)
 from reflow.models.ema import EMAWeights, ema_update_
 from reflow.models.packing import token_logprobs, token_values
 from reflow.rewards.process import ProcessReward
-from reflow.rewards.registry import RewardError, compute_rewards, load_reward_fn, reward_range
+from reflow.rewards.registry import RewardError, compute_rewards, load_reward_fn
 from reflow.utils import checkpoint as ckpt_lib
 from reflow.utils.console import RunConsole
 from reflow.utils.metrics import MetricsLogger, StageTimer, read_metrics, truncate_metrics
@@ -81,15 +81,7 @@ class RLExperiment:
                                                  on_bad_row=cfg.data.on_bad_row)
             skipped += skipped_ptx
         self.skipped_rows = skipped
-        self.grpovi_bounds = None
-        if cfg.algo.estimator == "grpovi":
-            declared = reward_range(self.reward_fn) if self.reward_fn is not None else None
-            low = cfg.algo.grpovi_low if cfg.algo.grpovi_low is not None else (declared[0] if declared else None)
-            high = cfg.algo.grpovi_high if cfg.algo.grpovi_high is not None else (declared[1] if declared else None)
-            if low is None or high is None or not low < high:
-                raise ConfigError("algo.adv_estimator=grpovi needs reward bounds: set algo.grpovi_low and "
-                                  "algo.grpovi_high (low < high), or give the reward function a reward_range attribute")
-            self.grpovi_bounds = (float(low), float(high))
+        self.grpovi_bounds = grpovi_bounds(cfg, self.reward_fn)
         if self.reward_fn is not None:  # a reward function that is broken fails now, not after generation
             first = self.train_set[0]
             compute_rewards(self.reward_fn, [first.prompt_text], [first.answer or ""], [first.answer])

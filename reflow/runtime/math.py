@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from reflow.config.schema import RLConfig
 from reflow.experiments.rl import RLExperiment
-from reflow.rewards.registry import load_reward_fn, reward_range
+from reflow.experiments.common import grpovi_bounds
+from reflow.rewards.registry import load_reward_fn
 
 
 class _KL:
@@ -29,12 +30,7 @@ class StepMath:
         self.ref = True if has_ref else None  # the loss code only asks whether a reference exists
         self.kl_ctl = _KL(cfg.algo.kl_coef)
         self.ptx_set = []
-        self.grpovi_bounds = None
-        if cfg.algo.estimator == "grpovi":
-            declared = reward_range(load_reward_fn(cfg.reward.fn)) if cfg.reward.fn else None
-            low = cfg.algo.grpovi_low if cfg.algo.grpovi_low is not None else (declared[0] if declared else None)
-            high = cfg.algo.grpovi_high if cfg.algo.grpovi_high is not None else (declared[1] if declared else None)
-            self.grpovi_bounds = (float(low), float(high))
+        self.grpovi_bounds = grpovi_bounds(cfg, load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None)
 
     @property
     def kl_value(self) -> float:

@@ -34,14 +34,10 @@ def check_supported(cfg: RLConfig, resume=None) -> list[str]:  # noqa: ARG001 (r
         if bad:
             raise ConfigError(f"{what} is not supported {where} yet; {_HOW}")
     if a.estimator == "grpovi":  # the workers' advantage math needs the bounds; fail here, not in a worker
-        from reflow.rewards.registry import load_reward_fn, reward_range
+        from reflow.experiments.common import grpovi_bounds
+        from reflow.rewards.registry import load_reward_fn
 
-        declared = reward_range(load_reward_fn(cfg.reward.fn)) if cfg.reward.fn else None
-        low = a.grpovi_low if a.grpovi_low is not None else (declared[0] if declared else None)
-        high = a.grpovi_high if a.grpovi_high is not None else (declared[1] if declared else None)
-        if low is None or high is None or not low < high:
-            raise ConfigError("algo.adv_estimator=grpovi needs reward bounds: set algo.grpovi_low and "
-                              "algo.grpovi_high (low < high), or give the reward function a reward_range attribute")
+        grpovi_bounds(cfg, load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None)
     if cfg.reward.fn:  # an unknown or malformed reward function fails now, not in a worker
         from reflow.rewards.registry import load_reward_fn
 
