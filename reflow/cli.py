@@ -8,6 +8,10 @@
     reflow train configs/grpo_addition.yaml [key=value ...] [--resume [CKPT]]
     reflow train configs/grpo_addition.yaml runtime.workers=4 runtime.plan=separate   # on 4 Ray workers
     reflow plan show configs/grpo_addition.yaml runtime.workers=4 [--save plan.yaml] # graph + plan table
+    reflow profile [--workers 4] [--out hardware.yaml]                 # measure these devices, fit the figures
+    reflow plan search configs/ppo_addition.yaml --devices 4 [--hardware hardware.yaml | --preset a100-80g]
+                       [--seed 0] [--out plan.yaml]                    # search a plan; runtime.plan=plan.yaml
+    reflow plan whatif [--preset a100-80g]                             # PPO 7B..70B on 16..128 simulated GPUs
     reflow eval --model runs/grpo/final --data data/addition/test.jsonl
     reflow generate --model runs/grpo/final --prompt "12+34="
 
@@ -39,9 +43,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from reflow.runtime.graph import GraphError
     from reflow.runtime.plan import PlanError
     from reflow.utils.checkpoint import CheckpointError
+    from reflow.planner.hardware import HardwareError
+    from reflow.planner.models import ModelShapeError
+    from reflow.planner.search import PlanSearchError
 
     return (ConfigError, DataError, ModelError, PresetError, RewardError, CheckpointError, LayoutError,
-            PlanError, GraphError, FileNotFoundError)
+            PlanError, GraphError, HardwareError, ModelShapeError, PlanSearchError, FileNotFoundError)
 
 
 def _run_failures() -> tuple[type[BaseException], ...]:
@@ -260,6 +267,92 @@ def cmd_plan_show(args) -> None:
         print(f"wrote {args.save}: edit it, then pass runtime.plan={args.save}")
 
 
+def _hardware_arg(args):
+    """--hardware FILE (from `reflow profile`) or --preset NAME (default: cpu)."""
+    from reflow.planner.hardware import Hardware, HardwareError, hardware
+
+    if args.hardware and args.preset:
+        raise HardwareError("give --hardware FILE or --preset NAME, not both")
+    if args.hardware:
+        return Hardware.load(args.hardware)
+    return hardware(args.preset or "cpu")
+
+
+def cmd_plan_search(args) -> None:
+    """Search a plan for an RL config on --devices devices; print it with the built-in plans' predictions."""
+    from reflow.config.schema import RLConfig
+    from reflow.planner.config import problem_for_config
+    from reflow.planner.hardware import GB
+    from reflow.planner.search import search
+
+    path, overrides = _split_config_args(args)
+    cfg = load_config(RLConfig, path, overrides)
+    devices = args.devices or cfg.runtime.workers
+    if not devices or devices < 1:
+        raise ConfigError("give --devices N (N >= 1), or runtime.workers=N")
+    hw = _hardware_arg(args)
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {args.steps}")
+    problem = problem_for_config(cfg, devices, hw)
+    res = search(problem, seed=args.seed, steps=args.steps)
+    plan = res.plan
+    plan.validate(problem.graph, problem.model_configs())
+    graph = problem.graph
+    print(f"hardware: {hw.name}; workload: {problem.workload.batch} sequences of {problem.workload.prompt_len} + "
+          f"{problem.workload.gen_len} tokens per iteration")
+    print(plan.table(graph))
+    print()
+    print(res.evaluation.table(graph))
+    print()
+    ev = res.evaluation
+    mem = ", ".join(f"{r}: {b / GB:.2f}" for r, b in sorted(ev.memory.peak.items()))
+    print(f"predicted: {ev.time:.3f} s/iteration; peak memory per rank (GB) {mem} "
+          f"(usable {hw.usable_memory / GB:.1f})")
+    print(res.report())
+    out = args.out or "plan.yaml"
+    plan.save(out)
+    print(f"wrote {out}: reflow train {path or 'CONFIG'} runtime.workers={devices} runtime.plan={out}")
+
+
+def cmd_plan_whatif(args) -> None:
+    """The what-if table: PPO with LLaMA actors on simulated GPU clusters (reflow/planner/whatif.py)."""
+    from reflow.planner.hardware import hardware
+    from reflow.planner.whatif import format_table, whatif_table
+
+    hw = hardware(args.preset)
+    if any(d < 1 for d in args.devices):
+        raise ConfigError(f"--devices must be positive, got {args.devices}")
+
+    def progress(row):
+        best = f"{row.searched:.1f} s" if row.searched is not None else "no plan fits"
+        print(f"  {row.size} on {row.devices}: {best} ({row.search_seconds:.1f} s search)", file=sys.stderr,
+              flush=True)
+    rows = whatif_table(sizes=tuple(args.sizes), devices=tuple(args.devices), hw=hw, seed=args.seed,
+                        steps=args.steps, progress=progress)
+    print(f"PPO, actor and reference LLaMA-<size>, critic and reward LLaMA-7B, on {hw.name} "
+          "(predicted seconds per iteration; see reflow/planner/whatif.py for the setup)")
+    print(format_table(rows))
+
+
+def cmd_profile(args) -> None:
+    """Measure the current devices and fit the hardware figures (reflow/planner/profile.py)."""
+    from reflow.planner.profile import measured_for_yaml, profile
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    t0 = time.perf_counter()
+    fit, meas = profile(args.workers, args.model_preset, quick=args.quick, ray_calls=not args.no_ray)
+    print(fit.report())
+    hw = fit.hardware
+    print(f"\nfitted ({time.perf_counter() - t0:.0f} s): {hw.flops / 1e9:.1f} GFLOP/s, layer overhead "
+          f"{hw.layer_overhead * 1e6:.0f} us, decode step overhead {hw.step_overhead * 1e3:.2f} ms, link "
+          f"{hw.intra_bw / 1e9:.2f} GB/s + {hw.intra_lat * 1e6:.0f} us, memory {hw.mem_bw / 1e9:.1f} GB/s, "
+          f"optimizer {hw.optimizer_overhead * 1e3:.2f} ms, reallocation {hw.realloc_overhead * 1e3:.0f} ms, "
+          f"call {hw.call_overhead * 1e3:.2f} ms, cores per node {hw.cores_per_node}")
+    hw.save(args.out, measured_for_yaml(meas, fit))
+    print(f"wrote {args.out}: reflow plan search CONFIG --devices {args.workers} --hardware {args.out}")
+
+
 def cmd_demo(args) -> None:
     from reflow.experiments.demo import run_demo
 
@@ -305,6 +398,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. runtime.workers=4 runtime.plan=separate")
     s.add_argument("--save", metavar="PLAN_YAML", help="also write the plan as YAML, to edit and pass as runtime.plan")
     s.set_defaults(fn=cmd_plan_show)
+
+    s = plan_sub.add_parser("search", help="search a plan for an RL config (cost model + simulator + annealing); "
+                                            "prints it with the built-in plans' predictions and writes it as YAML")
+    s.add_argument("config", nargs="?", help="YAML config file (an RL config, as for `reflow train`)")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.n=8")
+    s.add_argument("--devices", type=int, help="number of devices (default: runtime.workers)")
+    s.add_argument("--hardware", metavar="HW_YAML", help="hardware figures from `reflow profile`")
+    s.add_argument("--preset", help="hardware preset instead: a100-80g, h100-80g or cpu (default cpu)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=None, help="annealing steps (default: by problem size)")
+    s.add_argument("--out", metavar="PLAN_YAML", default="plan.yaml", help="where to write the plan (plan.yaml)")
+    s.set_defaults(fn=cmd_plan_search)
+    s = plan_sub.add_parser("whatif", help="PPO with LLaMA 7B..70B on 16..128 simulated GPUs: searched vs built-in "
+                                            "plans (predictions)")
+    s.add_argument("--preset", default="a100-80g", help="hardware preset (a100-80g, h100-80g)")
+    s.add_argument("--sizes", nargs="+", default=["7b", "13b", "34b", "70b"])
+    s.add_argument("--devices", nargs="+", type=int, default=[16, 32, 64, 128])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=None, help="annealing steps per row (default: by problem size)")
+    s.set_defaults(fn=cmd_plan_whatif)
+
+    s = sub.add_parser("profile", help="measure the current devices (compute, decode, collectives, overheads) and "
+                                       "fit the planner's hardware figures")
+    s.add_argument("--workers", type=int, default=4, help="processes / devices to measure (default 4)")
+    s.add_argument("--model-preset", default="tiny-llama", help="model preset to time (reflow init-model --list)")
+    s.add_argument("--out", default="hardware.yaml", help="where to write the figures (hardware.yaml)")
+    s.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    s.add_argument("--no-ray", action="store_true", help="skip the Ray call-dispatch measurement")
+    s.set_defaults(fn=cmd_profile)
 
     s = sub.add_parser("demo", help="init-model -> sft -> grpo on the addition task, with a summary (minutes on CPU)")
     s.add_argument("--sft", nargs="*", default=[], help="overrides for the sft stage (key=value)")

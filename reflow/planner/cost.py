@@ -47,6 +47,9 @@ uses the FSDP-sharded weights: every forward pass all-gathers the stage's weight
 for infer, per decode step and prefill for generate), overlapped with compute:
 infer = max(pipe, m AG_d) + AG_d / n_s; decode = max(decode, G AG_d).
 
+Tensor parallel's fixed cost per layer per pass (DTensor dispatch, launching the all-reduces):
+tp_overhead x n_s per forward pass and per decode step (x compute_passes in training), when t > 1.
+
 FSDP's fixed cost per unit (a decoder layer, or the root module) per gather / reduce-scatter:
 fsdp_overhead x (n_s + 1) per forward on the owner copy, 3 x that per micro-batch of a train call
 (gathers in forward and backward, reduce-scatter), added to the time above.
@@ -140,7 +143,8 @@ def stage_pass(m: ModelShape, hw: Hardware, t: int, tp: tuple[int, ...], tokens:
     compute = flops / hw.eff_flops
     weights = (n_layers * (m.layer_split_params / t + m.layer_whole_params) + (m.head_params if head else 0)) \
         * m.dtype_bytes * weight_reads / hw.eff_mem_bw
-    tp_comm = n_layers * allreduces * hw.all_reduce(tokens * m.hidden * m.dtype_bytes, tp) if t > 1 else 0.0
+    tp_comm = n_layers * (allreduces * hw.all_reduce(tokens * m.hidden * m.dtype_bytes, tp)
+                          + hw.tp_overhead * compute_passes) if t > 1 else 0.0
     overhead = n_layers * hw.layer_overhead * compute_passes
     return max(compute, weights) + overhead + tp_comm, {"compute": compute, "weights": weights, "tp_comm": tp_comm,
                                                         "overhead": overhead}
@@ -278,7 +282,8 @@ def generate_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, conc
         w = (n * (m.layer_split_params / L.t + m.layer_whole_params) + (m.head_params if head else 0)) * m.dtype_bytes
         lin_m[0] += (w + n * wave * P * m.kv_bytes_per_token_layer / L.t) / hw.eff_mem_bw
         lin_m[1] += n * wave * m.kv_bytes_per_token_layer / L.t / hw.eff_mem_bw
-        fixed += n * hw.layer_overhead + (n * 2 * hw.all_reduce(wave * m.hidden * m.dtype_bytes, tp) if L.t > 1 else 0)
+        fixed += n * hw.layer_overhead + (n * (2 * hw.all_reduce(wave * m.hidden * m.dtype_bytes, tp) + hw.tp_overhead)
+                                          if L.t > 1 else 0)
     fixed += hw.step_overhead
     if L.p > 1:
         bw, lat = hw.link(_worst_group(hw, g["pp"]))

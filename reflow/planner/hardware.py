@@ -21,6 +21,7 @@ A `Hardware` describes one kind of device and how devices are wired:
     realloc_overhead   fixed time per reallocation (building the destination model, planning the moves)
     fsdp_overhead      fixed time per FSDP unit (a decoder layer) per all-gather / reduce-scatter (hooks,
                        DTensor bookkeeping, a collective's launch)
+    tp_overhead        fixed time per decoder layer per pass under tensor parallel (t > 1)
     cores_per_node     None: every device computes independently (GPUs). A number: the devices of a node
                        share this many cores (CPU workers): when more of a node's ranks are busy at once,
                        each computes at cores / busy of its speed (the simulator shares them)
@@ -75,6 +76,7 @@ class Hardware:
     call_overhead: float = 0.0
     realloc_overhead: float = 0.0
     fsdp_overhead: float = 0.0
+    tp_overhead: float = 0.0
     cores_per_node: float | None = None
 
     # ------------------------------------------------------------------ derived figures

@@ -18,6 +18,8 @@ on GPUs; one intra-op thread per process, as the runtime's workers use):
     collectives all-reduce and broadcast over all ranks and send/recv between ranks 0 and 1, 4 KB..16 MB
     realloc     reallocation of the model from its FSDP owner layout dNt1p1 to N replicas (what a
                 generate call on the train mesh does every step): build the destination, move the weights
+    tp          a forward and decode steps under d1t2p1 on ranks 0-1 (the others wait): what tensor
+                parallel adds per layer beyond its compute share and all-reduces
     fsdp        a forward on the FSDP owner copy and on the replica, all ranks at once: the difference
                 is the gathers' cost
     call        (optional, needs Ray) the round trip of a chain of Ray actor tasks passing a batch-sized
@@ -32,6 +34,7 @@ Fitting (cost.py's formulas, least squares on relative error with non-negative c
     collectives         all_reduce = 2 (n-1)/n B / bw + 2 ceil(log2 n) lat; broadcast = B / bw + ceil(log2 n) lat;
                         send/recv = B / bw + lat                                  -> intra_bw, intra_lat
     optimizer_overhead  = AdamW step time - 28 bytes x parameters / mem_bw
+    tp_overhead         = mean over the tp forward and decode step of (measured - predicted without it) / L
     fsdp_overhead       = (FSDP forward - replica forward - the all-gather's predicted time) / (L + 1)
     shared cores        measurements taken with k ranks busy at once (collectives, reallocation, FSDP)
                         are converted to full-speed time: x min(1, cores / k), since the simulator
@@ -122,6 +125,9 @@ def fit_hardware(meas: dict, shape, name: str = "profiled") -> Fit:
     def pass_flops(tokens, context):
         return L * shape.layer_flops(tokens, context) + shape.head_flops(tokens)
 
+    def pass_flops_t(tokens, context, t):  # one tensor-parallel rank's share (the head is not split)
+        return L * shape.layer_flops(tokens, context) / t + shape.head_flops(tokens)
+
     for (b, s), t in meas["forward"]:
         rows.append(([pass_flops(b * s, s / 2), L, 0.0], t))
         labels.append(f"forward {b}x{s} tokens")
@@ -186,6 +192,18 @@ def fit_hardware(meas: dict, shape, name: str = "profiled") -> Fit:
         gather = _owner_gather(shape, pl, hw)
         hw = hw.with_(fsdp_overhead=max(0.0, extra - gather) / (shape.layers + 1))
         table.append((f"FSDP forward d{n} - replica forward (work)", extra, max(extra, gather)))
+    if meas.get("tp_forward") and meas.get("tp_decode_step"):
+        (b, s_), t_fwd = meas["tp_forward"]
+        (db, dp, dg), t_dec = meas["tp_decode_step"]
+        ar = hw.all_reduce
+        pred_fwd = pass_flops_t(b * s_, s_ / 2, 2) / hw.flops + L * layer_oh + 2 * L * ar(b * s_ * shape.hidden * shape.dtype_bytes, (0, 1))
+        pred_dec = (pass_flops_t(db, dp + dg / 2, 2) / hw.flops + L * layer_oh + step_oh
+                    + 2 * L * ar(db * shape.hidden * shape.dtype_bytes, (0, 1)))
+        w_fwd, w_dec = work(t_fwd, 2), work(t_dec, 2)
+        per_layer = [max(0.0, w_fwd - pred_fwd) / L, max(0.0, w_dec - pred_dec) / L]
+        hw = hw.with_(tp_overhead=sum(per_layer) / 2)
+        table.append((f"forward d1t2p1 {b}x{s_} tokens (work)", w_fwd, pred_fwd + L * hw.tp_overhead))
+        table.append((f"decode step d1t2p1, batch {db} (work)", w_dec, pred_dec + L * hw.tp_overhead))
     if meas.get("call"):
         table.append(("call dispatch (Ray task chain, per call)", meas["call"], meas["call"]))
     return Fit(hw, table)
@@ -318,6 +336,7 @@ def measure(rank: int, world: int, preset: str, quick: bool = False) -> dict | N
                 dist.all_reduce(tt, op=dist.ReduceOp.MAX)
                 out[kind].append((nbytes, float(tt)))
         out.update(_measure_realloc(rank, world, model, config, device, reps, sync))
+        out.update(_measure_tp(rank, world, model, device, reps, sync))
     if cuda:
         out["memory"] = float(torch.cuda.get_device_properties(device).total_memory)
         out["reserved"] = 4 * GB if out["memory"] > 40 * GB else 2 * GB
@@ -378,6 +397,43 @@ def _measure_realloc(rank, world, model, config, device, reps, sync) -> dict:
     t_rep = timed(lambda: fwd(replica))
     t_fsdp = timed(lambda: fwd(owner))
     return {"realloc": realloc, "replica_forward": t_rep, "fsdp_forward": t_fsdp}
+
+
+def _measure_tp(rank, world, model, device, reps, sync) -> dict:
+    """A forward (16 x 32 tokens) and decode steps (batch 16, prompts of 16) under d1t2p1 on ranks 0-1
+    while the other ranks wait: with the alone-measurements, what tensor parallel adds per layer."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    from reflow.engines.generate import GenerationEngine, SamplingParams
+    from reflow.parallel.context import ParallelContext
+    from reflow.parallel.layout import Layout
+    from reflow.parallel.parallelize import parallelize
+
+    ctx = ParallelContext(Layout(1, 2, 1), [0, 1], device.type)  # every rank takes part in creating groups
+    out = {}
+    if rank in (0, 1):
+        tp = parallelize(copy.deepcopy(model), ctx, shard_data=False)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        x = torch.randint(5, model.config.vocab_size, (16, SEQ), generator=g).to(device)
+
+        def fwd():
+            with torch.no_grad():
+                tp(x).logits
+        fwd()
+        out["tp_forward"] = ((16, SEQ), _timeit(fwd, reps, sync))
+        eng = GenerationEngine(tp, [-1], 0, batch_size=16)
+        prompts = [list(range(5, 21))] * 16
+
+        def gen(n):
+            eng.generate(prompts, SamplingParams(n), keys=list(range(16)), seed=0)  # same draws on both ranks
+        gen(2)
+        t1, t2 = _timeit(lambda: gen(4), reps, sync), _timeit(lambda: gen(20), reps, sync)
+        out["tp_decode_step"] = ((16, 16, 24), max(t2 - t1, 1e-9) / 16)
+    dist.barrier()
+    return out if rank == 0 else {}
 
 
 class _Hop:

@@ -1,0 +1,110 @@
+"""Calibration: the fitting recovers known figures from synthetic measurements; hardware files round-trip
+and fail with one line; the shared-core simulation reduces to the plain one and slows overlapping calls."""
+
+import dataclasses
+import math
+import random
+
+import pytest
+
+from reflow.planner.cost import Workload, placement
+from reflow.planner.hardware import Hardware, HardwareError, hardware
+from reflow.planner.models import ModelShape
+from reflow.planner.profile import fit_hardware, fit_linear
+from reflow.planner.simulator import Problem, evaluate
+from reflow.runtime.graph import Call, Graph
+from reflow.runtime.plan import Plan
+from transformers import LlamaConfig
+
+
+def test_fit_linear_recovers_coefficients_and_keeps_them_non_negative():
+    rng = random.Random(0)
+    truth = [2e-11, 3e-4, 1.5e-3]  # 1/FLOPs, per-layer, per-step: very different magnitudes
+    rows = []
+    for _ in range(12):
+        a = [rng.uniform(1e7, 1e10), rng.choice([4, 12]), rng.choice([0.0, 1.0])]
+        rows.append((a, sum(x * y for x, y in zip(a, truth)) * (1 + rng.uniform(-0.01, 0.01))))
+    got = fit_linear(rows)
+    for g, t in zip(got, truth):
+        assert g == pytest.approx(t, rel=0.05)
+    # a column that can only hurt comes back 0, not negative
+    rows = [([1.0, x], 2.0 - 0.0 * x) for x in (1.0, 2.0, 3.0)] + [([1.0, 4.0], 1.9)]
+    assert all(v >= 0 for v in fit_linear(rows))
+
+
+def _shape():
+    cfg = LlamaConfig(vocab_size=261, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return ModelShape.of(cfg, "lm", dtype_bytes=4)
+
+
+def test_fit_hardware_recovers_known_figures_from_synthetic_measurements():
+    m = _shape()
+    L = m.layers
+    F, o_layer, o_step, bw, lat = 40e9, 300e-6, 1.2e-3, 2e9, 150e-6
+    n, cores = 4, 2.0
+
+    def flops(tokens, ctx):
+        return L * m.layer_flops(tokens, ctx) + m.head_flops(tokens)
+
+    shared = lambda t, busy: t / min(1.0, cores / busy)  # noqa: E731  (what a rank sees with busy ranks at once)
+    lg = math.ceil(math.log2(n))
+    sizes = [4096, 262144, 4 << 20, 16 << 20]
+    meas = {
+        "world": n, "device": "cpu", "preset": "synthetic", "dtype_bytes": 4,
+        "forward": [((b, 32), flops(b * 32, 16) / F + L * o_layer) for b in (4, 16, 64)],
+        "forward_backward": [((b, 32), 3 * (flops(b * 32, 16) / F + L * o_layer)) for b in (4, 16, 64)],
+        "decode_step": [((b, p, 24), flops(b, p + 12) / F + L * o_layer + o_step) for b, p in ((4, 16), (16, 16), (32, 48))],
+        "all_reduce": [(B, shared(2 * (n - 1) / n * B / bw + 2 * lg * lat, n)) for B in sizes],
+        "broadcast": [(B, shared(B / bw + lg * lat, n)) for B in sizes],
+        "send_recv": [(B, shared(B / bw + lat, 2)) for B in sizes],
+        "copy": 0.01, "copy_bytes": 2e8, "optimizer": 5e-3 + 28 * m.params / 2e10,
+        "alone": 0.02, "together": 0.02 * n / cores, "memory": 8e9, "reserved": 0.25e9,
+    }
+    hw = fit_hardware(meas, m).hardware
+    assert hw.flops == pytest.approx(F, rel=0.02)
+    assert hw.layer_overhead == pytest.approx(o_layer, rel=0.05)
+    assert hw.step_overhead == pytest.approx(o_step, rel=0.05)
+    assert hw.intra_bw == pytest.approx(bw, rel=0.02) and hw.intra_lat == pytest.approx(lat, rel=0.05)
+    assert hw.mem_bw == pytest.approx(2e10) and hw.optimizer_overhead == pytest.approx(5e-3, rel=1e-6)
+    assert hw.cores_per_node == pytest.approx(cores)
+
+
+def test_hardware_file_round_trip_and_one_line_errors(tmp_path):
+    hw = hardware("cpu").with_(call_overhead=3e-3, cores_per_node=1.5, fsdp_overhead=1e-4)
+    path = tmp_path / "hw.yaml"
+    hw.save(path, measured={"rows": [{"what": "x", "measured_s": 1.0}]})
+    assert Hardware.load(path) == hw
+    assert hardware(str(path)) == hw  # a .yaml name where a preset name goes
+    with pytest.raises(HardwareError, match="does not exist"):
+        Hardware.load(tmp_path / "nope.yaml")
+    path.write_text("name: x\nflops: 1e9\nwarp_speed: 9\n")
+    with pytest.raises(HardwareError, match="unknown hardware figure.*warp_speed"):
+        Hardware.load(path)
+    path.write_text(path.read_text().replace("warp_speed: 9", "mem_bw: fast"))
+    with pytest.raises(HardwareError):
+        Hardware.load(path)
+
+
+def _two_calls() -> Graph:
+    return Graph("g", [Call("a", "ra", "infer", ("prompts",), ("x",)), Call("b", "rb", "infer", ("prompts",), ("y",))],
+                 results=("x", "y"))
+
+
+def test_shared_cores_simulation():
+    m = _shape()
+    g = _two_calls()
+    plan = Plan("p", 2, {"a": placement("d1t1p1", [0]), "b": placement("d1t1p1", [1])})
+    base = hardware("cpu")
+    wl = Workload(batch=8, prompt_len=16, gen_len=16)
+
+    def time(hw):
+        return evaluate(Problem(g, {"ra": m, "rb": m}, hw, wl, 2), plan)
+
+    plain, roomy, one = time(base), time(base.with_(cores_per_node=8.0)), time(base.with_(cores_per_node=1.0))
+    assert roomy.time == pytest.approx(plain.time)  # enough cores: the same schedule
+    ta, tb = plain.call_times["a"].time, plain.call_times["b"].time
+    assert plain.time == pytest.approx(max(ta, tb))  # disjoint meshes overlap
+    assert one.time == pytest.approx(ta + tb)  # ... but share one core: the work adds up
+    ev = {e.name: e for e in one.timeline}
+    assert ev["a"].start == ev["b"].start == 0.0 or one.timeline[0].start <= one.timeline[1].start
