@@ -19,9 +19,8 @@ _HOW = "set runtime.workers=0 (the one-process loop) to use it"
 
 def check_supported(cfg: RLConfig, resume=None) -> list[str]:  # noqa: ARG001 (resume: any checkpoint works)
     """Raise ConfigError for the first setting the runtime cannot run yet; return warnings (one line each)
-    for settings it skips. `resume`: the command's --resume value (None = a fresh run)."""
-    from reflow.runtime.graphs import graph_for
-
+    for settings it skips. `resume`: the command's --resume value (any runtime checkpoint resumes under
+    any plan, so it needs no check here)."""
     a, w = cfg.algo, cfg.runtime.workers
     where = f"under runtime.workers={w}"
     unsupported = [
