@@ -13,6 +13,7 @@ e2e_vs_trl, hence .venv-bench):
     grpovi_scaling  bench/grpovi_scaling.py   GRPOVI O(n log n) micro-benchmark    -> grpovi_scaling.md (its output)
     generation      bench/generation.py       generation throughput (when the script exists) -> generation.md
     realloc         bench/realloc.py          planned vs naive parameter reallocation, 4 gloo processes -> realloc.md
+    planner         bench/planner.py          plan search: predicted vs measured PPO iteration time, 4 Ray workers -> planner.md
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
@@ -196,6 +197,17 @@ def fig_realloc(r: dict) -> str:
             + f" (link {s['bandwidth_Bps'] / 1e9:.2f} GB/s)")
 
 
+def fig_planner(r: dict) -> str:
+    """Per plan: predicted / measured seconds and the error; whether the searched plan is no slower."""
+    s = r["summary"]
+    if not s:
+        return "no summary (see the log)"
+    parts = [f"{x['plan']} {x['predicted']:.2f}/{x['measured']:.2f} s ({x['error']:+.0%})" for x in s["rows"]]
+    return (f"predicted/measured s per iteration: " + ", ".join(parts) + f"; within 15%: {s['within_15']} of "
+            f"{s['plans']}; searched plan no slower than the best built-in ({s['best_builtin']}): "
+            f"{'yes' if s['searched_no_slower'] else '**no**'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps and seeds (about half the time)")
@@ -229,6 +241,10 @@ def main() -> None:
         quick_realloc = ["--models", "tiny-llama", "small-llama"] if q else []
         jobs.append(("realloc", ["bench/realloc.py", *quick_realloc, "--out", "bench/results/realloc.md"],
                      ["realloc.md"], fig_realloc))
+    if (ROOT / "bench" / "planner.py").is_file():
+        quick_planner = ["--rounds", "1", "--steps", "8"] if q else []
+        jobs.append(("planner", ["bench/planner.py", *quick_planner, "--out", "bench/results/planner.md"],
+                     ["planner.md"], fig_planner))
     selected = [j for j in jobs if (not args.only or j[0] in args.only) and j[0] not in args.skip]
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -304,6 +320,10 @@ def main() -> None:
         md.append("- **realloc**: reflow's planned parameter reallocation between layouts (identical, overlapping and "
                   "disjoint meshes) against gathering the whole model everywhere, and against the bandwidth bound "
                   "(bytes / measured gloo link bandwidth) (bench/realloc.py).")
+    if any(r["name"] == "planner" for r in results):
+        md.append("- **planner**: the execution-plan planner's predicted iteration time (calibrated by `reflow profile`) "
+                  "against the measured one for PPO under 6 plans on 4 Ray CPU workers, and the searched plan against "
+                  "the built-in ones (bench/planner.py).")
     (RESULTS / "README.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     sys.exit(1 if failed else 0)

@@ -4,8 +4,10 @@ shape from its HF folder, and the workload of one step.
     problem = problem_for_config(load_config(RLConfig, path), devices=4, hw="cpu")
     result = search(problem)                       # reflow.planner.search
 
-Workload: batch = rollout.prompts_per_step x rollout.n sequences of data.max_prompt_len prompt tokens and
-rollout.max_new_tokens generated ones (upper bounds: the planner assumes every sequence is that long);
+Workload: batch = rollout.prompts_per_step x rollout.n sequences of P prompt tokens and
+rollout.max_new_tokens generated ones, P = the mean length of the training prompts (tokenized; when the
+data cannot be read here, data.max_prompt_len); every response is assumed to use its whole token budget
+(an upper bound; a model that stops early runs faster than predicted);
 mini_batches x ppo_epochs optimizer steps per train call; the actor's micro_batch_tokens and
 gradient_checkpointing; rollout.batch_size sequences decoded together at most. Bytes per value: 2 for a
 bfloat16 / float16 role dtype, 4 for float32.
@@ -19,9 +21,28 @@ from reflow.planner.models import ModelShape
 from reflow.planner.simulator import Problem
 
 
-def workload_for_config(cfg) -> Workload:
+def mean_prompt_len(cfg) -> int | None:
+    """The mean token count of the training prompts (tokenized as the runtime does), or None when the data
+    or the tokenizer cannot be read here."""
+    try:
+        from reflow.data.datasets import load_prompts
+        from reflow.models.load import load_tokenizer
+
+        tok = load_tokenizer(cfg.actor.path)
+        examples, _ = load_prompts(cfg.data.train, tok, max_prompt_len=cfg.data.max_prompt_len,
+                                   on_bad_row=cfg.data.on_bad_row)
+    except Exception:  # noqa: BLE001 - planning still works from the configured upper bound
+        return None
+    if not examples:
+        return None
+    return max(1, round(sum(len(e.prompt_ids) for e in examples) / len(examples)))
+
+
+def workload_for_config(cfg, prompt_len: int | None = None) -> Workload:
+    """prompt_len: tokens per prompt (default data.max_prompt_len, the upper bound)."""
     r, a, actor = cfg.rollout, cfg.algo, cfg.actor
-    return Workload(batch=r.prompts_per_step * r.n, prompt_len=cfg.data.max_prompt_len, gen_len=r.max_new_tokens,
+    return Workload(batch=r.prompts_per_step * r.n, prompt_len=prompt_len or cfg.data.max_prompt_len,
+                    gen_len=r.max_new_tokens,
                     mini_batches=a.mini_batches, epochs=a.ppo_epochs, micro_tokens=actor.micro_batch_tokens,
                     checkpointing=actor.gradient_checkpointing, decode_batch=r.batch_size)
 
@@ -48,4 +69,4 @@ def problem_for_config(cfg, devices: int | None = None, hw: str | Hardware = "cp
         nbytes = 4 if dtypes.get(role, "float32") == "float32" else 2
         models[role] = ModelShape.of(config, heads.get(role, "lm"), dtype_bytes=nbytes)
     n = devices or max(1, cfg.runtime.workers)
-    return Problem(graph, models, hardware(hw, **hw_overrides), workload_for_config(cfg), n)
+    return Problem(graph, models, hardware(hw, **hw_overrides), workload_for_config(cfg, mean_prompt_len(cfg)), n)

@@ -19,7 +19,9 @@ Annealing: cost(plan) = simulated iteration time, times (2 + GB over memory) for
 taken when c' <= c or with probability exp(-(c' - c) / (T c)), T falling geometrically from 0.1 to 0.001
 over the steps of a chain. The first chains start from the built-in plans with their layouts tuned
 (coordinate descent over each group's layouts; also reported, with the built-in plans as they are, for
-comparison), the later ones from the best plan so far, polished by the same coordinate descent. Everything is driven by random.Random(seed): the same seed gives the same plan.
+comparison), the later ones from the best plan so far, polished by the same coordinate descent. A plan
+replaces the best one only when it is faster by more than a relative 1e-9 (ties keep the earlier plan, so a
+built-in plan the search cannot beat comes back as it is rather than as an equivalent permutation). Everything is driven by random.Random(seed): the same seed gives the same plan.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def tune_layouts(scorer: _Scorer, state: dict[str, Placement], rounds: int = 2) 
                 trial = dict(state)
                 trial[grp.name] = Placement(mesh, lay)
                 s = score(scorer(trial))
-                if s < best - 1e-12:
+                if s < best * (1 - 1e-9):
                     best, state, improved = s, trial, True
         if not improved:
             break
@@ -277,7 +279,7 @@ def search(problem: Problem, *, seed: int = 0, steps: int | None = None, chains:
             s = score(ev)
             if s <= cur or rng.random() < math.exp(-(s - cur) / (temp * cur)):
                 state, cur = trial, s
-                if ev.feasible and (best_ev is None or ev.time < best_ev.time - 1e-12):
+                if ev.feasible and (best_ev is None or ev.time < best_ev.time * (1 - 1e-9)):
                     best_state, best_ev = trial, ev
         if best_state is not None and ch + 1 < chains:  # polish the best so far before the next chain
             best_state = tune_layouts(scorer, best_state, rounds=1)
