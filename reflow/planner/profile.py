@@ -23,7 +23,9 @@ on GPUs; one intra-op thread per process, as the runtime's workers use):
     fsdp        a forward on the FSDP owner copy and on the replica, all ranks at once: the difference
                 is the gathers' cost
     call        (optional, needs Ray) the round trip of a chain of Ray actor tasks passing a batch-sized
-                object: the runtime's per-call dispatch
+                object; then the runtime itself: a few PPO steps under the "separate" plan with the
+                2-layer debug-llama preset and 2 prompts of 2 new tokens (compute negligible), so the
+                step is the runtime's fixed cost: dispatch, data between workers, merging, engine set-up
 
 Fitting (cost.py's formulas, least squares on relative error with non-negative coefficients, `fit_linear`):
 
@@ -40,7 +42,8 @@ Fitting (cost.py's formulas, least squares on relative error with non-negative c
                         are converted to full-speed time: x min(1, cores / k), since the simulator
                         shares the cores again when it schedules them
     realloc_overhead    = measured reallocation - planner.realloc's prediction with the fitted link
-    call_overhead       = Ray chain time / hops
+    call_overhead       = the value that makes the simulator's time for that runtime step equal the measured
+                        one (bisection); without Ray: Ray chain time / hops
 
 The fitted figures describe one node (inter-node figures = intra-node ones, devices_per_node = N);
 tiny models on CPU are dominated by the fixed overheads, which is why they are fitted rather than assumed.
@@ -54,6 +57,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from reflow.planner.hardware import GB, Hardware
 
@@ -473,6 +477,66 @@ def measure_call_overhead(workers: int, hops: int = 24, payload_bytes: int = 256
             ray.shutdown()
 
 
+def measure_runtime_step(workers: int, steps: int = 6, warmup: int = 2) -> tuple[float, object]:
+    """The runtime's own fixed cost: PPO under the built-in "separate" plan with the `debug-llama` preset
+    (2 layers, hidden 32), 2 prompts x 1 sample and 2 new tokens per step, so that compute is negligible
+    and the step is dispatch, data movement between workers, batch merging and engine set-up.
+    Returns (median time/step after `warmup` steps, the RLConfig)."""
+    import logging
+    import tempfile
+
+    from reflow.config.loader import from_dict
+    from reflow.config.schema import RLConfig
+    from reflow.data.tasks import write_task
+    from reflow.models.presets import init_model
+    from reflow.runtime.controller import Controller
+
+    root = Path(tempfile.mkdtemp(prefix="reflow-profile-"))
+    model = init_model("debug-llama", root / "model", seed=0)
+    write_task("addition", root / "data", n_train=64, n_test=4, seed=0)
+    role = {"path": str(model), "optim": {"lr": 1e-4}}
+    cfg = from_dict(RLConfig, {
+        "output_dir": str(root / "run"), "actor": role, "critic": {"optim": {"lr": 1e-4}},
+        "reward": {"fn": "exact_match"}, "data": {"train": str(root / "data" / "train.jsonl"), "eval": None,
+                                                 "max_prompt_len": 16},
+        "rollout": {"prompts_per_step": 2, "n": 1, "max_new_tokens": 2},
+        "algo": {"name": "ppo", "kl_coef": 0.01, "ppo_epochs": 1, "mini_batches": 1},
+        "trainer": {"steps": steps, "progress": False, "save_every": 0},
+        "runtime": {"workers": workers, "plan": "separate", "timeout_s": 120}})
+    level = logging.getLogger("reflow").level
+    logging.getLogger("reflow").setLevel(logging.WARNING)
+    try:
+        controller = Controller(cfg)
+        try:
+            history = controller.train()
+        finally:
+            controller.shutdown()
+    finally:
+        logging.getLogger("reflow").setLevel(level)
+    return statistics.median(m["time/step"] for m in history[warmup:]), cfg
+
+
+def fit_call_overhead(measured_step: float, problem, plan) -> float:
+    """The per-call overhead that makes the simulator's iteration time of `plan` equal `measured_step`
+    (bisection: the simulated time grows with it); 0 when the rest of the model already accounts for it."""
+    import dataclasses
+
+    from reflow.planner.simulator import evaluate
+
+    def sim(c):
+        pr = dataclasses.replace(problem, hw=problem.hw.with_(call_overhead=c), _cache={})
+        return evaluate(pr, plan).time
+    lo, hi = 0.0, max(measured_step, 1e-3)
+    if sim(lo) >= measured_step:
+        return 0.0
+    while sim(hi) < measured_step:
+        hi *= 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sim(mid) < measured_step else (lo, mid)
+    return (lo + hi) / 2
+
+
 def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, ray_calls: bool = True,
             name: str | None = None) -> tuple[Fit, dict]:
     """Measure on `workers` local processes and fit (see the module docstring): (Fit, raw measurements)."""
@@ -494,6 +558,17 @@ def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, r
     shape = ModelShape.of(config, "lm", dtype_bytes=meas["dtype_bytes"])
     dev = "cuda" if meas["device"] == "cuda" else "cpu"
     fit = fit_hardware(meas, shape, name or f"{dev}-profiled-{workers}")
+    if ray_calls and workers > 1:
+        from reflow.planner.config import problem_for_config
+        from reflow.runtime.plan import separate
+
+        step, cfg = measure_runtime_step(workers)
+        problem = problem_for_config(cfg, workers, fit.hardware)
+        plan = separate(problem.graph, workers)
+        call = fit_call_overhead(step, problem, plan)
+        fit.hardware = fit.hardware.with_(call_overhead=call)
+        meas["runtime_step"] = step
+        fit.table.append((f"runtime step, debug model, separate plan", step, step))
     return fit, meas
 
 
