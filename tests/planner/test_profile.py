@@ -108,3 +108,16 @@ def test_shared_cores_simulation():
     assert one.time == pytest.approx(ta + tb)  # ... but share one core: the work adds up
     ev = {e.name: e for e in one.timeline}
     assert ev["a"].start == ev["b"].start == 0.0 or one.timeline[0].start <= one.timeline[1].start
+
+
+def test_call_overhead_fitted_through_the_simulator_recovers_a_known_value():
+    from reflow.planner.profile import fit_call_overhead
+    from reflow.planner.whatif import ppo_problem
+    from reflow.runtime.plan import separate
+
+    pr = ppo_problem("7b", 16, hw=hardware("a100-80g").with_(call_overhead=0.25))
+    plan = separate(pr.graph, 16)
+    measured = evaluate(pr, plan).time  # a "measurement" made with a 0.25 s per-call overhead
+    bare = dataclasses.replace(pr, hw=pr.hw.with_(call_overhead=0.0), _cache={})
+    assert fit_call_overhead(measured, bare, plan) == pytest.approx(0.25, rel=1e-3)
+    assert fit_call_overhead(evaluate(bare, plan).time * 0.5, bare, plan) == 0.0  # faster than the model: 0
