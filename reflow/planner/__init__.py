@@ -13,6 +13,8 @@
                   the built-in plans' predicted times for comparison
     config.py     a Problem from an RL config (`reflow train` YAML)
     whatif.py     PPO with LLaMA 7B..70B on 16..128 simulated A100s: searched vs built-in plans
+    profile.py    calibration (`reflow profile`): measure these devices, fit the Hardware figures
+                  (Hardware.save / Hardware.load: the YAML `reflow plan search --hardware` reads)
 
     from reflow.planner import search, evaluate
     from reflow.planner.whatif import ppo_problem
@@ -20,7 +22,8 @@
     print(result.report()); result.plan.save("plan.yaml")
 
 The hardware presets are commonly cited figures, not measurements: predictions are for an idealised
-implementation until `reflow profile` calibrates them.
+implementation; `reflow profile` calibrates them on the current devices (bench/planner.py compares the
+calibrated predictions with measured runtime iterations).
 """
 
 from reflow.planner.cost import CallCost, Workload, call_cost
