@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from reflow.data.batch import SampleBatch
-from reflow.models.packing import Layout, sequence_scores, token_logprobs, token_values
+from reflow.models.packing import Layout, sequence_scores, token_and_sequence_values, token_logprobs
 
 
 class InferenceEngine:
@@ -63,8 +63,9 @@ class InferenceEngine:
 
     def values(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """[T] values V(x_<t) at action positions, and [B] values of the whole sequences (for bootstrapping)."""
-        def fn(mb):
-            return token_values(self.model, mb, self.layout).cpu(), sequence_scores(self.model, mb, self.layout).cpu()
+        def fn(mb):  # one forward pass for both (the critic's inference used to run its backbone twice)
+            tok, seq = token_and_sequence_values(self.model, mb, self.layout)
+            return tok.cpu(), seq.cpu()
         outs, part = self._map(batch, fn)
         return self._gather(batch, part, torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]))
 

@@ -115,18 +115,31 @@ def token_logprobs(model, batch: SampleBatch, *, temperature: float = 1.0, with_
     return out, ent
 
 
-def token_values(critic, batch: SampleBatch, layout: Layout = "packed") -> torch.Tensor:
-    """[T] V(x_<t) = score(h_{t-1}) at action positions, 0 elsewhere (critic: token-classification model)."""
-    _, head = backbone_and_head(critic)
-    hidden = hidden_states(critic, batch, layout)
+def _values_at_actions(head, hidden: torch.Tensor, batch: SampleBatch) -> torch.Tensor:
     pos = _action_positions(batch).to(hidden.device)
     v = head(hidden[pos - 1]).float()[:, 0]
     return hidden.new_zeros(batch.num_tokens, dtype=torch.float32).index_put((pos,), v)
 
 
+def _scores_at_last(head, hidden: torch.Tensor, batch: SampleBatch) -> torch.Tensor:
+    last = (batch.offsets[1:] - 1).to(hidden.device)
+    return head(hidden[last]).float()[:, 0]
+
+
+def token_values(critic, batch: SampleBatch, layout: Layout = "packed") -> torch.Tensor:
+    """[T] V(x_<t) = score(h_{t-1}) at action positions, 0 elsewhere (critic: token-classification model)."""
+    _, head = backbone_and_head(critic)
+    return _values_at_actions(head, hidden_states(critic, batch, layout), batch)
+
+
 def sequence_scores(reward_model, batch: SampleBatch, layout: Layout = "packed") -> torch.Tensor:
     """[B] score(h_last) of each sample (reward model: sequence-classification model, last token)."""
     _, head = backbone_and_head(reward_model)
-    hidden = hidden_states(reward_model, batch, layout)
-    last = (batch.offsets[1:] - 1).to(hidden.device)
-    return head(hidden[last]).float()[:, 0]
+    return _scores_at_last(head, hidden_states(reward_model, batch, layout), batch)
+
+
+def token_and_sequence_values(critic, batch: SampleBatch, layout: Layout = "packed") -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_values, sequence_scores) of one model from a single forward pass: [T] and [B]."""
+    _, head = backbone_and_head(critic)
+    hidden = hidden_states(critic, batch, layout)
+    return _values_at_actions(head, hidden, batch), _scores_at_last(head, hidden, batch)

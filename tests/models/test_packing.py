@@ -130,6 +130,21 @@ def test_token_values_are_the_critic_head_on_the_previous_hidden_state(model_dir
     assert v[mask].abs().min() > 0
 
 
+def test_critic_inference_runs_the_backbone_once_for_token_and_sequence_values(model_dirs):
+    from reflow.engines.infer import InferenceEngine
+
+    critic = _randomise_head(load_critic(model_dirs["debug-llama"]).eval(), seed=5)
+    batch = make_batch(prompt_lens=[2, 4, 1, 3])
+    calls = []
+    hook = critic.model.register_forward_hook(lambda *a: calls.append(1))
+    tok, seq = InferenceEngine(critic, micro_batch_tokens=10_000).values(batch)
+    hook.remove()
+    assert len(calls) == 1  # one micro-batch, one backbone pass for both outputs
+    with torch.no_grad():
+        torch.testing.assert_close(tok, packing.token_values(critic, batch, "padded"), atol=0, rtol=0)
+        torch.testing.assert_close(seq, packing.sequence_scores(critic, batch, "padded"), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_sequence_scores_are_the_reward_head_on_the_last_token(model_dirs, family, layout):
