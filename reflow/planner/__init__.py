@@ -30,7 +30,8 @@ from reflow.planner.cost import CallCost, Workload, call_cost
 from reflow.planner.hardware import PRESETS, Hardware, hardware
 from reflow.planner.memory import MemoryReport, plan_memory
 from reflow.planner.models import ModelShape, llama_config, param_shapes
-from reflow.planner.realloc import needs_copy, realloc_cost, realloc_cost_exact
+from reflow.planner.realloc import realloc_cost, realloc_cost_exact
+from reflow.runtime.plan import needs_copy
 from reflow.planner.search import PlanSearchError, SearchResult, search
 from reflow.planner.simulator import Evaluation, Problem, evaluate, simulate
 

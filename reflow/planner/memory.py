@@ -16,7 +16,7 @@ weights of the rank's pipeline stage on one tensor-parallel rank: n_s (P_split/t
                         tokens = T_micro (p = 1: one micro-batch at a time) or m T_micro (GPipe keeps all
                         micro-batches' activations until the backward)
       logits            T_micro V 4 * 2 on the last stage (fp32 logits and their gradient; lm head only)
-    during a generate / infer call that runs on a reallocated copy (planner.realloc.needs_copy)
+    during a generate / infer call that runs on a reallocated copy (reflow.runtime.plan.needs_copy)
       the copy          W * b           (temporary: built by reallocation, dropped after the call)
     generate            KV cache  wave x n_s x S x 2 n_kv d_h b / t  + logits wave V 4 + activations
     infer               activations T_micro (4 h + 2 i / t) b + logits T_micro V 4
@@ -38,7 +38,7 @@ from reflow.parallel.pipeline import stage_bounds
 from reflow.planner.cost import Workload, _micro_batches
 from reflow.planner.hardware import GB, Hardware
 from reflow.planner.models import ModelShape
-from reflow.planner.realloc import needs_copy
+from reflow.runtime.plan import needs_copy
 from reflow.runtime.graph import Graph
 from reflow.runtime.plan import Placement, Plan
 

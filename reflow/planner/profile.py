@@ -225,6 +225,22 @@ def _timeit(fn, reps: int, sync=None) -> float:
     return statistics.median(out)
 
 
+def _timeit_ranks(fn, reps: int, sync=None) -> float:
+    """Median seconds of `fn` after one warm-up, every repetition started together on all ranks (barrier),
+    the slowest rank's median (what a collective call costs the caller)."""
+    import torch
+    import torch.distributed as dist
+
+    fn()
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        times.append(_timeit(fn, 1, sync))
+    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def _model(preset: str, device, dtype):
     import torch
     from transformers import AutoModelForCausalLM
@@ -327,18 +343,7 @@ def measure(rank: int, world: int, preset: str, quick: bool = False) -> dict | N
                         dist.send(buf, 1)
                     elif rank == 1:
                         dist.recv(buf, 0)
-                op()
-                times = []
-                for _ in range(reps + 2):
-                    dist.barrier()
-                    t0 = time.perf_counter()
-                    op()
-                    if sync:
-                        sync()
-                    times.append(time.perf_counter() - t0)
-                tt = torch.tensor([statistics.median(times)], dtype=torch.float64)
-                dist.all_reduce(tt, op=dist.ReduceOp.MAX)
-                out[kind].append((nbytes, float(tt)))
+                out[kind].append((nbytes, _timeit_ranks(op, reps + 2, sync)))
         out.update(_measure_realloc(rank, world, model, config, device, reps, sync))
         out.update(_measure_tp(rank, world, model, device, reps, sync))
     if cuda:
@@ -357,7 +362,6 @@ def _measure_realloc(rank, world, model, config, device, reps, sync) -> dict:
     import copy
 
     import torch
-    import torch.distributed as dist
 
     from reflow.parallel.context import ParallelContext
     from reflow.parallel.layout import Layout
@@ -378,18 +382,7 @@ def _measure_realloc(rank, world, model, config, device, reps, sync) -> dict:
         return dst_model
 
     def timed(fn) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            dist.barrier()
-            t0 = time.perf_counter()
-            fn()
-            if sync:
-                sync()
-            times.append(time.perf_counter() - t0)
-        t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
+        return _timeit_ranks(fn, reps, sync)
 
     realloc = timed(once)
     replica = once()
@@ -568,7 +561,7 @@ def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, r
         call = fit_call_overhead(step, problem, plan)
         fit.hardware = fit.hardware.with_(call_overhead=call)
         meas["runtime_step"] = step
-        fit.table.append((f"runtime step, debug model, separate plan", step, step))
+        fit.table.append(("runtime step, debug model, separate plan", step, step))
     return fit, meas
 
 

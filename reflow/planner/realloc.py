@@ -42,47 +42,24 @@ realloc_overhead (hardware.py, measured by `reflow profile`) is building the des
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 from reflow.parallel.pipeline import stage_bounds
 from reflow.planner.hardware import Hardware
 from reflow.planner.models import ModelShape, param_shapes
-from reflow.realloc import plan as _realloc_plan
+from reflow.realloc.plan import DEFAULT_BUCKET_BYTES, Cost
 from reflow.runtime.plan import Placement
 
-BUCKET_BYTES = getattr(_realloc_plan, "DEFAULT_BUCKET_BYTES", 64 << 20)  # the executor's bucket size
+BUCKET_BYTES = DEFAULT_BUCKET_BYTES  # the executor's bucket size
 
 
 @dataclass
-class ReallocCost:
-    """Traffic in bytes per rank, the number of collectives, and the predicted time (seconds)."""
+class ReallocCost(Cost):
+    """The executor's traffic figures (bytes per rank, collectives; see reflow.realloc.plan.Cost) plus the
+    predicted time in seconds."""
 
-    sent: dict[int, float] = field(default_factory=dict)
-    received: dict[int, float] = field(default_factory=dict)
-    collectives: int = 0
     time: float = 0.0
-
-    @property
-    def total_bytes(self) -> float:
-        return sum(self.received.values())
-
-    @property
-    def max_rank_bytes(self) -> float:
-        ranks = set(self.sent) | set(self.received)
-        return max((self.sent.get(r, 0) + self.received.get(r, 0) for r in ranks), default=0)
-
-
-def needs_copy(kind: str, pl: Placement, owner: Placement, trained: bool) -> bool:
-    """Whether a call runs on a reallocated copy (reflow.runtime.worker._realloc_for): every generate /
-    infer call placed elsewhere than its role's owner copy, and a generate call on the owner placement of
-    a trained role sharded over d > 1 (generation wants whole weights, not FSDP shards: the copy is then an
-    all-gather into a replicated layout). An infer call on the owner placement runs on the owner copy."""
-    if kind == "train":
-        return False
-    if pl != owner:
-        return True
-    return kind == "generate" and trained and pl.layout.d > 1
 
 
 def _chunk(lo: float, hi: float, parts: int, index: int) -> tuple[float, float]:
@@ -137,7 +114,6 @@ def _realloc_cost(m: ModelShape, src: Placement, dst: Placement, hw: Hardware, s
     L = m.layers
     S, D = src.layout, dst.layout
     ds = S.d if src_sharded else 1  # FSDP shards of the source
-    holders = 1 if src_sharded else S.d
     numel = _category_numels(m)
     outer = m.outer_params
     src_stage = [next(s for s in range(S.p) if l < stage_bounds(L, S.p, s)[1]) for l in range(L)]

@@ -8,7 +8,7 @@ Rules (those of reflow.runtime.controller and the workers):
     * a call starts when its inputs are ready (the calls producing them have ended), its role's previous
       call has ended (within an iteration; and a role's first call of iteration i+1 after its last call
       of iteration i), and every rank it needs is free
-    * a generate / infer call that needs a copy of its role's weights (planner.realloc.needs_copy) first
+    * a generate / infer call that needs a copy of its role's weights (reflow.runtime.plan.needs_copy) first
       reallocates them: a task on the owner's ranks and the call's ranks together (time from
       planner.realloc), then the call
     * barrier=True (the controller's behaviour: it waits for all of a step's tasks): iteration i+1 starts
@@ -29,7 +29,8 @@ from reflow.planner.cost import CallCost, Workload, call_cost
 from reflow.planner.hardware import GB, Hardware
 from reflow.planner.memory import MemoryReport, plan_memory
 from reflow.planner.models import ModelShape
-from reflow.planner.realloc import ReallocCost, needs_copy, realloc_cost, realloc_cost_exact
+from reflow.planner.realloc import ReallocCost, realloc_cost, realloc_cost_exact
+from reflow.runtime.plan import needs_copy
 from reflow.runtime.graph import Graph
 from reflow.runtime.plan import Placement, Plan
 

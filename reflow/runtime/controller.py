@@ -29,7 +29,7 @@ from reflow.experiments.common import PromptSampler
 from reflow.algorithms.losses import AdaptiveKLController
 from reflow.models.load import check_model_dir, load_tokenizer
 from reflow.runtime.graphs import graph_for
-from reflow.runtime.plan import PlanError, resolve_plan
+from reflow.runtime.plan import PlanError, needs_copy, resolve_plan
 from reflow.utils import checkpoint as ckpt_lib
 from reflow.utils.metrics import MetricsLogger, truncate_metrics
 
@@ -115,8 +115,8 @@ class Controller:
             meta = {"prompt_idx": prompt_idx, "kl_coef": self.kl_ctl.value, "parts": [len(outputs[k]) for k in keys]}
             refs = [ref for k in keys for ref in outputs[k]]
             owner = self.plan.owner(self.graph, call.role)
-            if call.kind != "train" and owner != pl:
-                for r in owner.ranks:
+            if needs_copy(call.kind, pl, owner, call.role in self.graph.trained_roles()):
+                for r in owner.ranks:  # owner ranks outside the call's mesh only send their shards
                     if r not in pl.ranks:
                         pending[self.workers[r].send_weights.remote(step, name)] = (name, r)
             outs = []

@@ -39,7 +39,3 @@ class StepMath:
     @kl_value.setter
     def kl_value(self, v: float) -> None:
         self.kl_ctl.value = v
-
-    # RLExperiment._train calls self._actor_loss / self._critic_loss by these names
-    _actor_loss = actor_loss
-    _critic_loss = critic_loss

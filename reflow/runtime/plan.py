@@ -142,6 +142,19 @@ class Plan:
         return "\n".join(lines)
 
 
+def needs_copy(kind: str, pl: Placement, owner: Placement, trained: bool) -> bool:
+    """Whether a call runs on a temporary reallocated copy of its role's weights (the worker builds one, the
+    planner charges for one): every generate / infer call placed elsewhere than its role's owner copy, and
+    a generate call on the owner placement of a trained role sharded over d > 1 (generation wants whole
+    weights, not FSDP shards: replicas decode different prompts, and FSDP would all-gather every step).
+    An infer call on the owner placement runs on the owner copy; a train call always does."""
+    if kind == "train":
+        return False
+    if pl != owner:
+        return True
+    return kind == "generate" and trained and pl.layout.d > 1
+
+
 class _NoModel:
     """Stands in for a model config when a role has none: only rank checks apply."""
 

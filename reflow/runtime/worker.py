@@ -42,7 +42,7 @@ from reflow.runtime.checkpoint import load_optimizer, save_role
 from reflow.runtime.graph import Graph
 from reflow.runtime.graphs import graph_for
 from reflow.runtime.math import StepMath
-from reflow.runtime.plan import Placement, Plan
+from reflow.runtime.plan import Placement, Plan, needs_copy
 
 LOADERS = {"actor": load_policy, "ref": load_policy, "critic": load_critic, "reward": load_reward_model}
 
@@ -170,10 +170,7 @@ class Worker:
         """(owner sharding, call sharding) when the call needs a temporary copy of its role's weights."""
         call, pl = self.graph.call(name), self.plan.calls[name]
         role = self.roles[call.role]
-        if role.sharding is None or call.kind == "train":
-            return None
-        same = pl == role.owner and (call.kind != "generate" or not role.trained or pl.layout.d == 1)
-        if same:
+        if role.sharding is None or not needs_copy(call.kind, pl, role.owner, role.trained):
             return None
         return role.sharding, Sharding.of(pl.layout, pl.ranks, role.sharding.shape_of, role.sharding.num_layers,
                                           shard_data=False)
@@ -223,15 +220,14 @@ class Worker:
         for n in meta.get("parts", []):
             inputs.append(list(refs[at:at + n]))
             at += n
-        if call.kind == "generate":
-            return self._finish(step, name, call, model, temporary, t0, t1, self._generate(step, call, ctx, model, meta))
-        out = (self._infer(call, ctx, model, merge(inputs), meta) if call.kind == "infer"
-               else self._train(call, ctx, merge(inputs), meta))
-        return self._finish(step, name, call, model, temporary, t0, t1, out if ctx.index == 0 else None)
-
-    def _finish(self, step, name, call, model, temporary, t0, t1, out):
+        if call.kind == "generate":  # one part per replica (its first tensor-parallel rank returns it)
+            out = self._generate(step, call, ctx, model, meta)
+        else:  # the call's first rank returns the whole output
+            out = (self._infer(call, ctx, model, merge(inputs), meta) if call.kind == "infer"
+                   else self._train(call, ctx, merge(inputs), meta))
+            out = out if ctx.index == 0 else None
+        del model  # a temporary copy lives for its call only (the owner copy stays referenced by its role)
         if temporary:
-            del model  # a temporary copy lives for its call only
             self._record(step, f"{name}:reallocate", t0, t1)
         elif self.roles[call.role].parked is not None:
             self.roles[call.role].parked.offload()

@@ -6,7 +6,8 @@ from transformers import LlamaConfig, Qwen2Config
 from reflow.planner.cost import placement as P
 from reflow.planner.hardware import hardware
 from reflow.planner.models import ModelShape
-from reflow.planner.realloc import needs_copy, realloc_cost, realloc_cost_exact
+from reflow.planner.realloc import realloc_cost, realloc_cost_exact
+from reflow.runtime.plan import needs_copy
 
 HW = hardware("a100-80g", devices_per_node=4)
 CASES = [(P("d4t1p1", range(4)), P("d1t4p1", range(4))), (P("d2t2p2", range(8)), P("d1t2p1", range(2))),
