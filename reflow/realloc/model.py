@@ -23,7 +23,7 @@ from reflow.models.empty import empty_model, materialize
 from reflow.parallel.parallelize import parallelize
 from reflow.parallel.shards import Sharding, local_tensors
 from reflow.realloc.execute import ReallocStats, reallocate
-from reflow.realloc.plan import DEFAULT_BUCKET_BYTES, plan_reallocation
+from reflow.realloc.plan import DEFAULT_BUCKET_BYTES, ReallocPlan, plan_reallocation
 
 
 def resharded_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -58,10 +58,13 @@ def build_destination(model_cls, config, ctx, shard_data: bool = False, device=N
 
 
 def reallocate_model(src_model: torch.nn.Module | None, src: Sharding, dst_model: torch.nn.Module | None,
-                     dst: Sharding, *, ranks_per_node: int = 8, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> ReallocStats:
-    """Plan and run the move of `src_model`'s weights (this rank's part, or None) into `dst_model`."""
-    plan = plan_reallocation(src, dst, world_size=dist.get_world_size(), ranks_per_node=ranks_per_node,
-                             bucket_bytes=bucket_bytes)
+                     dst: Sharding, *, ranks_per_node: int = 8, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                     plan: ReallocPlan | None = None) -> ReallocStats:
+    """Plan and run the move of `src_model`'s weights (this rank's part, or None) into `dst_model`.
+    `plan`: a plan made earlier for the same (src, dst), so a move repeated every step is planned once."""
+    if plan is None:
+        plan = plan_reallocation(src, dst, world_size=dist.get_world_size(), ranks_per_node=ranks_per_node,
+                                 bucket_bytes=bucket_bytes)
     src_t = resharded_tensors(src_model) if src_model is not None else None
     dst_t = local_tensors(dst_model) if dst_model is not None else None
     stats = reallocate(plan, src_t, dst_t)

@@ -36,7 +36,7 @@ from reflow.parallel.parallelize import parallelize
 from reflow.parallel.shards import Sharding
 from reflow.realloc.execute import group_for
 from reflow.realloc.model import Offloaded, build_destination, reallocate_model
-from reflow.realloc.plan import plan_reallocation
+from reflow.realloc.plan import ReallocPlan, plan_reallocation
 from reflow.rewards.registry import compute_rewards, load_reward_fn
 from reflow.runtime.checkpoint import load_optimizer, save_role
 from reflow.runtime.graph import Graph
@@ -114,12 +114,15 @@ class Worker:
         self.roles: dict[str, Role] = {}
         for role in self.graph.roles:
             self.roles[role] = self._load_role(role)
-        self.realloc: dict[str, tuple[Sharding, Sharding]] = {}
-        for name in self.graph.order:  # reallocation plans and their broadcast groups, also in a fixed order
+        # reallocation plans, made once (the same move repeats every step), and their broadcast groups,
+        # created in a fixed order on every worker
+        self.realloc: dict[str, tuple[Sharding, Sharding, ReallocPlan]] = {}
+        for name in self.graph.order:
             shardings = self._realloc_for(name)
             if shardings is not None:
-                self.realloc[name] = shardings
-                for sender, receivers in plan_reallocation(*shardings, world_size=world_size).buckets():
+                plan_ = plan_reallocation(*shardings, world_size=world_size)
+                self.realloc[name] = (*shardings, plan_)
+                for sender, receivers in plan_.buckets():
                     if len(receivers) > 1:
                         group_for(tuple(sorted((sender, *receivers))))
         self.math = StepMath(cfg, has_ref="ref" in self.graph.roles)
@@ -183,12 +186,12 @@ class Worker:
             if role.parked is not None:
                 role.parked.reload()
             return role.model, False
-        src, dst = self.realloc[name]
+        src, dst, plan = self.realloc[name]
         dst_model = build_destination(role.model_cls, role.config, self.ctx[self.plan.calls[name]], shard_data=False,
                                       dtype=role.dtype)
         if role.parked is not None:
             role.parked.reload()
-        reallocate_model(role.model, src, dst_model, dst)
+        reallocate_model(role.model, src, dst_model, dst, plan=plan)
         if role.parked is not None:
             role.parked.offload()
         return dst_model, True
@@ -200,10 +203,10 @@ class Worker:
         if name not in self.realloc:  # a role without weights (a reward function): nothing to send
             return
         role = self.roles[self.graph.call(name).role]
-        src, dst = self.realloc[name]
+        src, dst, plan = self.realloc[name]
         if role.parked is not None:
             role.parked.reload()
-        reallocate_model(role.model, src, None, dst)
+        reallocate_model(role.model, src, None, dst, plan=plan)
         if role.parked is not None:
             role.parked.offload()
         self._record(step, f"{name}:send_weights", t0)
