@@ -32,9 +32,10 @@ from reflow.realloc.plan import plan_reallocation
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _gather(src: Sharding, local: dict[str, torch.Tensor], root: int, full: dict | None) -> None:
+def _gather_plan(src: Sharding, root: int):
+    """Every slice of `src` onto rank `root`, whole (one plan serves the weights and both Adam moments)."""
     dst = Sharding.of("d1t1p1", [root], src.shape_of, src.num_layers, shard_data=False)
-    reallocate(plan_reallocation(src, dst, world_size=dist.get_world_size()), local, full)
+    return plan_reallocation(src, dst, world_size=dist.get_world_size())
 
 
 def _params_by_name(model) -> dict[str, torch.nn.Parameter]:
@@ -48,7 +49,8 @@ def save_role(role, engine, tokenizer, ckpt: Path) -> None:
     full_model = None
     if me == root:
         full_model = materialize(empty_model(role.model_cls, role.config, role.dtype))
-    _gather(role.sharding, resharded_tensors(role.model), root, local_tensors(full_model) if full_model else None)
+    gather = _gather_plan(role.sharding, root)
+    reallocate(gather, resharded_tensors(role.model), local_tensors(full_model) if full_model else None)
     params = _params_by_name(role.model)
     moments = {}
     for m in MOMENTS:
@@ -58,7 +60,7 @@ def save_role(role, engine, tokenizer, ckpt: Path) -> None:
             local[n] = (t.to_local() if isinstance(t, DTensor) else t).detach()
         full = ({n: torch.empty(s, dtype=role.dtype) for n, s in role.sharding.shape_of.items()}
                 if me == root else None)
-        _gather(role.sharding, local, root, full)
+        reallocate(gather, local, full)
         if full is not None:
             moments.update({f"{n}:{m}": t.contiguous() for n, t in full.items()})
     if me == root:
