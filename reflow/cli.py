@@ -8,7 +8,7 @@
     reflow train configs/grpo_addition.yaml [key=value ...] [--resume [CKPT]]
     reflow train configs/grpo_addition.yaml runtime.workers=4 runtime.plan=separate   # on 4 Ray workers
     reflow plan show configs/grpo_addition.yaml runtime.workers=4 [--save plan.yaml] # graph + plan table
-    reflow profile [--workers 4] [--out hardware.yaml]                 # measure these devices, fit the figures
+    reflow profile [--workers 4] [--config CFG] [--out hardware.yaml]    # measure these devices, fit the figures
     reflow plan search configs/ppo_addition.yaml --devices 4 [--hardware hardware.yaml | --preset a100-80g]
                        [--seed 0] [--out plan.yaml]                    # search a plan; runtime.plan=plan.yaml
     reflow plan whatif [--preset a100-80g]                             # PPO 7B..70B on 16..128 simulated GPUs
@@ -340,15 +340,24 @@ def cmd_profile(args) -> None:
 
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    config = None
+    if args.config:
+        from reflow.config.loader import load_config
+        from reflow.config.schema import RLConfig
+
+        if args.no_ray:
+            raise ConfigError("--config times the workload's calls in the runtime (Ray); drop --no-ray")
+        config = load_config(RLConfig, args.config, args.overrides)
     t0 = time.perf_counter()
-    fit, meas = profile(args.workers, args.model_preset, quick=args.quick, ray_calls=not args.no_ray)
+    fit, meas = profile(args.workers, args.model_preset, quick=args.quick, ray_calls=not args.no_ray, config=config)
     print(fit.report())
     hw = fit.hardware
     print(f"\nfitted ({time.perf_counter() - t0:.0f} s): {hw.flops / 1e9:.1f} GFLOP/s, layer overhead "
           f"{hw.layer_overhead * 1e6:.0f} us, decode step overhead {hw.step_overhead * 1e3:.2f} ms, link "
           f"{hw.intra_bw / 1e9:.2f} GB/s + {hw.intra_lat * 1e6:.0f} us, memory {hw.mem_bw / 1e9:.1f} GB/s, "
           f"optimizer {hw.optimizer_overhead * 1e3:.2f} ms, reallocation {hw.realloc_overhead * 1e3:.0f} ms, "
-          f"call {hw.call_overhead * 1e3:.2f} ms, cores per node {hw.cores_per_node}")
+          f"call {hw.call_overhead * 1e3:.2f} ms, cores per node {hw.cores_per_node}, scales generate "
+          f"{hw.generate_scale:.2f} infer {hw.infer_scale:.2f} train {hw.train_scale:.2f}")
     hw.save(args.out, measured_for_yaml(meas, fit))
     print(f"wrote {args.out}: reflow plan search CONFIG --devices {args.workers} --hardware {args.out}")
 
@@ -426,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="hardware.yaml", help="where to write the figures (hardware.yaml)")
     s.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     s.add_argument("--no-ray", action="store_true", help="skip the Ray call-dispatch measurement")
+    s.add_argument("--config", help="an RL config (reflow train YAML): also time its own calls in the runtime "
+                                    "(every call on rank 0, at its batch and a quarter of it) and fit per-kind "
+                                    "scales and the per-call cost from them")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of --config")
     s.set_defaults(fn=cmd_profile)
 
     s = sub.add_parser("demo", help="init-model -> sft -> grpo on the addition task, with a summary (minutes on CPU)")

@@ -54,6 +54,10 @@ FSDP's fixed cost per unit (a decoder layer, or the root module) per gather / re
 fsdp_overhead x (n_s + 1) per forward on the owner copy, 3 x that per micro-batch of a train call
 (gathers in forward and backward, reduce-scatter), added to the time above.
 
+Measured per-kind figures (hardware.py; 1 in the presets, fitted by `reflow profile --config` from the
+workload's own calls): hw.generate_scale, infer_scale and train_scale multiply a call's own work (the
+stage passes, decode steps and optimizer step above), never its collectives or reallocations.
+
 Fixed overheads (hardware.py; 0 in the GPU presets, measured by `reflow profile` on CPU workers): every
 decode step adds step_overhead, every optimizer step optimizer_overhead, every call of the graph (a reward
 function too) call_overhead. A call on a role without a model (a reward function) costs only that.
@@ -137,8 +141,9 @@ def stage_weight_elems(m: ModelShape, t: int, n_layers: int, last: bool) -> floa
 # ---------------------------------------------------------------------------------------------- passes
 def stage_pass(m: ModelShape, hw: Hardware, t: int, tp: tuple[int, ...], tokens: float, context: float,
                n_layers: int, head: bool, compute_passes: float = 1.0, weight_reads: float = 1.0,
-               allreduces: int = 2) -> tuple[float, dict]:
-    """Time of one stage over `tokens` tokens: max(compute, weights) + overhead + TP all-reduces."""
+               allreduces: int = 2, scale: float = 1.0) -> tuple[float, dict]:
+    """Time of one stage over `tokens` tokens: scale (max(compute, weights) + overhead) + TP all-reduces
+    (scale: the call kind's measured / modelled figure, hw.<kind>_scale)."""
     flops = (n_layers * m.layer_flops(tokens, context) / t + (m.head_flops(tokens) if head else 0)) * compute_passes
     compute = flops / hw.eff_flops
     weights = (n_layers * (m.layer_split_params / t + m.layer_whole_params) + (m.head_params if head else 0)) \
@@ -146,8 +151,8 @@ def stage_pass(m: ModelShape, hw: Hardware, t: int, tp: tuple[int, ...], tokens:
     tp_comm = n_layers * (allreduces * hw.all_reduce(tokens * m.hidden * m.dtype_bytes, tp)
                           + hw.tp_overhead * compute_passes) if t > 1 else 0.0
     overhead = n_layers * hw.layer_overhead * compute_passes
-    return max(compute, weights) + overhead + tp_comm, {"compute": compute, "weights": weights, "tp_comm": tp_comm,
-                                                        "overhead": overhead}
+    return scale * (max(compute, weights) + overhead) + tp_comm, {
+        "compute": scale * compute, "weights": scale * weights, "tp_comm": tp_comm, "overhead": scale * overhead}
 
 
 def _micro_batches(tokens: float, seqs: int, wl: Workload, p: int) -> int:
@@ -204,7 +209,7 @@ def infer_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, owner_s
     seqs = math.ceil(wl.batch / L.d)
     tokens = seqs * wl.seq_len
     micro = _micro_batches(tokens, seqs, wl, L.p)
-    total, parts = _pipeline(m, hw, pl, tokens, wl.seq_len / 2, micro)
+    total, parts = _pipeline(m, hw, pl, tokens, wl.seq_len / 2, micro, scale=hw.infer_scale)
     if owner_sharded and L.d > 1:
         ag = _owner_gather(m, pl, hw)
         fixed = micro * _fsdp_units(m, L.p) * hw.fsdp_overhead
@@ -221,7 +226,7 @@ def train_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload) -> Call
     micro = _micro_batches(tokens, seqs, wl, L.p)
     passes = 4.0 if wl.checkpointing else 3.0
     pipe, parts = _pipeline(m, hw, pl, tokens, wl.seq_len / 2, micro, compute_passes=passes,
-                            weight_reads=3.0, allreduces=6 if wl.checkpointing else 4)
+                            weight_reads=3.0, allreduces=6 if wl.checkpointing else 4, scale=hw.train_scale)
     layers = stage_layers(m, L.p)
     w_stage = max(stage_weight_elems(m, L.t, n, s == L.p - 1) for s, n in enumerate(layers))
     fsdp = 0.0
@@ -234,7 +239,7 @@ def train_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload) -> Call
         fsdp += fixed
     else:
         step = pipe
-    adam = w_stage / L.d * 28 / hw.eff_mem_bw + hw.optimizer_overhead
+    adam = hw.train_scale * (w_stage / L.d * 28 / hw.eff_mem_bw + hw.optimizer_overhead)
     steps = wl.epochs * wl.mini_batches
     parts = {k: v * steps for k, v in parts.items()}
     parts.update(fsdp=fsdp * steps, optimizer=adam * steps, micro_batches=micro, steps=steps)
@@ -270,11 +275,11 @@ def generate_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, conc
     P, G = wl.prompt_len, wl.gen_len
     # prefill: one pass over the wave's prompts (pipelined over p micro-batches when p > 1)
     pre_micro = max(1, min(wave, L.p))
-    prefill, _ = _pipeline(m, hw, pl, wave * P, P / 2, pre_micro)
+    prefill, _ = _pipeline(m, hw, pl, wave * P, P / 2, pre_micro, scale=hw.generate_scale)
     # decode: every stage in turn for each token (no pipelining across stages within a step)
     lin_c = [0.0, 0.0]
     lin_m = [0.0, 0.0]
-    fixed = 0.0
+    fixed = comm = 0.0  # per decode step: scaled own work / tensor- and pipeline-parallel communication
     for s, n in enumerate(stage_layers(m, L.p)):
         head = s == L.p - 1
         lin_c[0] += (n * m.layer_flops(wave, P) / L.t + (m.head_flops(wave) if head else 0)) / hw.eff_flops
@@ -282,13 +287,15 @@ def generate_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, conc
         w = (n * (m.layer_split_params / L.t + m.layer_whole_params) + (m.head_params if head else 0)) * m.dtype_bytes
         lin_m[0] += (w + n * wave * P * m.kv_bytes_per_token_layer / L.t) / hw.eff_mem_bw
         lin_m[1] += n * wave * m.kv_bytes_per_token_layer / L.t / hw.eff_mem_bw
-        fixed += n * hw.layer_overhead + (n * (2 * hw.all_reduce(wave * m.hidden * m.dtype_bytes, tp) + hw.tp_overhead)
-                                          if L.t > 1 else 0)
+        fixed += n * hw.layer_overhead
+        comm += n * (2 * hw.all_reduce(wave * m.hidden * m.dtype_bytes, tp) + hw.tp_overhead) if L.t > 1 else 0
     fixed += hw.step_overhead
     if L.p > 1:
         bw, lat = hw.link(_worst_group(hw, g["pp"]))
-        fixed += (L.p - 1) * (wave * m.hidden * m.dtype_bytes / bw + lat)
-    decode = _sum_max_linear(lin_c[0], lin_c[1], lin_m[0], lin_m[1], G) + G * fixed
+        comm += (L.p - 1) * (wave * m.hidden * m.dtype_bytes / bw + lat)
+    sc = hw.generate_scale
+    decode = sc * _sum_max_linear(lin_c[0], lin_c[1], lin_m[0], lin_m[1], G) + G * (sc * fixed + comm)
+    fixed = sc * fixed + comm
     gather = 0.0
     if owner_sharded and L.d > 1:
         ag = _owner_gather(m, pl, hw)

@@ -22,6 +22,12 @@ A `Hardware` describes one kind of device and how devices are wired:
     fsdp_overhead      fixed time per FSDP unit (a decoder layer) per all-gather / reduce-scatter (hooks,
                        DTensor bookkeeping, a collective's launch)
     tp_overhead        fixed time per decoder layer per pass under tensor parallel (t > 1)
+    generate_scale, infer_scale, train_scale
+                       measured / modelled time of one call kind's own work on one device (the model's
+                       passes, decode steps and optimizer step; not its collectives): what the analytic
+                       formulas miss at the profiled workload's sizes (skinny decode matmuls, sampling,
+                       log-prob gathers, batch packing, the worker's bookkeeping). `reflow profile --config`
+                       fits them from the workload's own calls in the runtime; 1 in the presets
     cores_per_node     None: every device computes independently (GPUs). A number: the devices of a node
                        share this many cores (CPU workers): when more of a node's ranks are busy at once,
                        each computes at cores / busy of its speed (the simulator shares them)
@@ -77,6 +83,9 @@ class Hardware:
     realloc_overhead: float = 0.0
     fsdp_overhead: float = 0.0
     tp_overhead: float = 0.0
+    generate_scale: float = 1.0
+    infer_scale: float = 1.0
+    train_scale: float = 1.0
     cores_per_node: float | None = None
 
     # ------------------------------------------------------------------ derived figures

@@ -1,7 +1,7 @@
 """Calibration (`reflow profile`): measure the current devices and fit the Hardware figures the cost model
 predicts from, so that its predictions are for these devices rather than for preset figures.
 
-    reflow profile [--workers N] [--preset tiny-llama] [--out hardware.yaml]
+    reflow profile [--workers N] [--model-preset tiny-llama] [--config rl.yaml] [--out hardware.yaml]
     hw = Hardware.load("hardware.yaml")           # or: reflow plan search ... --hardware hardware.yaml
 
 What is measured (N processes in one torch.distributed world, reflow.parallel.launch: gloo on CPU, NCCL
@@ -13,8 +13,9 @@ on GPUs; one intra-op thread per process, as the runtime's workers use):
                 time per decode step = the difference / the extra steps (prefill cancels)
     optimizer   one AdamW step (per-tensor, as the runtime's TrainEngine under a layout) after a backward
     memory      a large tensor copy (bytes read + written / time)
-    sharing     the same forward on all N ranks at once: effective cores = N t_alone / t_together
-                (CPU workers share the machine's cores; on GPUs the figure is not used)
+    sharing     forwards back to back on rank 0 alone, then on all N ranks at once (wall clock until the
+                last rank is done): effective cores = N t_alone / t_together (CPU workers share the
+                machine's cores; on GPUs the figure is not used)
     collectives all-reduce and broadcast over all ranks and send/recv between ranks 0 and 1, 4 KB..16 MB
     realloc     reallocation of the model from its FSDP owner layout dNt1p1 to N replicas (what a
                 generate call on the train mesh does every step): build the destination, move the weights
@@ -26,6 +27,14 @@ on GPUs; one intra-op thread per process, as the runtime's workers use):
                 object; then the runtime itself: a few PPO steps under the "separate" plan with the
                 2-layer debug-llama preset and 2 prompts of 2 new tokens (compute negligible), so the
                 step is the runtime's fixed cost: dispatch, data between workers, merging, engine set-up
+    workload    (--config, needs Ray; replaces `call`'s runtime step) the config's own calls in the
+                runtime on N workers, timed from the workers' timelines, under two calibration plans:
+                one_rank_plan (every call d1t1p1 on rank 0: no parallelism, no copies, one busy
+                worker) at the config's prompts per step and a quarter of it, and two_rank_plan (roles
+                alternate over ranks 0 and 1, so independent calls overlap: two busy workers).
+                Interleaved and pooled (one, two, one, two): the machine's speed drifts between runs.
+                This is how ReaL's profiler works too: time the real calls at the sizes they run at,
+                and leave the parallel costs to the microbenchmarks above
 
 Fitting (cost.py's formulas, least squares on relative error with non-negative coefficients, `fit_linear`):
 
@@ -44,6 +53,14 @@ Fitting (cost.py's formulas, least squares on relative error with non-negative c
     realloc_overhead    = measured reallocation - planner.realloc's prediction with the fitted link
     call_overhead       = the value that makes the simulator's time for that runtime step equal the measured
                         one (bisection); without Ray: Ray chain time / hops
+    with --config:
+    <kind>_scale        measured call = <kind>_scale x the model's own work for it + c, over the one-rank
+                        calls (fit_call_scales; c, a per-call cost shared by all kinds, is only reported)
+    call_overhead       as above, for the one-rank plan's measured step
+    cores_per_node      on CPU, the value that makes the simulated two-rank step equal the measured one
+                        (fit_cores), replacing the bare processes' figure: inside Ray two busy workers
+                        progress slower than two bare processes (Ray's own processes share the cores);
+                        the figures converted with it (collectives, reallocation, FSDP, tp) are refitted
 
 The fitted figures describe one node (inter-node figures = intra-node ones, devices_per_node = N);
 tiny models on CPU are dominated by the fixed overheads, which is why they are fitted rather than assumed.
@@ -120,9 +137,12 @@ def _fmt(s: float) -> str:
     return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.3f} s"
 
 
-def fit_hardware(meas: dict, shape, name: str = "profiled") -> Fit:
+def fit_hardware(meas: dict, shape, name: str = "profiled", scales: dict[str, float] | None = None,
+                 cores: float | None = None) -> Fit:
     """The Hardware figures from the measurements `measure` returns (see the module docstring).
-    shape: the ModelShape of the model measured."""
+    shape: the ModelShape of the model measured; scales: {call kind: hw.<kind>_scale} from
+    fit_call_scales (the tensor-parallel residual is then taken over the scaled own work); cores: the
+    shared-core figure to use instead of the one from the bare processes (fit_cores: the runtime's)."""
     L = shape.layers
     rows, labels = [], []
 
@@ -147,8 +167,7 @@ def fit_hardware(meas: dict, shape, name: str = "profiled") -> Fit:
              for lab, (a, t) in zip(labels, rows)]
 
     n = meas["world"]
-    cores = None
-    if meas.get("device") == "cpu" and n > 1:
+    if cores is None and meas.get("device") == "cpu" and n > 1:
         cores = max(1.0, min(float(n), n * meas["alone"] / meas["together"]))
 
     def work(t, busy):
@@ -180,7 +199,7 @@ def fit_hardware(meas: dict, shape, name: str = "profiled") -> Fit:
                   inter_bw=bw, inter_lat=lat, devices_per_node=max(n, 1), matmul_efficiency=1.0,
                   memory_efficiency=1.0, reserved=meas.get("reserved", 0.0), layer_overhead=layer_oh,
                   step_overhead=step_oh, optimizer_overhead=opt, call_overhead=meas.get("call", 0.0),
-                  cores_per_node=cores)
+                  cores_per_node=cores, **{f"{k}_scale": v for k, v in (scales or {}).items()})
     if meas.get("realloc"):
         from reflow.planner.cost import placement
         from reflow.planner.realloc import realloc_cost
@@ -200,8 +219,10 @@ def fit_hardware(meas: dict, shape, name: str = "profiled") -> Fit:
         (b, s_), t_fwd = meas["tp_forward"]
         (db, dp, dg), t_dec = meas["tp_decode_step"]
         ar = hw.all_reduce
-        pred_fwd = pass_flops_t(b * s_, s_ / 2, 2) / hw.flops + L * layer_oh + 2 * L * ar(b * s_ * shape.hidden * shape.dtype_bytes, (0, 1))
-        pred_dec = (pass_flops_t(db, dp + dg / 2, 2) / hw.flops + L * layer_oh + step_oh
+        sc_i, sc_g = hw.infer_scale, hw.generate_scale
+        pred_fwd = (sc_i * (pass_flops_t(b * s_, s_ / 2, 2) / hw.flops + L * layer_oh)
+                    + 2 * L * ar(b * s_ * shape.hidden * shape.dtype_bytes, (0, 1)))
+        pred_dec = (sc_g * (pass_flops_t(db, dp + dg / 2, 2) / hw.flops + L * layer_oh + step_oh)
                     + 2 * L * ar(db * shape.hidden * shape.dtype_bytes, (0, 1)))
         w_fwd, w_dec = work(t_fwd, 2), work(t_dec, 2)
         per_layer = [max(0.0, w_fwd - pred_fwd) / L, max(0.0, w_dec - pred_dec) / L]
@@ -223,6 +244,16 @@ def _timeit(fn, reps: int, sync=None) -> float:
             sync()
         out.append(time.perf_counter() - t0)
     return statistics.median(out)
+
+
+def _elapsed(fn, reps: int, sync=None) -> float:
+    """Seconds per repetition of `fn` run `reps` times back to back (wall clock over all of them)."""
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if sync:
+        sync()
+    return (time.perf_counter() - t0) / reps
 
 
 def _timeit_ranks(fn, reps: int, sync=None) -> float:
@@ -316,16 +347,19 @@ def measure(rank: int, world: int, preset: str, quick: bool = False) -> dict | N
         out["copy"] = _timeit(lambda: c.copy_(a), reps + 2, sync)
         out["copy_bytes"] = 2 * 4 * n
         del a, c
-        out["alone"] = _timeit(lambda: fwd(ids(16, SEQ)), reps + 2, sync)
-    dist.barrier()
-    # all ranks at once (CPU workers share cores)
+    # sharing: the same forwards on rank 0 alone, then on all ranks at once. Throughput, not a median of
+    # single passes: with more ranks than cores the scheduler lets some ranks run whole passes while the
+    # others wait, so per-pass medians look faster than the ranks really progress together.
     x = ids(16, SEQ)
     fwd(x)
+    share_reps = 2 * reps + 4
+    if rank == 0:
+        out["alone"] = _elapsed(lambda: fwd(x), share_reps, sync)
     dist.barrier()
-    together = _timeit(lambda: fwd(x), reps + 2, sync)
+    together = _elapsed(lambda: fwd(x), share_reps, sync)
     t = torch.tensor([together], dtype=torch.float64)
-    dist.all_reduce(t)
-    out["together"] = float(t) / world
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # until the last rank is done
+    out["together"] = float(t)
 
     # collectives
     sizes_b = [4 << 10, 256 << 10, 4 << 20] + ([] if quick else [16 << 20])
@@ -530,8 +564,149 @@ def fit_call_overhead(measured_step: float, problem, plan) -> float:
     return (lo + hi) / 2
 
 
+def one_rank_plan(graph, world_size: int):
+    """Every call on rank 0 as d1t1p1: the calls run one after another, with no parallelism, no weight
+    copies and no core sharing, so each call's time is its own work plus the runtime's per-call cost."""
+    from reflow.parallel.layout import Layout
+    from reflow.runtime.plan import Placement, Plan
+
+    return Plan("one-rank", world_size, {c: Placement((0,), Layout(1, 1, 1)) for c in graph.order})
+
+
+def two_rank_plan(graph, world_size: int):
+    """Roles alternate over ranks 0 and 1 (in the graph's role order), every call d1t1p1: calls of roles on
+    different ranks overlap where the graph allows (PPO: the reference and critic passes, the two train
+    calls), so the step time shows how fast two busy workers progress together (fit_cores)."""
+    from reflow.parallel.layout import Layout
+    from reflow.runtime.plan import Placement, Plan
+
+    rank = {r: i % 2 for i, r in enumerate(graph.roles)}
+    return Plan("two-rank", world_size, {c: Placement((rank[graph.call(c).role],), Layout(1, 1, 1))
+                                         for c in graph.order})
+
+
+def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 6, warmup: int = 2,
+                          plan_fn=one_rank_plan) -> list[dict]:
+    """The workload's own calls in the runtime: `cfg` (an RLConfig) on `workers` Ray workers under
+    `plan_fn(graph, workers)` (default one_rank_plan), once per prompts_per_step in `prompts` (the other
+    workers idle, as in a real run's Ray session). Per run: {"prompts", "step" (median time/step after
+    `warmup`), "calls" ({call: median seconds on its first rank, from the workers' timelines}), "cfg"}.
+    Nothing is saved (steps run without `train`)."""
+    import copy
+    import logging
+    import tempfile
+
+    from reflow.runtime.controller import Controller
+    from reflow.runtime.graphs import graph_for
+
+    root = Path(tempfile.mkdtemp(prefix="reflow-profile-calls-"))
+    plan = plan_fn(graph_for(cfg), workers)
+    plan_path = root / f"plan-{plan.name}.yaml"
+    plan.save(plan_path)
+    runs = []
+    level = logging.getLogger("reflow").level
+    logging.getLogger("reflow").setLevel(logging.WARNING)
+    try:
+        for n in prompts:
+            c = copy.deepcopy(cfg)
+            c.output_dir = str(root / f"run-{n}")
+            c.rollout.prompts_per_step = n
+            c.trainer.steps, c.trainer.save_every, c.trainer.progress = steps, 0, False
+            c.runtime.workers, c.runtime.plan, c.runtime.timeline = workers, str(plan_path), True
+            controller = Controller(c)
+            try:
+                history = [controller.run_step() for _ in range(steps)]
+                events = controller.timeline
+            finally:
+                controller.shutdown()
+            per_call: dict[str, list[float]] = {}
+            first = {c: pl.ranks[0] for c, pl in plan.calls.items()}
+            for e in events:
+                if e["step"] >= warmup and e["rank"] == first.get(e["name"]):
+                    per_call.setdefault(e["name"], []).append(e["end"] - e["start"])
+            runs.append(_medians({"prompts": n, "plan": plan.name, "cfg": c, "step_samples":
+                                  [m["time/step"] for m in history[warmup:]], "call_samples": per_call}))
+    finally:
+        logging.getLogger("reflow").setLevel(level)
+    return runs
+
+
+def _medians(run: dict) -> dict:
+    run["step"] = statistics.median(run["step_samples"])
+    run["calls"] = {k: statistics.median(v) for k, v in run["call_samples"].items()}
+    return run
+
+
+def pool_runs(*runs: dict) -> dict:
+    """Runs of the same plan and size taken at different times, as one: medians over all their steps
+    (on a shared machine the speed drifts between runs; interleaving the plans and pooling evens it out)."""
+    out = dict(runs[0])
+    out["step_samples"] = [x for r in runs for x in r["step_samples"]]
+    out["call_samples"] = {k: [x for r in runs for x in r["call_samples"].get(k, [])] for k in runs[0]["call_samples"]}
+    return _medians(out)
+
+
+def fit_call_scales(runs: list[dict], workers: int, hw: Hardware) -> tuple[dict[str, float], float, list]:
+    """hw.<kind>_scale per call kind from the measured calls of `runs` (measure_runtime_calls) and the cost
+    model's own work p for them (call_overhead 0, scales 1): the relative non-negative least squares fit of
+
+        measured = scale_kind x p + c
+
+    with c a per-call cost shared by every kind (engine set-up, batch packing: what does not grow with
+    the batch). c is returned for the report; the simulator's call_overhead (c plus the dispatch between
+    calls) is fitted afterwards from the step time. Calls of a role without a model (reward functions)
+    only carry per-call cost and are left out. Returns (scales, c, table rows (label, measured, fitted))."""
+    from reflow.planner.config import problem_for_config
+    from reflow.planner.simulator import evaluate
+
+    base = hw.with_(call_overhead=0.0, generate_scale=1.0, infer_scale=1.0, train_scale=1.0)
+    obs: list[tuple[str, str, float, float]] = []  # (kind, label, measured, modelled own work)
+    for run in runs:
+        problem = problem_for_config(run["cfg"], workers, base)
+        ev = evaluate(problem, one_rank_plan(problem.graph, workers))
+        for name in problem.graph.order:
+            call = problem.graph.call(name)
+            if problem.models.get(call.role) is None or name not in run["calls"]:
+                continue
+            label = f"{name} ({call.kind}), {problem.workload.batch} sequences, one rank"
+            obs.append((call.kind, label, run["calls"][name], ev.call_times[name].time))
+    kinds = sorted({k for k, *_ in obs})
+    if not obs:
+        return {}, 0.0, []
+    coef = fit_linear([([p if k == kind else 0.0 for kind in kinds] + [1.0], t) for k, _, t, p in obs])
+    scales = {kind: (coef[i] or 1.0) for i, kind in enumerate(kinds)}
+    c = coef[-1]
+    table = [(label, t, scales[k] * p + c) for k, label, t, p in obs]
+    return scales, c, table
+
+
+def fit_cores(measured_step: float, problem, plan) -> float | None:
+    """The shared-core figure (hw.cores_per_node) that makes the simulator's iteration time of `plan` equal
+    `measured_step` (bisection: the simulated time falls as cores grow), within [1, devices per node];
+    None when the plan's time does not depend on it (no calls overlap)."""
+    import dataclasses
+
+    from reflow.planner.simulator import evaluate
+
+    def sim(c):
+        pr = dataclasses.replace(problem, hw=problem.hw.with_(cores_per_node=c), _cache={})
+        return evaluate(pr, plan).time
+    lo, hi = 1.0, float(problem.hw.devices_per_node)
+    t_lo, t_hi = sim(lo), sim(hi)
+    if t_lo - t_hi < 1e-9 * t_lo:
+        return None
+    if measured_step >= t_lo:
+        return lo
+    if measured_step <= t_hi:
+        return hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sim(mid) > measured_step else (lo, mid)
+    return (lo + hi) / 2
+
+
 def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, ray_calls: bool = True,
-            name: str | None = None) -> tuple[Fit, dict]:
+            name: str | None = None, config=None) -> tuple[Fit, dict]:
     """Measure on `workers` local processes and fit (see the module docstring): (Fit, raw measurements)."""
     from reflow.models.presets import PRESETS, PresetError
     from reflow.parallel.launch import launch
@@ -547,11 +722,46 @@ def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, r
     from reflow.models.presets import preset_config
     from reflow.models.tokenizer import build_byte_tokenizer
 
-    config = preset_config(preset, build_byte_tokenizer())
-    shape = ModelShape.of(config, "lm", dtype_bytes=meas["dtype_bytes"])
+    shape = ModelShape.of(preset_config(preset, build_byte_tokenizer()), "lm", dtype_bytes=meas["dtype_bytes"])
     dev = "cuda" if meas["device"] == "cuda" else "cpu"
     fit = fit_hardware(meas, shape, name or f"{dev}-profiled-{workers}")
-    if ray_calls and workers > 1:
+    if config is not None:  # the workload's own calls in the runtime: per-kind scales, per-call cost, cores
+        from reflow.planner.config import problem_for_config
+
+        full = config.rollout.prompts_per_step
+        quarter = max(1, full // 4)
+        cpu_shared = meas["device"] == "cpu" and workers > 1
+        # interleaved (one-rank, two-rank, one-rank, two-rank) and pooled: a slow drift of the machine's
+        # speed then affects both plans alike, which the shared-core fit below compares
+        one = measure_runtime_calls(config, workers, [full] + ([quarter] if quarter < full else []))
+        two = []
+        if cpu_shared:
+            two.append(measure_runtime_calls(config, workers, [full], plan_fn=two_rank_plan)[0])
+            again = measure_runtime_calls(config, workers, [full])[0]
+            two.append(measure_runtime_calls(config, workers, [full], plan_fn=two_rank_plan)[0])
+            one[0] = pool_runs(one[0], again)
+        runs = one
+        scales, per_call, rows = fit_call_scales(runs, workers, fit.hardware)
+        fit = fit_hardware(meas, shape, fit.hardware.name, scales=scales)
+        problem = problem_for_config(runs[0]["cfg"], workers, fit.hardware)
+        call = fit_call_overhead(runs[0]["step"], problem, one_rank_plan(problem.graph, workers))
+        meas["runtime_calls"] = [{k: r[k] for k in ("prompts", "plan", "step", "calls")} for r in runs]
+        meas["runtime_call_fixed"] = per_call
+        tail = rows + [(f"runtime step, the workload ({full} prompts), one-rank plan", runs[0]["step"],
+                        runs[0]["step"])]
+        if two:  # how fast busy workers progress together, in the runtime
+            two = pool_runs(*two)
+            problem = problem_for_config(two["cfg"], workers, fit.hardware.with_(call_overhead=call))
+            cores = fit_cores(two["step"], problem, two_rank_plan(problem.graph, workers))
+            meas["runtime_two_rank_step"] = two["step"]
+            if cores is not None:
+                fit = fit_hardware(meas, shape, fit.hardware.name, scales=scales, cores=cores)
+                problem = problem_for_config(runs[0]["cfg"], workers, fit.hardware)
+                call = fit_call_overhead(runs[0]["step"], problem, one_rank_plan(problem.graph, workers))
+            tail.append((f"runtime step, the workload ({full} prompts), two-rank plan", two["step"], two["step"]))
+        fit.hardware = fit.hardware.with_(call_overhead=call)
+        fit.table += tail
+    elif ray_calls and workers > 1:
         from reflow.planner.config import problem_for_config
         from reflow.runtime.plan import separate
 

@@ -94,3 +94,23 @@ def test_sum_max_linear_is_exact():
     for a1, b1, a2, b2, n in [(1, 0.5, 3, 0.1, 20), (5, -0.1, 1, 0.3, 50), (2, 1, 2, 1, 7), (0, 1, 10, 0, 1)]:
         brute = sum(max(a1 + b1 * k, a2 + b2 * k) for k in range(n))
         assert _sum_max_linear(a1, b1, a2, b2, n) == pytest.approx(brute)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kind_scale_multiplies_own_work_not_collectives(kind):
+    """hw.<kind>_scale (fitted by `reflow profile --config`) scales a call's passes, decode steps and optimizer
+    step; tensor-parallel all-reduces and FSDP collectives stay as they are; other kinds are untouched."""
+    wl = Workload(batch=64)
+    one = placement("d1t1p1", [0])
+    base = call_cost(kind, M7, one, HW, wl).time
+    assert call_cost(kind, M7, one, HW.with_(**{f"{kind}_scale": 2.0}), wl).time == pytest.approx(2 * base)
+    other = next(k for k in KINDS if k != kind)
+    assert call_cost(kind, M7, one, HW.with_(**{f"{other}_scale": 2.0}), wl).time == pytest.approx(base)
+    tp = placement("d1t8p1", range(8))
+    for hw, collectives in ((HW, True), (HW.with_(intra_bw=1e30, intra_lat=0.0, tp_overhead=0.0), False)):
+        plain = call_cost(kind, M7, tp, hw, wl).time
+        scaled = call_cost(kind, M7, tp, hw.with_(**{f"{kind}_scale": 2.0}), wl).time
+        if collectives:  # tensor-parallel all-reduces are not scaled
+            assert plain < scaled < 2 * plain * (1 - 1e-3)
+        else:
+            assert scaled == pytest.approx(2 * plain)
