@@ -21,8 +21,8 @@ on GPUs; one intra-op thread per process, as the runtime's workers use):
                 generate call on the train mesh does every step): build the destination, move the weights
     tp          a forward and decode steps under d1t2p1 on ranks 0-1 (the others wait): what tensor
                 parallel adds per layer beyond its compute share and all-reduces
-    fsdp        a forward on the FSDP owner copy and on the replica, all ranks at once: the difference
-                is the gathers' cost
+    fsdp        a forward, and a forward + backward, on the FSDP owner copy and on a whole copy, all ranks
+                at once: the difference is the gathers' and reduce-scatters' cost
     call        (optional, needs Ray) the round trip of a chain of Ray actor tasks passing a batch-sized
                 object; then the runtime itself: a few PPO steps under the "separate" plan with the
                 2-layer debug-llama preset and 2 prompts of 2 new tokens (compute negligible), so the
@@ -46,7 +46,9 @@ Fitting (cost.py's formulas, least squares on relative error with non-negative c
                         send/recv = B / bw + lat                                  -> intra_bw, intra_lat
     optimizer_overhead  = AdamW step time - 28 bytes x parameters / mem_bw
     tp_overhead         = mean over the tp forward and decode step of (measured - predicted without it) / L
-    fsdp_overhead       = (FSDP forward - replica forward - the all-gather's predicted time) / (L + 1)
+    fsdp_overhead       per FSDP unit (L + 1 units), least squares over: FSDP forward - replica forward = AG +
+                        (L + 1) x it, and FSDP forward+backward - replica's = 3 AG + 3 (L + 1) x it (two
+                        gathers and a reduce-scatter, which costs as much as a gather)
     shared cores        measurements taken with k ranks busy at once (collectives, reallocation, FSDP)
                         are converted to full-speed time: x min(1, cores / k), since the simulator
                         shares the cores again when it schedules them
@@ -211,10 +213,19 @@ def fit_hardware(meas: dict, shape, name: str = "profiled", scales: dict[str, fl
         pred = realloc_cost(shape, pl, pl, hw.with_(realloc_overhead=0.0), src_sharded=True).time
         hw = hw.with_(realloc_overhead=max(0.0, w - pred))
         table.append((f"reallocation d{n}t1p1 owner -> {n} replicas (work)", w, max(pred, w)))
-        extra = work(meas["fsdp_forward"] - meas["replica_forward"], n)
+        # per FSDP unit (layers + root) and gather / reduce-scatter: cost.py charges units x it per forward
+        # on the owner copy and 3 units x it per train micro-batch (two gathers, one reduce-scatter)
+        units = shape.layers + 1
         gather = _owner_gather(shape, pl, hw)
-        hw = hw.with_(fsdp_overhead=max(0.0, extra - gather) / (shape.layers + 1))
-        table.append((f"FSDP forward d{n} - replica forward (work)", extra, max(extra, gather)))
+        extra = work(meas["fsdp_forward"] - meas["replica_forward"], n)
+        frows = [([units], max(extra - gather, 1e-9), extra, gather)]
+        if "fsdp_forward_backward" in meas:
+            extra_t = work(meas["fsdp_forward_backward"] - meas["replica_forward_backward"], n)
+            frows.append(([3 * units], max(extra_t - 3 * gather, 1e-9), extra_t, 3 * gather))
+        oh, = fit_linear([(a, y) for a, y, _, _ in frows])
+        hw = hw.with_(fsdp_overhead=oh)
+        for (a, _, ex, g), what in zip(frows, ("forward", "forward+backward")):
+            table.append((f"FSDP {what} d{n} - replica {what} (work)", ex, g + a[0] * oh))
     if meas.get("tp_forward") and meas.get("tp_decode_step"):
         (b, s_), t_fwd = meas["tp_forward"]
         (db, dp, dg), t_dec = meas["tp_decode_step"]
@@ -427,7 +438,16 @@ def _measure_realloc(rank, world, model, config, device, reps, sync) -> dict:
             m(x).logits
     t_rep = timed(lambda: fwd(replica))
     t_fsdp = timed(lambda: fwd(owner))
-    return {"realloc": realloc, "replica_forward": t_rep, "fsdp_forward": t_fsdp}
+    plain = copy.deepcopy(model)  # every rank's own whole copy: forward + backward without FSDP
+
+    def fwd_bwd(m):
+        m(x).logits.float().log_softmax(-1).mean().backward()
+        for p in m.parameters():
+            p.grad = None
+    t_rep_fb = timed(lambda: fwd_bwd(plain))
+    t_fsdp_fb = timed(lambda: fwd_bwd(owner))  # + gathers in forward and backward, gradient reduce-scatters
+    return {"realloc": realloc, "replica_forward": t_rep, "fsdp_forward": t_fsdp,
+            "replica_forward_backward": t_rep_fb, "fsdp_forward_backward": t_fsdp_fb}
 
 
 def _measure_tp(rank, world, model, device, reps, sync) -> dict:

@@ -61,7 +61,17 @@ def test_fit_hardware_recovers_known_figures_from_synthetic_measurements():
         "copy": 0.01, "copy_bytes": 2e8, "optimizer": 5e-3 + 28 * m.params / 2e10,
         "alone": 0.02, "together": 0.02 * n / cores, "memory": 8e9, "reserved": 0.25e9,
     }
+    # FSDP over all n ranks (measured with all busy): a forward on the owner copy adds a gather and
+    # (L + 1) x the per-unit overhead; a forward + backward three of each
+    from reflow.planner.cost import _owner_gather
+
+    fsdp_oh = 2e-3
+    ag = _owner_gather(m, placement(f"d{n}t1p1", range(n)), Hardware("x", 1, 1, 1, bw, lat, bw, lat, n))
+    meas.update(realloc=0.05, replica_forward=0.01, replica_forward_backward=0.03,
+                fsdp_forward=0.01 + shared(ag + (L + 1) * fsdp_oh, n),
+                fsdp_forward_backward=0.03 + shared(3 * ag + 3 * (L + 1) * fsdp_oh, n))
     hw = fit_hardware(meas, m).hardware
+    assert hw.fsdp_overhead == pytest.approx(fsdp_oh, rel=0.05)
     assert hw.flops == pytest.approx(F, rel=0.02)
     assert hw.layer_overhead == pytest.approx(o_layer, rel=0.05)
     assert hw.step_overhead == pytest.approx(o_step, rel=0.05)
