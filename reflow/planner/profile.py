@@ -605,7 +605,7 @@ def two_rank_plan(graph, world_size: int):
                                          for c in graph.order})
 
 
-def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 6, warmup: int = 2,
+def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 8, warmup: int = 2,
                           plan_fn=one_rank_plan) -> list[dict]:
     """The workload's own calls in the runtime: `cfg` (an RLConfig) on `workers` Ray workers under
     `plan_fn(graph, workers)` (default one_rank_plan), once per prompts_per_step in `prompts` (the other
