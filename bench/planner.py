@@ -6,9 +6,9 @@ bundled PPO workload, and whether the searched plan is no slower than the best b
 
 1. Calibration: `reflow profile --config ppo.yaml` (reflow.planner.profile) on --workers processes ->
    hardware figures (skipped with --hardware FILE: figures from an earlier profile). Besides the
-   microbenchmarks, the workload's own calls are timed in the runtime under a calibration plan that is
-   not one of the plans below (every call on rank 0, d1t1p1, at 16 and 4 prompts per step): per-kind
-   scales and the per-call cost come from those.
+   microbenchmarks, shared cores are measured on Ray actors like the runtime's workers, and the workload's
+   own calls are timed in the runtime under a calibration plan that is not one of the plans below (every
+   call on rank 0, d1t1p1, at 16 and 4 prompts per step): per-kind scales and the per-call cost.
 2. Workload: PPO (actor, critic, reference, reward function `exact_match`: six calls) with a random
    `tiny-llama` actor / critic (0.9M parameters, fp32), addition prompts (reflow.data.tasks), 16 prompts x 4
    samples per step, 16 new tokens, one PPO epoch and one mini-batch.

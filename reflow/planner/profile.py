@@ -27,14 +27,16 @@ on GPUs; one intra-op thread per process, as the runtime's workers use):
                 object; then the runtime itself: a few PPO steps under the "separate" plan with the
                 2-layer debug-llama preset and 2 prompts of 2 new tokens (compute negligible), so the
                 step is the runtime's fixed cost: dispatch, data between workers, merging, engine set-up
+    ray sharing (needs Ray; CPU, N > 1) N Ray actors like the runtime's workers (one CPU, the configured
+                threads) run the same forwards on one actor alone, then on 2 and on N at once:
+                effective cores = k t_alone / t_k, averaged over k. This replaces the bare processes'
+                figure: Ray's own processes (raylet, object store, the driver) take a share of the cores
     workload    (--config, needs Ray; replaces `call`'s runtime step) the config's own calls in the
-                runtime on N workers, timed from the workers' timelines, under two calibration plans:
-                one_rank_plan (every call d1t1p1 on rank 0: no parallelism, no copies, one busy
-                worker) at the config's prompts per step and a quarter of it, and two_rank_plan (roles
-                alternate over ranks 0 and 1, so independent calls overlap: two busy workers).
-                Interleaved and pooled (one, two, one, two): the machine's speed drifts between runs.
-                This is how ReaL's profiler works too: time the real calls at the sizes they run at,
-                and leave the parallel costs to the microbenchmarks above
+                runtime on N workers, timed from the workers' timelines, under one_rank_plan (every call
+                d1t1p1 on rank 0: no parallelism, no copies, one busy worker, not a plan one would
+                run) at the config's prompts per step and a quarter of it. This is how ReaL's profiler
+                works too: time the real calls at the sizes they run at, and leave the parallel costs to
+                the microbenchmarks above
 
 Fitting (cost.py's formulas, least squares on relative error with non-negative coefficients, `fit_linear`):
 
@@ -59,10 +61,8 @@ Fitting (cost.py's formulas, least squares on relative error with non-negative c
     <kind>_scale        measured call = <kind>_scale x the model's own work for it + c, over the one-rank
                         calls (fit_call_scales; c, a per-call cost shared by all kinds, is only reported)
     call_overhead       as above, for the one-rank plan's measured step
-    cores_per_node      on CPU, the value that makes the simulated two-rank step equal the measured one
-                        (fit_cores), replacing the bare processes' figure: inside Ray two busy workers
-                        progress slower than two bare processes (Ray's own processes share the cores);
-                        the figures converted with it (collectives, reallocation, FSDP, tp) are refitted
+    shared cores        with Ray: the Ray actors' figure (above) instead of the bare processes' one, for the
+                        simulator and for the conversions to full-speed time
 
 The fitted figures describe one node (inter-node figures = intra-node ones, devices_per_node = N);
 tiny models on CPU are dominated by the fixed overheads, which is why they are fitted rather than assumed.
@@ -144,7 +144,7 @@ def fit_hardware(meas: dict, shape, name: str = "profiled", scales: dict[str, fl
     """The Hardware figures from the measurements `measure` returns (see the module docstring).
     shape: the ModelShape of the model measured; scales: {call kind: hw.<kind>_scale} from
     fit_call_scales (the tensor-parallel residual is then taken over the scaled own work); cores: the
-    shared-core figure to use instead of the one from the bare processes (fit_cores: the runtime's)."""
+    shared-core figure to use instead of the one from the bare processes (measure_ray_sharing's)."""
     L = shape.layers
     rows, labels = [], []
 
@@ -524,6 +524,70 @@ def measure_call_overhead(workers: int, hops: int = 24, payload_bytes: int = 256
             ray.shutdown()
 
 
+def cores_from_times(t: dict[int, float]) -> tuple[float, dict[int, float]]:
+    """Effective cores from the time of the same work on 1 worker alone (t[1]) and on k at once (t[k]):
+    cores_k = k t[1] / t[k], clamped to [1, k]; the figure is the mean over k > 1. (cores, {k: cores_k})"""
+    per_k = {k: max(1.0, min(float(k), k * t[1] / t[k])) for k in sorted(t) if k > 1}
+    return sum(per_k.values()) / len(per_k), per_k
+
+
+class _Spin:
+    """A Ray actor like a runtime worker (`threads` intra-op threads) running forwards of a preset model."""
+
+    def __init__(self, preset: str, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.model, config = _model(preset, torch.device("cpu"), torch.float32)
+        self.x = torch.randint(5, config.vocab_size, (16, SEQ))
+        self.run(2)
+
+    def run(self, reps: int) -> float:
+        import torch
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(reps):
+                self.model(self.x).logits
+        return time.perf_counter() - t0
+
+
+def measure_ray_sharing(workers: int, preset: str, threads: int = 1, reps: int = 12,
+                        rounds: int = 3) -> tuple[float, list]:
+    """Effective cores as the runtime's workers see them: `workers` Ray actors (one CPU each, `threads`
+    threads, as reflow.runtime's workers) run the same forwards back to back, on one actor alone and on k
+    at once (k = 2 and `workers`; wall clock until the last is done), interleaved over `rounds`:
+    cores_k = k t_alone / t_k, and the figure is their mean (1 <= cores <= k). Unlike bare processes, this
+    includes what Ray's own processes (raylet, object store, the driver) take from the cores.
+    Returns (cores, table rows)."""
+    import ray
+
+    own = not ray.is_initialized()
+    if own:
+        ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
+    try:
+        actors = [ray.remote(num_cpus=1)(_Spin).remote(preset, threads) for _ in range(workers)]
+        ray.get([a.run.remote(1) for a in actors])
+        ks = sorted({min(2, workers), workers})
+        times: dict[int, list[float]] = {1: []} | {k: [] for k in ks}
+        for _ in range(rounds):
+            times[1].append(ray.get(actors[0].run.remote(reps)))
+            for k in ks:
+                times[k].append(max(ray.get([a.run.remote(reps) for a in actors[:k]])))
+        for a in actors:
+            ray.kill(a)
+    finally:
+        if own:
+            ray.shutdown()
+    t = {k: statistics.median(v) / reps for k, v in times.items()}
+    cores, per_k = cores_from_times(t)
+    rows = [("forward 16x32 tokens, one Ray worker alone", t[1], t[1])]
+    rows += [(f"the same on {k} Ray workers at once ({per_k[k]:.2f} cores)", t[k], t[1] * max(1.0, k / cores))
+             for k in ks]
+    return cores, rows
+
+
 def measure_runtime_step(workers: int, steps: int = 6, warmup: int = 2) -> tuple[float, object]:
     """The runtime's own fixed cost: PPO under the built-in "separate" plan with the `debug-llama` preset
     (2 layers, hidden 32), 2 prompts x 1 sample and 2 new tokens per step, so that compute is negligible
@@ -593,18 +657,6 @@ def one_rank_plan(graph, world_size: int):
     return Plan("one-rank", world_size, {c: Placement((0,), Layout(1, 1, 1)) for c in graph.order})
 
 
-def two_rank_plan(graph, world_size: int):
-    """Roles alternate over ranks 0 and 1 (in the graph's role order), every call d1t1p1: calls of roles on
-    different ranks overlap where the graph allows (PPO: the reference and critic passes, the two train
-    calls), so the step time shows how fast two busy workers progress together (fit_cores)."""
-    from reflow.parallel.layout import Layout
-    from reflow.runtime.plan import Placement, Plan
-
-    rank = {r: i % 2 for i, r in enumerate(graph.roles)}
-    return Plan("two-rank", world_size, {c: Placement((rank[graph.call(c).role],), Layout(1, 1, 1))
-                                         for c in graph.order})
-
-
 def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 8, warmup: int = 2,
                           plan_fn=one_rank_plan) -> list[dict]:
     """The workload's own calls in the runtime: `cfg` (an RLConfig) on `workers` Ray workers under
@@ -644,26 +696,13 @@ def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 8,
             for e in events:
                 if e["step"] >= warmup and e["rank"] == first.get(e["name"]):
                     per_call.setdefault(e["name"], []).append(e["end"] - e["start"])
-            runs.append(_medians({"prompts": n, "plan": plan.name, "cfg": c, "step_samples":
-                                  [m["time/step"] for m in history[warmup:]], "call_samples": per_call}))
+            steps_s = [m["time/step"] for m in history[warmup:]]
+            runs.append({"prompts": n, "plan": plan.name, "cfg": c, "step_samples": steps_s, "call_samples": per_call,
+                         "step": statistics.median(steps_s),
+                         "calls": {k: statistics.median(v) for k, v in per_call.items()}})
     finally:
         logging.getLogger("reflow").setLevel(level)
     return runs
-
-
-def _medians(run: dict) -> dict:
-    run["step"] = statistics.median(run["step_samples"])
-    run["calls"] = {k: statistics.median(v) for k, v in run["call_samples"].items()}
-    return run
-
-
-def pool_runs(*runs: dict) -> dict:
-    """Runs of the same plan and size taken at different times, as one: medians over all their steps
-    (on a shared machine the speed drifts between runs; interleaving the plans and pooling evens it out)."""
-    out = dict(runs[0])
-    out["step_samples"] = [x for r in runs for x in r["step_samples"]]
-    out["call_samples"] = {k: [x for r in runs for x in r["call_samples"].get(k, [])] for k in runs[0]["call_samples"]}
-    return _medians(out)
 
 
 def fit_call_scales(runs: list[dict], workers: int, hw: Hardware) -> tuple[dict[str, float], float, list]:
@@ -700,31 +739,6 @@ def fit_call_scales(runs: list[dict], workers: int, hw: Hardware) -> tuple[dict[
     return scales, c, table
 
 
-def fit_cores(measured_step: float, problem, plan) -> float | None:
-    """The shared-core figure (hw.cores_per_node) that makes the simulator's iteration time of `plan` equal
-    `measured_step` (bisection: the simulated time falls as cores grow), within [1, devices per node];
-    None when the plan's time does not depend on it (no calls overlap)."""
-    import dataclasses
-
-    from reflow.planner.simulator import evaluate
-
-    def sim(c):
-        pr = dataclasses.replace(problem, hw=problem.hw.with_(cores_per_node=c), _cache={})
-        return evaluate(pr, plan).time
-    lo, hi = 1.0, float(problem.hw.devices_per_node)
-    t_lo, t_hi = sim(lo), sim(hi)
-    if t_lo - t_hi < 1e-9 * t_lo:
-        return None
-    if measured_step >= t_lo:
-        return lo
-    if measured_step <= t_hi:
-        return hi
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if sim(mid) > measured_step else (lo, mid)
-    return (lo + hi) / 2
-
-
 def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, ray_calls: bool = True,
             name: str | None = None, config=None) -> tuple[Fit, dict]:
     """Measure on `workers` local processes and fit (see the module docstring): (Fit, raw measurements)."""
@@ -736,6 +750,10 @@ def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, r
         raise PresetError(f"unknown model preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
+    if config is not None:  # a bad config fails here, in one line, before minutes of measuring
+        from reflow.planner.config import problem_for_config
+
+        problem_for_config(config, workers)
     meas = launch(measure, workers, args=(preset, quick), timeout_s=300.0)[0]
     if ray_calls:
         meas["call"] = measure_call_overhead(workers)
@@ -744,43 +762,27 @@ def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, r
 
     shape = ModelShape.of(preset_config(preset, build_byte_tokenizer()), "lm", dtype_bytes=meas["dtype_bytes"])
     dev = "cuda" if meas["device"] == "cuda" else "cpu"
-    fit = fit_hardware(meas, shape, name or f"{dev}-profiled-{workers}")
-    if config is not None:  # the workload's own calls in the runtime: per-kind scales, per-call cost, cores
+    cores, sharing = None, []
+    if ray_calls and dev == "cpu" and workers > 1:  # shared cores as Ray workers see them
+        threads = config.runtime.threads_per_worker if config is not None else 1
+        cores, sharing = measure_ray_sharing(workers, preset, threads)
+        meas["ray_cores"] = cores
+    fit = fit_hardware(meas, shape, name or f"{dev}-profiled-{workers}", cores=cores)
+    fit.table += sharing
+    if config is not None:  # the workload's own calls in the runtime: per-kind scales and per-call cost
         from reflow.planner.config import problem_for_config
 
         full = config.rollout.prompts_per_step
-        quarter = max(1, full // 4)
-        cpu_shared = meas["device"] == "cpu" and workers > 1
-        # interleaved (one-rank, two-rank, one-rank, two-rank) and pooled: a slow drift of the machine's
-        # speed then affects both plans alike, which the shared-core fit below compares
-        one = measure_runtime_calls(config, workers, [full] + ([quarter] if quarter < full else []))
-        two = []
-        if cpu_shared:
-            two.append(measure_runtime_calls(config, workers, [full], plan_fn=two_rank_plan)[0])
-            again = measure_runtime_calls(config, workers, [full])[0]
-            two.append(measure_runtime_calls(config, workers, [full], plan_fn=two_rank_plan)[0])
-            one[0] = pool_runs(one[0], again)
-        runs = one
+        runs = measure_runtime_calls(config, workers, sorted({full, max(1, full // 4)}, reverse=True))
         scales, per_call, rows = fit_call_scales(runs, workers, fit.hardware)
-        fit = fit_hardware(meas, shape, fit.hardware.name, scales=scales)
+        fit = fit_hardware(meas, shape, fit.hardware.name, scales=scales, cores=cores)
         problem = problem_for_config(runs[0]["cfg"], workers, fit.hardware)
         call = fit_call_overhead(runs[0]["step"], problem, one_rank_plan(problem.graph, workers))
+        fit.hardware = fit.hardware.with_(call_overhead=call)
         meas["runtime_calls"] = [{k: r[k] for k in ("prompts", "plan", "step", "calls")} for r in runs]
         meas["runtime_call_fixed"] = per_call
-        tail = rows + [(f"runtime step, the workload ({full} prompts), one-rank plan", runs[0]["step"],
-                        runs[0]["step"])]
-        if two:  # how fast busy workers progress together, in the runtime
-            two = pool_runs(*two)
-            problem = problem_for_config(two["cfg"], workers, fit.hardware.with_(call_overhead=call))
-            cores = fit_cores(two["step"], problem, two_rank_plan(problem.graph, workers))
-            meas["runtime_two_rank_step"] = two["step"]
-            if cores is not None:
-                fit = fit_hardware(meas, shape, fit.hardware.name, scales=scales, cores=cores)
-                problem = problem_for_config(runs[0]["cfg"], workers, fit.hardware)
-                call = fit_call_overhead(runs[0]["step"], problem, one_rank_plan(problem.graph, workers))
-            tail.append((f"runtime step, the workload ({full} prompts), two-rank plan", two["step"], two["step"]))
-        fit.hardware = fit.hardware.with_(call_overhead=call)
-        fit.table += tail
+        fit.table += sharing + rows + [(f"runtime step, the workload ({full} prompts), one-rank plan",
+                                        runs[0]["step"], runs[0]["step"])]
     elif ray_calls and workers > 1:
         from reflow.planner.config import problem_for_config
         from reflow.runtime.plan import separate

@@ -73,3 +73,12 @@ def test_plan_whatif_prints_the_table(capsys):
 def test_profile_bad_workers_is_one_line(capsys):
     assert main(["profile", "--workers", "0"]) == 2
     assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_profile_config_with_a_missing_model_is_one_line_before_measuring(ppo_config, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(ppo_config.read_text().replace("path: ", "path: /nonexistent/model-", 1))
+    assert main(["profile", "--workers", "2", "--config", str(bad), "--out", str(tmp_path / "hw.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "actor path '/nonexistent/model-" in err and "\n" not in err
+    assert not (tmp_path / "hw.yaml").exists()

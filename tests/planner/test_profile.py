@@ -180,28 +180,29 @@ def test_call_scales_recovered_from_the_workloads_calls(ppo_cfg):
     assert fit_call_scales(runs, 2, hw)[0]["generate"] > truth["generate"] * 1.2
 
 
-def test_cores_recovered_from_the_two_rank_plan(ppo_cfg):
-    from reflow.planner.config import problem_for_config
-    from reflow.planner.profile import fit_cores, one_rank_plan, two_rank_plan
+def test_cores_from_alone_and_together_times():
+    from reflow.planner.profile import cores_from_times
 
-    pr = problem_for_config(ppo_cfg, 2, hardware("cpu").with_(devices_per_node=2))
-    two = two_rank_plan(pr.graph, 2)
-    assert {pl.ranks for pl in two.calls.values()} == {(0,), (1,)}
-    assert two.calls["ref_inf"].ranks != two.calls["critic_inf"].ranks  # independent calls overlap
-    measured = evaluate(dataclasses.replace(pr, hw=pr.hw.with_(cores_per_node=1.4), _cache={}), two).time
-    assert fit_cores(measured, pr, two) == pytest.approx(1.4, rel=1e-3)
-    assert fit_cores(measured, pr, one_rank_plan(pr.graph, 2)) is None  # nothing overlaps: not identifiable
+    cores, per_k = cores_from_times({1: 1.0, 2: 1.2, 4: 2.4})  # 2 and 4 workers both progress as 1.67 cores
+    assert cores == pytest.approx(5 / 3) and per_k == pytest.approx({2: 5 / 3, 4: 5 / 3})
+    assert cores_from_times({1: 1.0, 2: 0.9})[0] == 2.0  # never more cores than workers
+    assert cores_from_times({1: 1.0, 4: 9.0})[0] == 1.0  # nor fewer than one
+
+
+def test_ray_sharing_runs_workers_like_the_runtime():
+    from reflow.planner.profile import measure_ray_sharing
+
+    cores, rows = measure_ray_sharing(2, "debug-llama", reps=2, rounds=1)
+    assert 1.0 <= cores <= 2.0 and len(rows) == 2 and all(t > 0 for _, t, _ in rows)
 
 
 def test_runtime_calls_are_timed_from_the_workers_timelines(ppo_cfg):
     """measure_runtime_calls runs the real runtime (2 Ray workers, the one-rank plan) and reads every model
-    call's time on rank 0 from the timeline; pool_runs merges runs of the same plan and size."""
-    from reflow.planner.profile import measure_runtime_calls, pool_runs
+    call's time on rank 0 from the timeline."""
+    from reflow.planner.profile import measure_runtime_calls
 
     run, = measure_runtime_calls(ppo_cfg, 2, [2], steps=3, warmup=1)
     assert run["prompts"] == 2 and run["plan"] == "one-rank" and len(run["step_samples"]) == 2
     assert set(run["calls"]) == {"actor_gen", "reward", "ref_inf", "critic_inf", "actor_train", "critic_train"}
     assert all(t > 0 for t in run["calls"].values())
     assert sum(run["calls"].values()) <= run["step"] * 1.05  # the calls run one after another within a step
-    twice = pool_runs(run, run)
-    assert len(twice["step_samples"]) == 4 and twice["calls"] == pytest.approx(run["calls"])
