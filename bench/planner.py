@@ -8,7 +8,10 @@ bundled PPO workload, and whether the searched plan is no slower than the best b
    hardware figures (skipped with --hardware FILE: figures from an earlier profile). Besides the
    microbenchmarks, shared cores are measured on Ray actors like the runtime's workers, and the workload's
    own calls are timed in the runtime under a calibration plan that is not one of the plans below (every
-   call on rank 0, d1t1p1, at 16 and 4 prompts per step): per-kind scales and the per-call cost.
+   call on rank 0, d1t1p1, at 16 and 4 prompts per step): per-kind scales and the per-call cost. The search
+   uses these figures. The calibration plan runs again after each round, and the predictions use the
+   figures refitted from all of its runs: this machine's speed drifts by 10-30% over minutes, and a
+   calibration taken at one moment predicts that moment, not the ten minutes of measurement.
 2. Workload: PPO (actor, critic, reference, reward function `exact_match`: six calls) with a random
    `tiny-llama` actor / critic (0.9M parameters, fp32), addition prompts (reflow.data.tasks), 16 prompts x 4
    samples per step, 16 new tokens, one PPO epoch and one mini-batch.
@@ -26,6 +29,7 @@ Writes --out (markdown: table, command, machine, load average, interpretation) a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -103,6 +107,14 @@ def measure(cfg_path: Path, plan: str, workers: int, steps: int, warmup: int, ta
             "startup": started}
 
 
+def figures(hw) -> str:
+    return (f"{hw.flops / 1e9:.1f} GFLOP/s, scales generate {hw.generate_scale:.2f} infer {hw.infer_scale:.2f} "
+            f"train {hw.train_scale:.2f}, layer overhead {hw.layer_overhead * 1e6:.0f} us, decode step overhead "
+            f"{hw.step_overhead * 1e3:.2f} ms, link {hw.intra_bw / 1e9:.2f} GB/s + {hw.intra_lat * 1e6:.0f} us, "
+            f"optimizer {hw.optimizer_overhead * 1e3:.1f} ms, reallocation {hw.realloc_overhead * 1e3:.0f} ms, "
+            f"call {hw.call_overhead * 1e3:.1f} ms, cores {hw.cores_per_node or 0:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=4)
@@ -124,12 +136,13 @@ def main() -> None:
     from reflow.config.schema import RLConfig
     from reflow.planner.config import problem_for_config
     from reflow.planner.hardware import GB, Hardware
-    from reflow.planner.profile import measured_for_yaml, profile
+    from reflow.planner.profile import measure_runtime_calls, measured_for_yaml, profile, workload_fit
     from reflow.planner.search import search
     from reflow.planner.simulator import evaluate
     from reflow.runtime.plan import BUILTIN, Plan
 
     cfg_path = setup(args.preset)
+    meas = None
     if args.hardware:
         hw = Hardware.load(args.hardware)
         hw_path = Path(args.hardware)
@@ -144,12 +157,7 @@ def main() -> None:
         hw.save(hw_path, measured_for_yaml(meas, fit))
         print(fit.report())
         print(f"profile: {profile_s:.0f} s -> {hw_path}")
-    fig = (f"{hw.flops / 1e9:.1f} GFLOP/s, scales generate {hw.generate_scale:.2f} infer {hw.infer_scale:.2f} "
-           f"train {hw.train_scale:.2f}, layer overhead {hw.layer_overhead * 1e6:.0f} us, decode step overhead "
-           f"{hw.step_overhead * 1e3:.2f} ms, link {hw.intra_bw / 1e9:.2f} GB/s + {hw.intra_lat * 1e6:.0f} us, "
-           f"optimizer {hw.optimizer_overhead * 1e3:.1f} ms, reallocation {hw.realloc_overhead * 1e3:.0f} ms, "
-           f"call {hw.call_overhead * 1e3:.1f} ms, cores {hw.cores_per_node:.2f}")
-    print("fitted:", fig)
+    print("fitted:", figures(hw))
 
     cfg = load_config(RLConfig, str(cfg_path), [f"runtime.workers={args.workers}"])
     problem = problem_for_config(cfg, args.workers, hw)
@@ -178,6 +186,7 @@ def main() -> None:
     ray.init(num_cpus=max(args.workers, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR",
              log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}})
+    calib = list(meas["workload_runs"]) if meas is not None else []
     kept: dict[str, list[float]] = {name: [] for name in plans}
     runs: dict[str, list[list[float]]] = {name: [] for name in plans}
     loads: dict[str, list[str]] = {name: [] for name in plans}
@@ -191,8 +200,19 @@ def main() -> None:
                 loads[name].append(load_avg().split()[0])
                 print(f"round {rnd} {name:<10} median {m['median']:.3f} s  steps {[round(t, 3) for t in m['times']]} "
                       f"(start-up {m['startup']:.0f} s, load {loads[name][-1]})", flush=True)
+            if meas is not None:  # the calibration plan again after each round (see the module docstring)
+                full = cfg.rollout.prompts_per_step
+                calib += measure_runtime_calls(cfg, args.workers, sorted({full, max(1, full // 4)}, reverse=True))
+                print(f"round {rnd} calibration (one-rank plan): step {calib[-2]['step']:.3f} s", flush=True)
     finally:
         ray.shutdown()
+    if meas is not None:  # the figures from every calibration run, spread over the measurement's time
+        fit = workload_fit(meas, calib, args.workers, hw.name)
+        hw = fit.hardware
+        hw.save(hw_path, measured_for_yaml(meas, fit))
+        print(fit.report())
+        print("fitted (pooled calibration):", figures(hw))
+        problem = dataclasses.replace(problem, hw=hw, _cache={})
     rows = []
     for name, plan in plans.items():
         pred = evaluate(problem, plan)
@@ -225,7 +245,9 @@ def main() -> None:
           f"- load average (1/5/15 min): {load_start} at the start, {load_avg()} at the end; per plan below",
           f"- workload: PPO (6 calls), random {args.preset} actor and critic (fp32), reward function exact_match, "
           "16 prompts x 4 samples per step, prompts <= 16 tokens, 16 new tokens, 1 epoch, 1 mini-batch",
-          f"- calibrated hardware (reflow profile, {hw_path.name}): {fig}",
+          f"- calibrated hardware (reflow profile, {hw_path.name}): {figures(hw)}"
+          + (f"; the workload's calibration plan (one-rank) measured {len(calib) // 2} times (in the profile and "
+             "after each round) and pooled" if meas is not None else ""),
           f"- measured: median of metrics `time/step` over steps {args.warmup + 1}..{args.steps} of {args.rounds} run(s) "
           "per plan (plans in alternating order per round; quartiles and per-round medians shown); predicted: "
           "reflow.planner.evaluate with the calibrated figures", "",

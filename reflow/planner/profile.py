@@ -739,6 +739,50 @@ def fit_call_scales(runs: list[dict], workers: int, hw: Hardware) -> tuple[dict[
     return scales, c, table
 
 
+def pool_runs(runs: list[dict]) -> list[dict]:
+    """Runs of the same plan and size taken at different times, as one each (in first-seen order): medians
+    over all their steps. On a shared machine the speed drifts between runs; calibration runs spread over
+    the time of a measurement (bench/planner.py) describe that time rather than one moment of it."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["plan"], r["prompts"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        steps = [x for r in rs for x in r["step_samples"]]
+        calls = {k: [x for r in rs for x in r["call_samples"].get(k, [])] for k in rs[0]["call_samples"]}
+        out.append(dict(rs[0], step_samples=steps, call_samples=calls, step=statistics.median(steps),
+                        calls={k: statistics.median(v) for k, v in calls.items() if v}, runs=len(rs)))
+    return out
+
+
+def workload_fit(meas: dict, runs: list[dict], workers: int, name: str) -> Fit:
+    """The figures from the microbenchmarks `meas` (`measure`, plus measure_ray_sharing's "ray_cores") and
+    the workload's calibration runs (measure_runtime_calls; pooled per size, the first size the full one):
+    per-kind scales (fit_call_scales), the microbenchmark fit again with them, and the per-call cost that
+    makes the simulated one-rank step equal the measured one (fit_call_overhead)."""
+    from reflow.models.presets import preset_config
+    from reflow.models.tokenizer import build_byte_tokenizer
+    from reflow.planner.config import problem_for_config
+    from reflow.planner.models import ModelShape
+
+    shape = ModelShape.of(preset_config(meas["preset"], build_byte_tokenizer()), "lm", dtype_bytes=meas["dtype_bytes"])
+    cores = meas.get("ray_cores")
+    runs = pool_runs(runs)
+    base = fit_hardware(meas, shape, name, cores=cores).hardware
+    scales, per_call, rows = fit_call_scales(runs, workers, base)
+    fit = fit_hardware(meas, shape, name, scales=scales, cores=cores)
+    problem = problem_for_config(runs[0]["cfg"], workers, fit.hardware)
+    call = fit_call_overhead(runs[0]["step"], problem, one_rank_plan(problem.graph, workers))
+    fit.hardware = fit.hardware.with_(call_overhead=call)
+    meas["runtime_calls"] = [{k: r[k] for k in ("prompts", "plan", "step", "calls", "runs")} for r in runs]
+    meas["runtime_call_fixed"] = per_call
+    n = len(runs[0]["step_samples"])
+    fit.table += meas.get("sharing_rows", []) + rows + [
+        (f"runtime step, the workload ({runs[0]['prompts']} prompts), one-rank plan ({n} steps)", runs[0]["step"],
+         runs[0]["step"])]
+    return fit
+
+
 def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, ray_calls: bool = True,
             name: str | None = None, config=None) -> tuple[Fit, dict]:
     """Measure on `workers` local processes and fit (see the module docstring): (Fit, raw measurements)."""
@@ -762,27 +806,18 @@ def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, r
 
     shape = ModelShape.of(preset_config(preset, build_byte_tokenizer()), "lm", dtype_bytes=meas["dtype_bytes"])
     dev = "cuda" if meas["device"] == "cuda" else "cpu"
-    cores, sharing = None, []
+    cores = None
     if ray_calls and dev == "cpu" and workers > 1:  # shared cores as Ray workers see them
         threads = config.runtime.threads_per_worker if config is not None else 1
-        cores, sharing = measure_ray_sharing(workers, preset, threads)
+        cores, meas["sharing_rows"] = measure_ray_sharing(workers, preset, threads)
         meas["ray_cores"] = cores
-    fit = fit_hardware(meas, shape, name or f"{dev}-profiled-{workers}", cores=cores)
-    fit.table += sharing
+    name = name or f"{dev}-profiled-{workers}"
+    fit = fit_hardware(meas, shape, name, cores=cores)
+    fit.table += meas.get("sharing_rows", [])
     if config is not None:  # the workload's own calls in the runtime: per-kind scales and per-call cost
-        from reflow.planner.config import problem_for_config
-
         full = config.rollout.prompts_per_step
-        runs = measure_runtime_calls(config, workers, sorted({full, max(1, full // 4)}, reverse=True))
-        scales, per_call, rows = fit_call_scales(runs, workers, fit.hardware)
-        fit = fit_hardware(meas, shape, fit.hardware.name, scales=scales, cores=cores)
-        problem = problem_for_config(runs[0]["cfg"], workers, fit.hardware)
-        call = fit_call_overhead(runs[0]["step"], problem, one_rank_plan(problem.graph, workers))
-        fit.hardware = fit.hardware.with_(call_overhead=call)
-        meas["runtime_calls"] = [{k: r[k] for k in ("prompts", "plan", "step", "calls")} for r in runs]
-        meas["runtime_call_fixed"] = per_call
-        fit.table += sharing + rows + [(f"runtime step, the workload ({full} prompts), one-rank plan",
-                                        runs[0]["step"], runs[0]["step"])]
+        meas["workload_runs"] = measure_runtime_calls(config, workers, sorted({full, max(1, full // 4)}, reverse=True))
+        fit = workload_fit(meas, meas["workload_runs"], workers, name)
     elif ray_calls and workers > 1:
         from reflow.planner.config import problem_for_config
         from reflow.runtime.plan import separate
