@@ -34,7 +34,9 @@ on GPUs; one intra-op thread per process, as the runtime's workers use):
     workload    (--config, needs Ray; replaces `call`'s runtime step) the config's own calls in the
                 runtime on N workers, timed from the workers' timelines, under one_rank_plan (every call
                 d1t1p1 on rank 0: no parallelism, no copies, one busy worker, not a plan one would
-                run) at the config's prompts per step and a quarter of it. This is how ReaL's profiler
+                run) at the config's prompts per step and a quarter of it (workload_fit fits from such
+                runs; bench/planner.py adds one after each round and pools them, pool_runs, since this
+                machine's speed drifts over minutes). This is how ReaL's profiler
                 works too: time the real calls at the sizes they run at, and leave the parallel costs to
                 the microbenchmarks above
 

@@ -206,3 +206,16 @@ def test_runtime_calls_are_timed_from_the_workers_timelines(ppo_cfg):
     assert set(run["calls"]) == {"actor_gen", "reward", "ref_inf", "critic_inf", "actor_train", "critic_train"}
     assert all(t > 0 for t in run["calls"].values())
     assert sum(run["calls"].values()) <= run["step"] * 1.05  # the calls run one after another within a step
+
+
+def test_pool_runs_merges_runs_of_one_plan_and_size():
+    from reflow.planner.profile import pool_runs
+
+    def run(prompts, steps, gen):
+        return {"plan": "one-rank", "prompts": prompts, "cfg": None, "step_samples": steps,
+                "call_samples": {"actor_gen": gen}}
+    pooled = pool_runs([run(16, [1.0, 3.0], [0.1, 0.3]), run(4, [0.5], [0.05]), run(16, [2.0, 2.5], [0.2])])
+    assert [r["prompts"] for r in pooled] == [16, 4]  # first-seen order: the full size stays first
+    full = pooled[0]
+    assert full["runs"] == 2 and full["step"] == 2.25 and full["calls"] == {"actor_gen": 0.2}
+    assert pooled[1]["runs"] == 1 and pooled[1]["step"] == 0.5
