@@ -250,7 +250,8 @@ def main() -> None:
              "after each round) and pooled" if meas is not None else ""),
           f"- measured: median of metrics `time/step` over steps {args.warmup + 1}..{args.steps} of {args.rounds} run(s) "
           "per plan (plans in alternating order per round; quartiles and per-round medians shown); predicted: "
-          "reflow.planner.evaluate with the calibrated figures", "",
+          "reflow.planner.evaluate with the calibrated figures"
+          + (" (refitted from the pooled calibration runs)" if meas is not None else ""), "",
           "| plan | predicted s | measured s (median) | quartiles s | per-round medians s | error | load (1 min) after each run | placements |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,9 +1,7 @@
 """Memory model: rejects what cannot fit, with a reason; grows and shrinks the right way."""
 
-import pytest
-
 from reflow.planner.cost import Workload, placement
-from reflow.planner.hardware import GB, hardware
+from reflow.planner.hardware import hardware
 from reflow.planner.memory import plan_memory
 from reflow.planner.models import ModelShape, llama_config
 from reflow.runtime.graph import Call, Graph
