@@ -19,6 +19,9 @@ A `Hardware` describes one kind of device and how devices are wired:
     call_overhead      fixed time per call of the graph (dispatching the task to the worker, moving and
                        merging its input batches, building the engine)
     realloc_overhead   fixed time per reallocation (building the destination model, planning the moves)
+    data_hop           fixed time for a call to fetch inputs that another worker produced (Ray's object
+                       transfer: locate, pull, deserialise); a call whose inputs are all on its own rank
+                       does not pay it; the bytes themselves move at intra_bw / inter_bw
     fsdp_overhead      fixed time per FSDP unit (a decoder layer) per all-gather / reduce-scatter (hooks,
                        DTensor bookkeeping, a collective's launch)
     tp_overhead        fixed time per decoder layer per pass under tensor parallel (t > 1)
@@ -81,6 +84,7 @@ class Hardware:
     optimizer_overhead: float = 0.0
     call_overhead: float = 0.0
     realloc_overhead: float = 0.0
+    data_hop: float = 0.0
     fsdp_overhead: float = 0.0
     tp_overhead: float = 0.0
     generate_scale: float = 1.0

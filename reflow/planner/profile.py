@@ -24,7 +24,8 @@ on GPUs; one intra-op thread per process, as the runtime's workers use):
     fsdp        a forward, and a forward + backward, on the FSDP owner copy and on a whole copy, all ranks
                 at once: the difference is the gathers' and reduce-scatters' cost
     call        (optional, needs Ray) the round trip of a chain of Ray actor tasks passing a batch-sized
-                object; then the runtime itself: a few PPO steps under the "separate" plan with the
+                object, round-robin over N actors and on one actor (the difference: moving a call's
+                inputs between workers); then the runtime itself: a few PPO steps under the "separate" plan with the
                 2-layer debug-llama preset and 2 prompts of 2 new tokens (compute negligible), so the
                 step is the runtime's fixed cost: dispatch, data between workers, merging, engine set-up
     ray sharing (needs Ray; CPU, N > 1) N Ray actors like the runtime's workers (one CPU, the configured
@@ -57,6 +58,7 @@ Fitting (cost.py's formulas, least squares on relative error with non-negative c
                         are converted to full-speed time: x min(1, cores / k), since the simulator
                         shares the cores again when it schedules them
     realloc_overhead    = measured reallocation - planner.realloc's prediction with the fitted link
+    data_hop            = Ray chain time per call across workers - the same chain on one worker
     call_overhead       = the value that makes the simulator's time for that runtime step equal the measured
                         one (bisection); without Ray: Ray chain time / hops
     with --config:
@@ -203,6 +205,7 @@ def fit_hardware(meas: dict, shape, name: str = "profiled", scales: dict[str, fl
                   inter_bw=bw, inter_lat=lat, devices_per_node=max(n, 1), matmul_efficiency=1.0,
                   memory_efficiency=1.0, reserved=meas.get("reserved", 0.0), layer_overhead=layer_oh,
                   step_overhead=step_oh, optimizer_overhead=opt, call_overhead=meas.get("call", 0.0),
+                  data_hop=meas.get("data_hop", 0.0),
                   cores_per_node=cores, **{f"{k}_scale": v for k, v in (scales or {}).items()})
     if meas.get("realloc"):
         from reflow.planner.cost import placement
@@ -244,6 +247,8 @@ def fit_hardware(meas: dict, shape, name: str = "profiled", scales: dict[str, fl
         table.append((f"decode step d1t2p1, batch {db} (work)", w_dec, pred_dec + L * hw.tp_overhead))
     if meas.get("call"):
         table.append(("call dispatch (Ray task chain, per call)", meas["call"], meas["call"]))
+    if "data_hop" in meas:
+        table.append(("the same chain on one worker (inputs stay local)", meas["call_local"], meas["call_local"]))
     return Fit(hw, table)
 
 
@@ -496,9 +501,11 @@ class _Hop:
         return batch
 
 
-def measure_call_overhead(workers: int, hops: int = 24, payload_bytes: int = 256 << 10) -> float:
-    """Seconds per call of a chain of Ray actor tasks, each waiting for the previous one's output (a
-    batch of `payload_bytes`) and round-robin over `workers` actors, as the controller chains calls."""
+def measure_call_overhead(workers: int, hops: int = 24, payload_bytes: int = 256 << 10) -> tuple[float, float]:
+    """Seconds per call of a chain of Ray actor tasks, each waiting for the previous one's output (a batch
+    of `payload_bytes`), as the controller chains calls: (round-robin over `workers` actors, so every hop
+    moves the batch to another worker; all on one actor, so it stays in that worker's store). Their
+    difference is what moving a call's inputs from another worker costs (Hardware.data_hop)."""
     import numpy as np
     import ray
 
@@ -510,17 +517,21 @@ def measure_call_overhead(workers: int, hops: int = 24, payload_bytes: int = 256
         actors = [ray.remote(num_cpus=1)(_Hop).remote() for _ in range(workers)]
         ray.get([a.hop.remote(0) for a in actors])
         batch = {"tokens": np.zeros(payload_bytes // 8, dtype=np.int64)}
-        best = float("inf")
-        for _ in range(2):
-            t0 = time.perf_counter()
-            ref = batch
-            for k in range(hops):
-                ref = actors[k % workers].hop.remote(ref)
-            ray.get(ref)
-            best = min(best, (time.perf_counter() - t0) / hops)
+
+        def chain(stride: int) -> float:
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                ref = batch
+                for k in range(hops):
+                    ref = actors[(k * stride) % workers].hop.remote(ref)
+                ray.get(ref)
+                best = min(best, (time.perf_counter() - t0) / hops)
+            return best
+        cross, local = chain(1), chain(0)
         for a in actors:
             ray.kill(a)
-        return best
+        return cross, local
     finally:
         if own:
             ray.shutdown()
@@ -802,7 +813,9 @@ def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, r
         problem_for_config(config, workers)
     meas = launch(measure, workers, args=(preset, quick), timeout_s=300.0)[0]
     if ray_calls:
-        meas["call"] = measure_call_overhead(workers)
+        meas["call"], meas["call_local"] = measure_call_overhead(workers)
+        if workers > 1:
+            meas["data_hop"] = max(0.0, meas["call"] - meas["call_local"])
     from reflow.models.presets import preset_config
     from reflow.models.tokenizer import build_byte_tokenizer
 

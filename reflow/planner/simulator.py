@@ -17,8 +17,14 @@ Rules (those of reflow.runtime.controller and the workers):
 
     iteration time = (end of the last iteration - end of the first) / (iterations - 1)
 
-Sample data moving between meshes is small next to weights (token ids, log-probs: bytes per token, not
-per parameter) and is not modelled.
+Sample data moving between workers: a call's inputs are the outputs of the calls producing its input keys,
+held where reflow.runtime puts them (each generate replica's first rank returns its part; any other call
+returns its whole output from its first rank), and every rank of the consumer fetches them whole. When
+any of them is held on another rank than a consumer rank, the call pays hw.data_hop (a fetch from another
+worker's object store, measured by `reflow profile`) plus the bytes, SAMPLE_BYTES_PER_TOKEN per token per
+input call, at the link's bandwidth (the fetches of the ranks run in parallel):
+
+    data(c) = data_hop + n_inputs x batch x (P + G) x SAMPLE_BYTES_PER_TOKEN / bw     (0 when all local)
 """
 
 from __future__ import annotations
@@ -98,6 +104,30 @@ def _owner(problem: Problem, plan: Plan, role: str) -> Placement:
     return plan.owner(problem.graph, role)
 
 
+SAMPLE_BYTES_PER_TOKEN = 16  # a producer's per-token output: token ids (int64) and a float per token
+
+
+def output_holders(kind: str, pl: Placement) -> set[int]:
+    """The ranks holding a call's output in the runtime: the first rank of each generate replica (layout
+    coordinates: replica r starts at ranks[r * t]), or the call's first rank for the other kinds."""
+    if kind == "generate":
+        return {pl.ranks[r * pl.layout.t] for r in range(pl.layout.d)}
+    return {pl.ranks[0]}
+
+
+def data_cost(problem: Problem, plan: Plan, name: str) -> float:
+    """Seconds call `name` spends fetching inputs from other workers (module docstring; 0 when every input
+    is held on the call's only rank)."""
+    g, hw, wl = problem.graph, problem.hw, problem.workload
+    deps = g.deps[name]
+    holders = set().union(*(output_holders(g.call(d).kind, plan.calls[d]) for d in deps)) if deps else set()
+    ranks = plan.calls[name].ranks
+    if not holders or all(holders == {r} for r in ranks):
+        return 0.0
+    bw, _ = hw.link(sorted(holders | set(ranks)))
+    return hw.data_hop + len(deps) * wl.batch * wl.seq_len * SAMPLE_BYTES_PER_TOKEN / bw
+
+
 def call_costs(problem: Problem, plan: Plan, memory: MemoryReport) -> tuple[dict[str, CallCost], dict[str, ReallocCost]]:
     """Every call's time and every reallocation (cached per call / placement / wave size)."""
     g = problem.graph
@@ -116,6 +146,10 @@ def call_costs(problem: Problem, plan: Plan, memory: MemoryReport) -> tuple[dict
         if key not in problem._cache:
             problem._cache[key] = call_cost(call.kind, m, pl, problem.hw, problem.workload, conc, sharded_owner)
         times[name] = problem._cache[key]
+        data = data_cost(problem, plan, name)
+        if data > 0:
+            c = times[name]
+            times[name] = CallCost(c.time + data, {**c.parts, "data": data})
         if copy:
             fn = realloc_cost_exact if problem.exact_realloc else realloc_cost
             reallocs[name] = fn(m, owner, pl, problem.hw, src_sharded=call.role in trained)

@@ -70,8 +70,10 @@ def test_fit_hardware_recovers_known_figures_from_synthetic_measurements():
     meas.update(realloc=0.05, replica_forward=0.01, replica_forward_backward=0.03,
                 fsdp_forward=0.01 + shared(ag + (L + 1) * fsdp_oh, n),
                 fsdp_forward_backward=0.03 + shared(3 * ag + 3 * (L + 1) * fsdp_oh, n))
+    meas.update(call=4e-3, call_local=3e-3, data_hop=1e-3)
     hw = fit_hardware(meas, m).hardware
     assert hw.fsdp_overhead == pytest.approx(fsdp_oh, rel=0.05)
+    assert hw.data_hop == 1e-3 and hw.call_overhead == 4e-3  # (call: replaced by the runtime step's fit)
     assert hw.flops == pytest.approx(F, rel=0.02)
     assert hw.layer_overhead == pytest.approx(o_layer, rel=0.05)
     assert hw.step_overhead == pytest.approx(o_step, rel=0.05)
@@ -219,3 +221,10 @@ def test_pool_runs_merges_runs_of_one_plan_and_size():
     full = pooled[0]
     assert full["runs"] == 2 and full["step"] == 2.25 and full["calls"] == {"actor_gen": 0.2}
     assert pooled[1]["runs"] == 1 and pooled[1]["step"] == 0.5
+
+
+def test_ray_call_chain_across_workers_and_on_one():
+    from reflow.planner.profile import measure_call_overhead
+
+    cross, local = measure_call_overhead(2, hops=4)
+    assert cross > 0 and local > 0

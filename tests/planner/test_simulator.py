@@ -63,3 +63,29 @@ def test_dependencies_and_role_order_hold_and_barrier_only_adds_time():
             assert by[name].start >= by[dep].end - 1e-9
     free, _ = simulate(pr, plan, ev.call_times, ev.realloc, iterations=4, barrier=False)
     assert free <= ev.time + 1e-9
+
+
+def test_inputs_from_other_workers_cost_a_hop_and_their_bytes():
+    """A call pays hw.data_hop + bytes / bw when an input is held on another rank than one of its ranks
+    (generate replicas each hold their part, other calls their first rank); nothing when all is local."""
+    from reflow.planner.simulator import SAMPLE_BYTES_PER_TOKEN, data_cost, output_holders
+
+    g = ppo()
+    hw = hardware("a100-80g").with_(data_hop=0.05)
+    wl = Workload(batch=256, prompt_len=100, gen_len=28)
+    pr = Problem(g, MODELS, hw, wl, 4)
+    one = Plan("one", 4, {c: placement("d1t1p1", [0]) for c in g.order})
+    assert all(data_cost(pr, one, c) == 0 for c in g.order)
+    assert evaluate(pr, one).time == pytest.approx(evaluate(Problem(g, MODELS, hw.with_(data_hop=0.0), wl, 4), one).time)
+    moved = Plan("moved", 4, {**one.calls, "ref_inf": placement("d1t1p1", [1])})
+    per_input = wl.batch * wl.seq_len * SAMPLE_BYTES_PER_TOKEN / hw.intra_bw
+    assert data_cost(pr, moved, "ref_inf") == pytest.approx(0.05 + per_input)  # actor_gen's output is on rank 0
+    n_in = len(g.deps["actor_train"])
+    assert data_cost(pr, moved, "actor_train") == pytest.approx(0.05 + n_in * per_input)  # ref_inf's is on 1
+    assert data_cost(pr, moved, "critic_inf") == 0
+    assert evaluate(pr, moved).call_times["ref_inf"].parts["data"] == pytest.approx(0.05 + per_input)
+    assert output_holders("generate", placement("d2t2p1", [4, 5, 6, 7])) == {4, 6}
+    assert output_holders("infer", placement("d2t2p1", [4, 5, 6, 7])) == {4}
+    # a call on two ranks fetches to both: even an input held on one of them moves to the other
+    both = Plan("both", 4, {**one.calls, "ref_inf": placement("d2t1p1", [0, 1])})
+    assert data_cost(pr, both, "ref_inf") > 0
