@@ -294,7 +294,9 @@ def cmd_plan_search(args) -> None:
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {args.steps}")
     problem = problem_for_config(cfg, devices, hw)
-    res = search(problem, seed=args.seed, steps=args.steps)
+    if not 0 <= args.builtin_margin < 1:
+        raise ConfigError(f"--builtin-margin must be in [0, 1), got {args.builtin_margin}")
+    res = search(problem, seed=args.seed, steps=args.steps, builtin_margin=args.builtin_margin)
     plan = res.plan
     plan.validate(problem.graph, problem.model_configs())
     graph = problem.graph
@@ -417,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", help="hardware preset instead: a100-80g, h100-80g or cpu (default cpu)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=None, help="annealing steps (default: by problem size)")
+    s.add_argument("--builtin-margin", type=float, default=0.05,
+                   help="return the best built-in plan unless the plan found is predicted faster by more than "
+                        "this fraction (default 0.05, about the model's error; 0: always the fastest prediction)")
     s.add_argument("--out", metavar="PLAN_YAML", default="plan.yaml", help="where to write the plan (plan.yaml)")
     s.set_defaults(fn=cmd_plan_search)
     s = plan_sub.add_parser("whatif", help="PPO with LLaMA 7B..70B on 16..128 simulated GPUs: searched vs built-in "

@@ -214,6 +214,7 @@ class SearchResult:
     evaluations: int
     seconds: float
     seed: int
+    best_found: Evaluation | None = None  # set when a built-in plan was returned instead (builtin_margin)
 
     @property
     def time(self) -> float:
@@ -226,6 +227,9 @@ class SearchResult:
     def report(self) -> str:
         lines = [f"searched plan (seed {self.seed}, {self.steps} steps, {self.evaluations} plans simulated, "
                  f"{self.seconds:.1f} s):", self.evaluation.summary()]
+        if self.best_found is not None:
+            lines.append(f"  (the best other plan found, {self.best_found.time:.2f} s/iteration, is not faster than "
+                         f"the built-in '{self.plan.name}' by the margin: the built-in is returned)")
         for name, ev in self.baselines.items():
             ratio = f"  ({ev.time / self.time:.2f}x the searched plan)" if ev.feasible else ""
             lines.append(f"  {name:<18} {ev.summary()}{ratio}")
@@ -238,9 +242,14 @@ def default_steps(problem: Problem, groups: list[Group]) -> int:
 
 
 def search(problem: Problem, *, seed: int = 0, steps: int | None = None, chains: int = 4,
-           time_limit: float | None = None) -> SearchResult:
+           time_limit: float | None = None, builtin_margin: float = 0.05) -> SearchResult:
     """The fastest plan found that fits in memory (see the module docstring). Deterministic for a seed
-    unless `time_limit` (seconds, a safety net) cuts the chains short."""
+    unless `time_limit` (seconds, a safety net) cuts the chains short.
+
+    builtin_margin: a built-in plan (colocate, separate, as built) is returned instead of the plan found
+    unless that plan is predicted faster by more than this fraction: a gain smaller than the cost model's
+    error on measured runs (bench/planner.py) is not worth leaving the plan everyone knows. 0: always the
+    fastest prediction."""
     t_start = time.perf_counter()
     groups = make_groups(problem)
     scorer = _Scorer(problem, groups)
@@ -290,6 +299,12 @@ def search(problem: Problem, *, seed: int = 0, steps: int | None = None, chains:
                               f"({problem.hw.name}); built-in plans: {reasons}")
     best_state = tune_layouts(scorer, best_state, rounds=1)
     final = evaluate(problem, to_plan(problem, groups, best_state, "searched"))
+    plain = [e for n, e in baselines.items() if n in BUILTIN and e.feasible]
+    if plain and builtin_margin > 0:
+        known = min(plain, key=lambda e: e.time)
+        if final.time > known.time * (1 - builtin_margin):
+            return SearchResult(known.plan, known, baselines, done, scorer.evaluations, time.perf_counter() - t_start,
+                                seed, best_found=final)
     return SearchResult(final.plan, final, baselines, done, scorer.evaluations, time.perf_counter() - t_start, seed)
 
 

@@ -87,3 +87,17 @@ def test_search_with_fewer_devices_than_roles():
               "critic": ModelShape.of(cfg, "value", dtype_bytes=4), "reward": ModelShape.of(cfg, "score", dtype_bytes=4)}
     pr = Problem(ppo(), models, hardware("cpu"), Workload(batch=8, prompt_len=8, gen_len=8, micro_tokens=64), 2)
     check(pr, search(pr, seed=0, steps=200))
+
+
+def test_a_builtin_plan_is_kept_unless_the_search_beats_it_by_the_margin():
+    pr = ppo7(8)
+    found = search(pr, seed=0, steps=300, builtin_margin=0.0)
+    best_builtin = min((e for n, e in found.baselines.items() if n in ("colocate", "separate") and e.feasible),
+                       key=lambda e: e.time)
+    gain = 1 - found.time / best_builtin.time
+    assert gain > 0.01  # on 8 A100s the search finds a faster plan than either built-in
+    above = search(pr, seed=0, steps=300, builtin_margin=min(0.99, gain + 0.01))
+    assert above.plan.name == best_builtin.plan.name and above.best_found.time == pytest.approx(found.time)
+    assert "built-in" in above.report()
+    below = search(pr, seed=0, steps=300, builtin_margin=max(0.0, gain - 0.01))
+    assert below.plan.name == "searched" and below.best_found is None
