@@ -203,7 +203,7 @@ def fig_planner(r: dict) -> str:
     if not s:
         return "no summary (see the log)"
     parts = [f"{x['plan']} {x['predicted']:.2f}/{x['measured']:.2f} s ({x['error']:+.0%})" for x in s["rows"]]
-    return (f"predicted/measured s per iteration: " + ", ".join(parts) + f"; within 15%: {s['within_15']} of "
+    return ("predicted/measured s per iteration: " + ", ".join(parts) + f"; within 15%: {s['within_15']} of "
             f"{s['plans']}; searched plan no slower than the best built-in ({s['best_builtin']}): "
             f"{'yes' if s['searched_no_slower'] else '**no**'}")
 
