@@ -679,6 +679,7 @@ def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 8,
     Nothing is saved (steps run without `train`)."""
     import copy
     import logging
+    import shutil
     import tempfile
 
     from reflow.runtime.controller import Controller
@@ -705,7 +706,7 @@ def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 8,
             finally:
                 controller.shutdown()
             per_call: dict[str, list[float]] = {}
-            first = {c: pl.ranks[0] for c, pl in plan.calls.items()}
+            first = {name: pl.ranks[0] for name, pl in plan.calls.items()}
             for e in events:
                 if e["step"] >= warmup and e["rank"] == first.get(e["name"]):
                     per_call.setdefault(e["name"], []).append(e["end"] - e["start"])
@@ -715,6 +716,7 @@ def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 8,
                          "calls": {k: statistics.median(v) for k, v in per_call.items()}})
     finally:
         logging.getLogger("reflow").setLevel(level)
+        shutil.rmtree(root, ignore_errors=True)
     return runs
 
 
