@@ -68,11 +68,8 @@ def _as_batch(generations):
     )
 
 
-@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 0.8)])
-def test_sampled_logprobs_equal_token_logprobs_at_the_same_temperature(model, top_k, top_p):
-    T = 0.7
-    params = SamplingParams(max_new_tokens=10, temperature=T, top_k=top_k, top_p=top_p)
-    outs = engine(model).generate(PROMPTS, params, gen(0))
+def _assert_logprobs_match(model, outs, T):
+    """The log-probs the sampler returned equal a forward's token log-probs at temperature T."""
     batch = _as_batch(outs)
     with torch.no_grad():
         ref, _ = token_logprobs(model, batch, temperature=T)
@@ -81,6 +78,13 @@ def test_sampled_logprobs_equal_token_logprobs_at_the_same_temperature(model, to
     torch.testing.assert_close(mine[mask], ref[mask], atol=1e-4, rtol=0)
     # log-probs are of the unfiltered distribution, so they are not all log(1) even with filtering
     assert (mine[mask] < -1e-3).all()
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 0.8)])
+def test_sampled_logprobs_equal_token_logprobs_at_the_same_temperature(model, top_k, top_p):
+    T = 0.7
+    params = SamplingParams(max_new_tokens=10, temperature=T, top_k=top_k, top_p=top_p)
+    _assert_logprobs_match(model, engine(model).generate(PROMPTS, params, gen(0)), T)
 
 
 def test_same_seed_same_samples_different_seed_different(model):
@@ -419,14 +423,7 @@ def test_keyed_sampling_argument_errors(model):
 def test_keyed_sampled_logprobs_equal_token_logprobs(model, top_k, top_p):
     T = 0.7
     params = SamplingParams(max_new_tokens=10, temperature=T, top_k=top_k, top_p=top_p)
-    outs = keyed(model, MANY_PROMPTS, KEYS, params=params, batch_size=3, eos=MANY_EOS)
-    batch = _as_batch(outs)
-    with torch.no_grad():
-        ref, _ = token_logprobs(model, batch, temperature=T)
-    mine = torch.tensor([lp for g in outs for lp in [0.0] * len(g.prompt_ids) + g.logprobs])
-    mask = batch.tokens["action_mask"].bool()
-    torch.testing.assert_close(mine[mask], ref[mask], atol=1e-4, rtol=0)
-    assert (mine[mask] < -1e-3).all()  # of the unfiltered distribution
+    _assert_logprobs_match(model, keyed(model, MANY_PROMPTS, KEYS, params=params, batch_size=3, eos=MANY_EOS), T)
 
 
 @pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.5), (8, 0.7)])
