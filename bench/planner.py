@@ -203,7 +203,8 @@ def main() -> None:
             if meas is not None:  # the calibration plan again after each round (see the module docstring)
                 full = cfg.rollout.prompts_per_step
                 calib += measure_runtime_calls(cfg, args.workers, sorted({full, max(1, full // 4)}, reverse=True))
-                print(f"round {rnd} calibration (one-rank plan): step {calib[-2]['step']:.3f} s", flush=True)
+                step = next(r["step"] for r in reversed(calib) if r["prompts"] == full)
+                print(f"round {rnd} calibration (one-rank plan): step {step:.3f} s", flush=True)
     finally:
         ray.shutdown()
     if meas is not None:  # the figures from every calibration run, spread over the measurement's time

@@ -670,10 +670,9 @@ def one_rank_plan(graph, world_size: int):
     return Plan("one-rank", world_size, {c: Placement((0,), Layout(1, 1, 1)) for c in graph.order})
 
 
-def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 8, warmup: int = 2,
-                          plan_fn=one_rank_plan) -> list[dict]:
+def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 8, warmup: int = 2) -> list[dict]:
     """The workload's own calls in the runtime: `cfg` (an RLConfig) on `workers` Ray workers under
-    `plan_fn(graph, workers)` (default one_rank_plan), once per prompts_per_step in `prompts` (the other
+    one_rank_plan, once per prompts_per_step in `prompts` (the other
     workers idle, as in a real run's Ray session). Per run: {"prompts", "step" (median time/step after
     `warmup`), "calls" ({call: median seconds on its first rank, from the workers' timelines}), "cfg"}.
     Nothing is saved (steps run without `train`)."""
@@ -686,7 +685,7 @@ def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 8,
     from reflow.runtime.graphs import graph_for
 
     root = Path(tempfile.mkdtemp(prefix="reflow-profile-calls-"))
-    plan = plan_fn(graph_for(cfg), workers)
+    plan = one_rank_plan(graph_for(cfg), workers)
     plan_path = root / f"plan-{plan.name}.yaml"
     plan.save(plan_path)
     runs = []
@@ -754,6 +753,15 @@ def fit_call_scales(runs: list[dict], workers: int, hw: Hardware) -> tuple[dict[
     return scales, c, table
 
 
+def _measured_shape(meas: dict):
+    """The ModelShape of the preset model `measure` timed (meas["preset"], in its dtype)."""
+    from reflow.models.presets import preset_config
+    from reflow.models.tokenizer import build_byte_tokenizer
+    from reflow.planner.models import ModelShape
+
+    return ModelShape.of(preset_config(meas["preset"], build_byte_tokenizer()), "lm", dtype_bytes=meas["dtype_bytes"])
+
+
 def pool_runs(runs: list[dict]) -> list[dict]:
     """Runs of the same plan and size taken at different times, as one each (in first-seen order): medians
     over all their steps. On a shared machine the speed drifts between runs; calibration runs spread over
@@ -775,12 +783,9 @@ def workload_fit(meas: dict, runs: list[dict], workers: int, name: str) -> Fit:
     the workload's calibration runs (measure_runtime_calls; pooled per size, the first size the full one):
     per-kind scales (fit_call_scales), the microbenchmark fit again with them, and the per-call cost that
     makes the simulated one-rank step equal the measured one (fit_call_overhead)."""
-    from reflow.models.presets import preset_config
-    from reflow.models.tokenizer import build_byte_tokenizer
     from reflow.planner.config import problem_for_config
-    from reflow.planner.models import ModelShape
 
-    shape = ModelShape.of(preset_config(meas["preset"], build_byte_tokenizer()), "lm", dtype_bytes=meas["dtype_bytes"])
+    shape = _measured_shape(meas)
     cores = meas.get("ray_cores")
     runs = pool_runs(runs)
     base = fit_hardware(meas, shape, name, cores=cores).hardware
@@ -803,7 +808,6 @@ def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, r
     """Measure on `workers` local processes and fit (see the module docstring): (Fit, raw measurements)."""
     from reflow.models.presets import PRESETS, PresetError
     from reflow.parallel.launch import launch
-    from reflow.planner.models import ModelShape
 
     if preset not in PRESETS:
         raise PresetError(f"unknown model preset '{preset}'; choose one of: {', '.join(PRESETS)}")
@@ -818,10 +822,7 @@ def profile(workers: int = 4, preset: str = "tiny-llama", quick: bool = False, r
         meas["call"], meas["call_local"] = measure_call_overhead(workers)
         if workers > 1:
             meas["data_hop"] = max(0.0, meas["call"] - meas["call_local"])
-    from reflow.models.presets import preset_config
-    from reflow.models.tokenizer import build_byte_tokenizer
-
-    shape = ModelShape.of(preset_config(preset, build_byte_tokenizer()), "lm", dtype_bytes=meas["dtype_bytes"])
+    shape = _measured_shape(meas)
     dev = "cuda" if meas["device"] == "cuda" else "cpu"
     cores = None
     if ray_calls and dev == "cpu" and workers > 1:  # shared cores as Ray workers see them
