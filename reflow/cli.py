@@ -39,6 +39,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from reflow.models.load import ModelError
     from reflow.models.presets import PresetError
     from reflow.rewards.registry import RewardError
+    from reflow.parallel.device import DeviceError
     from reflow.parallel.layout import LayoutError
     from reflow.runtime.graph import GraphError
     from reflow.runtime.plan import PlanError
@@ -48,13 +49,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from reflow.planner.search import PlanSearchError
 
     return (ConfigError, DataError, ModelError, PresetError, RewardError, CheckpointError, LayoutError,
-            PlanError, GraphError, HardwareError, ModelShapeError, PlanSearchError, FileNotFoundError)
+            PlanError, GraphError, HardwareError, ModelShapeError, PlanSearchError, DeviceError, FileNotFoundError)
 
 
 def _run_failures() -> tuple[type[BaseException], ...]:
     """Failures of a run itself (exit code 1); the runtime is imported only by the commands that use it."""
-    controller = sys.modules.get("reflow.runtime.controller")
-    return (controller.WorkerFailed,) if controller is not None else ()
+    transport = sys.modules.get("reflow.runtime.transport")
+    return (transport.WorkerFailed,) if transport is not None else ()
 
 
 def _split_config_args(args) -> tuple[str | None, list[str]]:
@@ -100,84 +101,46 @@ def _experiment(kind: str, args):
 
     path, overrides = _split_config_args(args)
     if kind == "train":
-        cfg = load_config(RLConfig, path, overrides)
-        if cfg.runtime.workers >= 1:
-            return _RuntimeRun(cfg, args.resume)
         from reflow.experiments.rl import RLExperiment
-        return RLExperiment(cfg, args.resume)
-    if kind == "sft":
-        from reflow.experiments.sft import SFTExperiment
-        return SFTExperiment(load_config(SFTConfig, path, overrides), args.resume)
-    if kind == "dpo":
-        from reflow.experiments.dpo import DPOExperiment
-        return DPOExperiment(load_config(DPOConfig, path, overrides), args.resume)
-    from reflow.experiments.rm import RMExperiment
-    return RMExperiment(load_config(RMConfig, path, overrides), args.resume)
+        return RLExperiment(load_config(RLConfig, path, overrides), args.resume)
+    from reflow.experiments.supervised import DPOExperiment, RMExperiment, SFTExperiment
+
+    cls, config = {"sft": (SFTExperiment, SFTConfig), "dpo": (DPOExperiment, DPOConfig),
+                   "rm": (RMExperiment, RMConfig)}[kind]
+    return cls(load_config(config, path, overrides), args.resume)
 
 
 def _resolved_plan(cfg, workers: int):
-    """The graph of an RL config and its plan, validated against the models (nothing starts)."""
-    from reflow.runtime.controller import model_configs
+    """The graph of a config and its plan on `workers` ranks, validated against the models (nothing starts)."""
+    from reflow.experiments.rl import model_configs
     from reflow.runtime.graphs import graph_for
-    from reflow.runtime.plan import resolve_plan
-    from reflow.runtime.support import check_plan_workers
+    from reflow.runtime.plan import check_plan_workers, resolve_plan
 
     graph = graph_for(cfg)
     plan = check_plan_workers(resolve_plan(cfg.runtime.plan, graph, workers), cfg.runtime.workers)
     return graph, plan.validate(graph, model_configs(cfg, graph))
 
 
-class _RuntimeRun:
-    """`reflow train` with runtime.workers >= 1: the graph of calls under a plan on Ray workers
-    (reflow.runtime.controller). Unsupported settings and bad plans fail here, before Ray starts."""
-
-    def __init__(self, cfg, resume):
-        from reflow.runtime.support import check_supported
-
-        self.cfg, self.resume = cfg, resume
-        for warning in check_supported(cfg, resume):
-            log.warning("%s", warning)
-        _resolved_plan(cfg, cfg.runtime.workers)
-
-    def run(self) -> None:
-        from reflow.runtime.controller import Controller
-
-        t0 = time.perf_counter()
-        controller = Controller(self.cfg, self.resume)  # prints the plan table when training starts
-        try:
-            history = controller.train()
-        finally:
-            controller.shutdown()
-        cfg, out = self.cfg, Path(self.cfg.output_dir)
-        last_ckpt = max(out.glob("checkpoints/step_*"), default=None)
-        print(f"train done in {time.perf_counter() - t0:.0f}s on {cfg.runtime.workers} worker(s), plan "
-              f"'{controller.plan.name}' -> {out}  (metrics: {out / 'metrics.jsonl'}; models: {last_ckpt})")
-        if history:
-            last = history[-1]
-            shown = [k for k in ("reward/mean", "accuracy", "time/step") if last.get(k) is not None]
-            print(f"  step {len(history)}: " + "  ".join(f"{k} {last[k]:.3f}" for k in shown))
-        if cfg.runtime.timeline:
-            print(f"  timeline: {out / 'timeline.json'} (open in chrome://tracing or ui.perfetto.dev)")
-
-
 def cmd_run(kind: str):
     def run(args) -> None:
         t0 = time.perf_counter()
-        exp = _experiment(kind, args)
-        if isinstance(exp, _RuntimeRun):
-            return exp.run()
-        results = exp.run()
-        out = exp.cfg.output_dir
-        summary = {k: (v.metrics("") if hasattr(v, "metrics") else v) for k, v in results.items() if v}
-        print(f"{kind} done in {time.perf_counter() - t0:.0f}s -> {out}/final  (metrics: {out}/metrics.jsonl)")
-        for k, v in summary.items():
-            print(f"  {k}: " + "  ".join(f"{m} {x:.3f}" for m, x in v.items() if x is not None))
+        with _experiment(kind, args) as exp:
+            results = exp.run()
+        cfg, out = exp.cfg, exp.cfg.output_dir
+        where = "in this process" if cfg.runtime.workers == 0 else f"on {cfg.runtime.workers} worker(s)"
+        print(f"{kind} done in {time.perf_counter() - t0:.0f}s {where}, plan '{exp.plan.name}' -> {out}/final  "
+              f"(metrics: {out}/metrics.jsonl)")
+        for k, v in results.items():
+            if v:
+                print(f"  {k}: " + "  ".join(f"{m} {x:.3f}" for m, x in v.items() if x is not None))
+        if cfg.runtime.timeline:
+            print(f"  timeline: {out}/timeline.json (open in chrome://tracing or ui.perfetto.dev)")
     return run
 
 
 def cmd_eval(args) -> None:
     from reflow.data.datasets import load_prompts
-    from reflow.experiments.common import evaluate
+    from reflow.engines.rollout import evaluate
     from reflow.models.load import load_policy, load_tokenizer
     from reflow.rewards.registry import load_reward_fn
 
@@ -201,7 +164,7 @@ def cmd_generate(args) -> None:
     import torch
 
     from reflow.engines.generate import GenerationEngine, SamplingParams
-    from reflow.experiments.common import decode_response
+    from reflow.engines.rollout import decode_response
     from reflow.models.load import load_policy, load_tokenizer
 
     tok = load_tokenizer(args.model)

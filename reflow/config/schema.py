@@ -130,6 +130,8 @@ class AlgoConfig:
     ptx_coef: float = 0.0
     ptx_batch_size: int = 32
     actor_ema: float | None = None  # e.g. 0.992; saved as ema_actor/ in checkpoints and final_ema/
+    # a user's own algorithm: "file.py:function" or "module:function", a function cfg -> Graph
+    graph: str | None = None
 
     @property
     def estimator(self) -> str:
@@ -175,8 +177,9 @@ class TrainerConfig:
 
 @dataclass
 class RuntimeConfig:
-    """Where the calls of a step run. workers = 0: the one-process loop; N >= 1: N Ray workers (one per
-    device, one torch.distributed world) running the experiment's graph under `plan`."""
+    """Where the calls of a step run: one executor, two transports. workers = 0: one local worker in this
+    process (no Ray, no process group, every call d1t1p1); N >= 1: N Ray workers (one per device, one
+    torch.distributed world) running the same graph and calls under `plan`."""
 
     workers: int = 0
     plan: str = "colocate"  # colocate | separate | path of a plan YAML (see `reflow plan show`)
@@ -185,6 +188,7 @@ class RuntimeConfig:
     offload_frozen: bool = False  # park frozen roles' weights in host memory between their calls
     timeout_s: float = 120.0  # collective timeout: a dead or stuck worker ends the run within about this
     threads_per_worker: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda:<local rank> when CUDA is available, else cpu
 
     def validate(self):
         if self.workers < 0:
@@ -241,6 +245,7 @@ class SFTConfig:
     save_every: int = 0
     tensorboard: bool = False
     progress: bool = True
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self):
         if self.model.path is None:
@@ -263,6 +268,7 @@ class RMConfig:
     save_every: int = 0
     tensorboard: bool = False
     progress: bool = True
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self):
         if self.model.path is None:
@@ -292,6 +298,7 @@ class DPOConfig:
     save_every: int = 0
     tensorboard: bool = False
     progress: bool = True
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self):
         if self.model.path is None:

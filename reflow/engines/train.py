@@ -19,6 +19,7 @@ import torch.distributed as dist
 from reflow.algorithms.aggregation import Norm  # noqa: F401  (re-exported: `from reflow.engines.train import Norm`)
 from reflow.data.batch import SampleBatch
 from reflow.parallel.context import equal_micro_batches
+from reflow.parallel.device import place
 from reflow.parallel.grad_norm import clip_grad_norm_
 from reflow.models.packing import hidden_states
 from reflow.parallel.parallelize import parallelize
@@ -124,6 +125,7 @@ class TrainEngine:
             self._accumulate_pipeline(stage, part, loss_fn, norm, group_key, totals, loss_name)
             return
         for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key):
+            mb = self._on_device(mb)
             with self._autocast():
                 loss, stats = loss_fn(self.model, mb, norm)
             if not real:  # padding micro-batch: runs FSDP's collectives, contributes nothing
@@ -133,6 +135,11 @@ class TrainEngine:
             items = {loss_name: loss, **stats} if loss_name else stats
             for k, v in items.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+
+    def _on_device(self, mb: SampleBatch) -> SampleBatch:
+        """A micro-batch on the device of the weights (a no-op on CPU), so losses mix no devices."""
+        device = next(self.model.parameters()).device
+        return mb if device.type == "cpu" else place(mb, device)
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -146,6 +153,7 @@ class TrainEngine:
         # the same count on every data-parallel rank (FSDP2 collectives); each stage of a data-parallel
         # rank holds the same part, so its stages agree on the micro-batches too
         for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key):
+            mb = self._on_device(mb)
             if stage.is_last:
                 with self._autocast():
                     loss, stats = loss_fn(self.model, mb, norm)

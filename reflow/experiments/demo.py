@@ -26,7 +26,7 @@ DATA_OPTIONS = dict(n_train=7600, n_test=500, seed=0, min_digits=2, max_digits=2
 def run_demo(root: str | Path = ".", overrides_sft: list[str] = (), overrides_rl: list[str] = ()) -> dict:
     from reflow.data.tasks import write_task
     from reflow.experiments.rl import RLExperiment
-    from reflow.experiments.sft import SFTExperiment
+    from reflow.experiments.supervised import SFTExperiment
     from reflow.models.presets import init_model
 
     console = Console(highlight=False)
@@ -42,19 +42,21 @@ def run_demo(root: str | Path = ".", overrides_sft: list[str] = (), overrides_rl
     t = time.perf_counter()
     sft_cfg = load_config(SFTConfig, CONFIG_DIR / "sft_addition.yaml", list(overrides_sft))
     console.rule("stage 1: sft")
-    sft = SFTExperiment(sft_cfg).run()
+    with SFTExperiment(sft_cfg) as exp:
+        sft = exp.run()
     times["sft"] = time.perf_counter() - t
 
     t = time.perf_counter()
     rl_cfg = load_config(RLConfig, CONFIG_DIR / "grpo_addition.yaml", list(overrides_rl))
     console.rule("stage 2: grpo")
-    rl = RLExperiment(rl_cfg).run()
+    with RLExperiment(rl_cfg) as exp:
+        rl = exp.run()
     times["grpo"] = time.perf_counter() - t
     total = time.perf_counter() - t0
 
     acc_init = sft["initial_eval"]["eval/accuracy"]
     acc_sft = sft["final_eval"]["eval/accuracy"]
-    acc_rl = rl["final_eval"].accuracy
+    acc_rl = rl["final_eval"]["eval/accuracy"]
     table = Table(title="held-out exact-match accuracy (greedy, 500 unseen prompts)")
     for col in ("stage", "accuracy", "time"):
         table.add_column(col)

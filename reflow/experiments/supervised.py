@@ -1,121 +1,73 @@
-"""The loop shared by supervised experiments (SFT, reward model): batches of examples, one optimizer
-step each, periodic evaluation and checkpoints, resumable. Subclasses say how to build a batch,
-what the loss is and how to evaluate."""
+"""Supervised experiments on the step loop: `reflow sft`, `reflow rm`, `reflow dpo`. Each is a graph of one
+train call (DPO: the reference's log-probs, then the train call; reflow.runtime.graphs), so they take
+runtime.workers and a plan like `reflow train` (e.g. SFT with FSDP2 over 4 workers: runtime.workers=4
+runtime.plan=colocate) and give the one-process numbers.
+
+    sft  L = -(1 / #response tokens) sum log pi(response | prompt)                 (final/: the policy)
+    rm   L = -(1 / #pairs) sum log sigmoid(s(chosen) - s(rejected))                 (final/: the reward model)
+    dpo  L = -log sigmoid(beta h), h = log-ratio margin of chosen over rejected      (final/: the policy)
+"""
 
 from __future__ import annotations
 
-import math
-import time
-from pathlib import Path
-
-import torch
-
-from reflow.config.loader import save_config
-from reflow.data.batch import SampleBatch
-from reflow.engines.train import Norm
-from reflow.experiments.common import PromptSampler
-from reflow.models.load import save_model
+from reflow.config.schema import DPOConfig, RMConfig, SFTConfig
+from reflow.data.sampler import PromptSampler
+from reflow.experiments.loop import StepLoop
+from reflow.experiments.rl import model_configs
+from reflow.models.load import check_model_dir, load_tokenizer
+from reflow.runtime.data import WorkerData
+from reflow.runtime.graphs import graph_for
+from reflow.runtime.worker import supervised_steps
 from reflow.utils import checkpoint as ckpt_lib
-from reflow.utils.console import RunConsole
-from reflow.utils.metrics import MetricsLogger, read_metrics, truncate_metrics
-from reflow.utils.plot import plot_curves
 
 
-class SupervisedExperiment:
-    name = "supervised"
-    group_key: str | None = None  # samples sharing it stay in one micro-batch
-    curve_keys: list[str] = ["loss"]
+class SupervisedExperiment(StepLoop):
+    dataset = "sft"  # the WorkerData attribute a step samples from
 
-    # set by subclasses in __init__: cfg, tokenizer, model, engine, examples, resume_dir
-    def _setup_loop(self, resume_dir: Path | None) -> None:
-        cfg = self.cfg
-        self.steps = cfg.max_steps or cfg.epochs * math.ceil(len(self.examples) / cfg.batch_size)
-        self.sampler = PromptSampler(len(self.examples), cfg.seed, cfg.data.shuffle)
-        self.step = 0
-        if resume_dir:
-            s = ckpt_lib.load_state(resume_dir)
-            self.step = s["step"]
-            self.engine.load_state_dict(s["engine"])
-            self.sampler.load_state_dict(s["sampler"])
-            ckpt_lib.set_rng_state(s["rng"])
+    def __init__(self, cfg, resume=None):
+        self.cfg = cfg
+        resume_dir = ckpt_lib.find_resume(cfg.output_dir, resume) if resume else None
+        check_model_dir(cfg.model.path, "model.path")
+        if getattr(cfg, "ref", None) is not None and cfg.ref.path:
+            check_model_dir(cfg.ref.path, "ref.path")
+        self.graph = graph_for(cfg)
+        data = WorkerData(cfg, load_tokenizer(cfg.model.path))  # bad rows fail here, before models load
+        examples = getattr(data, self.dataset)
+        _ = data.eval_prompts
+        self.total_steps = supervised_steps(cfg, len(examples))
+        self.samplers = {"examples": PromptSampler(len(examples), cfg.seed, cfg.data.shuffle)}
+        self.start(resume_dir, model_configs(cfg, self.graph))
 
-    def load_eval_prompts(self) -> list:
-        """The prompt set of `data.eval` (first `data.eval_size`), or [] when none is configured."""
-        from reflow.data.datasets import load_prompts
+    def step_meta(self) -> dict:
+        return {"examples": self.samplers["examples"].next(self.cfg.batch_size)}
 
-        cfg = self.cfg
-        if not cfg.data.eval:
-            return []
-        prompts, _ = load_prompts(cfg.data.eval, self.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
-                                  on_bad_row=cfg.data.on_bad_row)
-        return prompts[: cfg.data.eval_size] if cfg.data.eval_size else prompts
+    def after_step(self, metrics: dict) -> dict:
+        metrics["throughput/tokens_per_s"] = metrics.pop("tokens", 0.0) / metrics["time/step"]
+        return metrics
 
-    def split_held_out(self, examples: list) -> tuple[list, list]:
-        """(train, held-out): a fixed, seeded `eval_fraction` share of the examples is held out."""
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        order = torch.randperm(len(examples), generator=g).tolist()
-        n_eval = int(len(examples) * self.cfg.eval_fraction)
-        return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
-    def make_batch(self, examples: list) -> SampleBatch:
-        raise NotImplementedError
+class SFTExperiment(SupervisedExperiment):
+    name = "sft"
+    curve_keys = ["loss", "eval/accuracy"]
 
-    def loss_fn(self, model, mb: SampleBatch, norm: Norm):
-        raise NotImplementedError
+    def __init__(self, cfg: SFTConfig, resume=None):
+        super().__init__(cfg, resume)
 
-    def norm(self, batch: SampleBatch) -> Norm | None:
-        return None
 
-    def evaluate(self) -> dict[str, float | None]:
-        return {}
+class RMExperiment(SupervisedExperiment):
+    name = "rm"
+    main_role = "reward"
+    dataset = "pairs"
+    curve_keys = ["loss", "accuracy", "eval/accuracy"]
 
-    def run(self) -> dict:
-        cfg, out = self.cfg, Path(self.cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        resumed = self.step > 0
-        if resumed:
-            truncate_metrics(out / "metrics.jsonl", self.step)
-        logger = MetricsLogger(out, cfg.tensorboard, append=resumed)
-        console = RunConsole(self.name, self.steps, enabled=cfg.progress)
-        results = {}
+    def __init__(self, cfg: RMConfig, resume=None):
+        super().__init__(cfg, resume)
 
-        def do_eval(step):
-            m = self.evaluate()
-            if m:
-                logger.log(step, m)
-                console.print(f"step {step:>4}  " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if v is not None))
-            return m
 
-        with console:
-            if not resumed:
-                results["initial_eval"] = do_eval(0)
-            console.advance(self.step)
-            while self.step < self.steps:
-                t0 = time.perf_counter()
-                batch = self.make_batch([self.examples[i] for i in self.sampler.next(cfg.batch_size)])
-                metrics = self.engine.step(batch, self.loss_fn, self.norm(batch), self.group_key)
-                dt = time.perf_counter() - t0
-                metrics.update({"time/step": dt, "throughput/tokens_per_s": batch.num_tokens / dt})
-                self.step += 1
-                logger.log(self.step, metrics)
-                console.step(self.step, metrics)
-                last = self.step == self.steps
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
-                    do_eval(self.step)
-                if (cfg.save_every and self.step % cfg.save_every == 0) or last:
-                    self.save_checkpoint()
-            results["final_eval"] = do_eval(self.step)
-        logger.close()
-        save_model(self.model, self.tokenizer, out / "final")
-        plot_curves(read_metrics(out / "metrics.jsonl"), self.curve_keys, out / "curves.png", title=f"{self.name}: {out}")
-        return results
+class DPOExperiment(SupervisedExperiment):
+    name = "dpo"
+    dataset = "pairs"
+    curve_keys = ["loss", "accuracy", "eval/pair_accuracy", "eval/accuracy"]
 
-    def save_checkpoint(self) -> Path:
-        d = ckpt_lib.checkpoint_dir(self.cfg.output_dir, self.step)
-        save_model(self.model, self.tokenizer, d / "model")
-        ckpt_lib.save_state(d, {"step": self.step, "engine": self.engine.state_dict(),
-                                "sampler": self.sampler.state_dict(), "rng": ckpt_lib.rng_state()})
-        ckpt_lib.prune(self.cfg.output_dir, 2)
-        return d
-
+    def __init__(self, cfg: DPOConfig, resume=None):
+        super().__init__(cfg, resume)

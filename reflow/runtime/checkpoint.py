@@ -6,7 +6,11 @@ any layout can read it back:
     <ckpt>/<role>/                    HF safetensors model folder (transformers and vLLM load it)
     <ckpt>/<role>.optim.safetensors   Adam moments by parameter name: "<name>:exp_avg", "<name>:exp_avg_sq"
     <ckpt>/<role>.optim.pt            Adam step and the LR scheduler state
-    <ckpt>/trainer_state.pt           written last by the controller (step, prompt sampler, KL coefficient)
+    <ckpt>/ema_<role>/                the role's EMA weights (algo.actor_ema), an HF folder
+    <ckpt>/trainer_state.pt           written last by the controller (step, samplers, KL coefficient)
+
+In one process (runtime.workers = 0, no process group) every tensor is already whole and is written as is:
+the files are the same, so a checkpoint of either transport resumes under the other.
 
 Saving gathers each tensor onto the owner's first rank with the reallocation executor (a plan from the
 owner sharding to d1t1p1 on that rank); loading reads only this rank's slice of every tensor from the
@@ -32,8 +36,24 @@ from reflow.realloc.plan import plan_reallocation
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _gather(plan, local: dict[str, torch.Tensor], full: dict[str, torch.Tensor] | None) -> None:
+    """Every slice onto the root, whole; in one process (no process group) the local tensors are whole."""
+    if plan is None:
+        if full is not None:
+            for n, t in full.items():
+                t.copy_(local[n])
+        return
+    reallocate(plan, local, full)
+
+
 def _gather_plan(src: Sharding, root: int):
     """Every slice of `src` onto rank `root`, whole (one plan serves the weights and both Adam moments)."""
+    if not dist.is_initialized():
+        return None
     dst = Sharding.of("d1t1p1", [root], src.shape_of, src.num_layers, shard_data=False)
     return plan_reallocation(src, dst, world_size=dist.get_world_size())
 
@@ -42,48 +62,76 @@ def _params_by_name(model) -> dict[str, torch.nn.Parameter]:
     return {canonical_name(n): p for n, p in model.named_parameters()}
 
 
-def save_role(role, engine, tokenizer, ckpt: Path) -> None:
-    """Every owner rank of `role` calls this; its first rank writes the files."""
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return (t.to_local() if isinstance(t, DTensor) else t).detach()
+
+
+def save_role(role, engine, tokenizer, ckpt: Path, ema: bool = False) -> None:
+    """Every owner rank of `role` calls this; its first rank writes the files. engine None: weights only.
+    ema: the role's EMA shadow instead of its weights, as `ema_<role>/` (an HF folder)."""
     root = role.owner.ranks[0]
-    me = dist.get_rank()
+    me = _rank()
+    gather = _gather_plan(role.sharding, root)
     full_model = None
     if me == root:
         full_model = materialize(empty_model(role.model_cls, role.config, role.dtype))
-    gather = _gather_plan(role.sharding, root)
-    reallocate(gather, resharded_tensors(role.model), local_tensors(full_model) if full_model else None)
-    params = _params_by_name(role.model)
+    if ema:
+        weights = {canonical_name(n): _local(role.ema.shadow[n]).to(role.dtype) for n, _ in role.model.named_parameters()}
+    else:
+        weights = resharded_tensors(role.model) if gather is not None else \
+            {n: p.detach() for n, p in _params_by_name(role.model).items()}
+    _gather(gather, weights, local_tensors(full_model) if full_model is not None else None)
     moments = {}
-    for m in MOMENTS:
-        local = {}
-        for n, p in params.items():
-            t = engine.optimizer.state[p][m]
-            local[n] = (t.to_local() if isinstance(t, DTensor) else t).detach()
-        full = ({n: torch.empty(s, dtype=role.dtype) for n, s in role.sharding.shape_of.items()}
-                if me == root else None)
-        reallocate(gather, local, full)
-        if full is not None:
-            moments.update({f"{n}:{m}": t.contiguous() for n, t in full.items()})
+    if engine is not None:
+        params = _params_by_name(role.model)
+        for m in MOMENTS:
+            local = {n: _local(engine.optimizer.state[p][m]) for n, p in params.items()}
+            full = ({n: torch.empty(s, dtype=role.dtype) for n, s in role.sharding.shape_of.items()}
+                    if me == root else None)
+            _gather(gather, local, full)
+            if full is not None:
+                moments.update({f"{n}:{m}": t.contiguous() for n, t in full.items()})
     if me == root:
-        full_model.save_pretrained(ckpt / role.name, safe_serialization=True)
-        tokenizer.save_pretrained(ckpt / role.name)
-        save_file(moments, str(ckpt / f"{role.name}.optim.safetensors"))
-        step = next(iter(engine.optimizer.state.values()))["step"]
-        torch.save({"step": float(step), "scheduler": engine.scheduler.state_dict()}, ckpt / f"{role.name}.optim.pt")
+        folder = ckpt / (f"ema_{role.name}" if ema else role.name)
+        full_model.save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        if engine is not None:
+            save_file(moments, str(ckpt / f"{role.name}.optim.safetensors"))
+            step = next(iter(engine.optimizer.state.values()))["step"]
+            torch.save({"step": float(step), "scheduler": engine.scheduler.state_dict()},
+                       ckpt / f"{role.name}.optim.pt")
+
+
+def _read_slices(role, path: Path, key) -> dict:
+    """This rank's slice of every parameter from a safetensors file written whole: {name: tensor}."""
+    me = _rank()
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for n, p in _params_by_name(role.model).items():
+            box = role.sharding.box(me, n)
+            t = torch.zeros_like(p)
+            local = t.to_local() if isinstance(t, DTensor) else t
+            if box is not None and local.numel():
+                local.copy_(f.get_slice(key(n))[box.slices()])
+            out[n] = t
+    return out
 
 
 def load_optimizer(role, engine, ckpt: Path) -> None:
     """Fill the optimizer state of this rank's slices from a checkpoint written under any layout."""
-    me = dist.get_rank()
     extra = torch.load(ckpt / f"{role.name}.optim.pt", weights_only=False)
-    with safe_open(str(ckpt / f"{role.name}.optim.safetensors"), framework="pt") as f:
-        for n, p in _params_by_name(role.model).items():
-            box = role.sharding.box(me, n)
-            state = engine.optimizer.state[p]
+    params = _params_by_name(role.model)
+    for m in MOMENTS:
+        for n, t in _read_slices(role, ckpt / f"{role.name}.optim.safetensors", lambda n: f"{n}:{m}").items():
+            state = engine.optimizer.state[params[n]]
             state["step"] = torch.tensor(extra["step"])
-            for m in MOMENTS:
-                t = torch.zeros_like(p)
-                local = t.to_local() if isinstance(t, DTensor) else t
-                if box is not None and local.numel():
-                    local.copy_(f.get_slice(f"{n}:{m}")[box.slices()])
-                state[m] = t
+            state[m] = t
     engine.scheduler.load_state_dict(extra["scheduler"])
+
+
+def load_ema(role, ckpt: Path) -> None:
+    """The role's EMA shadow from `ema_<role>/` of a checkpoint written under any layout."""
+    slices = _read_slices(role, ckpt / f"ema_{role.name}" / "model.safetensors", lambda n: n)
+    for n, _ in role.model.named_parameters():
+        role.ema.shadow[n] = slices[canonical_name(n)].detach().float().cpu()

@@ -1,6 +1,9 @@
 """Experiments as graphs of model function calls.
 
-A call is (name, role, kind, input keys, output keys, options). The graph is derived from the keys:
+A call is (name, role, kind, impl, input keys, output keys, options). `impl` names the registered
+implementation the worker runs (reflow.runtime.calls: generate, score_fn, logprobs, values, train_policy,
+...); the keys are the batch fields the call reads and writes (`input_ids`, `score`, `ref_logprobs`, ...),
+so a graph says exactly which data flows where. The graph is derived from the keys:
 a call depends on the calls producing its inputs; keys no call produces come from the dataset. When a
 graph is built it reports, before anything runs:
 
@@ -11,6 +14,14 @@ graph is built it reports, before anything runs:
     generate  decode responses for prompts                       a (temporary) copy in the call's layout
     infer     forward only: log-probs, values, rewards           same
     train     one optimizer step (or several mini-batches)       the role's owner copy (its train layout)
+    update    changes a role's weights from another role's       a copy of `weights`' role in the call's layout
+              (the EMA reference follows the actor)
+
+`weights`: the role whose weights the call runs on (default: its own role). `prefix`: the call's output
+fields appear to consumers under `prefix + field` (ReMax's greedy rollout: `greedy_score`), so two calls
+can run one implementation without their keys colliding. `evals`: calls that run at evaluation time
+only, a graph of their own (greedy decoding of the eval prompts, held-out pair accuracy); each is placed
+like the step call named by its `placed_like` option.
 
 A role's calls keep their declared order within a step, and a role's first call of step i runs after
 its last call of step i-1 (the controller enforces this: weight versions stay consistent).
@@ -20,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-KINDS = ("generate", "infer", "train")
+KINDS = ("generate", "infer", "train", "update")
 
 
 class GraphError(ValueError):
@@ -32,15 +43,30 @@ class Call:
     name: str
     role: str
     kind: str
+    impl: str
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     options: dict = field(default_factory=dict, hash=False, compare=False)
+    weights: str | None = None  # the role whose weights the call runs on (None: its own role)
+    prefix: str = ""  # consumers see this call's output fields as prefix + field
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise GraphError(f"call '{self.name}': kind '{self.kind}' is not one of {', '.join(KINDS)}")
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "outputs", tuple(self.outputs))
+        if self.weights is None:
+            object.__setattr__(self, "weights", self.role)
+
+    @property
+    def published(self) -> tuple[str, ...]:
+        """The keys other calls know this call's outputs by."""
+        return tuple(self.prefix + k for k in self.outputs)
+
+    @property
+    def replicas(self) -> bool:
+        """Whether the call needs whole (unsharded) weights: generation, and updates that mix two roles."""
+        return self.kind in ("generate", "update")
 
 
 @dataclass
@@ -52,6 +78,7 @@ class Graph:
     calls: list[Call]
     dataset_keys: tuple[str, ...] = ("prompts",)
     results: tuple[str, ...] = ()
+    evals: "Graph | None" = None  # run at evaluation time only
 
     def __post_init__(self):
         names = [c.name for c in self.calls]
@@ -60,7 +87,7 @@ class Graph:
             raise GraphError(f"graph '{self.name}': two calls are named '{dup}'")
         self.producer: dict[str, str] = {}
         for c in self.calls:
-            for k in c.outputs:
+            for k in c.published:
                 if k in self.producer:
                     raise GraphError(f"graph '{self.name}': key '{k}' is produced by both '{self.producer[k]}' "
                                      f"and '{c.name}'; rename one output")
@@ -74,7 +101,7 @@ class Graph:
                                      f"the dataset does not provide (dataset keys: {', '.join(self.dataset_keys)})")
         consumed = {k for c in self.calls for k in c.inputs} | set(self.results)
         for c in self.calls:
-            for k in c.outputs:
+            for k in c.published:
                 if k not in consumed:
                     raise GraphError(f"graph '{self.name}': output '{k}' of call '{c.name}' is never consumed; "
                                      "drop it or list it in the graph's results")
@@ -109,7 +136,8 @@ class Graph:
         return order
 
     def call(self, name: str) -> Call:
-        return next(c for c in self.calls if c.name == name)
+        evals = self.evals.calls if self.evals is not None else []
+        return next(c for c in [*self.calls, *evals] if c.name == name)
 
     @property
     def roles(self) -> dict[str, list[str]]:
@@ -122,10 +150,18 @@ class Graph:
     def trained_roles(self) -> list[str]:
         return [r for r, calls in self.roles.items() if any(self.call(c).kind == "train" for c in calls)]
 
+    def weight_roles(self) -> list[str]:
+        """Roles whose weights some call runs on or updates, in execution order."""
+        out = list(self.roles)
+        for c in [*self.calls, *(self.evals.calls if self.evals is not None else [])]:
+            if c.weights not in out:
+                out.append(c.weights)
+        return out
+
     def describe(self) -> str:
         lines = [f"graph {self.name}:"]
         for n in self.order:
             c = self.call(n)
-            lines.append(f"  {c.name:<16} {c.role:<7} {c.kind:<8} {', '.join(c.inputs) or '-'} -> "
+            lines.append(f"  {c.name:<16} {c.role:<7} {c.kind:<8} {c.impl:<14} {', '.join(c.inputs) or '-'} -> "
                          f"{', '.join(c.outputs) or '(metrics)'}")
         return "\n".join(lines)

@@ -145,14 +145,15 @@ class Plan:
 def needs_copy(kind: str, pl: Placement, owner: Placement, trained: bool) -> bool:
     """Whether a call runs on a temporary reallocated copy of its role's weights (the worker builds one, the
     planner charges for one): every generate / infer call placed elsewhere than its role's owner copy, and
-    a generate call on the owner placement of a trained role sharded over d > 1 (generation wants whole
-    weights, not FSDP shards: replicas decode different prompts, and FSDP would all-gather every step).
+    a generate or update call on the owner placement of a trained role sharded over d > 1 (generation wants
+    whole weights, not FSDP shards: replicas decode different prompts, and FSDP would all-gather every step;
+    an update mixes the weights into another role's replicas, slice by slice).
     An infer call on the owner placement runs on the owner copy; a train call always does."""
     if kind == "train":
         return False
     if pl != owner:
         return True
-    return kind == "generate" and trained and pl.layout.d > 1
+    return kind in ("generate", "update") and trained and pl.layout.d > 1
 
 
 class _NoModel:
@@ -199,3 +200,24 @@ def resolve_plan(spec, graph: Graph, world_size: int) -> Plan:
     if spec in BUILTIN:
         return BUILTIN[spec](graph, world_size)
     return Plan.load(spec, world_size)
+
+
+def check_plan_workers(plan: Plan, workers: int) -> Plan:
+    """A plan (a YAML file carries its own world_size) must be for as many workers as the run starts."""
+    if workers >= 1 and plan.world_size != workers:
+        raise PlanError(f"plan '{plan.name}' is for {plan.world_size} worker(s) but runtime.workers={workers}; "
+                        f"set runtime.workers={plan.world_size} or edit the plan's world_size and ranks")
+    return plan
+
+
+def placements(plan: Plan, graph: Graph) -> dict[str, Placement]:
+    """Every call's placement, the eval graph's calls included: an eval call runs where the call named by
+    its `placed_like` option runs (its realloc, if any, is planned like any call's)."""
+    out = dict(plan.calls)
+    if graph.evals is not None:
+        for c in graph.evals.calls:
+            like = c.options.get("placed_like")
+            if like not in plan.calls:
+                raise PlanError(f"eval call '{c.name}': placed_like '{like}' is not a call of the plan")
+            out[c.name] = plan.calls[like]
+    return out

@@ -1,9 +1,8 @@
-"""Pieces shared by the experiments: prompt sampling, rollouts into SampleBatches, evaluation, set-up."""
+"""Rollouts as data: generations packed into SampleBatches, exact-match accuracy, greedy evaluation of a model."""
 
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -15,44 +14,6 @@ from reflow.engines.generate import Generation, GenerationEngine, SamplingParams
 from reflow.rewards.registry import compute_rewards
 
 log = logging.getLogger("reflow")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class PromptSampler:
-    """Epoch-wise shuffled prompt order; its state (epoch, position) is saved with checkpoints."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def next(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.pos >= self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._make_order()
-            take = min(k - len(out), self.n - self.pos)
-            out += self._order[self.pos:self.pos + take]
-            self.pos += take
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.epoch, self.pos = s["epoch"], s["pos"]
-        self._order = self._make_order()
 
 
 def decode_response(tokenizer, tokens: Sequence[int]) -> str:
@@ -129,21 +90,3 @@ def evaluate(model, tokenizer, examples: list[PromptExample], *, max_new_tokens:
         n=len(examples),
         samples=[(e.prompt_text, r, e.answer) for e, r in zip(examples[:3], responses[:3])],
     )
-
-
-def grpovi_bounds(cfg, reward_fn) -> tuple[float, float] | None:
-    """GRPOVI's reward bounds [low, high]: algo.grpovi_low/high, else the reward function's `reward_range`;
-    None for other estimators. A ConfigError (before anything is loaded) when neither gives low < high."""
-    from reflow.config.loader import ConfigError
-    from reflow.rewards.registry import reward_range
-
-    a = cfg.algo
-    if a.estimator != "grpovi":
-        return None
-    declared = reward_range(reward_fn) if reward_fn is not None else None
-    low = a.grpovi_low if a.grpovi_low is not None else (declared[0] if declared else None)
-    high = a.grpovi_high if a.grpovi_high is not None else (declared[1] if declared else None)
-    if low is None or high is None or not low < high:
-        raise ConfigError("algo.adv_estimator=grpovi needs reward bounds: set algo.grpovi_low and "
-                          "algo.grpovi_high (low < high), or give the reward function a reward_range attribute")
-    return float(low), float(high)

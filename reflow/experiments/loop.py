@@ -1,0 +1,177 @@
+"""The step loop, written once for every experiment (RL, SFT, reward model, DPO) and both transports:
+
+    resume -> [initial eval] -> for each step: sample indices -> executor.step -> KL control -> log
+           -> eval every N -> checkpoint every M -> final eval -> final/ (HF folder) -> curves.png
+
+An experiment (a subclass) says what its graph is, what a step's metadata is (which prompts or examples,
+as dataset indices: the workers hold the data) and what state it adds to checkpoints; the executor runs
+the graph under the plan, in this process (runtime.workers = 0) or on Ray workers. Checkpoints hold the
+saved roles whole plus `trainer_state.pt` (step, samplers, KL coefficient), so a run written under any
+plan or transport resumes under any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from reflow.config.loader import save_config
+from reflow.runtime.executor import Executor
+from reflow.runtime.graph import Graph
+from reflow.runtime.plan import Plan, PlanError, colocate, resolve_plan
+from reflow.utils import checkpoint as ckpt_lib
+from reflow.utils.console import RunConsole
+from reflow.utils.metrics import MetricsLogger, read_metrics, truncate_metrics
+from reflow.utils.plot import plot_curves
+
+log = logging.getLogger("reflow")
+
+
+def experiment_plan(cfg, graph: Graph, model_configs: dict | None = None) -> Plan:
+    """The plan a run uses: runtime.plan on runtime.workers ranks, validated; in one process every call at
+    d1t1p1 on rank 0 (a plan given with runtime.workers=0 is an error: it would be silently ignored)."""
+    rt = cfg.runtime
+    if rt.workers == 0:
+        if rt.plan not in ("colocate", "separate"):
+            raise PlanError(f"runtime.plan={rt.plan} needs workers: set runtime.workers to its world size "
+                            "(runtime.workers=0 runs every call in this process)")
+        plan = colocate(graph, 1)
+        plan.name = "one-process"
+        return plan.validate(graph, model_configs)
+    plan = resolve_plan(rt.plan, graph, rt.workers).validate(graph, model_configs)
+    if plan.world_size != rt.workers:
+        raise PlanError(f"plan '{plan.name}' is for {plan.world_size} worker(s) but runtime.workers={rt.workers}; "
+                        f"set runtime.workers={plan.world_size} or edit the plan's world_size and ranks")
+    return plan
+
+
+class StepLoop:
+    """Subclasses set: name, cfg, graph, samplers, main_role (the role exported as final/), total_steps,
+    curve_keys, and implement step_meta(); they may extend after_step(), state_dict() / load_state_dict()."""
+
+    name = "run"
+    main_role = "actor"
+    curve_keys: list[str] = ["loss"]
+
+    # trainer settings, by the experiment's config layout
+    @property
+    def settings(self) -> dict:
+        c = self.cfg
+        t = getattr(c, "trainer", c)
+        return {"eval_every": t.eval_every, "save_every": t.save_every, "tensorboard": t.tensorboard,
+                "progress": t.progress, "keep": getattr(t, "keep_checkpoints", 2)}
+
+    def step_meta(self) -> dict:
+        raise NotImplementedError
+
+    def after_step(self, metrics: dict) -> dict:
+        return metrics
+
+    samplers: dict = {}  # name -> PromptSampler (their positions are saved with checkpoints)
+
+    def state_dict(self) -> dict:
+        return {"samplers": {k: s.state_dict() for k, s in self.samplers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, s in self.samplers.items():
+            if k in state["samplers"]:
+                s.load_state_dict(state["samplers"][k])
+
+    # ------------------------------------------------------------------ set-up
+    def start(self, resume_dir: Path | None, model_configs: dict | None = None) -> None:
+        """Validate the plan, start the executor (workers load their shards), restore the run state."""
+        self.out = Path(self.cfg.output_dir)
+        self.plan = experiment_plan(self.cfg, self.graph, model_configs)
+        self.step = 0
+        state = None
+        if resume_dir is not None:
+            state = ckpt_lib.load_state(resume_dir)
+            if "samplers" not in state:
+                raise ckpt_lib.CheckpointError(f"--resume: '{resume_dir}' was written by an earlier version of reflow "
+                                               "(no sampler state); start the run afresh")
+        self.executor = Executor(self.cfg, self.graph, self.plan, resume_dir)
+        if state is not None:
+            self.step = state["step"]
+            self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        cfg, out, s = self.cfg, self.out, self.settings
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        self.plan.save(out / "plan.yaml")
+        resumed = self.step > 0
+        if resumed:  # drop rows logged after the checkpoint by the interrupted run
+            truncate_metrics(out / "metrics.jsonl", self.step)
+        logger = MetricsLogger(out, s["tensorboard"], append=resumed)
+        console = RunConsole(self.name, self.total_steps, enabled=s["progress"])
+        if self.executor.skipped:
+            console.print(f"skipped {self.executor.skipped} bad data rows (data.on_bad_row=skip)")
+        log.info("%s", self.plan.table(self.graph))
+        results: dict = {}
+
+        def do_eval(step):
+            m = self.executor.evaluate(step)
+            if m:
+                logger.log(step, m)
+                console.print(f"step {step:>4}  " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if v is not None))
+            return m
+
+        try:
+            with console:
+                if not resumed:
+                    results["initial_eval"] = do_eval(0)
+                console.advance(self.step)
+                while self.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    metrics = self.executor.step(self.step, self.step_meta())
+                    metrics["time/step"] = time.perf_counter() - t0
+                    metrics = self.after_step(metrics)
+                    self.step += 1
+                    logger.log(self.step, metrics)
+                    console.step(self.step, metrics)
+                    last = self.step == self.total_steps
+                    if s["eval_every"] and self.step % s["eval_every"] == 0 and not last:
+                        do_eval(self.step)
+                    if (s["save_every"] and self.step % s["save_every"] == 0) or last:
+                        self.save_checkpoint()
+                results["final_eval"] = do_eval(self.step)
+            self.export_final()
+        finally:
+            logger.close()
+            if cfg.runtime.timeline:
+                self.executor.write_timeline(out / "timeline.json")
+        plot_curves(read_metrics(out / "metrics.jsonl"), self.curve_keys, out / "curves.png",
+                    title=f"{self.name}: {out}")
+        return results
+
+    def save_checkpoint(self) -> Path:
+        d = ckpt_lib.checkpoint_dir(self.out, self.step)
+        self.executor.save(d)
+        ckpt_lib.save_state(d, {"step": self.step, "plan": self.plan.to_dict(), **self.state_dict()})
+        ckpt_lib.prune(self.out, self.settings["keep"])
+        return d
+
+    def export_final(self) -> None:
+        """final/: the main role's weights as an HF folder (and final_ema/ with an EMA of them)."""
+        tmp = self.out / ".final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.executor.save(tmp, optimizer=False)
+        for src, dst in ((self.main_role, "final"), (f"ema_{self.main_role}", "final_ema")):
+            if (tmp / src).is_dir():
+                shutil.rmtree(self.out / dst, ignore_errors=True)
+                (tmp / src).rename(self.out / dst)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def shutdown(self) -> None:
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown()
+            self.executor = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

@@ -1,0 +1,87 @@
+"""Call implementations: what a graph's call does on a worker, registered by name (ReaLHF's `interface_impl`).
+
+    @register_call("logprobs")
+    def logprobs(cc: CallContext, batch: SampleBatch) -> SampleBatch: ...
+
+A graph's `Call(impl="logprobs", inputs=(...), outputs=("ref_logprobs",))` runs it; the worker knows nothing
+of roles or algorithms, it merges the call's inputs into one batch, runs the implementation on every rank
+of the call's mesh and passes on what it returns:
+
+    a SampleBatch   the new fields (the worker keeps only the call's declared outputs), from the call's
+                    first rank (generate: from the first tensor-parallel rank of every replica)
+    a dict          metrics of train calls ({name: float}) or, from evaluations, partial sums
+                    ({name: [numerator, denominator]}) that the executor adds up over replicas and divides
+
+Implementations live beside this file, one per concern (rollout, score, forward, policy, supervised,
+evaluate, ema). A user registers their own in the file of their graph (`algo.graph=my_file.py:my_graph`):
+the workers import that file too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+CALLS: dict[str, Callable] = {}
+
+
+def register_call(name: str):
+    def wrap(fn):
+        CALLS[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_call(name: str) -> Callable:
+    _register_builtins()
+    if name not in CALLS:
+        from reflow.runtime.graph import GraphError
+
+        raise GraphError(f"call implementation '{name}' is not registered; known: {', '.join(sorted(CALLS))}. "
+                       "Register yours with @register_call in the file of your graph")
+    return CALLS[name]
+
+
+def _register_builtins() -> None:
+    from reflow.runtime.calls import ema, evaluate, forward, policy, rollout, score, supervised  # noqa: F401
+
+
+@dataclass
+class CallContext:
+    """What an implementation sees on one rank: the call, its step and metadata, the weights it runs on
+    (`model`: the owner copy or a temporary reallocated copy; None for a role without weights), the
+    parallel context of its placement (None in one process), and the worker's state (roles, data, config)."""
+
+    call: Any
+    step: int
+    meta: dict
+    model: Any
+    ctx: Any
+    worker: Any
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def cfg(self):
+        return self.worker.cfg
+
+    @property
+    def role(self):
+        """The Role object of the call's own role on this worker (engine, EMA shadow, ...)."""
+        return self.worker.roles[self.call.role]
+
+    @property
+    def data(self):
+        return self.worker.data
+
+    @property
+    def tokenizer(self):
+        return self.worker.tokenizer
+
+    @property
+    def first(self) -> bool:
+        """Whether this rank returns the call's output (its mesh's first rank)."""
+        return self.ctx is None or self.ctx.index == 0
+
+    def output_key(self, i: int = 0) -> str:
+        return self.call.outputs[i]

@@ -1,0 +1,68 @@
+"""Evaluation calls (a graph's `evals`, run every trainer.eval_every steps and at the end). Each returns
+partial sums {metric: [numerator, denominator]} from every replica; the executor adds them up and divides,
+so the result does not depend on how many replicas share the eval set.
+
+    eval_generate   greedy decoding of data.eval: eval/accuracy (exact match, rows with an answer),
+                    eval/reward (the reward function, when there is one), eval/response_len
+    eval_rm_pairs   held-out preference pairs: eval/accuracy = share with s(chosen) > s(rejected), eval/margin
+    eval_dpo_pairs  held-out pairs: eval/pair_accuracy = share with h > 0, eval/margin = mean beta * h
+"""
+
+from __future__ import annotations
+
+from reflow.algorithms.losses import pair_accuracy
+from reflow.engines.generate import GenerationEngine, SamplingParams
+from reflow.engines.infer import InferenceEngine
+from reflow.engines.rollout import decode_response
+from reflow.rewards.registry import compute_rewards
+from reflow.runtime.calls import CallContext, register_call
+from reflow.runtime.calls.rollout import replica_share
+from reflow.runtime.calls.supervised import preference_batch, sequence_logprobs
+
+
+@register_call("eval_generate")
+def eval_generate(cc: CallContext, batch) -> dict | None:
+    o, tok = cc.call.options, cc.tokenizer
+    prompts = cc.data.eval_prompts
+    a, b = replica_share(len(prompts), cc.ctx)
+    engine = GenerationEngine(cc.model, [tok.eos_token_id], tok.pad_token_id, o.get("batch_size", 256))
+    gens = engine.generate([e.prompt_ids for e in prompts[a:b]],
+                           SamplingParams(max_new_tokens=o["max_new_tokens"], greedy=True)) if b > a else []
+    if cc.ctx is not None and cc.ctx.tp_rank != 0:
+        return None  # one result per replica
+    responses = [decode_response(tok, g.tokens) for g in gens]
+    answers = [e.answer for e in prompts[a:b]]
+    answered = [(r, x) for r, x in zip(responses, answers) if x is not None]
+    out = {"eval/accuracy": [sum(r.strip() == str(x).strip() for r, x in answered), len(answered)],
+           "eval/response_len": [sum(len(g.tokens) for g in gens), len(gens)]}
+    if o.get("reward") and cc.worker.reward_fn is not None:
+        r = compute_rewards(cc.worker.reward_fn, [e.prompt_text for e in prompts[a:b]], responses, answers) if gens else []
+        out["eval/reward"] = [sum(r), len(r)]
+    return out
+
+
+def _eval_pairs_batch(cc: CallContext):
+    return preference_batch([cc.data.eval_pairs[i] for i in range(len(cc.data.eval_pairs))])
+
+
+@register_call("eval_rm_pairs")
+def eval_rm_pairs(cc: CallContext, batch) -> dict | None:
+    mcfg = cc.worker.role_config(cc.call.weights)
+    pairs = _eval_pairs_batch(cc)
+    s = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.layout, parallel=cc.ctx).scores(pairs)
+    margin = s[0::2] - s[1::2]
+    n = len(margin)
+    return {"eval/accuracy": [pair_accuracy(margin).sum().item(), n], "eval/margin": [margin.sum().item(), n]} \
+        if cc.first else None
+
+
+@register_call("eval_dpo_pairs")
+def eval_dpo_pairs(cc: CallContext, batch) -> dict | None:
+    mcfg = cc.worker.role_config(cc.call.weights)
+    pairs = _eval_pairs_batch(cc)
+    logp, _ = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.layout, parallel=cc.ctx).logprobs(pairs)
+    h = sequence_logprobs(logp, pairs) - batch.select(pairs.ids).samples["ref_logp"]
+    margin = h[0::2] - h[1::2]
+    n = len(margin)
+    return {"eval/pair_accuracy": [pair_accuracy(margin).sum().item(), n],
+            "eval/margin": [(cc.cfg.beta * margin).sum().item(), n]} if cc.first else None

@@ -1,0 +1,187 @@
+"""RL training calls: advantages, then the actor's (PPO-clip) or the critic's (value) optimizer steps.
+
+Both train calls compute the advantages themselves, on the whole batch, so every plan gives the same ones:
+
+    r_t    = score on the last action + PRM step rewards - beta * k1(gen, ref) (KL in the reward)
+    A, R   = estimator(r, groups, values, ...)        (reflow.algorithms.advantages, algo.adv_estimator)
+             with GAE, A is whitened over the batch's action tokens (algo.whiten_advantages)
+
+    actor  : PPO-clip(logp, old, A) [+ beta * KL(pi || ref) in the loss] - entropy_coef * H
+             [+ ptx_coef * SFT NLL on a batch of data.ptx in the same optimizer step (PPO-ptx)]
+    critic : clipped value loss against R
+
+Each runs algo.ppo_epochs x algo.mini_batches optimizer steps and returns the mean of their stats under
+`actor/` or `critic/`. The actor call also reports the rollout's metrics (reward, accuracy, lengths) and,
+with algo.actor_ema, updates the EMA shadow of its weights after its steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reflow.algorithms import advantages as adv_lib
+from reflow.algorithms.aggregation import Norm, aggregate
+from reflow.algorithms.losses import kl_loss, kl_penalty, ppo_policy_loss, sequence_nll, value_loss
+from reflow.algorithms.registry import get_advantage
+from reflow.data.batch import SampleBatch
+from reflow.engines.rollout import exact_match_accuracy
+from reflow.models.packing import token_logprobs, token_values
+from reflow.rewards.registry import RewardError
+from reflow.runtime.calls import CallContext, register_call
+
+
+def grpovi_bounds(cfg, reward_fn) -> tuple[float, float] | None:
+    """GRPOVI's reward bounds [low, high]: algo.grpovi_low/high, else the reward function's `reward_range`;
+    None for other estimators. A ConfigError (before anything is loaded) when neither gives low < high."""
+    from reflow.config.loader import ConfigError
+    from reflow.rewards.registry import reward_range
+
+    a = cfg.algo
+    if a.estimator != "grpovi":
+        return None
+    declared = reward_range(reward_fn) if reward_fn is not None else None
+    low = a.grpovi_low if a.grpovi_low is not None else (declared[0] if declared else None)
+    high = a.grpovi_high if a.grpovi_high is not None else (declared[1] if declared else None)
+    if low is None or high is None or not low < high:
+        raise ConfigError("algo.adv_estimator=grpovi needs reward bounds: set algo.grpovi_low and "
+                          "algo.grpovi_high (low < high), or give the reward function a reward_range attribute")
+    return float(low), float(high)
+
+
+def ref_seq_logprobs(batch: SampleBatch) -> torch.Tensor | None:
+    """[B] reference log-prob of each whole response (GRPOVI weights the group by its softmax)."""
+    if "ref_logprobs" not in batch.tokens:
+        return None
+    return torch.zeros(len(batch)).index_add_(0, batch.sample_index(), batch.tokens["ref_logprobs"])
+
+
+def advantages(cfg, batch: SampleBatch, kl_coef: float, bounds: tuple[float, float] | None) -> SampleBatch:
+    """tokens["advantages"], tokens["returns"] [T] of the whole batch (see the module docstring)."""
+    a = cfg.algo
+    mask = batch.tokens["action_mask"]
+    score_tok = torch.zeros(batch.num_tokens)
+    score_tok[batch.offsets[1:] - 1] = batch.samples["score"]  # the score lands on the last action
+    token_rewards = score_tok * mask
+    if "prm_rewards" in batch.tokens:
+        token_rewards = token_rewards + batch.tokens["prm_rewards"]
+    if "ref_logprobs" in batch.tokens and a.kl_placement == "reward":
+        kl = kl_penalty(batch.tokens["gen_logprobs"], batch.tokens["ref_logprobs"], "k1")
+        token_rewards = token_rewards - kl_coef * kl * mask
+    if bounds is not None:
+        low, high = bounds
+        bad = ((batch.samples["score"] < low - 1e-4) | (batch.samples["score"] > high + 1e-4)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise RewardError(f"reward {float(batch.samples['score'][i]):g} of sample {i} is outside the GRPOVI "
+                              f"bounds [{low:g}, {high:g}]; fix the reward function's reward_range or set "
+                              "algo.grpovi_low / algo.grpovi_high")
+    adv, ret = get_advantage(a.estimator)(
+        rewards=batch.samples["score"], group_ids=batch.samples["group_id"], seqlens=batch.seqlens,
+        action_mask=mask, token_rewards=token_rewards, values=batch.tokens.get("values"),
+        last_values=batch.samples.get("last_values"), truncated=batch.samples["truncated"],
+        gamma=a.gamma, lam=a.lam, norm_std=a.norm_std, baseline_rewards=batch.samples.get("greedy_score"),
+        ref_seq_logprobs=ref_seq_logprobs(batch),
+        reward_low=bounds[0] if bounds else None, reward_high=bounds[1] if bounds else None)
+    if a.estimator == "gae" and a.whiten_advantages:
+        adv = adv_lib.masked_whiten(adv, mask)
+    return batch.with_tokens(advantages=adv, returns=ret)
+
+
+def actor_loss(cfg, kl_coef: float):
+    a = cfg.algo
+
+    def loss_fn(model, mb: SampleBatch, norm: Norm):
+        mask = mb.tokens["action_mask"]
+        logp, ent = token_logprobs(model, mb, temperature=cfg.rollout.temperature, with_entropy=True,
+                                   layout=cfg.actor.layout)
+        # On-policy single update: the old policy *is* the current one, so its log-probs are logp.detach()
+        # (ratio = 1, gradient = policy gradient) and the extra actor_inf forward is skipped.
+        old = mb.tokens["old_logprobs"] if "old_logprobs" in mb.tokens else logp.detach()
+        loss, stats = ppo_policy_loss(logp, old, mb.tokens["advantages"], mask, mb.seqlens, norm,
+                                      clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
+                                      agg=a.loss_agg)
+        stats = {"pg_loss": loss.detach(), **stats,
+                 "entropy": aggregate(ent.detach(), mask, mb.seqlens, norm, "token-mean")}
+        if "ref_logprobs" in mb.tokens:
+            kl = kl_loss(logp, mb.tokens["ref_logprobs"], mask, mb.seqlens, norm, kind=a.kl_estimator,
+                         agg=a.loss_agg)
+            stats["kl"] = kl.detach()
+            if a.kl_placement == "loss":
+                loss = loss + kl_coef * kl
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * aggregate(ent, mask, mb.seqlens, norm, a.loss_agg)
+        return loss, stats
+
+    return loss_fn
+
+
+def ptx_loss(cfg):
+    """PPO-ptx: ptx_coef * token-mean SFT NLL on a batch of the ptx data, added to the actor's gradient."""
+
+    def loss_fn(model, mb: SampleBatch, norm: Norm):
+        logp, _ = token_logprobs(model, mb, layout=cfg.actor.layout)
+        nll = sequence_nll(logp, mb.tokens["action_mask"], norm.tokens)
+        return cfg.algo.ptx_coef * nll, {"ptx_nll": nll.detach()}
+
+    return loss_fn
+
+
+def critic_loss(cfg):
+    def loss_fn(model, mb: SampleBatch, norm: Norm):
+        values = token_values(model, mb, cfg.critic.layout)
+        return value_loss(values, mb.tokens["values"], mb.tokens["returns"], mb.tokens["action_mask"], mb.seqlens,
+                          norm, clip=cfg.algo.value_clip, agg=cfg.algo.loss_agg)
+
+    return loss_fn
+
+
+def optimizer_steps(cc: CallContext, batch: SampleBatch, loss_fn, prefix: str, ptx=None) -> dict[str, float]:
+    """algo.ppo_epochs x algo.mini_batches steps; `ptx`: one list of ptx example indices per step."""
+    from reflow.runtime.calls.supervised import sft_batch
+
+    a, cfg = cc.cfg.algo, cc.cfg
+    sums: dict[str, float] = {}
+    n = 0
+    for _ in range(a.ppo_epochs):
+        for mini in batch.chunks(a.mini_batches):
+            mask = mini.tokens["action_mask"]
+            norm = Norm(tokens=float(mask.sum()), samples=float(len(mini)), max_tokens=float(cfg.rollout.max_new_tokens))
+            extra = []
+            if ptx is not None:  # the SFT term joins the same optimizer step
+                pb = sft_batch([cc.data.ptx[i] for i in ptx[n]])
+                extra.append((pb, ptx_loss(cfg), Norm(float(pb.tokens["action_mask"].sum()), float(len(pb)))))
+            for k, v in cc.role.engine.step(mini, loss_fn, norm, extra=extra).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+    return {f"{prefix}/{k}": v / n for k, v in sums.items()}
+
+
+def _advantages(cc: CallContext, batch: SampleBatch) -> SampleBatch:
+    return advantages(cc.cfg, batch, cc.meta["kl_coef"], grpovi_bounds(cc.cfg, cc.worker.reward_fn))
+
+
+@register_call("train_policy")
+def train_policy(cc: CallContext, batch: SampleBatch) -> dict:
+    batch = _advantages(cc, batch)
+    metrics = optimizer_steps(cc, batch, actor_loss(cc.cfg, cc.meta["kl_coef"]), "actor", ptx=cc.meta.get("ptx"))
+    if cc.role.ema is not None:
+        cc.role.ema.update(cc.role.model)
+    scores, resp_len = batch.samples["score"], batch.samples["response_len"].float()
+    metrics.update({
+        "reward/mean": scores.mean().item(),
+        "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
+        "accuracy": exact_match_accuracy(batch.meta["response"], batch.meta["answer"]),
+        "response_len/mean": resp_len.mean().item(),
+        "response_len/max": resp_len.max().item(),
+        "truncated": batch.samples["truncated"].float().mean().item(),
+        "samples": float(len(batch)),
+        "gen_tokens": resp_len.sum().item(),
+    })
+    if "prm_rewards" in batch.tokens:
+        metrics["reward/prm_sum"] = (batch.tokens["prm_rewards"].sum() / len(batch)).item()
+    return metrics
+
+
+@register_call("train_critic")
+def train_critic(cc: CallContext, batch: SampleBatch) -> dict:
+    return optimizer_steps(cc, _advantages(cc, batch), critic_loss(cc.cfg), "critic")

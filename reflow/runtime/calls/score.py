@@ -1,0 +1,46 @@
+"""Rewards: a reward function on the decoded text, a reward model on the tokens, and process rewards.
+
+    score_fn      r_i = fn(prompts, responses, answers)[i]          (clipped to [-c, c] with reward.clip)
+    score_model   r_i = RM(prompt_i + response_i) at the last token  (same clip)
+    process_reward  dense per-step rewards of a PRM, refined (Clip / Delta) and placed on each step's last
+                  token: tokens["prm_rewards"] [T]
+
+Each writes the field named by the call's first output (`score`, or `score` under ReMax's `greedy_` prefix).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reflow.data.batch import SampleBatch
+from reflow.engines.infer import InferenceEngine
+from reflow.runtime.calls import CallContext, register_call
+from reflow.rewards.registry import compute_rewards
+
+
+def _clip(cc: CallContext, scores: torch.Tensor) -> torch.Tensor:
+    c = cc.cfg.reward.clip
+    return scores if c is None else scores.clamp(-c, c)
+
+
+@register_call("score_fn")
+def score_fn(cc: CallContext, batch: SampleBatch) -> SampleBatch:
+    if not cc.first:  # a reward function is computed once per call, on its first rank
+        return None
+    scores = torch.tensor(compute_rewards(cc.worker.reward_fn, batch.meta["prompt"], batch.meta["response"],
+                                          batch.meta["answer"]), dtype=torch.float)
+    return batch.with_samples(**{cc.output_key(): _clip(cc, scores)})
+
+
+@register_call("score_model")
+def score_model(cc: CallContext, batch: SampleBatch) -> SampleBatch:
+    mcfg = cc.worker.role_config(cc.call.weights)
+    scores = InferenceEngine(cc.model, mcfg.micro_batch_tokens, parallel=cc.ctx).scores(batch)
+    return batch.with_samples(**{cc.output_key(): _clip(cc, scores)})
+
+
+@register_call("process_reward")
+def process_reward(cc: CallContext, batch: SampleBatch) -> SampleBatch:
+    if not cc.first:
+        return None
+    return batch.with_tokens(**{cc.output_key(): cc.worker.process_reward.token_rewards(batch, cc.tokenizer)})

@@ -1,0 +1,72 @@
+"""The data a worker reads: every worker loads the experiment's datasets itself (the controller sends only
+indices), each on first use.
+
+    train_prompts  RL prompts (data.train)          eval_prompts  data.eval, first data.eval_size
+    ptx            PPO-ptx SFT rows (data.ptx)       sft           SFT rows (data.train)
+    pairs          preference pairs for training     eval_pairs    the held-out share (eval_fraction), split
+                                                                   the same way on every worker by the seed
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+
+from reflow.data.datasets import load_preferences, load_prompts, load_sft
+
+
+class WorkerData:
+    def __init__(self, cfg, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.skipped = 0  # bad rows skipped (data.on_bad_row=skip), over the datasets loaded so far
+
+    def _prompts(self, path: str) -> list:
+        d = self.cfg.data
+        rows, skipped = load_prompts(path, self.tokenizer, max_prompt_len=d.max_prompt_len, on_bad_row=d.on_bad_row)
+        self.skipped += skipped
+        return rows
+
+    @cached_property
+    def train_prompts(self) -> list:
+        return self._prompts(self.cfg.data.train)
+
+    @cached_property
+    def eval_prompts(self) -> list:
+        d = self.cfg.data
+        if not d.eval:
+            return []
+        rows = self._prompts(d.eval)
+        return rows[: d.eval_size] if d.eval_size else rows
+
+    def _sft(self, path: str) -> list:
+        d = self.cfg.data
+        rows, skipped = load_sft(path, self.tokenizer, max_len=d.max_len, on_bad_row=d.on_bad_row)
+        self.skipped += skipped
+        return rows
+
+    @cached_property
+    def ptx(self) -> list:
+        return self._sft(self.cfg.data.ptx) if self.cfg.data.ptx else []
+
+    @cached_property
+    def sft(self) -> list:
+        return self._sft(self.cfg.data.train)
+
+    @cached_property
+    def _pairs_split(self) -> tuple[list, list]:
+        d = self.cfg.data
+        pairs, skipped = load_preferences(d.train, self.tokenizer, max_len=d.max_len, on_bad_row=d.on_bad_row)
+        self.skipped += skipped
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        order = torch.randperm(len(pairs), generator=g).tolist()
+        n_eval = int(len(pairs) * self.cfg.eval_fraction)
+        return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+
+    @property
+    def pairs(self) -> list:
+        return self._pairs_split[0]
+
+    @property
+    def eval_pairs(self) -> list:
+        return self._pairs_split[1]

@@ -1,0 +1,138 @@
+"""The executor: runs an experiment's graph of calls under a plan, in this process or on Ray workers.
+
+    executor = Executor(cfg, graph, plan, resume_dir)   # starts the workers, loads every role's shards
+    metrics = executor.step(step, meta)                  # one step of the graph (meta: prompt / example indices,
+                                                         # KL coefficient, ...); metrics of its calls + times
+    metrics = executor.evaluate(step)                    # the graph's eval calls
+    executor.save(folder)                                # saved roles, whole (any plan resumes from them)
+
+Per step it submits every call in the graph's order to the ranks of the call's mesh (and, when the call
+runs on a reallocated copy, a send task to the owner ranks outside that mesh). A worker runs its tasks in
+submission order, so collectives on shared ranks never cross, and calls on disjoint meshes run at the same
+time. A call's inputs are the data handles of its producers: in one process the batches themselves, on
+Ray object references that workers resolve from each other. The executor fetches only the small info dict
+every task returns (rank, seconds, metrics), never a batch.
+
+Transports (runtime.workers): 0 = one local worker in this process (the plan is every call d1t1p1 on
+rank 0), N = N Ray workers (an embedded Ray, or a cluster at runtime.ray_address).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from reflow.runtime.graph import Graph
+from reflow.runtime.plan import Plan, needs_copy, placements
+from reflow.runtime.transport import LocalTransport, RayTransport, WorkerFailed  # noqa: F401 (re-exported)
+from reflow.runtime.worker import Worker
+
+
+class Executor:
+    def __init__(self, cfg, graph: Graph, plan: Plan, resume_dir: Path | None = None):
+        rt = cfg.runtime
+        self.cfg, self.graph, self.plan = cfg, graph, plan
+        resume = str(resume_dir) if resume_dir else None
+        if rt.workers == 0:
+            self.transport = LocalTransport(Worker(0, 1, cfg, plan, graph, rt.timeout_s, rt.threads_per_worker, resume))
+        else:
+            self.transport = RayTransport(Worker, rt.workers, lambda r: (r, rt.workers, cfg, plan, graph, rt.timeout_s,
+                                                                         rt.threads_per_worker, resume), rt)
+        try:
+            infos = self.transport.start()
+        except BaseException:
+            self.transport.shutdown()
+            raise
+        self.skipped = infos[0]["skipped"]
+        self.nodes = [i["node"] for i in infos]  # Ray node id of each rank (None in one process)
+        self.placements = placements(plan, graph)
+        self.timeline: list[dict] = []
+
+    # ------------------------------------------------------------------ running calls
+    def _senders(self, graph: Graph, name: str) -> list[int]:
+        """Owner ranks of the call's weights outside its mesh: they send their shards when it needs a copy."""
+        call, pl = graph.call(name), self.placements[name]
+        if call.weights not in self.graph.weight_roles():
+            return []
+        owner = self.plan.owner(self.graph, call.weights)
+        if not needs_copy(call.kind, pl, owner, call.weights in self.graph.trained_roles()):
+            return []
+        return [r for r in owner.ranks if r not in pl.ranks]
+
+    def run_graph(self, graph: Graph, step: int, meta: dict) -> dict:
+        """Every call of `graph` once -> {"metrics": merged metrics of its calls, "times": {call: seconds}}."""
+        outputs: dict[str, list] = {}
+        pending: list = []  # (info handle, (what, rank)), in submission order
+        for name in graph.order:
+            call = graph.call(name)
+            every = call.options.get("every")
+            if every and (step + 1) % every:
+                continue
+            deps = graph.deps[name]
+            refs = [ref for d in deps for ref in outputs[d]]
+            m = {**meta, "parts": [(graph.call(d).prefix if i else "", len(outputs[d])) for i, d in enumerate(deps)]}
+            for r in self._senders(graph, name):
+                pending.append((self.transport.send_weights(r, step, name), (f"{name}:send_weights", r)))
+            outs = []
+            for r in self.placements[name].ranks:
+                data, info = self.transport.run(r, step, name, m, *refs)
+                pending.append((info, (name, r)))
+                outs.append(data)
+            outputs[name] = outs
+        infos = self.transport.wait(pending, self.cfg.runtime.timeout_s)
+        metrics: dict = {}
+        sums: dict[str, list[float]] = {}
+        times: dict[str, float] = {}
+        for (_, (what, rank)), info in zip(pending, infos):
+            times[what] = max(times.get(what, 0.0), info["time"])
+            first = rank == self.placements[what.split(":")[0]].ranks[0]
+            for k, v in (info.get("metrics") or {}).items():
+                if isinstance(v, (list, tuple)):  # partial sums from every replica: add up
+                    acc = sums.setdefault(k, [0.0, 0.0])
+                    acc[0], acc[1] = acc[0] + v[0], acc[1] + v[1]
+                elif first:
+                    metrics[k] = v
+        metrics.update({k: (num / den if den else None) for k, (num, den) in sums.items()})
+        return {"metrics": metrics, "times": {k: v for k, v in times.items() if ":" not in k}}
+
+    def step(self, step: int, meta: dict) -> dict:
+        """One step of the graph -> its calls' metrics and `time/<call>` (slowest rank, reallocation included)."""
+        out = self.run_graph(self.graph, step, meta)
+        if self.cfg.runtime.timeline:
+            self.timeline += self._timeline_events()
+        return {**out["metrics"], **{f"time/{k}": v for k, v in out["times"].items()}}
+
+    def evaluate(self, step: int) -> dict:
+        if self.graph.evals is None:
+            return {}
+        return self.run_graph(self.graph.evals, step, {})["metrics"]
+
+    def _all(self, method: str, *args) -> list[dict]:
+        pending = [(self.transport.call(r, method, *args), (method, r)) for r in range(self.transport.size)]
+        return self.transport.wait(pending, self.cfg.runtime.timeout_s)
+
+    def save(self, folder: Path, optimizer: bool = True) -> None:
+        """The saved roles (trained ones, and roles an update call changes) as whole HF folders, with their
+        optimizer states unless `optimizer=False`; the run state is the caller's."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self._all("save", str(folder), optimizer)
+
+    # ------------------------------------------------------------------ timeline
+    def _timeline_events(self) -> list[dict]:
+        if isinstance(self.transport, LocalTransport):
+            return self.transport.worker.timeline_events()
+        return [e for events in self._all("timeline_events") for e in events]
+
+    def write_timeline(self, path: Path) -> None:
+        """Chrome-trace JSON: one row per worker, one slice per call (and per reallocation)."""
+        if not self.timeline:
+            return
+        t0 = min(e["start"] for e in self.timeline)
+        events = [{"name": e["name"], "cat": f"step {e['step']}", "ph": "X", "pid": 0, "tid": e["rank"],
+                   "ts": (e["start"] - t0) * 1e6, "dur": (e["end"] - e["start"]) * 1e6} for e in self.timeline]
+        events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": f"worker {r}"}}
+                   for r in range(self.transport.size)]
+        Path(path).write_text(json.dumps({"traceEvents": events}))
+
+    def shutdown(self) -> None:
+        self.transport.shutdown()

@@ -1,0 +1,35 @@
+"""Roles of an experiment: which model each role is, where its weights come from, and how it trains.
+
+    role     model class                               config (RL)         config (SFT / RM / DPO)
+    actor    causal LM (AutoModelForCausalLM)          actor               model
+    ref      causal LM, frozen                         ref (path: actor)   ref (path: model)      [DPO]
+    critic   causal LM backbone + scalar per token     critic (path: actor)
+    reward   sequence classifier (scalar at the end)   reward.model        model                  [RM]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from reflow.config.schema import ModelConfig, RLConfig
+from reflow.models.load import load_critic, load_policy, load_reward_model
+
+LOADERS = {"actor": load_policy, "ref": load_policy, "critic": load_critic, "reward": load_reward_model}
+
+
+def role_config(cfg, role: str) -> ModelConfig:
+    """The ModelConfig of `role` with its path resolved (None: a role without weights, a reward function)."""
+    if isinstance(cfg, RLConfig):
+        if role == "reward":  # a reward model is scored in float32, in the actor's micro-batches
+            return ModelConfig(path=cfg.reward.model, micro_batch_tokens=cfg.actor.micro_batch_tokens)
+        mcfg = getattr(cfg, role)
+        return dataclasses.replace(mcfg, path=mcfg.path or cfg.actor.path)
+    if role == "ref":
+        return dataclasses.replace(cfg.ref, path=cfg.ref.path or cfg.model.path)
+    return cfg.model
+
+
+def loader(role: str):
+    if role not in LOADERS:
+        raise KeyError(f"role '{role}' has no model loader; roles with weights are {', '.join(LOADERS)}")
+    return LOADERS[role]

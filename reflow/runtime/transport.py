@@ -1,0 +1,159 @@
+"""How the executor reaches its workers: one interface, two transports.
+
+    LocalTransport  one Worker object in this process (runtime.workers = 0); a call runs when submitted,
+                    its output is passed on as the Python object itself
+    RayTransport    one Ray actor per device (runtime.workers = N); a call is a task on each rank of its
+                    mesh, its output stays in the object store and moves worker to worker
+
+Both return *handles*: `run` gives (data handle, info handle); the executor passes data handles on to the
+consumers and only ever fetches info handles (`wait`): small dicts of rank, seconds and metrics. Sample data
+never passes through the controller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+class WorkerFailed(RuntimeError):
+    """A worker raised or died; the message carries its rank, the call and its traceback."""
+
+
+class LocalTransport:
+    """The worker in this process; exceptions surface where the call is submitted."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.size = 1
+
+    def start(self) -> list[dict]:
+        return [self.worker.start()]
+
+    def run(self, rank: int, *args):
+        return self.worker.run(*args)
+
+    def send_weights(self, rank: int, *args):
+        return self.worker.send_weights(*args)
+
+    def call(self, rank: int, method: str, *args):
+        return getattr(self.worker, method)(*args)
+
+    def wait(self, pending: list, timeout_s: float) -> list[dict]:
+        """pending: [(info handle, (what, rank))] -> the infos (already computed: the handle is the info)."""
+        return [h for h, _ in pending]
+
+    def fetch(self, handle):
+        return handle
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()
+
+
+class RayTransport:
+    """N Ray actors (one CPU, and one GPU when CUDA is available, each), placed by a placement group: one
+    bundle per worker, packed onto as few nodes as hold them (`STRICT_PACK` is not required: a plan spread
+    over two nodes gets its ranks per node from Ray and the reallocation planner prefers same-node senders)."""
+
+    def __init__(self, worker_cls, world_size: int, make_args, rt):
+        import ray
+
+        self.rt = rt
+        self._own_ray = not ray.is_initialized()
+        if self._own_ray:
+            # an embedded Ray (no set-up) on one machine, or join a cluster: `ray start --head` / --address
+            ray.init(address=rt.ray_address,
+                     num_cpus=None if rt.ray_address else max(world_size, os.cpu_count() or 1),
+                     include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([os.getcwd(),
+                                                                               os.environ.get("PYTHONPATH", "")])}})
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        gpus = 1 if _cuda_available() else 0
+        bundle = {"CPU": 1, **({"GPU": 1} if gpus else {})}
+        self.pg = placement_group([bundle] * world_size, strategy="PACK")
+        ray.get(self.pg.ready(), timeout=max(300.0, rt.timeout_s))
+        actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(worker_cls)
+        self.workers = [actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=self.pg, placement_group_bundle_index=r)).remote(*make_args(r))
+            for r in range(world_size)]
+        self.size = world_size
+
+    def start(self) -> list[dict]:
+        import ray
+
+        # (starting actors imports torch and transformers in each: slow on a loaded machine, not a hang)
+        addr, port = ray.get(self.workers[0].endpoint.remote(), timeout=max(300.0, self.rt.timeout_s))
+        return self.wait([(w.start.remote(addr, port), ("start", r)) for r, w in enumerate(self.workers)],
+                         self.rt.timeout_s)
+
+    def run(self, rank: int, *args):
+        return self.workers[rank].run.options(num_returns=2).remote(*args)
+
+    def send_weights(self, rank: int, *args):
+        return self.workers[rank].send_weights.remote(*args)
+
+    def call(self, rank: int, method: str, *args):
+        return getattr(self.workers[rank], method).remote(*args)
+
+    def fetch(self, handle):
+        import ray
+
+        return ray.get(handle)
+
+    def wait(self, pending: list, timeout_s: float) -> list[dict]:
+        """Wait for every info handle of pending = [(handle, (what, rank))]; the first failure (an exception,
+        or a dead worker) ends the run at once with the worker's error. Returns the infos in order. Only these
+        small handles are ever fetched."""
+        import ray
+
+        where = {h: i for i, (h, _) in enumerate(pending)}
+        left, out = list(where), [None] * len(pending)
+        while left:
+            done, left = ray.wait(left, num_returns=1, timeout=timeout_s + 30)
+            if not done:
+                stuck = sorted({pending[where[r]][1] for r in left})
+                self.shutdown()
+                raise WorkerFailed(f"no progress for {timeout_s + 30:.0f} s; still waiting on (call, rank): {stuck[:6]}")
+            try:
+                out[where[done[0]]] = ray.get(done[0])
+            except Exception:  # noqa: BLE001 - RayTaskError / ActorDiedError carry the worker's traceback
+                # a dead worker fails all its tasks at once: report the first failed one in submission order
+                ready, _ = ray.wait(list(where), num_returns=len(where), timeout=1.0)
+                ready = set(ready)
+                for ref, (what, rank) in pending:
+                    if ref not in ready:
+                        continue
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # noqa: BLE001
+                        self.shutdown()
+                        raise WorkerFailed(f"worker {rank} failed in '{what}': {e}") from None
+        return out
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in getattr(self, "workers", []):
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        self.workers = []
+        if getattr(self, "pg", None) is not None:
+            try:
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001 - Ray already down
+                pass
+            self.pg = None
+        if self._own_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
