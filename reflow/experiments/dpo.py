@@ -63,7 +63,7 @@ class DPOExperiment(SupervisedExperiment):
         seed_everything(cfg.seed)
         self.model = load_policy(resume_dir / "model" if resume_dir else cfg.model.path, cfg.model.dtype)
         self.ref = load_policy(cfg.ref.path or cfg.model.path, cfg.ref.dtype).eval().requires_grad_(False)
-        self.ref_engine = InferenceEngine(self.ref, cfg.ref.micro_batch_tokens, cfg.ref.layout)
+        self.ref_engine = InferenceEngine(self.ref, cfg.ref.micro_batch_tokens, cfg.ref.attention)
         steps = cfg.max_steps or cfg.epochs * -(-len(self.examples) // cfg.batch_size)
         self.engine = train_engine_for(self.model, cfg.model, steps)
         self._setup_loop(resume_dir)
@@ -77,7 +77,7 @@ class DPOExperiment(SupervisedExperiment):
         return Norm(tokens=float(batch.tokens["action_mask"].sum()), samples=len(batch) / 2)  # samples = pairs
 
     def loss_fn(self, model, mb, norm):
-        logp, _ = token_logprobs(model, mb, layout=self.cfg.model.layout)
+        logp, _ = token_logprobs(model, mb, attention=self.cfg.model.attention)
         seq = sequence_logprobs(logp, mb)
         ref = mb.samples["ref_logp"].to(seq.device)
         return dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], norm.samples, beta=self.cfg.beta,
@@ -87,7 +87,7 @@ class DPOExperiment(SupervisedExperiment):
         out = {}
         if self.eval_pairs:
             batch = self.make_batch(self.eval_pairs)
-            logp, _ = InferenceEngine(self.model, self.cfg.model.micro_batch_tokens, self.cfg.model.layout).logprobs(batch)
+            logp, _ = InferenceEngine(self.model, self.cfg.model.micro_batch_tokens, self.cfg.model.attention).logprobs(batch)
             h = sequence_logprobs(logp, batch) - batch.samples["ref_logp"]
             margin = h[0::2] - h[1::2]
             out["eval/pair_accuracy"] = pair_accuracy(margin).mean().item()

@@ -51,7 +51,7 @@ def train_engine_for(model, mcfg, total_steps: int) -> TrainEngine:
     o = mcfg.optim
     return TrainEngine(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, grad_clip=o.grad_clip,
                        warmup_steps=o.warmup_steps, total_steps=total_steps, schedule=o.schedule,
-                       min_lr_ratio=o.min_lr_ratio, micro_batch_tokens=mcfg.micro_batch_tokens, layout=mcfg.layout,
+                       min_lr_ratio=o.min_lr_ratio, micro_batch_tokens=mcfg.micro_batch_tokens, attention=mcfg.attention,
                        gradient_checkpointing=mcfg.gradient_checkpointing, precision=mcfg.precision)
 
 
@@ -155,15 +155,15 @@ class RLExperiment:
         return batch
 
     def ref_inf(self, batch: SampleBatch) -> SampleBatch:
-        engine = InferenceEngine(self.ref, self.cfg.ref.micro_batch_tokens, self.cfg.ref.layout)
+        engine = InferenceEngine(self.ref, self.cfg.ref.micro_batch_tokens, self.cfg.ref.attention)
         return batch.with_tokens(ref_logprobs=engine.logprobs(batch, self.cfg.rollout.temperature)[0])
 
     def actor_inf(self, batch: SampleBatch) -> SampleBatch:
-        engine = InferenceEngine(self.actor, self.cfg.actor.micro_batch_tokens, self.cfg.actor.layout)
+        engine = InferenceEngine(self.actor, self.cfg.actor.micro_batch_tokens, self.cfg.actor.attention)
         return batch.with_tokens(old_logprobs=engine.logprobs(batch, self.cfg.rollout.temperature)[0])
 
     def critic_inf(self, batch: SampleBatch) -> SampleBatch:
-        engine = InferenceEngine(self.critic, self.cfg.critic.micro_batch_tokens, self.cfg.critic.layout)
+        engine = InferenceEngine(self.critic, self.cfg.critic.micro_batch_tokens, self.cfg.critic.attention)
         values, last_values = engine.values(batch)
         return batch.with_tokens(values=values).with_samples(last_values=last_values)
 
@@ -209,7 +209,7 @@ class RLExperiment:
         a = self.cfg.algo
         mask = mb.tokens["action_mask"]
         logp, ent = token_logprobs(model, mb, temperature=self.cfg.rollout.temperature, with_entropy=True,
-                                   layout=self.cfg.actor.layout)
+                                   attention=self.cfg.actor.attention)
         # On-policy single update: the old policy *is* the current one, so its log-probs are logp.detach()
         # (ratio = 1, gradient = policy gradient) and the extra actor_inf forward is skipped.
         old = mb.tokens["old_logprobs"] if "old_logprobs" in mb.tokens else logp.detach()
@@ -228,7 +228,7 @@ class RLExperiment:
 
     def _ptx_loss(self, model, mb: SampleBatch, norm: Norm):
         """PPO-ptx: ptx_coef * token-mean SFT NLL on a batch of the ptx data, added to the actor's gradient."""
-        logp, _ = token_logprobs(model, mb, layout=self.cfg.actor.layout)
+        logp, _ = token_logprobs(model, mb, attention=self.cfg.actor.attention)
         nll = sequence_nll(logp, mb.tokens["action_mask"], norm.tokens)
         return self.cfg.algo.ptx_coef * nll, {"ptx_nll": nll.detach()}
 
@@ -240,7 +240,7 @@ class RLExperiment:
              "action_mask": [torch.tensor([0] * len(e.prompt_ids) + [1] * len(e.response_ids)) for e in examples]})
 
     def _critic_loss(self, model, mb: SampleBatch, norm: Norm):
-        values = token_values(model, mb, self.cfg.critic.layout)
+        values = token_values(model, mb, self.cfg.critic.attention)
         return value_loss(values, mb.tokens["values"], mb.tokens["returns"], mb.tokens["action_mask"], mb.seqlens,
                           norm, clip=self.cfg.algo.value_clip, agg=self.cfg.algo.loss_agg)
 

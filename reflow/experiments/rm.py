@@ -56,12 +56,12 @@ class RMExperiment(SupervisedExperiment):
         return Norm(tokens=float(batch.num_tokens), samples=len(batch) / 2)  # samples = pairs
 
     def loss_fn(self, model, mb, norm):
-        s = sequence_scores(model, mb, self.cfg.model.layout)  # pairs stay whole: group_key = "group_id"
+        s = sequence_scores(model, mb, self.cfg.model.attention)  # pairs stay whole: group_key = "group_id"
         return pairwise_reward_loss(s[0::2], s[1::2], norm.samples)
 
     def evaluate(self):
         if not self.eval_pairs:
             return {}
-        s = InferenceEngine(self.model, self.cfg.model.micro_batch_tokens, self.cfg.model.layout).scores(
+        s = InferenceEngine(self.model, self.cfg.model.micro_batch_tokens, self.cfg.model.attention).scores(
             pair_batch(self.eval_pairs))
         return {"eval/accuracy": pair_accuracy(s[0::2] - s[1::2]).mean().item(), "eval/margin": (s[0::2] - s[1::2]).mean().item()}

@@ -44,7 +44,7 @@ class SFTExperiment(SupervisedExperiment):
              "action_mask": [torch.tensor([0] * len(e.prompt_ids) + [1] * len(e.response_ids)) for e in examples]})
 
     def loss_fn(self, model, mb, norm):
-        logp, _ = token_logprobs(model, mb, layout=self.cfg.model.layout)
+        logp, _ = token_logprobs(model, mb, attention=self.cfg.model.attention)
         return sequence_nll(logp, mb.tokens["action_mask"], norm.tokens), {}
 
     def evaluate(self):

@@ -156,7 +156,7 @@ class Worker:
             r.engine = TrainEngine(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
                                    grad_clip=o.grad_clip, warmup_steps=o.warmup_steps, total_steps=total,
                                    schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
-                                   micro_batch_tokens=mcfg.micro_batch_tokens, layout=mcfg.layout,
+                                   micro_batch_tokens=mcfg.micro_batch_tokens, attention=mcfg.attention,
                                    gradient_checkpointing=mcfg.gradient_checkpointing, precision=mcfg.precision,
                                    parallel=ctx)
             r.model = r.engine.model
@@ -289,7 +289,7 @@ class Worker:
             key = "baseline_score" if call.outputs == ("baseline_scores",) else "score"
             return batch.with_samples(**{key: scores})
         mcfg = getattr(cfg, role)
-        engine = InferenceEngine(model, mcfg.micro_batch_tokens, mcfg.layout, parallel=ctx)
+        engine = InferenceEngine(model, mcfg.micro_batch_tokens, mcfg.attention, parallel=ctx)
         if role == "critic":
             values, last_values = engine.values(batch)
             return batch.with_tokens(values=values).with_samples(last_values=last_values)
