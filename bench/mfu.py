@@ -1,6 +1,6 @@
 """Model FLOP utilisation (MFU) of reflow's TrainEngine: train-step FLOP/s / the device's measured peak matmul FLOP/s.
 
-    .venv/bin/python bench/mfu.py [--threads 2] [--tokens 4096] [--seq-len 128] [--steps 5] [--layout padded]
+    .venv/bin/python bench/mfu.py [--threads 2] [--tokens 4096] [--seq-len 128] [--steps 5] [--attention padded]
 
 Peak: the best FLOP/s of large square fp32 matmuls (torch.mm, n = 1024, 2048, 3072; 2 n^3 FLOPs each, best of
 --repeats) with the same torch thread count as the train steps.
@@ -89,7 +89,7 @@ def count_params(model) -> tuple[int, int]:
     return total, total - embed
 
 
-def measure(path: Path, tokens: int, seq_len: int, warmup: int, steps: int, layout: str) -> dict:
+def measure(path: Path, tokens: int, seq_len: int, warmup: int, steps: int, attention: str) -> dict:
     from reflow.algorithms.losses import sequence_nll
     from reflow.data.batch import SampleBatch
     from reflow.engines.train import Norm, TrainEngine
@@ -108,10 +108,10 @@ def measure(path: Path, tokens: int, seq_len: int, warmup: int, steps: int, layo
     batch = SampleBatch.from_sequences(range(n_seq), {"input_ids": ids, "action_mask": mask})
     A = int(batch.tokens["action_mask"].sum())
     norm = Norm(tokens=float(A), samples=float(n_seq))
-    engine = TrainEngine(model, lr=1e-4, micro_batch_tokens=T, layout=layout)
+    engine = TrainEngine(model, lr=1e-4, micro_batch_tokens=T, attention=attention)
 
     def loss_fn(m, mb, nrm):
-        logp, _ = token_logprobs(m, mb, layout=layout)
+        logp, _ = token_logprobs(m, mb, attention=attention)
         return sequence_nll(logp, mb.tokens["action_mask"], nrm.tokens), {}
 
     for _ in range(warmup):
@@ -136,7 +136,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--layout", choices=["padded", "packed"], default="padded", help="TrainEngine layout (reflow's default: padded)")
+    ap.add_argument("--attention", choices=["padded", "packed"], default="padded",
+                    help="how TrainEngine attends over the packed batch (reflow's default: padded)")
     ap.add_argument("--peak-sizes", type=int, nargs="+", default=[1024, 2048, 3072])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
@@ -146,7 +147,7 @@ def main() -> None:
     quiet_transformers()
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     peak, per_size = peak_matmul(args.peak_sizes, args.repeats)
-    rows = {name: measure(path, args.tokens, args.seq_len, args.warmup, args.steps, args.layout)
+    rows = {name: measure(path, args.tokens, args.seq_len, args.warmup, args.steps, args.attention)
             for name, path in build_models().items()}
     peak_after, per_size_after = peak_matmul(args.peak_sizes, args.repeats)  # contention check: peak again at the end
     peak = max(peak, peak_after)
@@ -155,7 +156,7 @@ def main() -> None:
     import transformers
 
     cmd = (f"{python_cmd()} bench/mfu.py --threads {args.threads} --tokens {args.tokens} --seq-len {args.seq_len} "
-           f"--steps {args.steps} --layout {args.layout}")
+           f"--steps {args.steps} --attention {args.attention}")
     lines = [
         "# MFU of reflow's TrainEngine (bench/mfu.py)",
         "",
@@ -169,7 +170,7 @@ def main() -> None:
         + f" -> **{peak / 1e9:.1f} GFLOP/s**",
         "",
         "train step: `TrainEngine.step` (forward + backward + clip + AdamW), SFT loss on "
-        f"{args.tokens // args.seq_len} samples x {args.seq_len} tokens, layout `{args.layout}`, one micro-batch; "
+        f"{args.tokens // args.seq_len} samples x {args.seq_len} tokens, attention `{args.attention}`, one micro-batch; "
         f"{args.steps} timed steps after {args.warmup} warm-up steps.",
         "FLOPs/step = 6 N T + 12 n_layers d_model S T + 6 V d_model A (PaLM convention; N = parameters outside "
         "embedding/LM head, T tokens, S sequence length, A action tokens that go through the LM head).",

@@ -42,7 +42,7 @@ class ModelConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     micro_batch_tokens: int = 4096  # token budget of one forward/backward
     gradient_checkpointing: bool = False
-    layout: Literal["padded", "packed"] = "padded"  # attention layout of packed batches, see models/packing.py
+    attention: Literal["padded", "packed"] = "padded"  # how a packed batch is attended, see models/packing.py
 
 
 @dataclass

@@ -45,6 +45,7 @@ Sampling has two sources of randomness:
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -299,6 +300,10 @@ class GenerationEngine:
         self.batch_size = batch_size
         self.refill = refill
         self.refill_min = max(1, batch_size // 8) if refill_min is None else max(1, int(refill_min))
+        # The KV cache goes in under the name the model's forward takes: `cache` in recent transformers
+        # (where `past_key_values` is deprecated and warns on every forward), `past_key_values` before.
+        forward_args = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -378,7 +383,7 @@ class GenerationEngine:
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         logits = self.model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                            use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1]
         if not all(type(layer) is DynamicLayer for layer in cache.layers):
             raise ValueError("the generation engine supports full-attention models only (no sliding-window, "
                              "linear-attention or shared-KV cache layers)")
@@ -447,6 +452,6 @@ class GenerationEngine:
             width = cache.end - cache.start + 1
             attn = torch.arange(width, device=device)[None, :] >= (width - 1 - lens)[:, None]
             logits = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=lens[:, None],
-                                past_key_values=cache, use_cache=True).logits[:, -1]
+                                use_cache=True, **{self._cache_arg: cache}).logits[:, -1]
             cache.advance(1)
             lens = lens + 1

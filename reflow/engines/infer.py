@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from reflow.data.batch import SampleBatch
-from reflow.models.packing import Layout, sequence_scores, token_and_sequence_values, token_logprobs
+from reflow.models.packing import Attention, sequence_scores, token_and_sequence_values, token_logprobs
 
 
 class InferenceEngine:
@@ -13,14 +13,14 @@ class InferenceEngine:
     `parallelize=True`; with `shard_data=False` the data-parallel ranks then hold replicas instead of FSDP2
     shards); each data-parallel rank computes its share and every rank returns the whole batch's outputs."""
 
-    def __init__(self, model: torch.nn.Module, micro_batch_tokens: int = 4096, layout: Layout = "padded",
+    def __init__(self, model: torch.nn.Module, micro_batch_tokens: int = 4096, attention: Attention = "padded",
                  parallel=None, parallelize: bool = False, shard_data: bool = True):
         from reflow.parallel.parallelize import parallelize as apply_layout
 
         self.ctx = parallel
         self.model = apply_layout(model, parallel, shard_data=shard_data) if parallelize else model
         self.micro_batch_tokens = micro_batch_tokens
-        self.layout = layout
+        self.attention = attention
 
     def _map(self, batch: SampleBatch, fn) -> list:
         """fn over the micro-batches of this rank's part; padding micro-batches' outputs are dropped."""
@@ -53,7 +53,7 @@ class InferenceEngine:
     def logprobs(self, batch: SampleBatch, temperature: float = 1.0, with_entropy: bool = False):
         """[T] log-probs of the batch's own tokens at action positions (and [T] entropy if asked)."""
         outs, part = self._map(batch, lambda mb: token_logprobs(self.model, mb, temperature=temperature,
-                                                                with_entropy=with_entropy, layout=self.layout))
+                                                                with_entropy=with_entropy, attention=self.attention))
         logp = torch.cat([o[0].cpu() for o in outs])
         logp, _ = self._gather(batch, part, logp)
         ent = None
@@ -64,12 +64,12 @@ class InferenceEngine:
     def values(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """[T] values V(x_<t) at action positions, and [B] values of the whole sequences (for bootstrapping)."""
         def fn(mb):  # one forward pass for both (the critic's inference used to run its backbone twice)
-            tok, seq = token_and_sequence_values(self.model, mb, self.layout)
+            tok, seq = token_and_sequence_values(self.model, mb, self.attention)
             return tok.cpu(), seq.cpu()
         outs, part = self._map(batch, fn)
         return self._gather(batch, part, torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]))
 
     def scores(self, batch: SampleBatch) -> torch.Tensor:
         """[B] reward-model scores at each sample's last token."""
-        outs, part = self._map(batch, lambda mb: sequence_scores(self.model, mb, self.layout))
+        outs, part = self._map(batch, lambda mb: sequence_scores(self.model, mb, self.attention))
         return self._gather(batch, part, sample_out=torch.cat([o.cpu() for o in outs]))[1]

@@ -21,7 +21,7 @@ from reflow.data.batch import SampleBatch
 from reflow.parallel.context import equal_micro_batches
 from reflow.parallel.device import place
 from reflow.parallel.grad_norm import clip_grad_norm_
-from reflow.models.packing import hidden_states
+from reflow.models.packing import Attention, hidden_states
 from reflow.parallel.parallelize import parallelize
 
 
@@ -47,7 +47,7 @@ class TrainEngine:
     def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8, grad_clip: float = 1.0, warmup_steps: int = 0, total_steps: int = 1,
                  schedule: str = "constant", min_lr_ratio: float = 0.0, micro_batch_tokens: int = 4096,
-                 layout: str = "padded", gradient_checkpointing: bool = False, parallel=None,
+                 attention: Attention = "padded", gradient_checkpointing: bool = False, parallel=None,
                  precision: str = "fp32"):
         """`parallel`: a ParallelContext; the model (a plain HF model) is then parallelized here under its layout.
         `precision`: "fp32", or "bf16" = mixed precision (forward and backward under bf16 autocast, fp32
@@ -58,7 +58,7 @@ class TrainEngine:
         self.ctx = parallel
         self.model = parallelize(model, parallel)
         self.micro_batch_tokens = micro_batch_tokens
-        self.layout = layout
+        self.attention = attention
         self.grad_clip = grad_clip
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -166,7 +166,7 @@ class TrainEngine:
                     totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
             else:  # runs this stage's layers and sends the activation on
                 with self._autocast():
-                    hidden_states(self.model, mb, self.layout)
+                    hidden_states(self.model, mb, self.attention)
         stage.backward(losses)
 
     def state_dict(self) -> dict:

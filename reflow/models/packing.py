@@ -5,7 +5,7 @@ transformers' sdpa/eager attention on CPU does not keep packed sequences apart w
 packed path builds the mask itself: one row of T tokens and a [1, 1, T, T] block-diagonal causal
 mask, plus per-sample position ids (rotary positions restart at 0 for every sample).
 
-Two layouts of the same computation, equal up to float rounding:
+Two attention choices for the same computation, equal up to float rounding:
     "packed": one row, block-diagonal mask — no padding compute; attention is O(T^2) in the row,
               so micro-batches must be bounded in tokens (the engines do that).
     "padded": right-padded [B, Lmax] with a 2-D mask — cheaper attention when many short samples.
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from reflow.data.batch import SampleBatch
 
-Layout = Literal["packed", "padded"]
+Attention = Literal["packed", "padded"]
 
 
 def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -64,22 +64,22 @@ def _param(model: torch.nn.Module) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
-def hidden_states(model: torch.nn.Module, batch: SampleBatch, layout: Layout = "packed",
+def hidden_states(model: torch.nn.Module, batch: SampleBatch, attention: Attention = "packed",
                   key: str = "input_ids") -> torch.Tensor:
     """[T, H] last hidden states of every token of the packed batch."""
     device, dtype = _param(model).device, _param(model).dtype
-    if layout == "packed":
+    if attention == "packed":
         ids = batch.tokens[key].to(device)[None]
         pos = batch.position_in_sample().to(device)[None]
         mask = block_causal_mask(batch.seqlens, dtype, device)
         return _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=mask)[0]
-    if layout == "padded":
+    if attention == "padded":
         ids, real = batch.padded(key)
         ids, real = ids.to(device), real.to(device)
         pos = (real.long().cumsum(-1) - 1).clamp(min=0)
         hidden = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=real.long())
         return hidden[real]  # row-major order == the packed flat order
-    raise ValueError(f"unknown layout '{layout}'; use 'packed' or 'padded'")
+    raise ValueError(f"unknown attention '{attention}'; use 'packed' or 'padded'")
 
 
 def _action_positions(batch: SampleBatch) -> torch.Tensor:
@@ -93,7 +93,7 @@ def _action_positions(batch: SampleBatch) -> torch.Tensor:
 
 
 def token_logprobs(model, batch: SampleBatch, *, temperature: float = 1.0, with_entropy: bool = False,
-                   layout: Layout = "packed") -> tuple[torch.Tensor, torch.Tensor | None]:
+                   attention: Attention = "packed") -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(x_t | x_<t) / T at action positions, as [T] tensors (0 elsewhere); optionally the entropy.
 
     logits_t = lm_head(h_{t-1}) / temperature,  logp_t = logits_t[x_t] - logsumexp(logits_t),
@@ -101,7 +101,7 @@ def token_logprobs(model, batch: SampleBatch, *, temperature: float = 1.0, with_
     Only the action positions go through the head, so prompt tokens cost no vocabulary projection.
     """
     _, head = backbone_and_head(model)
-    hidden = hidden_states(model, batch, layout)
+    hidden = hidden_states(model, batch, attention)
     pos = _action_positions(batch).to(hidden.device)
     logits = head(hidden[pos - 1]).float() / temperature  # [A, V]
     targets = batch.tokens["input_ids"].to(hidden.device)[pos]
@@ -126,20 +126,21 @@ def _scores_at_last(head, hidden: torch.Tensor, batch: SampleBatch) -> torch.Ten
     return head(hidden[last]).float()[:, 0]
 
 
-def token_values(critic, batch: SampleBatch, layout: Layout = "packed") -> torch.Tensor:
+def token_values(critic, batch: SampleBatch, attention: Attention = "packed") -> torch.Tensor:
     """[T] V(x_<t) = score(h_{t-1}) at action positions, 0 elsewhere (critic: token-classification model)."""
     _, head = backbone_and_head(critic)
-    return _values_at_actions(head, hidden_states(critic, batch, layout), batch)
+    return _values_at_actions(head, hidden_states(critic, batch, attention), batch)
 
 
-def sequence_scores(reward_model, batch: SampleBatch, layout: Layout = "packed") -> torch.Tensor:
+def sequence_scores(reward_model, batch: SampleBatch, attention: Attention = "packed") -> torch.Tensor:
     """[B] score(h_last) of each sample (reward model: sequence-classification model, last token)."""
     _, head = backbone_and_head(reward_model)
-    return _scores_at_last(head, hidden_states(reward_model, batch, layout), batch)
+    return _scores_at_last(head, hidden_states(reward_model, batch, attention), batch)
 
 
-def token_and_sequence_values(critic, batch: SampleBatch, layout: Layout = "packed") -> tuple[torch.Tensor, torch.Tensor]:
+def token_and_sequence_values(critic, batch: SampleBatch,
+                              attention: Attention = "packed") -> tuple[torch.Tensor, torch.Tensor]:
     """(token_values, sequence_scores) of one model from a single forward pass: [T] and [B]."""
     _, head = backbone_and_head(critic)
-    hidden = hidden_states(critic, batch, layout)
+    hidden = hidden_states(critic, batch, attention)
     return _values_at_actions(head, hidden, batch), _scores_at_last(head, hidden, batch)

@@ -34,7 +34,7 @@ def sample_batch(n: int = 8, seed: int = 0) -> SampleBatch:
 
 
 def nll_loss(model, mb, norm):
-    logp, _ = token_logprobs(model, mb, layout="padded")  # the engines' default attention layout
+    logp, _ = token_logprobs(model, mb, attention="padded")  # the engines' default attention
     return sequence_nll(logp, mb.tokens["action_mask"], norm.tokens), {}
 
 

@@ -197,7 +197,7 @@ class Worker:
             r.engine = TrainEngine(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
                                    grad_clip=o.grad_clip, warmup_steps=o.warmup_steps, total_steps=self._total_steps(),
                                    schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
-                                   micro_batch_tokens=mcfg.micro_batch_tokens, layout=mcfg.layout,
+                                   micro_batch_tokens=mcfg.micro_batch_tokens, attention=mcfg.attention,
                                    gradient_checkpointing=mcfg.gradient_checkpointing, precision=mcfg.precision,
                                    parallel=ctx)
             r.model = r.engine.model

@@ -1,5 +1,7 @@
 """GenerationEngine: greedy and sampled decoding, log-probs, seeding, filtering and early retirement."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -186,6 +188,16 @@ def test_generation_restores_training_mode(model):
         assert model.training
     finally:
         model.eval()
+
+
+def test_generation_uses_no_deprecated_transformers_arguments(model):
+    # transformers warns on every forward given a deprecated keyword (e.g. the KV cache as `past_key_values`
+    # where the forward takes `cache`); prefill, decode and refill must all call it the current way
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine(model, batch_size=2).generate(PROMPTS, SamplingParams(max_new_tokens=4, greedy=True))
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not deprecations, deprecations
 
 
 # ---------------------------------------------------------------- continuous batching (refilling freed slots)

@@ -35,7 +35,7 @@ def make_batch(lens=(6, 9, 4, 11, 7, 5), prompt=3, seed=0) -> SampleBatch:
 
 def nll_loss(model, mb, norm: Norm):
     """Token-mean NLL: a micro-batch sum over the mini-batch-wide token count."""
-    logp, _ = token_logprobs(model, mb, layout="padded")
+    logp, _ = token_logprobs(model, mb, attention="padded")
     loss = sequence_nll(logp, mb.tokens["action_mask"], norm.tokens)
     return loss, {"micro_batches": torch.tensor(1.0)}
 
@@ -158,13 +158,15 @@ def test_state_dict_round_trip_reproduces_the_next_step(model_dir):
     assert not torch.allclose(params(fresh)["model.norm.weight"], expected["model.norm.weight"], atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_inference_logprobs_independent_of_micro_batches(model_dir, layout):
+@pytest.mark.parametrize("attention", ["packed", "padded"])
+def test_inference_logprobs_independent_of_micro_batches(model_dir, attention):
     model = load_policy(model_dir)
     batch = make_batch(lens=(6, 9, 4, 11, 7, 5, 13, 3))
     assert len(batch.micro_batches(10)) >= 5
-    small, s_ent = InferenceEngine(model, micro_batch_tokens=10, layout=layout).logprobs(batch, 0.8, with_entropy=True)
-    big, b_ent = InferenceEngine(model, micro_batch_tokens=10_000, layout=layout).logprobs(batch, 0.8, with_entropy=True)
+    small_engine = InferenceEngine(model, micro_batch_tokens=10, attention=attention)
+    big_engine = InferenceEngine(model, micro_batch_tokens=10_000, attention=attention)
+    small, s_ent = small_engine.logprobs(batch, 0.8, with_entropy=True)
+    big, b_ent = big_engine.logprobs(batch, 0.8, with_entropy=True)
     assert small.shape == (batch.num_tokens,)
     # values near log(261) ~ 5.6, where a float32 ulp is ~5e-7: allow a few ulps of reordering
     torch.testing.assert_close(small, big, atol=1e-5, rtol=0)

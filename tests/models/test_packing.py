@@ -43,13 +43,13 @@ def per_sample(model, batch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_packed_and_padded_forward_equal_per_sample_forward(policies, family, layout):
+@pytest.mark.parametrize("attention", ["packed", "padded"])
+def test_packed_and_padded_forward_equal_per_sample_forward(policies, family, attention):
     model = policies[family]
     batch = make_batch()
     backbone, head = packing.backbone_and_head(model)
     with torch.no_grad():
-        h = packing.hidden_states(model, batch, layout)
+        h = packing.hidden_states(model, batch, attention)
         ref_h = torch.cat([backbone(input_ids=s[None]).last_hidden_state[0] for s in batch.unpack("input_ids")])
         ref_logits = torch.cat([o.logits[0] for o in per_sample(model, batch)])
         logits = head(h)
@@ -58,8 +58,8 @@ def test_packed_and_padded_forward_equal_per_sample_forward(policies, family, la
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
 
 
-def test_unknown_layout_raises(policies):
-    with pytest.raises(ValueError, match="unknown layout"):
+def test_unknown_attention_raises(policies):
+    with pytest.raises(ValueError, match="unknown attention"):
         packing.hidden_states(policies["debug-llama"], make_batch(), "ragged")
 
 
@@ -146,13 +146,13 @@ def test_critic_inference_runs_the_backbone_once_for_token_and_sequence_values(m
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_sequence_scores_are_the_reward_head_on_the_last_token(model_dirs, family, layout):
+@pytest.mark.parametrize("attention", ["packed", "padded"])
+def test_sequence_scores_are_the_reward_head_on_the_last_token(model_dirs, family, attention):
     rm = _randomise_head(load_reward_model(model_dirs[family]).eval(), seed=4)
     batch = make_batch()
     backbone, head = packing.backbone_and_head(rm)
     with torch.no_grad():
-        scores = packing.sequence_scores(rm, batch, layout)
+        scores = packing.sequence_scores(rm, batch, attention)
         ref = torch.stack([head(backbone(input_ids=s[None]).last_hidden_state[0, -1])[0]
                            for s in batch.unpack("input_ids")])
         hf = torch.stack([o.logits[0, 0] for o in per_sample(rm, batch)])  # HF's own last-token pooling

@@ -49,7 +49,7 @@ def _eval_pairs_batch(cc: CallContext):
 def eval_rm_pairs(cc: CallContext, batch) -> dict | None:
     mcfg = cc.worker.role_config(cc.call.weights)
     pairs = _eval_pairs_batch(cc)
-    s = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.layout, parallel=cc.ctx).scores(pairs)
+    s = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx).scores(pairs)
     margin = s[0::2] - s[1::2]
     n = len(margin)
     return {"eval/accuracy": [pair_accuracy(margin).sum().item(), n], "eval/margin": [margin.sum().item(), n]} \
@@ -60,7 +60,7 @@ def eval_rm_pairs(cc: CallContext, batch) -> dict | None:
 def eval_dpo_pairs(cc: CallContext, batch) -> dict | None:
     mcfg = cc.worker.role_config(cc.call.weights)
     pairs = _eval_pairs_batch(cc)
-    logp, _ = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.layout, parallel=cc.ctx).logprobs(pairs)
+    logp, _ = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx).logprobs(pairs)
     h = sequence_logprobs(logp, pairs) - batch.select(pairs.ids).samples["ref_logp"]
     margin = h[0::2] - h[1::2]
     n = len(margin)

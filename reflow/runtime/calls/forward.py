@@ -14,7 +14,7 @@ from reflow.runtime.calls import CallContext, register_call
 
 def engine(cc: CallContext) -> InferenceEngine:
     mcfg = cc.worker.role_config(cc.call.weights)
-    return InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.layout, parallel=cc.ctx)
+    return InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx)
 
 
 @register_call("logprobs")

@@ -93,7 +93,7 @@ def actor_loss(cfg, kl_coef: float):
     def loss_fn(model, mb: SampleBatch, norm: Norm):
         mask = mb.tokens["action_mask"]
         logp, ent = token_logprobs(model, mb, temperature=cfg.rollout.temperature, with_entropy=True,
-                                   layout=cfg.actor.layout)
+                                   attention=cfg.actor.attention)
         # On-policy single update: the old policy *is* the current one, so its log-probs are logp.detach()
         # (ratio = 1, gradient = policy gradient) and the extra actor_inf forward is skipped.
         old = mb.tokens["old_logprobs"] if "old_logprobs" in mb.tokens else logp.detach()
@@ -119,7 +119,7 @@ def ptx_loss(cfg):
     """PPO-ptx: ptx_coef * token-mean SFT NLL on a batch of the ptx data, added to the actor's gradient."""
 
     def loss_fn(model, mb: SampleBatch, norm: Norm):
-        logp, _ = token_logprobs(model, mb, layout=cfg.actor.layout)
+        logp, _ = token_logprobs(model, mb, attention=cfg.actor.attention)
         nll = sequence_nll(logp, mb.tokens["action_mask"], norm.tokens)
         return cfg.algo.ptx_coef * nll, {"ptx_nll": nll.detach()}
 
@@ -128,7 +128,7 @@ def ptx_loss(cfg):
 
 def critic_loss(cfg):
     def loss_fn(model, mb: SampleBatch, norm: Norm):
-        values = token_values(model, mb, cfg.critic.layout)
+        values = token_values(model, mb, cfg.critic.attention)
         return value_loss(values, mb.tokens["values"], mb.tokens["returns"], mb.tokens["action_mask"], mb.seqlens,
                           norm, clip=cfg.algo.value_clip, agg=cfg.algo.loss_agg)
 

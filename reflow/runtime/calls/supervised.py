@@ -56,10 +56,10 @@ def examples(cc: CallContext, dataset: str) -> list:
 
 @register_call("train_sft")
 def train_sft(cc: CallContext, batch: SampleBatch | None) -> dict:
-    attention = cc.worker.role_config(cc.call.role).layout
+    attention = cc.worker.role_config(cc.call.role).attention
 
     def loss_fn(model, mb, norm):
-        logp, _ = token_logprobs(model, mb, layout=attention)
+        logp, _ = token_logprobs(model, mb, attention=attention)
         return sequence_nll(logp, mb.tokens["action_mask"], norm.tokens), {}
 
     batch = sft_batch(examples(cc, "sft"))
@@ -68,7 +68,7 @@ def train_sft(cc: CallContext, batch: SampleBatch | None) -> dict:
 
 @register_call("train_rm")
 def train_rm(cc: CallContext, batch: SampleBatch | None) -> dict:
-    attention = cc.worker.role_config(cc.call.role).layout
+    attention = cc.worker.role_config(cc.call.role).attention
     pairs = preference_batch(examples(cc, "pairs"))
 
     def loss_fn(model, mb, norm):
@@ -83,19 +83,19 @@ def train_rm(cc: CallContext, batch: SampleBatch | None) -> dict:
 def pair_logprobs(cc: CallContext, batch: SampleBatch | None) -> SampleBatch:
     mcfg = cc.worker.role_config(cc.call.weights)
     pairs = preference_batch(examples(cc, cc.call.options.get("dataset", "pairs")))
-    logp, _ = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.layout, parallel=cc.ctx).logprobs(pairs)
+    logp, _ = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx).logprobs(pairs)
     return pairs.with_samples(**{cc.output_key(): sequence_logprobs(logp, pairs)})
 
 
 @register_call("train_dpo")
 def train_dpo(cc: CallContext, batch: SampleBatch) -> dict:
     cfg = cc.cfg
-    attention = cc.worker.role_config(cc.call.role).layout
+    attention = cc.worker.role_config(cc.call.role).attention
     pairs = preference_batch(examples(cc, "pairs"))
     pairs.with_samples(ref_logp=batch.select(pairs.ids).samples["ref_logp"])
 
     def loss_fn(model, mb, norm):
-        logp, _ = token_logprobs(model, mb, layout=attention)
+        logp, _ = token_logprobs(model, mb, attention=attention)
         seq = sequence_logprobs(logp, mb)
         ref = mb.samples["ref_logp"].to(seq.device)
         return dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], norm.samples, beta=cfg.beta, kind=cfg.loss,
