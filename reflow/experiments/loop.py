@@ -55,7 +55,7 @@ class StepLoop:
     main_role = "actor"
     curve_keys: list[str] = ["loss"]
 
-    # trainer settings, by the experiment's config layout
+    # trainer settings, as each experiment's config names them
     @property
     def settings(self) -> dict:
         c = self.cfg
@@ -85,6 +85,7 @@ class StepLoop:
         self.out = Path(self.cfg.output_dir)
         self.plan = experiment_plan(self.cfg, self.graph, model_configs)
         self.step = 0
+        self.history: list[dict] = []
         state = None
         if resume_dir is not None:
             state = ckpt_lib.load_state(resume_dir)
@@ -125,11 +126,7 @@ class StepLoop:
                     results["initial_eval"] = do_eval(0)
                 console.advance(self.step)
                 while self.step < self.total_steps:
-                    t0 = time.perf_counter()
-                    metrics = self.executor.step(self.step, self.step_meta())
-                    metrics["time/step"] = time.perf_counter() - t0
-                    metrics = self.after_step(metrics)
-                    self.step += 1
+                    metrics = self.run_step()
                     logger.log(self.step, metrics)
                     console.step(self.step, metrics)
                     last = self.step == self.total_steps
@@ -146,6 +143,16 @@ class StepLoop:
         plot_curves(read_metrics(out / "metrics.jsonl"), self.curve_keys, out / "curves.png",
                     title=f"{self.name}: {out}")
         return results
+
+    def run_step(self) -> dict:
+        """One step of the graph (no logging, evaluation or checkpoint): its metrics, also kept in `history`."""
+        t0 = time.perf_counter()
+        metrics = self.executor.step(self.step, self.step_meta())
+        metrics["time/step"] = time.perf_counter() - t0
+        metrics = self.after_step(metrics)
+        self.step += 1
+        self.history.append(metrics)
+        return metrics
 
     def save_checkpoint(self) -> Path:
         d = ckpt_lib.checkpoint_dir(self.out, self.step)
