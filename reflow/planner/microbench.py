@@ -33,10 +33,28 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from contextlib import contextmanager
 
 from reflow.planner.hardware import GB
 
 SEQ = 32  # sequence length of the compute measurements
+
+
+@contextmanager
+def ray_session(workers: int):
+    """A local Ray session with a CPU for each of `workers` actors; a session the caller already runs is
+    used as it is (and left running), so that calibration can share a caller's session."""
+    import ray
+
+    own = not ray.is_initialized()
+    if own:
+        ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
+    try:
+        yield
+    finally:
+        if own:
+            ray.shutdown()
 
 
 def _timeit(fn, reps: int, sync=None) -> float:
@@ -319,11 +337,7 @@ def measure_ray_sharing(workers: int, preset: str, threads: int = 1, reps: int =
     Returns (cores, table rows)."""
     import ray
 
-    own = not ray.is_initialized()
-    if own:
-        ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False)
-    try:
+    with ray_session(workers):
         actors = [ray.remote(num_cpus=1)(_Spin).remote(preset, threads) for _ in range(workers)]
         ray.get([a.run.remote(1) for a in actors])
         ks = sorted({min(2, workers), workers})
@@ -334,9 +348,6 @@ def measure_ray_sharing(workers: int, preset: str, threads: int = 1, reps: int =
                 times[k].append(max(ray.get([a.run.remote(reps) for a in actors[:k]])))
         for a in actors:
             ray.kill(a)
-    finally:
-        if own:
-            ray.shutdown()
     t = {k: statistics.median(v) / reps for k, v in times.items()}
     cores, per_k = cores_from_times(t)
     rows = [("forward 16x32 tokens, one Ray worker alone", t[1], t[1])]

@@ -18,10 +18,11 @@ cannot see, because it is the runtime's work rather than the devices'.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from pathlib import Path
+
+from reflow.planner.microbench import ray_session
 
 
 class _Hop:
@@ -39,11 +40,7 @@ def measure_call_overhead(workers: int, hops: int = 24, payload_bytes: int = 256
     import numpy as np
     import ray
 
-    own = not ray.is_initialized()
-    if own:
-        ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False)
-    try:
+    with ray_session(workers):
         actors = [ray.remote(num_cpus=1)(_Hop).remote() for _ in range(workers)]
         ray.get([a.hop.remote(0) for a in actors])
         batch = {"tokens": np.zeros(payload_bytes // 8, dtype=np.int64)}
@@ -62,9 +59,6 @@ def measure_call_overhead(workers: int, hops: int = 24, payload_bytes: int = 256
         for a in actors:
             ray.kill(a)
         return cross, local
-    finally:
-        if own:
-            ray.shutdown()
 
 
 def measure_runtime_step(workers: int, steps: int = 6, warmup: int = 2) -> tuple[float, object]:
