@@ -124,11 +124,11 @@ def check_train_generate_train(rank: int, world: int, model_dir: str) -> dict:
     sharded model (round trip). Everything is compared with one process doing the same on its own copy."""
     from transformers import AutoModelForCausalLM
 
+    from reflow.checks.layouts import EPS, LR, full_params, nll_loss, sample_batch
     from reflow.engines.generate import GenerationEngine, SamplingParams
     from reflow.engines.train import TrainEngine
     from reflow.models.load import load_policy, load_tokenizer
     from reflow.parallel.context import ParallelContext
-    from reflow.parallel.equivalence import EPS, LR, full_params, nll_loss, sample_batch
     from reflow.realloc.model import build_destination, reallocate_model
 
     tok = load_tokenizer(model_dir)
