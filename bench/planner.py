@@ -136,7 +136,9 @@ def main() -> None:
     from reflow.config.schema import RLConfig
     from reflow.planner.config import problem_for_config
     from reflow.planner.hardware import GB, Hardware
-    from reflow.planner.profile import measure_runtime_calls, measured_for_yaml, profile, workload_fit
+    from reflow.planner.fit import workload_fit
+    from reflow.planner.profile import measured_for_yaml, profile
+    from reflow.planner.runtime_timing import measure_runtime_calls
     from reflow.planner.search import search
     from reflow.planner.simulator import evaluate
     from reflow.runtime.plan import BUILTIN, Plan

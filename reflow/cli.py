@@ -200,7 +200,7 @@ def cmd_layout(args) -> None:
         validate_layout(layout, config, list(range(layout.size)), source=args.model)
         print(f"{layout}: valid for {args.model} on {layout.size} ranks")
     if args.check:
-        from reflow.parallel.equivalence import check_layouts
+        from reflow.checks.layouts import check_layouts
         from reflow.parallel.launch import launch
 
         for size in sorted({layout.size for layout in layouts}):

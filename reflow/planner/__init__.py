@@ -1,4 +1,4 @@
-"""Execution-plan search (issue 7): predict how fast a plan runs, whether it fits, and find a faster one.
+"""Execution-plan search: predict how fast a plan runs, whether it fits, and find a faster one.
 
     hardware.py   Hardware figures + presets (a100-80g, h100-80g, cpu); collective time formulas
     models.py     ModelShape from any HF Llama / Qwen2 config (parameters, FLOPs, KV bytes); LLaMA
@@ -14,7 +14,11 @@
     config.py     a Problem from an RL config (`reflow train` YAML)
     whatif.py     PPO with LLaMA 7B..70B on 16..128 simulated A100s: searched vs built-in plans
     profile.py    calibration (`reflow profile`): measure these devices, fit the Hardware figures
-                  (Hardware.save / Hardware.load: the YAML `reflow plan search --hardware` reads)
+                  (Hardware.save / Hardware.load: the YAML `reflow plan search --hardware` reads), from
+      microbench.py      the devices' micro-benchmarks (compute, decode, AdamW, copies, collectives,
+                         reallocation, tensor parallel, FSDP, the cores Ray actors share)
+      runtime_timing.py  the runtime's own costs (Ray call chains, the workload's calls on one rank)
+      fit.py             least squares from those measurements to the Hardware figures
 
     from reflow.planner import search, evaluate
     from reflow.planner.whatif import ppo_problem

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from reflow.parallel.equivalence import check_layouts
+from reflow.checks.layouts import check_layouts
 from reflow.parallel.launch import WorkerError, launch
 from reflow.parallel.layout import Layout, LayoutError, validate_layout
 
@@ -63,7 +63,7 @@ def test_a_failing_worker_reports_its_rank_and_error(debug_model):
 
 
 def test_generation_under_tensor_parallel_matches_one_process(debug_model):
-    from reflow.parallel.equivalence import check_generation
+    from reflow.checks.layouts import check_generation
 
     for result in launch(check_generation, 2, args=(str(debug_model), "d1t2p1")):
         for mode, r in result.items():

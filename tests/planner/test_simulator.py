@@ -1,4 +1,5 @@
-"""Simulator: overlap on disjoint meshes, serialisation on shared ones, reallocations in the timeline."""
+"""Simulator: overlap on disjoint meshes, serialisation on shared ones, reallocations in the timeline; calls on
+disjoint meshes that share too few CPU cores add up."""
 
 import pytest
 
@@ -6,8 +7,10 @@ from reflow.planner.cost import Workload, placement
 from reflow.planner.hardware import hardware
 from reflow.planner.models import ModelShape, llama_config
 from reflow.planner.simulator import Problem, evaluate, simulate
+from reflow.runtime.graph import Call, Graph
 from reflow.runtime.graphs import ppo
 from reflow.runtime.plan import Plan, colocate
+from transformers import LlamaConfig
 
 M7 = ModelShape.of(llama_config("7b"))
 MODELS = {"actor": M7, "ref": M7, "critic": ModelShape.of(llama_config("7b"), "value"),
@@ -89,3 +92,29 @@ def test_inputs_from_other_workers_cost_a_hop_and_their_bytes():
     # a call on two ranks fetches to both: even an input held on one of them moves to the other
     both = Plan("both", 4, {**one.calls, "ref_inf": placement("d2t1p1", [0, 1])})
     assert data_cost(pr, both, "ref_inf") > 0
+
+
+def _two_calls() -> Graph:
+    return Graph("g", [Call("a", "ra", "infer", ("prompts",), ("x",)), Call("b", "rb", "infer", ("prompts",), ("y",))],
+                 results=("x", "y"))
+
+
+def test_shared_cores_simulation():
+    m = ModelShape.of(LlamaConfig(vocab_size=261, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+                      "lm", dtype_bytes=4)
+    g = _two_calls()
+    plan = Plan("p", 2, {"a": placement("d1t1p1", [0]), "b": placement("d1t1p1", [1])})
+    base = hardware("cpu")
+    wl = Workload(batch=8, prompt_len=16, gen_len=16)
+
+    def time(hw):
+        return evaluate(Problem(g, {"ra": m, "rb": m}, hw, wl, 2), plan)
+
+    plain, roomy, one = time(base), time(base.with_(cores_per_node=8.0)), time(base.with_(cores_per_node=1.0))
+    assert roomy.time == pytest.approx(plain.time)  # enough cores: the same schedule
+    ta, tb = plain.call_times["a"].time, plain.call_times["b"].time
+    assert plain.time == pytest.approx(max(ta, tb))  # disjoint meshes overlap
+    assert one.time == pytest.approx(ta + tb)  # ... but share one core: the work adds up
+    ev = {e.name: e for e in one.timeline}
+    assert ev["a"].start == ev["b"].start == 0.0 or one.timeline[0].start <= one.timeline[1].start

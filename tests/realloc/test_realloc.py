@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from reflow.parallel.launch import launch
-from reflow.realloc.check import (check_memory, check_module_slices, check_pairs, check_train_generate_train)
+from reflow.checks.realloc import (check_memory, check_module_slices, check_pairs, check_train_generate_train)
 
 LAYOUTS = ["d1t1p1", "d2t1p1", "d1t2p1", "d2t2p1", "d1t1p2", "d2t1p2", "d4t1p1"]
 

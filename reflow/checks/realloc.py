@@ -124,19 +124,16 @@ def check_train_generate_train(rank: int, world: int, model_dir: str) -> dict:
     sharded model (round trip). Everything is compared with one process doing the same on its own copy."""
     from transformers import AutoModelForCausalLM
 
-    from reflow.engines.generate import GenerationEngine, SamplingParams
+    from reflow.checks.layouts import (EPS, LR, SAMPLING, compare_generation, full_params, nll_loss, sample_batch,
+                                       scramble)
     from reflow.engines.train import TrainEngine
     from reflow.models.load import load_policy, load_tokenizer
     from reflow.parallel.context import ParallelContext
-    from reflow.parallel.equivalence import EPS, LR, full_params, nll_loss, sample_batch
     from reflow.realloc.model import build_destination, reallocate_model
 
     tok = load_tokenizer(model_dir)
     ref = load_policy(model_dir)
-    torch.manual_seed(3)  # scrambled weights: a fresh preset repeats its last token greedily
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
+    scramble(ref)
     init = {k: v.clone() for k, v in ref.state_dict().items()}
     config = ref.config
     shapes = {n: tuple(p.shape) for n, p in ref.named_parameters()}
@@ -144,7 +141,6 @@ def check_train_generate_train(rank: int, world: int, model_dir: str) -> dict:
     ref_engine = TrainEngine(ref, lr=LR, eps=EPS, micro_batch_tokens=40)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(5, 261, (n,), generator=g).tolist() for n in (3, 7, 5, 9)]
-    params = {"greedy": SamplingParams(8, greedy=True), "sampled": SamplingParams(8, temperature=0.9)}
 
     train_ctx = ParallelContext.build("d2t1p1", [0, 1])
     src = Sharding.of_model(ref, "d2t1p1", [0, 1], shard_data=True)
@@ -168,14 +164,8 @@ def check_train_generate_train(rank: int, world: int, model_dir: str) -> dict:
             out["bytes"][f"{step}/{where}"] = stats.received_bytes
             if gen_model is None:
                 continue
-            for name, sp in params.items():
-                a = GenerationEngine(ref, [tok.eos_token_id], tok.pad_token_id).generate(
-                    prompts, sp, torch.Generator().manual_seed(7))
-                b = GenerationEngine(gen_model, [tok.eos_token_id], tok.pad_token_id).generate(
-                    prompts, sp, torch.Generator().manual_seed(7))
-                out["generation"][f"{step}/{where}/{name}"] = (
-                    all(x.tokens == y.tokens for x, y in zip(a, b)),
-                    max(max(abs(u - v) for u, v in zip(x.logprobs, y.logprobs)) for x, y in zip(a, b)))
+            for name, sp in SAMPLING.items():
+                out["generation"][f"{step}/{where}/{name}"] = compare_generation(ref, gen_model, tok, prompts, sp)
             del gen_model  # temporary copies are dropped after their call
 
     # round trip: the last generation layout (ranks 1-2) back into a fresh sharded d2t1p1 on ranks 2-3

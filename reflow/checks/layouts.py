@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from reflow.algorithms.losses import sequence_nll
 from reflow.data.batch import SampleBatch
+from reflow.engines.generate import GenerationEngine, SamplingParams
 from reflow.engines.infer import InferenceEngine
 from reflow.engines.train import TrainEngine
 from reflow.models.load import load_policy
@@ -23,6 +24,8 @@ from reflow.parallel.layout import Layout, validate_layout
 # Adam's first step is lr * g / (|g| + eps); with eps far above |g| the update is proportional to g,
 # so comparing weights after one step compares gradients (a tiny eps would compare only their signs).
 LR, EPS = 1.0, 10.0
+# generation is compared greedy (the same argmax) and sampled (the same draws from the same seed)
+SAMPLING = {"greedy": SamplingParams(8, greedy=True), "sampled": SamplingParams(8, temperature=0.9)}
 
 
 def sample_batch(n: int = 8, seed: int = 0) -> SampleBatch:
@@ -46,6 +49,26 @@ def full_params(model) -> dict[str, torch.Tensor]:
         n = n.replace(".recv_mod.layer.", ".").replace(".layer.", ".")
         out[n] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
     return out
+
+
+def scramble(model) -> None:
+    """Random weights, the same on every rank (seed 3): a fresh preset repeats its last token greedily,
+    scrambled weights make the outputs depend on the context, so that a wrong layout shows."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+
+
+def compare_generation(ref, model, tok, prompts: list[list[int]], params: SamplingParams) -> tuple[bool, float]:
+    """Generate with the one-process `ref` and with `model` from the same seed: (every prompt got the same
+    tokens, max |difference| of the generated tokens' log-probs)."""
+    a = GenerationEngine(ref, [tok.eos_token_id], tok.pad_token_id).generate(
+        prompts, params, torch.Generator().manual_seed(7))
+    b = GenerationEngine(model, [tok.eos_token_id], tok.pad_token_id).generate(
+        prompts, params, torch.Generator().manual_seed(7))
+    return (all(x.tokens == y.tokens for x, y in zip(a, b)),
+            max(max(abs(u - v) for u, v in zip(x.logprobs, y.logprobs)) for x, y in zip(a, b)))
 
 
 def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], micro_batch_tokens: int = 40) -> dict:
@@ -90,7 +113,6 @@ def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], mic
 def check_generation(rank: int, world: int, model_dir: str, layout: str = "d1t2p1") -> dict:
     """Generation under a tensor-parallel layout vs one process: greedy tokens, and sampled tokens and
     log-probs with the same seed (every tensor-parallel rank samples the same token from the same logits)."""
-    from reflow.engines.generate import GenerationEngine, SamplingParams
     from reflow.models.load import load_tokenizer
     from reflow.parallel.parallelize import apply_tp
 
@@ -99,22 +121,12 @@ def check_generation(rank: int, world: int, model_dir: str, layout: str = "d1t2p
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(5, 261, (n,), generator=g).tolist() for n in (3, 7, 5, 9, 4)]
     out = {}
-    for name, params in {"greedy": SamplingParams(8, greedy=True), "sampled": SamplingParams(8, temperature=0.9)}.items():
+    for name, params in SAMPLING.items():
         ref = load_policy(model_dir)
-        # a fresh preset repeats its last token greedily; scrambled weights make outputs depend on the context
-        torch.manual_seed(3)
-        with torch.no_grad():
-            for p in ref.parameters():
-                p.copy_(torch.randn_like(p) * 0.3)
+        scramble(ref)
         tp_model = load_policy(model_dir)
         tp_model.load_state_dict(ref.state_dict())
         apply_tp(tp_model, ctx.sub_mesh("tp"))
-        a = GenerationEngine(ref, [tok.eos_token_id], tok.pad_token_id).generate(
-            prompts, params, torch.Generator().manual_seed(7))
-        b = GenerationEngine(tp_model, [tok.eos_token_id], tok.pad_token_id).generate(
-            prompts, params, torch.Generator().manual_seed(7))
-        out[name] = {
-            "same_tokens": all(x.tokens == y.tokens for x, y in zip(a, b)),
-            "logprob_diff": max(max(abs(u - v) for u, v in zip(x.logprobs, y.logprobs)) for x, y in zip(a, b)),
-        }
+        same, diff = compare_generation(ref, tp_model, tok, prompts, params)
+        out[name] = {"same_tokens": same, "logprob_diff": diff}
     return out

@@ -1,5 +1,5 @@
-"""Calibration: the fitting recovers known figures from synthetic measurements; hardware files round-trip
-and fail with one line; the shared-core simulation reduces to the plain one and slows overlapping calls."""
+"""Fitting: least squares recovers known Hardware figures, per-kind scales and the per-call cost from
+synthetic measurements; calibration runs of one plan and size pool into one."""
 
 import dataclasses
 import math
@@ -7,13 +7,12 @@ import random
 
 import pytest
 
-from reflow.planner.cost import Workload, placement
-from reflow.planner.hardware import Hardware, HardwareError, hardware
+from reflow.planner.cost import _owner_gather, placement
+from reflow.planner.fit import fit_call_overhead, fit_call_scales, fit_hardware, fit_linear, pool_runs
+from reflow.planner.hardware import Hardware, hardware
 from reflow.planner.models import ModelShape
-from reflow.planner.profile import fit_hardware, fit_linear
-from reflow.planner.simulator import Problem, evaluate
-from reflow.runtime.graph import Call, Graph
-from reflow.runtime.plan import Plan
+from reflow.planner.runtime_timing import one_rank_plan
+from reflow.planner.simulator import evaluate
 from transformers import LlamaConfig
 
 
@@ -63,8 +62,6 @@ def test_fit_hardware_recovers_known_figures_from_synthetic_measurements():
     }
     # FSDP over all n ranks (measured with all busy): a forward on the owner copy adds a gather and
     # (L + 1) x the per-unit overhead; a forward + backward three of each
-    from reflow.planner.cost import _owner_gather
-
     fsdp_oh = 2e-3
     ag = _owner_gather(m, placement(f"d{n}t1p1", range(n)), Hardware("x", 1, 1, 1, bw, lat, bw, lat, n))
     meas.update(realloc=0.05, replica_forward=0.01, replica_forward_backward=0.03,
@@ -82,48 +79,7 @@ def test_fit_hardware_recovers_known_figures_from_synthetic_measurements():
     assert hw.cores_per_node == pytest.approx(cores)
 
 
-def test_hardware_file_round_trip_and_one_line_errors(tmp_path):
-    hw = hardware("cpu").with_(call_overhead=3e-3, cores_per_node=1.5, fsdp_overhead=1e-4)
-    path = tmp_path / "hw.yaml"
-    hw.save(path, measured={"rows": [{"what": "x", "measured_s": 1.0}]})
-    assert Hardware.load(path) == hw
-    assert hardware(str(path)) == hw  # a .yaml name where a preset name goes
-    with pytest.raises(HardwareError, match="does not exist"):
-        Hardware.load(tmp_path / "nope.yaml")
-    path.write_text("name: x\nflops: 1e9\nwarp_speed: 9\n")
-    with pytest.raises(HardwareError, match="unknown hardware figure.*warp_speed"):
-        Hardware.load(path)
-    path.write_text(path.read_text().replace("warp_speed: 9", "mem_bw: fast"))
-    with pytest.raises(HardwareError):
-        Hardware.load(path)
-
-
-def _two_calls() -> Graph:
-    return Graph("g", [Call("a", "ra", "infer", ("prompts",), ("x",)), Call("b", "rb", "infer", ("prompts",), ("y",))],
-                 results=("x", "y"))
-
-
-def test_shared_cores_simulation():
-    m = _shape()
-    g = _two_calls()
-    plan = Plan("p", 2, {"a": placement("d1t1p1", [0]), "b": placement("d1t1p1", [1])})
-    base = hardware("cpu")
-    wl = Workload(batch=8, prompt_len=16, gen_len=16)
-
-    def time(hw):
-        return evaluate(Problem(g, {"ra": m, "rb": m}, hw, wl, 2), plan)
-
-    plain, roomy, one = time(base), time(base.with_(cores_per_node=8.0)), time(base.with_(cores_per_node=1.0))
-    assert roomy.time == pytest.approx(plain.time)  # enough cores: the same schedule
-    ta, tb = plain.call_times["a"].time, plain.call_times["b"].time
-    assert plain.time == pytest.approx(max(ta, tb))  # disjoint meshes overlap
-    assert one.time == pytest.approx(ta + tb)  # ... but share one core: the work adds up
-    ev = {e.name: e for e in one.timeline}
-    assert ev["a"].start == ev["b"].start == 0.0 or one.timeline[0].start <= one.timeline[1].start
-
-
 def test_call_overhead_fitted_through_the_simulator_recovers_a_known_value():
-    from reflow.planner.profile import fit_call_overhead
     from reflow.planner.whatif import ppo_problem
     from reflow.runtime.plan import separate
 
@@ -135,25 +91,11 @@ def test_call_overhead_fitted_through_the_simulator_recovers_a_known_value():
     assert fit_call_overhead(evaluate(bare, plan).time * 0.5, bare, plan) == 0.0  # faster than the model: 0
 
 
-@pytest.fixture
-def ppo_cfg(tmp_path, debug_model, addition_data):
-    from reflow.config.loader import from_dict
-    from reflow.config.schema import RLConfig
-
-    return from_dict(RLConfig, {
-        "output_dir": str(tmp_path / "run"), "actor": {"path": str(debug_model)}, "reward": {"fn": "exact_match"},
-        "data": {"train": str(addition_data / "train.jsonl"), "eval": None, "max_prompt_len": 16},
-        "rollout": {"prompts_per_step": 4, "n": 2, "max_new_tokens": 4},
-        "algo": {"name": "ppo", "kl_coef": 0.01, "ppo_epochs": 1, "mini_batches": 1},
-        "trainer": {"steps": 2, "progress": False}, "runtime": {"workers": 2, "timeout_s": 60}})
-
-
 def _calibration_runs(cfg, hw, truth, c, sizes=(4, 1)):
     """Synthetic measurements of the one-rank plan: each model call = truth[kind] x modelled work + c."""
     import copy
 
     from reflow.planner.config import problem_for_config
-    from reflow.planner.profile import one_rank_plan
 
     runs = []
     for n in sizes:
@@ -168,8 +110,6 @@ def _calibration_runs(cfg, hw, truth, c, sizes=(4, 1)):
 
 
 def test_call_scales_recovered_from_the_workloads_calls(ppo_cfg):
-    from reflow.planner.profile import fit_call_scales
-
     hw = hardware("cpu")
     truth = {"generate": 1.7, "infer": 0.8, "train": 1.3}
     scales, c, table = fit_call_scales(_calibration_runs(ppo_cfg, hw, truth, 4e-3), 2,
@@ -182,37 +122,7 @@ def test_call_scales_recovered_from_the_workloads_calls(ppo_cfg):
     assert fit_call_scales(runs, 2, hw)[0]["generate"] > truth["generate"] * 1.2
 
 
-def test_cores_from_alone_and_together_times():
-    from reflow.planner.profile import cores_from_times
-
-    cores, per_k = cores_from_times({1: 1.0, 2: 1.2, 4: 2.4})  # 2 and 4 workers both progress as 1.67 cores
-    assert cores == pytest.approx(5 / 3) and per_k == pytest.approx({2: 5 / 3, 4: 5 / 3})
-    assert cores_from_times({1: 1.0, 2: 0.9})[0] == 2.0  # never more cores than workers
-    assert cores_from_times({1: 1.0, 4: 9.0})[0] == 1.0  # nor fewer than one
-
-
-def test_ray_sharing_runs_workers_like_the_runtime():
-    from reflow.planner.profile import measure_ray_sharing
-
-    cores, rows = measure_ray_sharing(2, "debug-llama", reps=2, rounds=1)
-    assert 1.0 <= cores <= 2.0 and len(rows) == 2 and all(t > 0 for _, t, _ in rows)
-
-
-def test_runtime_calls_are_timed_from_the_workers_timelines(ppo_cfg):
-    """measure_runtime_calls runs the real runtime (2 Ray workers, the one-rank plan) and reads every model
-    call's time on rank 0 from the timeline."""
-    from reflow.planner.profile import measure_runtime_calls
-
-    run, = measure_runtime_calls(ppo_cfg, 2, [2], steps=3, warmup=1)
-    assert run["prompts"] == 2 and run["plan"] == "one-rank" and len(run["step_samples"]) == 2
-    assert set(run["calls"]) == {"actor_gen", "reward", "ref_inf", "critic_inf", "actor_train", "critic_train"}
-    assert all(t > 0 for t in run["calls"].values())
-    assert sum(run["calls"].values()) <= run["step"] * 1.05  # the calls run one after another within a step
-
-
 def test_pool_runs_merges_runs_of_one_plan_and_size():
-    from reflow.planner.profile import pool_runs
-
     def run(prompts, steps, gen):
         return {"plan": "one-rank", "prompts": prompts, "cfg": None, "step_samples": steps,
                 "call_samples": {"actor_gen": gen}}
@@ -221,10 +131,3 @@ def test_pool_runs_merges_runs_of_one_plan_and_size():
     full = pooled[0]
     assert full["runs"] == 2 and full["step"] == 2.25 and full["calls"] == {"actor_gen": 0.2}
     assert pooled[1]["runs"] == 1 and pooled[1]["step"] == 0.5
-
-
-def test_ray_call_chain_across_workers_and_on_one():
-    from reflow.planner.profile import measure_call_overhead
-
-    cross, local = measure_call_overhead(2, hops=4)
-    assert cross > 0 and local > 0
