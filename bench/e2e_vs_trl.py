@@ -106,8 +106,9 @@ def mean(xs):
 class ReflowSide:
     """reflow's RLExperiment (configs/grpo_addition.yaml + the overrides below), stepped one GRPO step at a time.
 
-    `step()` is the body of `RLExperiment.run()`'s loop (train_step, step counter, metrics.jsonl row); the
-    evals, checkpoints and curves that run() adds around the loop are off or done once in `finish()`.
+    `step()` is `RLExperiment.run_step()` (the body of `run()`'s loop: one step of the graph on the executor,
+    in this process) plus its metrics.jsonl row; the evals and curves that run() adds around the loop are
+    off, and `finish()` exports final/ as run() does.
     """
 
     def __init__(self, sft: Path, steps: int, seed: int):
@@ -116,18 +117,6 @@ class ReflowSide:
         from reflow.experiments.demo import CONFIG_DIR
         from reflow.experiments.rl import RLExperiment
         from reflow.utils.metrics import MetricsLogger
-
-        class TimedRL(RLExperiment):
-            """Records what each step generated and trained."""
-
-            def actor_gen(self, prompt_idx):
-                batch = super().actor_gen(prompt_idx)
-                self.rec.update(gen_completions=len(batch), gen_tokens=int(batch.samples["response_len"].sum()))
-                return batch
-
-            def actor_train(self, batch):
-                self.rec.update(train_completions=len(batch), train_tokens=int(batch.tokens["action_mask"].sum()))
-                return super().actor_train(batch)
 
         self.out = RUNS / "reflow"
         self.steps = steps
@@ -140,8 +129,7 @@ class ReflowSide:
             "algo.mini_batches=1", "reward.fn=exact_match", "data.eval=null", "trainer.eval_every=0",
             "trainer.save_every=0", "trainer.progress=false"])
         t0 = time.perf_counter()
-        self.exp = TimedRL(cfg)
-        self.exp.rec = {}
+        self.exp = RLExperiment(cfg)
         self.out.mkdir(parents=True, exist_ok=True)
         self.logger = MetricsLogger(self.out)
         self.setup_s = time.perf_counter() - t0
@@ -151,21 +139,21 @@ class ReflowSide:
         if len(self.records) >= self.steps:
             return
         t0 = time.perf_counter()
-        self.exp.rec = {}
-        m = self.exp.train_step()
-        self.exp.step += 1
+        m = self.exp.run_step()
         self.logger.log(self.exp.step, m)
         t1 = time.perf_counter()
-        self.records.append({**self.exp.rec, "wall": t1 - t0, "reward": m["reward/mean"], "lr": m.get("actor/lr"),
+        # every generated completion is trained on; its action tokens are its response tokens
+        rec = {"gen_completions": int(m["samples"]), "gen_tokens": int(m["gen_tokens"]),
+               "train_completions": int(m["samples"]), "train_tokens": int(m["gen_tokens"])}
+        self.records.append({**rec, "wall": t1 - t0, "reward": m["reward/mean"], "lr": m.get("actor/lr"),
                              **{k: v for k, v in m.items() if k.startswith("time/")}})
 
     def finish(self) -> dict:
-        from reflow.models.load import save_model
-
         while len(self.records) < self.steps:
             self.step()
         self.logger.close()
-        save_model(self.exp.actor, self.exp.tokenizer, self.out / "final")
+        self.exp.export_final()
+        self.exp.shutdown()
         return {"name": "reflow", "records": self.records, "setup_s": self.setup_s,
                 "loop_s": sum(x["wall"] for x in self.records), "final": self.out / "final",
                 "threads": torch.get_num_threads()}
@@ -299,7 +287,7 @@ def run_trl(sft: Path, steps: int, seed: int, between_steps=None) -> dict:
 
 def held_out(folder: Path) -> float:
     from reflow.data.datasets import load_prompts
-    from reflow.experiments.common import evaluate
+    from reflow.engines.rollout import evaluate
     from reflow.models.load import load_policy, load_tokenizer
     from reflow.rewards.rules import exact_match
 

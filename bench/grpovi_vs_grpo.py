@@ -31,12 +31,13 @@ def ensure_sft_model() -> Path:
         from reflow.config.schema import SFTConfig
         from reflow.data.tasks import write_task
         from reflow.experiments.demo import CONFIG_DIR, DATA_OPTIONS
-        from reflow.experiments.sft import SFTExperiment
+        from reflow.experiments.supervised import SFTExperiment
         from reflow.models.presets import init_model
 
         init_model("tiny-llama", ROOT / "runs/demo/model", seed=0)
         write_task("addition", ROOT / "data/addition", **DATA_OPTIONS)
-        SFTExperiment(load_config(SFTConfig, CONFIG_DIR / "sft_addition.yaml", ["progress=false"])).run()
+        with SFTExperiment(load_config(SFTConfig, CONFIG_DIR / "sft_addition.yaml", ["progress=false"])) as exp:
+            exp.run()
     return sft
 
 
@@ -52,7 +53,8 @@ def run(estimator: str, seed: int, steps: int, eval_every: int) -> list[dict]:
         f"output_dir={out}", f"seed={seed}", f"algo.adv_estimator={estimator}", "reward.fn=digit_match",
         f"trainer.steps={steps}", f"trainer.eval_every={eval_every}", "trainer.save_every=0",
         "trainer.progress=false"])
-    RLExperiment(cfg).run()
+    with RLExperiment(cfg) as exp:
+        exp.run()
     return read_metrics(out / "metrics.jsonl")
 
 

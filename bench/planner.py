@@ -18,7 +18,7 @@ bundled PPO workload, and whether the searched plan is no slower than the best b
 3. Plans: colocate, separate (built-in), three hand-written YAML plans, and the plan `reflow plan search`
    finds for the calibrated hardware (seed 0). Each one's prediction is the planner's simulated iteration
    time (reflow.planner.evaluate).
-4. Measurement: one Ray session (started here, reused by every run), `Controller(cfg).train()` per plan on
+4. Measurement: one Ray session (started here, reused by every run), `RLExperiment(cfg).run()` per plan on
    --workers workers, --rounds times (alternating the order of the plans); iteration time = median of
    metrics "time/step" over the steps after --warmup of every run of the plan.
 
@@ -88,19 +88,19 @@ runtime: {{workers: 4}}
 def measure(cfg_path: Path, plan: str, workers: int, steps: int, warmup: int, tag: str) -> dict:
     from reflow.config.loader import load_config
     from reflow.config.schema import RLConfig
-    from reflow.runtime.controller import Controller
+    from reflow.experiments.rl import RLExperiment
 
     cfg = load_config(RLConfig, str(cfg_path), [f"runtime.workers={workers}", f"runtime.plan={plan}",
                                                  f"trainer.steps={steps}", f"output_dir={WORK / ('run-' + tag)}",
                                                  "trainer.save_every=0", "runtime.timeline=true"])
     t0 = time.perf_counter()
-    controller = Controller(cfg)
+    exp = RLExperiment(cfg)
     started = time.perf_counter() - t0
     try:
-        # no checkpoint at the end: the controller saves at the last step; keep it (cheap for this model)
-        history = controller.train()
+        exp.run()  # (it saves a checkpoint at the last step: cheap for this model)
+        history = exp.history
     finally:
-        controller.shutdown()
+        exp.shutdown()
     times = [m["time/step"] for m in history]
     kept = times[warmup:]
     return {"times": times, "median": statistics.median(kept), "min": min(kept), "max": max(kept),

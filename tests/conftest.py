@@ -28,3 +28,13 @@ def addition_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("addition")
     write_task("addition", out, n_train=200, n_test=16, seed=0, min_digits=2, max_digits=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One Ray session for every multi-worker test (starting Ray costs seconds); 4 CPUs for 4 workers."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -73,8 +73,6 @@ def measure_runtime_step(workers: int, steps: int = 6, warmup: int = 2) -> tuple
     from reflow.config.schema import RLConfig
     from reflow.data.tasks import write_task
     from reflow.models.presets import init_model
-    from reflow.runtime.controller import Controller
-
     root = Path(tempfile.mkdtemp(prefix="reflow-profile-"))
     model = init_model("debug-llama", root / "model", seed=0)
     write_task("addition", root / "data", n_train=64, n_test=4, seed=0)
@@ -90,14 +88,41 @@ def measure_runtime_step(workers: int, steps: int = 6, warmup: int = 2) -> tuple
     level = logging.getLogger("reflow").level
     logging.getLogger("reflow").setLevel(logging.WARNING)
     try:
-        controller = Controller(cfg)
-        try:
-            history = controller.train()
-        finally:
-            controller.shutdown()
+        times, _ = timed_steps(cfg, steps)
     finally:
         logging.getLogger("reflow").setLevel(level)
-    return statistics.median(m["time/step"] for m in history[warmup:]), cfg
+    return statistics.median(times[warmup:]), cfg
+
+
+def timed_steps(cfg, steps: int) -> tuple[list[float], list[dict]]:
+    """`steps` steps of an RL config's graph under its plan, straight on the executor (no evaluation, no
+    checkpoints; the KL coefficient stays at algo.kl_coef): (seconds per step, the workers' timeline)."""
+    import time
+
+    from reflow.data.sampler import PromptSampler
+    from reflow.runtime.executor import Executor
+    from reflow.runtime.graphs import graph_for
+    from reflow.runtime.plan import resolve_plan
+
+    graph = graph_for(cfg)
+    executor = Executor(cfg, graph, resolve_plan(cfg.runtime.plan, graph, cfg.runtime.workers))
+    try:
+        sampler = PromptSampler(len(executor_prompts(cfg)), cfg.seed, cfg.data.shuffle)
+        times = []
+        for step in range(steps):
+            t0 = time.perf_counter()
+            executor.step(step, {"prompts": sampler.next(cfg.rollout.prompts_per_step), "kl_coef": cfg.algo.kl_coef})
+            times.append(time.perf_counter() - t0)
+        return times, executor.timeline
+    finally:
+        executor.shutdown()
+
+
+def executor_prompts(cfg) -> list:
+    from reflow.models.load import load_tokenizer
+    from reflow.runtime.data import WorkerData
+
+    return WorkerData(cfg, load_tokenizer(cfg.actor.path)).train_prompts
 
 
 
@@ -121,7 +146,6 @@ def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 8,
     import shutil
     import tempfile
 
-    from reflow.runtime.controller import Controller
     from reflow.runtime.graphs import graph_for
 
     root = Path(tempfile.mkdtemp(prefix="reflow-profile-calls-"))
@@ -138,18 +162,13 @@ def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 8,
             c.rollout.prompts_per_step = n
             c.trainer.steps, c.trainer.save_every, c.trainer.progress = steps, 0, False
             c.runtime.workers, c.runtime.plan, c.runtime.timeline = workers, str(plan_path), True
-            controller = Controller(c)
-            try:
-                history = [controller.run_step() for _ in range(steps)]
-                events = controller.timeline
-            finally:
-                controller.shutdown()
+            steps_s, events = timed_steps(c, steps)
+            steps_s = steps_s[warmup:]
             per_call: dict[str, list[float]] = {}
             first = {name: pl.ranks[0] for name, pl in plan.calls.items()}
             for e in events:
                 if e["step"] >= warmup and e["rank"] == first.get(e["name"]):
                     per_call.setdefault(e["name"], []).append(e["end"] - e["start"])
-            steps_s = [m["time/step"] for m in history[warmup:]]
             runs.append({"prompts": n, "plan": plan.name, "cfg": c, "step_samples": steps_s, "call_samples": per_call,
                          "step": statistics.median(steps_s),
                          "calls": {k: statistics.median(v) for k, v in per_call.items()}})

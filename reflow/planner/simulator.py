@@ -1,7 +1,7 @@
 """Simulator: a plan's iteration time and per-rank peak memory, by scheduling the graph's calls on their
 meshes for a few iterations.
 
-Rules (those of reflow.runtime.controller and the workers):
+Rules (those of reflow.runtime.executor and the workers):
 
     * calls are issued in the graph's order; a rank runs its tasks in issue order, so calls whose meshes
       overlap serialise in graph order and calls on disjoint meshes overlap in time

@@ -149,10 +149,11 @@ def check_compatible(src: Sharding, dst: Sharding) -> None:
 
 def plan_reallocation(src: Sharding, dst: Sharding, *, world_size: int | None = None, model_config=None,
                       ranks_per_node: int = 8, dtype_bytes: int | dict[str, int] = 4,
-                      bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> ReallocPlan:
+                      bucket_bytes: int = DEFAULT_BUCKET_BYTES, node_of=None) -> ReallocPlan:
     """The transfers that turn `src` into `dst`. Raises ReallocError / LayoutError before anything moves.
 
     ranks_per_node: ranks r and q share a node when r // ranks_per_node == q // ranks_per_node.
+    node_of: the node of each rank (a sequence of any hashable ids, e.g. Ray node ids); replaces ranks_per_node.
     dtype_bytes: bytes per element (one number, or per parameter name).
     """
     check_compatible(src, dst)
@@ -166,8 +167,8 @@ def plan_reallocation(src: Sharding, dst: Sharding, *, world_size: int | None = 
             raise ReallocError(f"{side} layout {s.layout} needs {s.layout.size} ranks, got {list(s.ranks)}")
     sizes = dtype_bytes if isinstance(dtype_bytes, dict) else {n: int(dtype_bytes) for n in src.shape_of}
 
-    def node(r: int) -> int:
-        return r // ranks_per_node
+    def node(r: int):
+        return node_of[r] if node_of is not None else r // ranks_per_node
 
     load: dict[int, int] = defaultdict(int)
     copies: list[LocalCopy] = []

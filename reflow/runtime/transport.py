@@ -74,6 +74,8 @@ class RayTransport:
         bundle = {"CPU": 1, **({"GPU": 1} if gpus else {})}
         self.pg = placement_group([bundle] * world_size, strategy="PACK")
         ray.get(self.pg.ready(), timeout=max(300.0, rt.timeout_s))
+        table = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+        self.nodes = [table[r] for r in range(world_size)]  # the Ray node of each rank
         actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(worker_cls)
         self.workers = [actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=self.pg, placement_group_bundle_index=r)).remote(*make_args(r))
@@ -85,7 +87,7 @@ class RayTransport:
 
         # (starting actors imports torch and transformers in each: slow on a loaded machine, not a hang)
         addr, port = ray.get(self.workers[0].endpoint.remote(), timeout=max(300.0, self.rt.timeout_s))
-        return self.wait([(w.start.remote(addr, port), ("start", r)) for r, w in enumerate(self.workers)],
+        return self.wait([(w.start.remote(addr, port, self.nodes), ("start", r)) for r, w in enumerate(self.workers)],
                          self.rt.timeout_s)
 
     def run(self, rank: int, *args):

@@ -111,9 +111,10 @@ class Worker:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def start(self, master_addr: str | None = None, master_port: int | None = None) -> dict:
+    def start(self, master_addr: str | None = None, master_port: int | None = None, nodes=None) -> dict:
         """Join the world (unless in one process: master_addr None) and load this rank's shards; returns
-        {"rank", "node", "skipped"} (bad data rows skipped while loading)."""
+        {"rank", "node", "skipped"} (bad data rows skipped while loading). nodes: the node of every rank
+        (reallocation sends from a holder on the receivers' node first)."""
         rank, world_size, cfg, plan, graph, timeout_s, threads, resume = self._args
         self.rank, self.world_size, self.cfg, self.plan, self.graph = rank, world_size, cfg, plan, graph
         rt = cfg.runtime
@@ -159,7 +160,7 @@ class Worker:
         for name in self.calls:
             shardings = self._realloc_for(name)
             if shardings is not None:
-                plan_ = plan_reallocation(*shardings, world_size=world_size)
+                plan_ = plan_reallocation(*shardings, world_size=world_size, node_of=nodes)
                 self.realloc[name] = (*shardings, plan_)
                 for sender, receivers in plan_.buckets():
                     if len(receivers) > 1:

@@ -1,10 +1,13 @@
-"""A user's own algorithm, as the README shows: an advantage estimator and a graph, in the file that also
-holds the reward function (so every worker imports it when it loads the reward)."""
+"""A user's own algorithm, as the README shows: an advantage estimator, a call implementation and a graph, in
+one file (`algo.graph=my_algo_plugin.py:centered_graph`; every worker imports it)."""
+
+import torch
 
 from reflow.algorithms.advantages import broadcast_to_tokens
 from reflow.algorithms.registry import register_advantage
+from reflow.runtime.calls import register_call
+from reflow.runtime.calls.rollout import ROLLOUT_FIELDS
 from reflow.runtime.graph import Call, Graph
-from reflow.runtime.graphs import GRAPHS
 
 
 @register_advantage("centered_test")
@@ -14,17 +17,19 @@ def centered(*, rewards, seqlens, action_mask, **_):
     return adv, adv
 
 
-def centered_graph(ref=True, old_logprobs=False):
+@register_call("length_score")
+def length_score(cc, batch):
+    """A reward computed by a call of the user's own: the response length modulo 3."""
+    return batch.with_samples(**{cc.output_key(): torch.tensor([float(len(r) % 3) for r in batch.meta["response"]])})
+
+
+def centered_graph(cfg):
     return Graph("centered_test", [
-        Call("actor_gen", "actor", "generate", ("prompts",), ("responses",)),
-        Call("reward", "reward", "infer", ("responses",), ("scores",)),
-        Call("actor_train", "actor", "train", ("responses", "scores")),
+        Call("actor_gen", "actor", "generate", "generate", ("prompts",), ROLLOUT_FIELDS),
+        Call("reward", "reward", "infer", "length_score", ("response",), ("score",)),
+        Call("actor_train", "actor", "train", "train_policy", (*ROLLOUT_FIELDS, "score")),
     ])
-
-
-GRAPHS["centered_test"] = centered_graph
 
 
 def reward(prompts, responses, answers):
     return [float(len(r) % 3) for r in responses]
-

@@ -11,7 +11,8 @@ ray = pytest.importorskip("ray")
 
 from reflow.config.loader import from_dict  # noqa: E402
 from reflow.config.schema import RLConfig  # noqa: E402
-from reflow.runtime.controller import Controller, WorkerFailed  # noqa: E402
+from reflow.experiments.rl import RLExperiment  # noqa: E402
+from reflow.runtime.transport import WorkerFailed  # noqa: E402
 
 REWARDS = Path(__file__).parent / "varied_reward.py"
 PLANS = {
@@ -23,13 +24,6 @@ PLANS = {
     "pipeline": {"actor_gen": ("0-3", "d4t1p1"), "reward": ("2-3", "d2t1p1"), "ref_inf": ("0-1", "d1t1p2"),
                  "actor_train": ("0-3", "d2t1p2")},
 }
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def config(tmp_path, model, data, algo="grpo", workers=1, plan="colocate", reward="varied", **runtime):
@@ -50,12 +44,10 @@ def config(tmp_path, model, data, algo="grpo", workers=1, plan="colocate", rewar
         "runtime": {"workers": workers, "plan": plan, "timeout_s": 30, **runtime}})
 
 
-def run(cfg) -> list[dict]:
-    controller = Controller(cfg)
-    try:
-        return controller.train()
-    finally:
-        controller.shutdown()
+def run(cfg, resume=None) -> list[dict]:
+    with RLExperiment(cfg, resume) as exp:
+        exp.run()
+        return exp.history
 
 
 def assert_same(a: list[dict], b: list[dict]):
@@ -113,12 +105,10 @@ def test_resume_under_another_plan_continues_exactly(ray_session, tmp_path, debu
     assert (ckpt / "actor" / "model.safetensors").is_file() and (ckpt / "trainer_state.pt").is_file()
     again = config(tmp_path / "resumed", debug_model, addition_data, workers=4, plan=PLANS["pipeline"])
     again.trainer.steps = 4
-    controller = Controller(again, resume=str(ckpt))
-    try:
-        assert controller.step == 2
-        resumed = controller.train()
-    finally:
-        controller.shutdown()
+    with RLExperiment(again, resume=str(ckpt)) as exp:
+        assert exp.step == 2
+        exp.run()
+        resumed = exp.history
     assert_same(whole[2:], resumed)
 
 
@@ -130,10 +120,9 @@ def test_a_users_own_graph_and_estimator_run_on_workers(ray_session, tmp_path, d
     spec.loader.exec_module(importlib.util.module_from_spec(spec))  # registers in this process
     cfg = config(tmp_path, debug_model, addition_data, workers=2, plan="separate")
     cfg.algo.adv_estimator, cfg.algo.kl_coef, cfg.reward.fn = "centered_test", 0.0, f"{plugin}:reward"
-    controller = Controller(cfg)
-    try:
-        assert controller.graph.name == "centered_test" and controller.graph.order[-1] == "actor_train"
-        history = controller.train()
-    finally:
-        controller.shutdown()
+    cfg.algo.graph = f"{plugin}:centered_graph"
+    with RLExperiment(cfg) as exp:
+        assert exp.graph.name == "centered_test" and exp.graph.order[-1] == "actor_train"
+        exp.run()
+        history = exp.history
     assert len(history) == 2 and history[0]["actor/grad_norm"] > 0
