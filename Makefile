@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/reflow demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 # Benchmarks: a separate .venv-bench with reflow and the TRL baseline (bench/requirements.txt: never a

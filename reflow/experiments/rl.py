@@ -14,7 +14,7 @@ from reflow.config.schema import RLConfig
 from reflow.data.sampler import PromptSampler
 from reflow.experiments.loop import StepLoop
 from reflow.models.load import check_model_dir, load_tokenizer
-from reflow.rewards.registry import compute_rewards, load_reward_fn
+from reflow.rewards.registry import load_reward_fn
 from reflow.runtime.calls.policy import grpovi_bounds
 from reflow.runtime.data import WorkerData
 from reflow.runtime.graphs import graph_for
@@ -50,9 +50,6 @@ class RLExperiment(StepLoop):
         reward_fn = load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None
         data = WorkerData(cfg, load_tokenizer(cfg.actor.path))
         grpovi_bounds(cfg, reward_fn)
-        if reward_fn is not None:  # a reward function that is broken fails now, not after generation
-            first = data.train_prompts[0]
-            compute_rewards(reward_fn, [first.prompt_text], [first.answer or ""], [first.answer])
         _ = data.eval_prompts, data.ptx  # bad rows fail now
         self.total_steps = cfg.trainer.steps
         self.samplers = {"prompts": PromptSampler(len(data.train_prompts), cfg.seed, cfg.data.shuffle)}

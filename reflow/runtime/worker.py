@@ -37,7 +37,7 @@ from reflow.parallel.shards import Sharding
 from reflow.realloc.execute import group_for
 from reflow.realloc.model import Offloaded, build_destination, reallocate_model
 from reflow.realloc.plan import ReallocPlan, plan_reallocation
-from reflow.rewards.registry import load_reward_fn
+from reflow.rewards.registry import compute_rewards, load_reward_fn
 from reflow.runtime.calls import CallContext, get_call
 from reflow.runtime.checkpoint import load_ema, load_optimizer, save_role
 from reflow.runtime.data import WorkerData
@@ -147,6 +147,11 @@ class Worker:
                                                 sep=reward.prm_sep, coef=reward.prm_coef, load_model=load_reward_model)
         self.placements = placements(plan, graph)
         self.calls = {c.name: c for c in [*graph.calls, *(graph.evals.calls if graph.evals else [])]}
+        if self.reward_fn is not None and any(rank in self.placements[c.name].ranks for c in self.calls.values()
+                                              if c.impl == "score_fn"):
+            # a broken reward function fails now, on the worker that runs it, before any generation
+            first = self.data.train_prompts[0]
+            compute_rewards(self.reward_fn, [first.prompt_text], [first.answer or ""], [first.answer])
         # every placement's mesh, created by every worker in the same order (group creation is collective)
         self.ctx = {pl: (ParallelContext(pl.layout, list(pl.ranks), self.device.type) if self.distributed else None)
                     for pl in sorted(set(self.placements.values()), key=lambda p: (p.ranks, str(p.layout)))}

@@ -145,27 +145,32 @@ def test_actor_gen_samples_are_keyed_by_sample_id(debug_model, addition_data, tm
     several generation calls (as data-parallel replicas do) gives the same samples."""
     from reflow.config.loader import load_config
     from reflow.config.schema import RLConfig
-    from reflow.engines.generate import sample_seed
+    from reflow.engines.generate import GenerationEngine, SamplingParams, sample_seed
     from reflow.experiments.rl import RLExperiment
 
     cfg = load_config(RLConfig, None, rl_args(debug_model, addition_data, tmp_path / "keyed")[1:] +
                       ["rollout.temperature=1.5", "rollout.max_new_tokens=6"])
-    exp = RLExperiment(cfg)
-    exp.step = 3
-    prompt_idx = [5, 17, 2, 9]
-    batch = exp.actor_gen(prompt_idx)
-    n = cfg.rollout.n
-    assert batch.ids == list(range(3 * 16, 4 * 16))  # sample ids: first_id + j
-    responses = [s[p:].tolist() for s, p in zip(batch.unpack("input_ids"), batch.samples["prompt_len"].tolist())]
-    assert len({tuple(r) for r in responses[:n]}) > 1  # the n samples of a prompt differ
-    prompts = [exp.train_set[i].prompt_ids for i in prompt_idx for _ in range(n)]
-    seed = sample_seed(cfg.seed, 3)
-    split = []
-    for part in ([1, 3, 5, 7, 9, 11, 13, 15], [14, 12, 10, 8, 6, 4, 2, 0]):  # two "replicas", any order
-        gens = exp.gen_engine.generate([prompts[j] for j in part], exp.sampling, keys=[batch.ids[j] for j in part],
-                                       seed=seed)
-        split += [(j, g.tokens) for j, g in zip(part, gens)]
-    assert [t for _, t in sorted(split)] == responses
-    exp.step = 4  # another step: other samples for the same prompts
-    later = exp.actor_gen(prompt_idx)
-    assert [s.tolist() for s in later.unpack("input_ids")] != [s.tolist() for s in batch.unpack("input_ids")]
+    with RLExperiment(cfg) as exp:
+        worker = exp.executor.transport.worker  # the in-process worker
+
+        def actor_gen(step, prompt_idx):
+            return worker.run(step, "actor_gen", {"prompts": prompt_idx, "parts": []})[0]
+
+        prompt_idx = [5, 17, 2, 9]
+        batch = actor_gen(3, prompt_idx)
+        n = cfg.rollout.n
+        assert batch.ids == list(range(3 * 16, 4 * 16))  # sample ids: first_id + j
+        responses = [s[p:].tolist() for s, p in zip(batch.unpack("input_ids"), batch.samples["prompt_len"].tolist())]
+        assert len({tuple(r) for r in responses[:n]}) > 1  # the n samples of a prompt differ
+        prompts = [worker.data.train_prompts[i].prompt_ids for i in prompt_idx for _ in range(n)]
+        seed = sample_seed(cfg.seed, 3)
+        tok = worker.tokenizer
+        engine = GenerationEngine(worker.roles["actor"].model, [tok.eos_token_id], tok.pad_token_id)
+        sampling = SamplingParams(6, 1.5)
+        split = []
+        for part in ([1, 3, 5, 7, 9, 11, 13, 15], [14, 12, 10, 8, 6, 4, 2, 0]):  # two "replicas", any order
+            gens = engine.generate([prompts[j] for j in part], sampling, keys=[batch.ids[j] for j in part], seed=seed)
+            split += [(j, g.tokens) for j, g in zip(part, gens)]
+        assert [t for _, t in sorted(split)] == responses
+        later = actor_gen(4, prompt_idx)  # another step: other samples for the same prompts
+        assert [s.tolist() for s in later.unpack("input_ids")] != [s.tolist() for s in batch.unpack("input_ids")]

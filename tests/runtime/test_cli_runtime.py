@@ -6,9 +6,6 @@ import pytest
 import yaml
 
 from reflow.cli import main
-from reflow.config.loader import ConfigError, load_config
-from reflow.config.schema import RLConfig
-from reflow.runtime.support import check_supported
 
 
 def run_error(capsys, argv, code=2):
@@ -106,58 +103,42 @@ def test_missing_plan_file(debug_model, addition_data, capsys):
     assert "no/such/plan.yaml" in err and "colocate" in err
 
 
-def _cfg(model, data, *extra):
-    return load_config(RLConfig, None, rl_args(model, data, "runtime.workers=2", *extra))
-
-
-@pytest.mark.parametrize("extra, key", [
-    (["algo.ptx_coef=0.1", "data.ptx=sft.jsonl"], "algo.ptx_coef"),
-    (["algo.adv_estimator=reinforce++", "reward.prm=prm.py:steps"], "reward.prm"),
-    (["algo.actor_ema=0.99"], "algo.actor_ema"),
-    (["algo.ref_ema=0.9"], "algo.ref_ema"),
-    (["algo.adv_estimator=grpovi", "algo.grpovi_low=1", "algo.grpovi_high=0"], "algo.adv_estimator=grpovi"),
-])
-def test_check_supported_rejects(debug_model, addition_data, extra, key):
-    with pytest.raises(ConfigError, match="workers=0|grpovi_low") as e:
-        check_supported(_cfg(debug_model, addition_data, *extra))
-    assert key in str(e.value)
-
-
-def test_check_supported_warns_what_it_skips(debug_model, addition_data):
-    cfg = _cfg(debug_model, addition_data)
-    warnings = check_supported(cfg, resume=True)  # checkpoints of any plan resume under any other
-    assert any("data.eval" in w for w in warnings)
-    assert not any("data.eval" in w for w in check_supported(_cfg(debug_model, addition_data, "data.eval=null")))
-
-
-def test_train_rejects_unsupported_before_ray(debug_model, addition_data, capsys, tmp_path):
-    sft = tmp_path / "sft.jsonl"
-    sft.write_text('{"prompt": "1+1=", "response": "2"}\n')
-    err = run_error(capsys, ["train", *rl_args(debug_model, addition_data, "runtime.workers=2", "algo.ptx_coef=0.1",
-                                               f"data.ptx={sft}", f"output_dir={tmp_path}/run")])
-    assert err.startswith("reflow train: error: algo.ptx_coef=0.1 (PPO-ptx) is not supported under runtime.workers=2")
+def test_train_rejects_bad_settings_before_ray(debug_model, addition_data, capsys, tmp_path):
+    err = run_error(capsys, ["train", *rl_args(debug_model, addition_data, "runtime.workers=2",
+                                               "algo.adv_estimator=grpovi", "algo.grpovi_low=1", "algo.grpovi_high=0",
+                                               f"output_dir={tmp_path}/run")])
+    assert "algo.grpovi_low" in err
     err = run_error(capsys, ["train", *rl_args(debug_model, addition_data, "runtime.workers=2",
                                                f"output_dir={tmp_path}/run"), "--resume"])
     assert "--resume: no checkpoint under" in err  # nothing to resume: said before Ray starts
+    err = run_error(capsys, ["train", *rl_args(debug_model, addition_data, "runtime.workers=0",
+                                               "runtime.plan=no/such/plan.yaml", f"output_dir={tmp_path}/run")])
+    assert "runtime.plan=no/such/plan.yaml needs workers" in err
     assert no_ray_started()
     assert not (tmp_path / "run").exists()
 
 
 def test_worker_failure_exits_1_with_its_message(debug_model, addition_data, capsys, tmp_path, monkeypatch):
-    import reflow.runtime.controller as controller
+    import reflow.experiments.loop as loop
+    from reflow.runtime.transport import WorkerFailed
 
-    class FailingController:
-        def __init__(self, cfg, resume=None):
-            self.plan = None
+    class FailingExecutor:
+        skipped, timeline = 0, []
 
-        def train(self):
-            raise controller.WorkerFailed("worker 1 failed in 'actor_train': boom")
+        def __init__(self, *args):
+            pass
+
+        def evaluate(self, step):
+            return {}
+
+        def step(self, step, meta):
+            raise WorkerFailed("worker 1 failed in 'actor_train': boom")
 
         def shutdown(self):
-            FailingController.shut = True
+            FailingExecutor.shut = True
 
-    monkeypatch.setattr(controller, "Controller", FailingController)
+    monkeypatch.setattr(loop, "Executor", FailingExecutor)
     err = run_error(capsys, ["train", *rl_args(debug_model, addition_data, "runtime.workers=2", "data.eval=null",
                                                f"output_dir={tmp_path}/run")], code=1)
     assert err == "reflow train: error: worker 1 failed in 'actor_train': boom"
-    assert FailingController.shut
+    assert FailingExecutor.shut
