@@ -93,6 +93,9 @@ def save_role(role, engine, tokenizer, ckpt: Path, ema: bool = False) -> None:
                 moments.update({f"{n}:{m}": t.contiguous() for n, t in full.items()})
     if me == root:
         folder = ckpt / (f"ema_{role.name}" if ema else role.name)
+        # transformers writes only on global rank 0 of an initialised process group; the root of a role
+        # owned by other ranks must write too (the instance attribute shadows that check for this model)
+        full_model.should_save_on_this_rank = lambda is_main_process: True
         full_model.save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)

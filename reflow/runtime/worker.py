@@ -78,8 +78,9 @@ def merge(parts: list[tuple[str, list[SampleBatch | None]]]) -> SampleBatch | No
 
 
 def only_outputs(out: SampleBatch, call: Call) -> SampleBatch:
-    """The call's declared output fields of a batch (what moves on to its consumers)."""
-    keep = set(call.outputs)
+    """The call's declared output fields of a batch (what moves on to its consumers), and the group ids,
+    by which a part keyed by group is spread over the samples of a consumer's batch."""
+    keep = {*call.outputs, "group_id"}
     return SampleBatch(out.ids, out.seqlens, {k: v for k, v in out.tokens.items() if k in keep},
                        {k: v for k, v in out.samples.items() if k in keep},
                        {k: v for k, v in out.meta.items() if k in keep})

@@ -145,7 +145,9 @@ def test_supervised_experiments_give_the_same_metrics_in_process_and_with_fsdp_o
 
     evals = [[r for r in read_metrics(tmp_path / side / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
              for side in ("local", "ray")]
-    assert evals[0] and evals[0] == evals[1]
+    assert evals[0] and len(evals[0]) == len(evals[1])
+    for a, b in zip(*evals):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a)
 
 
 @pytest.mark.parametrize("first,then", [(0, 2), (2, 0)])
@@ -195,3 +197,18 @@ def test_graph_keys_are_the_batch_fields_the_calls_read_and_write(debug_model, a
     assert g.call("critic_inf").impl == "values" and g.call("actor_train").impl == "train_policy"
     remax = graph_for(rl_config(tmp_path, debug_model, addition_data, adv_estimator="remax"))
     assert "greedy_score" in remax.call("actor_train").inputs
+
+
+def test_train_on_two_workers_prints_progress_evaluates_and_writes_final_curves_and_timeline(
+        ray_session, tmp_path, debug_model, addition_data, capsys):
+    from reflow.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train", f"actor.path={debug_model}", f"data.train={addition_data}/train.jsonl",
+                 f"data.eval={addition_data}/test.jsonl", "data.eval_size=4", f"output_dir={out}",
+                 "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=3", "trainer.steps=2",
+                 "trainer.eval_every=1", "runtime.workers=2", "runtime.plan=separate", "runtime.timeline=true"]) == 0
+    printed = capsys.readouterr().out
+    assert "train step 2/2" in printed and "eval/accuracy" in printed and "on 2 worker(s), plan 'separate'" in printed
+    for f in ("final/config.json", "final/model.safetensors", "curves.png", "timeline.json", "plan.yaml"):
+        assert (out / f).is_file(), f

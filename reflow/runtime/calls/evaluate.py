@@ -42,7 +42,7 @@ def eval_generate(cc: CallContext, batch) -> dict | None:
 
 
 def _eval_pairs_batch(cc: CallContext):
-    return preference_batch([cc.data.eval_pairs[i] for i in range(len(cc.data.eval_pairs))])
+    return preference_batch(cc.data.eval_pairs)
 
 
 @register_call("eval_rm_pairs")

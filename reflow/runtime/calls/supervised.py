@@ -51,7 +51,9 @@ def sequence_logprobs(token_logp: torch.Tensor, batch: SampleBatch) -> torch.Ten
 
 
 def examples(cc: CallContext, dataset: str) -> list:
-    return [getattr(cc.data, dataset)[i] for i in cc.meta["examples"]]
+    """The step's examples of a dataset (meta["examples"]: indices), or all of it (evaluation)."""
+    rows = getattr(cc.data, dataset)
+    return [rows[i] for i in cc.meta["examples"]] if "examples" in cc.meta else list(rows)
 
 
 @register_call("train_sft")
