@@ -15,9 +15,26 @@ from __future__ import annotations
 import logging
 import os
 
+from reflow.config.loader import ConfigError
+
 
 class WorkerFailed(RuntimeError):
     """A worker raised or died; the message carries its rank, the call and its traceback."""
+
+
+class ClusterError(ConfigError):
+    """runtime.ray_address names no cluster this process can join."""
+
+
+def _token_auth_for_cluster() -> None:
+    """`ray start --head` turns on token authentication when a token exists (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+    or ~/.ray/auth_token, which any earlier ray.init leaves behind), but a driver joining by address sends
+    its token only in token mode: turn it on when a token is at hand, as `ray start --address` does."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 class LocalTransport:
@@ -62,11 +79,18 @@ class RayTransport:
         self._own_ray = not ray.is_initialized()
         if self._own_ray:
             # an embedded Ray (no set-up) on one machine, or join a cluster: `ray start --head` / --address
-            ray.init(address=rt.ray_address,
-                     num_cpus=None if rt.ray_address else max(world_size, os.cpu_count() or 1),
-                     include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([os.getcwd(),
-                                                                               os.environ.get("PYTHONPATH", "")])}})
+            if rt.ray_address:
+                _token_auth_for_cluster()
+            try:
+                ray.init(address=rt.ray_address,
+                         num_cpus=None if rt.ray_address else max(world_size, os.cpu_count() or 1),
+                         include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING,
+                         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([os.getcwd(),
+                                                                                   os.environ.get("PYTHONPATH", "")])}})
+            except ConnectionError as e:
+                raise ClusterError(f"runtime.ray_address={rt.ray_address}: could not join the Ray cluster ({e}); is "
+                                   "`ray start --head` running there? With token authentication, give the head's "
+                                   "token in RAY_AUTH_TOKEN") from None
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

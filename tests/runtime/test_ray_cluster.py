@@ -186,13 +186,14 @@ def test_a_run_joins_a_running_cluster_by_address(tmp_path, debug_model, additio
     (tmp_path / "join.py").write_text(JOIN)
     out, port = tmp_path / "cluster", free_port()
     # `ray start --head` enables Ray's token authentication when a token exists (~/.ray/auth_token: any machine
-    # that ever ran ray.init has one), and a driver given an explicit address only sends it with
-    # RAY_AUTH_MODE=token: both get a token of their own here, so ~/.ray is neither read nor needed.
-    env = child_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    with ray_head(port, env) as head_log:
+    # that ever ran ray.init has one). The head gets a token of its own here (so ~/.ray is neither read nor
+    # needed); the driver gets the token but not RAY_AUTH_MODE: reflow must switch token mode on itself.
+    token = secrets.token_hex(32)
+    with ray_head(port, child_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)) as head_log:
         done, result = run_script(tmp_path / "join.py", [str(tmp_path / "grpo.yaml"), f"output_dir={out}",
                                                          "runtime.workers=2", "runtime.plan=separate",
-                                                         f"runtime.ray_address=127.0.0.1:{port}"], env)
+                                                         f"runtime.ray_address=127.0.0.1:{port}"],
+                                  child_env(RAY_AUTH_TOKEN=token))
         assert done.returncode == 0 and result, f"{done.stdout[-6000:]}\n--- head:\n{head_log.read_text()[-2000:]}"
     assert result["gcs"].endswith(f":{port}")  # it talked to the head started here, not to a Ray of its own
     assert len(result["cluster"]) == 1 and result["nodes"] == result["cluster"] * 2
