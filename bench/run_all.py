@@ -14,6 +14,7 @@ e2e_vs_trl, hence .venv-bench):
     generation      bench/generation.py       generation throughput (when the script exists) -> generation.md
     realloc         bench/realloc.py          planned vs naive parameter reallocation, 4 gloo processes -> realloc.md
     planner         bench/planner.py          plan search: predicted vs measured PPO iteration time, 4 Ray workers -> planner.md
+    gpu_smoke       bench/gpu_smoke.py        the demo's SFT + GRPO on CUDA (skipped without one) -> gpu_smoke.md
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
@@ -245,6 +246,11 @@ def main() -> None:
         quick_planner = ["--rounds", "1", "--steps", "8"] if q else []
         jobs.append(("planner", ["bench/planner.py", *quick_planner, "--out", "bench/results/planner.md"],
                      ["planner.md"], fig_planner))
+    if (ROOT / "bench" / "gpu_smoke.py").is_file():
+        jobs.append(("gpu_smoke", ["bench/gpu_smoke.py", *(["--sft-steps", "50", "--grpo-steps", "10"] if q else [])],
+                     ["gpu_smoke.md"], lambda r: "; ".join(f"{x['run']}: {x['accuracy'] or 0:.1%}, {x['time_s']:.0f} s"
+                     + (f" (**{x['error']}**)" if x["error"] else "") for x in r["summary"]["rows"])
+                     if r["summary"] else "skipped: no CUDA on this machine"))
     selected = [j for j in jobs if (not args.only or j[0] in args.only) and j[0] not in args.skip]
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -324,6 +330,9 @@ def main() -> None:
         md.append("- **planner**: the execution-plan planner's predicted iteration time (calibrated by `reflow profile`) "
                   "against the measured one for PPO under 6 plans on 4 Ray CPU workers, and the searched plan against "
                   "the built-in ones (bench/planner.py).")
+    if any(r["name"] == "gpu_smoke" for r in results):
+        md.append("- **gpu_smoke**: the demo's SFT and GRPO on CUDA in this process, on 1 Ray worker and (with 2 GPUs) on "
+                  "2, with NCCL and a bf16 run (bench/gpu_smoke.py; skipped without CUDA).")
     (RESULTS / "README.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     sys.exit(1 if failed else 0)

@@ -311,7 +311,7 @@ def generate_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, conc
 
 def call_cost(kind: str, m: ModelShape | None, pl: Placement, hw: Hardware, wl: Workload,
               concurrency: int | None = None, owner_sharded: bool = False) -> CallCost:
-    """Time of one call of `kind` (generate, infer, train); a role without a model costs nothing.
+    """Time of one call of `kind` (generate, infer, train, update); a role without a model costs nothing.
     owner_sharded: a generate / infer call on the FSDP owner copy of a trained role."""
     if m is None:
         return CallCost(hw.call_overhead, {"call_overhead": hw.call_overhead} if hw.call_overhead else {})
@@ -321,6 +321,8 @@ def call_cost(kind: str, m: ModelShape | None, pl: Placement, hw: Hardware, wl: 
         c = infer_cost(m, pl, hw, wl, owner_sharded)
     elif kind == "train":
         c = train_cost(m, pl, hw, wl)
+    elif kind == "update":  # target <- a * target + (1 - a) * source: read two copies, write one, per rank
+        c = CallCost(3 * m.params * m.dtype_bytes / (pl.layout.t * pl.layout.p) / hw.eff_mem_bw)
     else:
         raise ValueError(f"unknown call kind '{kind}'")
     if hw.call_overhead:

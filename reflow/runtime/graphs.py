@@ -26,59 +26,90 @@ def _rl_evals(cfg) -> Graph | None:
                  dataset_keys=("eval_prompts",))
 
 
-def _scoring(cfg, source: str, prefix: str = "") -> list[Call]:
-    """The reward calls on a rollout: a reward function or model, plus process rewards."""
+def _scoring(reward_model: bool, prm: bool, prefix: str = "") -> list[Call]:
+    """The reward calls on a rollout: a reward function or model (its `score`), plus process rewards."""
     p = prefix
-    if cfg.reward.model:
-        calls = [Call(f"reward{'_' + p.rstrip('_') if p else ''}", "reward", "infer", "score_model",
-                      (p + "input_ids",), ("score",), prefix=p)]
+    name = f"reward{'_' + p.rstrip('_') if p else ''}"
+    if reward_model:
+        calls = [Call(name, "reward", "infer", "score_model", (p + "input_ids",), ("score",), prefix=p)]
     else:
-        calls = [Call(f"reward{'_' + p.rstrip('_') if p else ''}", "reward", "infer", "score_fn",
-                      (p + "prompt", p + "response", p + "answer"), ("score",), prefix=p)]
-    if cfg.reward.prm and not prefix:
+        calls = [Call(name, "reward", "infer", "score_fn", (p + "prompt", p + "response", p + "answer"), ("score",),
+                      prefix=p)]
+    if prm:
         calls.append(Call("process_reward", "reward", "infer", "process_reward",
                           ("input_ids", "prompt_len", "response", "prompt"), ("prm_rewards",)))
     return calls
 
 
-def rl_graph(cfg, name: str) -> Graph:
-    """PPO (with a critic: GAE) and GRPO with its relatives (a critic-free estimator), as one graph builder:
+def rl_graph(name: str, *, critic: bool = False, ref: bool = True, old_logprobs: bool = False, greedy: bool = False,
+             reward_model: bool = False, prm: bool = False, ref_ema: tuple[float, int] | None = None,
+             evals: Graph | None = None) -> Graph:
+    """PPO (critic: GAE) and GRPO with its relatives (critic-free estimators), as one graph:
 
         actor_gen -> reward [-> process_reward] [-> ref_inf] [-> actor_inf] [-> critic_inf]
                   -> actor_train [-> critic_train] [-> ref_ema]
-    plus ReMax's greedy rollout and its reward (its baseline), keyed by group."""
-    a = cfg.algo
-    ref = bool(a.kl_coef > 0 or a.kl_target is not None or a.kl_metric)
-    old = a.ppo_epochs * a.mini_batches > 1
+    greedy: ReMax's greedy rollout and its reward (the baseline), keyed by group (`greedy_score`).
+    ref_ema: (decay, every) of an EMA reference that follows the actor."""
     calls = [Call("actor_gen", "actor", "generate", "generate", ("prompts",), ROLLOUT_FIELDS)]
-    calls += _scoring(cfg, "actor_gen")
-    train_in = [*ROLLOUT_FIELDS, "score"] + (["prm_rewards"] if cfg.reward.prm else [])
-    if a.estimator == "remax":
+    calls += _scoring(reward_model, prm)
+    train_in = [*ROLLOUT_FIELDS, "score"] + (["prm_rewards"] if prm else [])
+    if greedy:
         calls.append(Call("actor_gen_greedy", "actor", "generate", "generate", ("prompts",),
                           ("prompt", "response", "answer", "input_ids", "group_id"), {"greedy": True},
                           prefix="greedy_"))
-        calls += _scoring(cfg, "actor_gen_greedy", prefix="greedy_")
+        calls += _scoring(reward_model, False, prefix="greedy_")
         train_in.append("greedy_score")
     if ref:
         calls.append(Call("ref_inf", "ref", "infer", "logprobs", TOKENS, ("ref_logprobs",)))
         train_in.append("ref_logprobs")
-    if old:
+    if old_logprobs:
         calls.append(Call("actor_inf", "actor", "infer", "logprobs", TOKENS, ("old_logprobs",)))
     critic_in = list(train_in)
-    if a.uses_critic:
+    if critic:
         calls.append(Call("critic_inf", "critic", "infer", "values", TOKENS, ("values", "last_values")))
         train_in += ["values", "last_values"]
         critic_in += ["values", "last_values"]
     calls.append(Call("actor_train", "actor", "train", "train_policy",
-                      tuple(train_in + (["old_logprobs"] if old else []))))
-    if a.uses_critic:
+                      tuple(train_in + (["old_logprobs"] if old_logprobs else []))))
+    if critic:
         calls.append(Call("critic_train", "critic", "train", "train_critic", tuple(critic_in)))
-    if ref and a.ref_ema is not None:
-        calls.append(Call("ref_ema", "ref", "update", "ema_update", options={"decay": a.ref_ema,
-                                                                            "every": a.ref_ema_every},
+    if ref and ref_ema is not None:
+        calls.append(Call("ref_ema", "ref", "update", "ema_update", options={"decay": ref_ema[0], "every": ref_ema[1]},
                           weights="actor"))
     unread = [k for c in calls for k in c.published if not any(k in d.inputs for d in calls)]
-    return Graph(name, calls, results=tuple(unread), evals=_rl_evals(cfg))
+    return Graph(name, calls, results=tuple(unread), evals=evals)
+
+
+def ppo(ref: bool = True, old_logprobs: bool = False, **kw) -> Graph:
+    """PPO, the six calls of DeepSpeed-Chat / ReaL (+ actor_inf when the batch is reused: epochs or mini-batches)."""
+    return rl_graph("ppo", critic=True, ref=ref, old_logprobs=old_logprobs, **kw)
+
+
+def grpo(ref: bool = True, old_logprobs: bool = False, **kw) -> Graph:
+    return rl_graph("grpo", ref=ref, old_logprobs=old_logprobs, **kw)
+
+
+def grpovi(ref: bool = True, old_logprobs: bool = False, **kw) -> Graph:
+    """GRPO with the variance-increasing group weights: same calls, another advantage estimator."""
+    return rl_graph("grpovi", ref=ref, old_logprobs=old_logprobs, **kw)
+
+
+def rloo(ref: bool = True, old_logprobs: bool = False, **kw) -> Graph:
+    return rl_graph("rloo", ref=ref, old_logprobs=old_logprobs, **kw)
+
+
+def reinforce_pp(ref: bool = True, old_logprobs: bool = False, **kw) -> Graph:
+    return rl_graph("reinforce++", ref=ref, old_logprobs=old_logprobs, **kw)
+
+
+def remax(ref: bool = True, old_logprobs: bool = False, **kw) -> Graph:
+    """ReMax: an extra greedy generation per prompt; its reward is the baseline of the prompt's samples."""
+    return rl_graph("remax", ref=ref, old_logprobs=old_logprobs, greedy=True, **kw)
+
+
+# advantage estimator (algo.adv_estimator) -> graph
+GRAPHS = {"gae": ppo, "grpo": grpo, "drgrpo": grpo, "grpovi": grpovi, "rloo": rloo, "reinforce++": reinforce_pp,
+          "reinforce++-baseline": reinforce_pp, "remax": remax}
 
 
 def sft_graph(cfg) -> Graph:
@@ -133,8 +164,12 @@ def graph_for(cfg) -> Graph:
     assert isinstance(cfg, RLConfig)
     if cfg.algo.graph:
         return load_user_graph(cfg.algo.graph)(cfg)
-    names = {"gae": "ppo", "drgrpo": "grpo", "reinforce++-baseline": "reinforce++"}
-    return rl_graph(cfg, names.get(cfg.algo.estimator, cfg.algo.estimator))
+    a = cfg.algo
+    ref = bool(a.kl_coef > 0 or a.kl_target is not None or a.kl_metric)
+    return GRAPHS[a.estimator](ref=ref, old_logprobs=a.ppo_epochs * a.mini_batches > 1,
+                               reward_model=bool(cfg.reward.model), prm=bool(cfg.reward.prm),
+                               ref_ema=(a.ref_ema, a.ref_ema_every) if a.ref_ema is not None else None,
+                               evals=_rl_evals(cfg))
 
 
 def load_user_graph(spec: str):

@@ -11,7 +11,7 @@ HW = hardware("a100-80g")
 
 
 def sft_graph():
-    return Graph("sft", [Call("actor_train", "actor", "train", ("prompts",))])
+    return Graph("sft", [Call("actor_train", "actor", "train", "train_sft", ("prompts",))])
 
 
 def train_plan(layout, n):
@@ -38,8 +38,8 @@ def test_train_memory_shrinks_with_data_parallel_and_grows_with_batch():
 
 def test_generation_waves_follow_free_memory():
     m = ModelShape.of(llama_config("7b"))
-    g = Graph("gen", [Call("actor_gen", "actor", "generate", ("prompts",), ("responses",)),
-                      Call("actor_train", "actor", "train", ("responses",))])
+    g = Graph("gen", [Call("actor_gen", "actor", "generate", "generate", ("prompts",), ("responses",)),
+                      Call("actor_train", "actor", "train", "train_policy", ("responses",))])
     wl = Workload(batch=4096, prompt_len=1024, gen_len=1024)
     small = plan_memory(g, Plan("a", 8, {"actor_gen": placement("d1t8p1", range(8)),
                                          "actor_train": placement("d8t1p1", range(8))}), {"actor": m}, HW, wl)

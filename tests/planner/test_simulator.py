@@ -95,7 +95,7 @@ def test_inputs_from_other_workers_cost_a_hop_and_their_bytes():
 
 
 def _two_calls() -> Graph:
-    return Graph("g", [Call("a", "ra", "infer", ("prompts",), ("x",)), Call("b", "rb", "infer", ("prompts",), ("y",))],
+    return Graph("g", [Call("a", "ra", "infer", "logprobs", ("prompts",), ("x",)), Call("b", "rb", "infer", "logprobs", ("prompts",), ("y",))],
                  results=("x", "y"))
 
 

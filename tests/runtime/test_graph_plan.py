@@ -13,6 +13,7 @@ def test_ppo_is_six_calls_in_dependency_order():
     assert len(g.calls) == 6
     assert g.order[0] == "actor_gen" and set(g.order[-2:]) == {"actor_train", "critic_train"}
     assert g.deps["actor_train"] == ["actor_gen", "reward", "ref_inf", "critic_inf"]
+    assert g.call("critic_inf").outputs == ("values", "last_values")  # keys are the batch fields
     assert g.trained_roles() == ["actor", "critic"]
     assert g.roles["actor"] == ["actor_gen", "actor_train"]
 
@@ -24,29 +25,38 @@ def test_every_algorithm_is_a_valid_graph(name):
     assert "actor_inf" in g.order
 
 
-def test_remax_adds_a_greedy_generation_and_dpo_is_one_train_call():
+def test_remax_adds_a_greedy_generation_keyed_by_group_and_dpo_is_two_calls(tmp_path):
+    from reflow.config.schema import DPOConfig
+
     g = graphs.remax()
-    assert g.call("actor_gen_greedy").options == {"greedy": True}
-    assert "baseline_scores" in g.call("actor_train").inputs
-    d = graphs.dpo()
-    assert [c.kind for c in d.calls] == ["infer", "train"] and d.dataset_keys == ("pairs",)
+    assert g.call("actor_gen_greedy").options == {"greedy": True} and g.call("actor_gen_greedy").prefix == "greedy_"
+    assert g.call("reward_greedy").inputs == ("greedy_prompt", "greedy_response", "greedy_answer")
+    assert "greedy_score" in g.call("actor_train").inputs
+    d = graphs.graph_for(DPOConfig(model={"path": "m"}, output_dir=str(tmp_path)))
+    assert [c.kind for c in d.calls] == ["infer", "train"] and d.dataset_keys == ("examples",)
+    assert d.call("actor_train").inputs == ("examples", "ref_logp")
 
 
 def test_graph_errors_name_the_call_and_key():
-    gen = Call("gen", "actor", "generate", ("prompts",), ("responses",))
+    gen = Call("gen", "actor", "generate", "generate", ("prompts",), ("responses",))
     with pytest.raises(GraphError, match="call 'train' needs 'scores', which no call produces"):
-        Graph("g", [gen, Call("train", "actor", "train", ("responses", "scores"))])
+        Graph("g", [gen, Call("train", "actor", "train", "train_policy", ("responses", "scores"))])
     with pytest.raises(GraphError, match="output 'extra' of call 'gen2' is never consumed"):
-        Graph("g", [gen, Call("gen2", "actor", "generate", ("prompts",), ("extra",)),
-                    Call("train", "actor", "train", ("responses",))])
+        Graph("g", [gen, Call("gen2", "actor", "generate", "generate", ("prompts",), ("extra",)),
+                    Call("train", "actor", "train", "train_policy", ("responses",))])
     with pytest.raises(GraphError, match="key 'responses' is produced by both 'gen' and 'again'"):
-        Graph("g", [gen, Call("again", "actor", "generate", ("prompts",), ("responses",)),
-                    Call("train", "actor", "train", ("responses",))])
+        Graph("g", [gen, Call("again", "actor", "generate", "generate", ("prompts",), ("responses",)),
+                    Call("train", "actor", "train", "train_policy", ("responses",))])
     with pytest.raises(GraphError, match="calls a, b form a cycle"):
-        Graph("g", [Call("a", "x", "infer", ("kb",), ("ka",)), Call("b", "x", "infer", ("ka",), ("kb",)),
-                    Call("t", "x", "train", ("ka",))])
+        Graph("g", [Call("a", "x", "infer", "logprobs", ("kb",), ("ka",)),
+                    Call("b", "x", "infer", "logprobs", ("ka",), ("kb",)),
+                    Call("t", "x", "train", "train_policy", ("ka",))])
     with pytest.raises(GraphError, match="kind 'score' is not one of"):
-        Call("r", "reward", "score")
+        Call("r", "reward", "score", "score_fn")
+    with pytest.raises(GraphError, match="call implementation 'no_such_call' is not registered"):
+        from reflow.runtime.calls import get_call
+
+        get_call("no_such_call")
 
 
 def test_ranks_and_yaml_round_trip(tmp_path):
