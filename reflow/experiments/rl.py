@@ -50,7 +50,7 @@ class RLExperiment(StepLoop):
         reward_fn = load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None
         data = WorkerData(cfg, load_tokenizer(cfg.actor.path))
         grpovi_bounds(cfg, reward_fn)
-        _ = data.eval_prompts, data.ptx  # bad rows fail now
+        _ = data.train_prompts, data.eval_prompts, data.ptx  # bad rows fail now, in this order
         self.total_steps = cfg.trainer.steps
         self.samplers = {"prompts": PromptSampler(len(data.train_prompts), cfg.seed, cfg.data.shuffle)}
         if cfg.algo.ptx_coef > 0:

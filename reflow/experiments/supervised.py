@@ -33,7 +33,8 @@ class SupervisedExperiment(StepLoop):
         self.graph = graph_for(cfg)
         data = WorkerData(cfg, load_tokenizer(cfg.model.path))  # bad rows fail here, before models load
         examples = getattr(data, self.dataset)
-        _ = data.eval_prompts
+        if self.graph.evals is not None and any(c.impl == "eval_generate" for c in self.graph.evals.calls):
+            _ = data.eval_prompts  # bad rows fail now
         self.total_steps = supervised_steps(cfg, len(examples))
         self.samplers = {"examples": PromptSampler(len(examples), cfg.seed, cfg.data.shuffle)}
         self.start(resume_dir, model_configs(cfg, self.graph))

@@ -131,6 +131,9 @@ def load_optimizer(role, engine, ckpt: Path) -> None:
             state["step"] = torch.tensor(extra["step"])
             state[m] = t
     engine.scheduler.load_state_dict(extra["scheduler"])
+    # the scheduler restores its position but sets the groups' LR only at its next step: set them now
+    for group, lr in zip(engine.optimizer.param_groups, engine.scheduler.get_last_lr()):
+        group["lr"] = lr
 
 
 def load_ema(role, ckpt: Path) -> None:

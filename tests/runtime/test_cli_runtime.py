@@ -28,7 +28,7 @@ def test_plan_show_prints_graph_and_table(debug_model, addition_data, capsys):
     assert main(["plan", "show", *rl_args(debug_model, addition_data, "runtime.workers=2",
                                           "runtime.plan=colocate")]) == 0
     out = capsys.readouterr().out
-    assert "graph grpo:" in out and "actor_gen" in out and "responses -> scores" in out
+    assert "graph grpo:" in out and "actor_gen" in out and "prompt, response, answer -> score" in out
     assert "plan 'colocate' on 2 worker(s), graph 'grpo'" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[out.splitlines().index("") + 1:]
             if line.startswith("  ") and not line.strip().startswith(("call", "-"))}
