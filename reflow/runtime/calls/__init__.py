@@ -19,7 +19,7 @@ the workers import that file too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 CALLS: dict[str, Callable] = {}
@@ -59,7 +59,6 @@ class CallContext:
     model: Any
     ctx: Any
     worker: Any
-    extra: dict = field(default_factory=dict)
 
     @property
     def cfg(self):
