@@ -112,7 +112,7 @@ def _experiment(kind: str, args):
 
 def _resolved_plan(cfg, workers: int):
     """The graph of a config and its plan on `workers` ranks, validated against the models (nothing starts)."""
-    from reflow.experiments.rl import model_configs
+    from reflow.runtime.roles import model_configs
     from reflow.runtime.graphs import graph_for
     from reflow.runtime.plan import check_plan_workers, resolve_plan
 

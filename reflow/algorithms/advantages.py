@@ -9,11 +9,16 @@ Registered estimators take keyword arguments only and ignore the ones they do no
     group_ids [B]          samples from the same prompt share a group id
     seqlens [B]            tokens per sample (prompt + response)
     action_mask [T]        1 on response tokens
-    token_rewards [T]      score on the last action token minus the per-token KL penalties when the KL is
-                           in the reward; 0 elsewhere
+    token_rewards [T]      score on the last action token, plus process rewards, minus the per-token KL
+                           penalties when the KL is in the reward; 0 elsewhere
     values [T] | None, last_values [B] | None, truncated [B] bool   (critic estimators)
     gamma, lam, norm_std, baseline_rewards [B] | None
 Estimators without a critic return returns = advantages.
+
+The outcome estimators (grpo, drgrpo, rloo, remax) score sample i by r_i = sum of token_rewards over its
+action tokens when token_rewards is given (as verl's outcome estimators sum token_level_rewards), so a KL
+penalty in the reward and process rewards reach the advantage: r_i = score_i + sum_t prm_t - beta sum_t KL_t.
+Without token_rewards (or for a sample without action tokens) r_i = rewards_i.
 
     name                    advantage of the action tokens of sample i
     grpo                    (r_i - mean_g r) / (std_g r + eps)                         Shao et al. 2024
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from reflow.algorithms.aggregation import sample_index
+from reflow.algorithms.aggregation import per_sample_sum, sample_index
 from reflow.algorithms.registry import register_advantage
 
 
@@ -48,6 +53,23 @@ def _groups(group_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor
     return inv, count
 
 
+def outcome_rewards(rewards: torch.Tensor, token_rewards: torch.Tensor | None, seqlens: torch.Tensor,
+                    action_mask: torch.Tensor) -> torch.Tensor:
+    """[B] sequence reward of the outcome estimators: r_i = sum_{t in actions of i} token_rewards_t.
+
+    token_rewards [T] carries the score on each sample's last action token (and any KL penalty or process
+    reward on the others), so the sum is the score when nothing else is in the reward. A sample without
+    action tokens, or token_rewards None, keeps rewards_i [B]. Entries off the action mask never enter.
+    """
+    if token_rewards is None:
+        return rewards.float()
+    m = action_mask.bool().to(token_rewards.device)
+    zero = torch.zeros((), device=token_rewards.device)
+    summed = per_sample_sum(torch.where(m, token_rewards.float(), zero), seqlens)
+    has_actions = per_sample_sum(m.float(), seqlens) > 0
+    return torch.where(has_actions, summed, rewards.float().to(summed.device))
+
+
 def group_mean(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """[B] mean reward of each sample's group (a group of one: the sample's own reward)."""
     r = rewards.float()
@@ -55,76 +77,108 @@ def group_mean(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     return (torch.zeros(len(count), device=r.device).index_add_(0, inv, r) / count)[inv]
 
 
-def group_baseline(rewards: torch.Tensor, group_ids: torch.Tensor, norm_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """[B] GRPO score: (r_i - mean(group)) / (std(group) + eps); std is the unbiased sample std.
+def groups_with_spread(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """[B] bool: True for the samples of groups (samples sharing a group id) whose rewards [B] are not all equal.
 
-    A group of one sample has mean = its reward, so its score is 0. `norm_std=False` is Dr.GRPO.
+    "Equal" is exact (max == min); a group of one has no spread. This is DAPO's dynamic-sampling filter
+    (0 < #correct < G for 0/1 rewards) and the test under which `group_baseline` scores a group exactly 0.
     """
     r = rewards.float()
     inv, count = _groups(group_ids, r.device)
-    centred = r - group_mean(r, group_ids)
+    G = len(count)
+    hi = torch.full((G,), -torch.inf, device=r.device).scatter_reduce(0, inv, r, "amax")
+    lo = torch.full((G,), torch.inf, device=r.device).scatter_reduce(0, inv, r, "amin")
+    return (hi > lo)[inv]
+
+
+def group_baseline(rewards: torch.Tensor, group_ids: torch.Tensor, norm_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """[B] GRPO score: (r_i - mean(group)) / (std(group) + eps); std is the unbiased sample std.
+
+    A group whose rewards are all equal (max == min, a group of one included) scores exactly 0. That needs
+    more than the formula: seven rewards of 0.7 in float32 have a float32 mean one ulp off 0.7 and a std
+    of 6e-8, which eps = 1e-6 turns into a score of +0.056 (verl's GRPO has the same flaw). The moments
+    are computed in float64 and a group without spread is set to 0 explicitly. `norm_std=False` is Dr.GRPO.
+    """
+    r = rewards.double()
+    inv, count = _groups(group_ids, r.device)
+    count = count.double()
+    G = len(count)
+    mean = torch.zeros(G, dtype=r.dtype, device=r.device).index_add_(0, inv, r) / count
+    spread = groups_with_spread(rewards, group_ids).to(r.device)
+    centred = torch.where(spread, r - mean[inv], torch.zeros((), dtype=r.dtype, device=r.device))
     if not norm_std:
-        return centred
-    var = torch.zeros(len(count), device=r.device).index_add_(0, inv, centred**2) / (count - 1).clamp(min=1)
-    return centred / (var.sqrt()[inv] + eps)
+        return centred.float()
+    var = torch.zeros(G, dtype=r.dtype, device=r.device).index_add_(0, inv, centred**2) / (count - 1).clamp(min=1)
+    return (centred / (var.sqrt()[inv] + eps)).float()
 
 
 def rloo_baseline(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """[B] RLOO score: r_i - (sum_{j in g} r_j - r_i) / (n_g - 1), the mean of the *other* samples of i's group.
 
-    Equals n_g / (n_g - 1) * (r_i - mean_g r). A group of one has no other sample: score 0.
+    Equals n_g / (n_g - 1) * (r_i - mean_g r). A group of one has no other sample: score 0. Sums run in
+    float64, so a group of equal float32 rewards scores exactly 0.
     """
-    r = rewards.float()
+    r = rewards.double()
     inv, count = _groups(group_ids, r.device)
-    total = torch.zeros(len(count), device=r.device).index_add_(0, inv, r)[inv]
-    n = count[inv]
+    total = torch.zeros(len(count), dtype=r.dtype, device=r.device).index_add_(0, inv, r)[inv]
+    n = count.double()[inv]
     score = r - (total - r) / (n - 1).clamp(min=1)
-    return torch.where(n > 1, score, torch.zeros_like(score))
+    return torch.where(n > 1, score, torch.zeros_like(score)).float()
 
 
 @register_advantage("grpo")
-def grpo(*, rewards, group_ids, seqlens, action_mask, norm_std: bool = True, **_) -> tuple[torch.Tensor, torch.Tensor]:
-    """GRPO (Shao et al. 2024), outcome supervision: A_{i,t} = (r_i - mean_g r) / std_g r for every token t of i."""
-    score = group_baseline(rewards, group_ids, norm_std=norm_std)
+def grpo(*, rewards, group_ids, seqlens, action_mask, token_rewards=None, norm_std: bool = True,
+         **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO (Shao et al. 2024), outcome supervision: A_{i,t} = (r_i - mean_g r) / std_g r for every token t of i.
+
+    r = outcome_rewards(rewards, token_rewards, ...) (the summed token rewards; see the module doc).
+    """
+    r = outcome_rewards(rewards, token_rewards, seqlens, action_mask)
+    score = group_baseline(r, group_ids, norm_std=norm_std)
     adv = broadcast_to_tokens(score, seqlens, action_mask)
     return adv, adv
 
 
 @register_advantage("drgrpo")
-def drgrpo(*, rewards, group_ids, seqlens, action_mask, **_) -> tuple[torch.Tensor, torch.Tensor]:
+def drgrpo(*, rewards, group_ids, seqlens, action_mask, token_rewards=None, **_) -> tuple[torch.Tensor, torch.Tensor]:
     """Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-like training"): A_{i,t} = r_i - mean_g r.
 
     GRPO without the division by the group std (which up-weights prompts that are almost always or almost
     never solved). `norm_std` is ignored: this name always centres only. Pair it with the
-    "seq-mean-token-sum-norm" loss aggregation for the paper's full recipe.
+    "seq-mean-token-sum-norm" loss aggregation for the paper's full recipe. r as in `grpo`.
     """
-    adv = broadcast_to_tokens(group_baseline(rewards, group_ids, norm_std=False), seqlens, action_mask)
+    r = outcome_rewards(rewards, token_rewards, seqlens, action_mask)
+    adv = broadcast_to_tokens(group_baseline(r, group_ids, norm_std=False), seqlens, action_mask)
     return adv, adv
 
 
 @register_advantage("rloo")
-def rloo(*, rewards, group_ids, seqlens, action_mask, **_) -> tuple[torch.Tensor, torch.Tensor]:
+def rloo(*, rewards, group_ids, seqlens, action_mask, token_rewards=None, **_) -> tuple[torch.Tensor, torch.Tensor]:
     """RLOO (Kool et al. 2019; Ahmadian et al. 2024): A_{i,t} = r_i - 1/(n_g - 1) sum_{j in g, j != i} r_j.
 
     The leave-one-out baseline does not depend on sample i, so the estimate stays unbiased; a group of one
-    gets 0 (verl keeps r_i there instead). Broadcast to every action token of i.
+    gets 0 (verl keeps r_i there instead). Broadcast to every action token of i. r as in `grpo`.
     """
-    adv = broadcast_to_tokens(rloo_baseline(rewards, group_ids), seqlens, action_mask)
+    r = outcome_rewards(rewards, token_rewards, seqlens, action_mask)
+    adv = broadcast_to_tokens(rloo_baseline(r, group_ids), seqlens, action_mask)
     return adv, adv
 
 
 @register_advantage("remax")
-def remax(*, rewards, seqlens, action_mask, baseline_rewards=None, **_) -> tuple[torch.Tensor, torch.Tensor]:
+def remax(*, rewards, seqlens, action_mask, token_rewards=None, baseline_rewards=None,
+          **_) -> tuple[torch.Tensor, torch.Tensor]:
     """ReMax (Li et al. 2023): A_{i,t} = r_i - b_i, b_i = reward of the greedy response to sample i's prompt.
 
-    baseline_rewards [B]: b_i for every sample (repeat it over the samples of a prompt).
+    baseline_rewards [B]: b_i for every sample (repeat it over the samples of a prompt). r as in `grpo`;
+    b is the greedy response's score alone (as verl's remax: no KL or process reward of the greedy response).
     """
     if baseline_rewards is None:
         raise ValueError("the 'remax' estimator needs baseline_rewards [B]: the reward of a greedy (temperature 0) "
                          "response to each sample's prompt, scored by the same reward")
     if baseline_rewards.shape != rewards.shape:
         raise ValueError(f"baseline_rewards has shape {tuple(baseline_rewards.shape)}, rewards {tuple(rewards.shape)}")
-    score = rewards.float() - baseline_rewards.float().to(rewards.device)
+    r = outcome_rewards(rewards, token_rewards, seqlens, action_mask)
+    score = r - baseline_rewards.float().to(r.device)
     adv = broadcast_to_tokens(score, seqlens, action_mask)
     return adv, adv
 

@@ -23,7 +23,7 @@ back to column 0 (rare: the buffer holds 1.25x the longest prompt + budget).
 A freed slot is refilled once `refill_min` slots are free (default batch_size // 8, at least 1), so that a
 prefill forward is shared by several prompts instead of costing one extra forward per finished row.
 `refill=False` admits new prompts only when the batch is empty: static chunks of `batch_size` prompts whose
-finished rows still leave early (the engine's former behaviour, kept for benchmarks).
+finished rows still leave early (a baseline for benchmarks).
 
 Log-probs are those of the temperature-scaled full distribution, log softmax(logits / T)[token]
 (before top-k/top-p filtering, as the inference engine computes them for the same tokens), so

@@ -63,7 +63,7 @@ class InferenceEngine:
 
     def values(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """[T] values V(x_<t) at action positions, and [B] values of the whole sequences (for bootstrapping)."""
-        def fn(mb):  # one forward pass for both (the critic's inference used to run its backbone twice)
+        def fn(mb):  # one backbone forward gives both
             tok, seq = token_and_sequence_values(self.model, mb, self.attention)
             return tok.cpu(), seq.cpu()
         outs, part = self._map(batch, fn)

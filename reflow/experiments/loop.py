@@ -20,7 +20,8 @@ from pathlib import Path
 from reflow.config.loader import save_config
 from reflow.runtime.executor import Executor
 from reflow.runtime.graph import Graph
-from reflow.runtime.plan import Plan, PlanError, colocate, resolve_plan
+from reflow.runtime.calls import get_call
+from reflow.runtime.plan import Plan, PlanError, check_plan_workers, colocate, placements, resolve_plan
 from reflow.utils import checkpoint as ckpt_lib
 from reflow.utils.console import RunConsole
 from reflow.utils.metrics import MetricsLogger, read_metrics, truncate_metrics
@@ -30,20 +31,22 @@ log = logging.getLogger("reflow")
 
 
 def experiment_plan(cfg, graph: Graph, model_configs: dict | None = None) -> Plan:
-    """The plan a run uses: runtime.plan on runtime.workers ranks, validated; in one process every call at
-    d1t1p1 on rank 0 (a plan given with runtime.workers=0 is an error: it would be silently ignored)."""
+    """The plan a run uses, checked before anything starts: runtime.plan on runtime.workers ranks; in one
+    process every call at d1t1p1 on rank 0 (a built-in plan name is then moot; a plan file is an error,
+    it would be silently ignored). Every call's implementation must be registered."""
     rt = cfg.runtime
+    for call in [*graph.calls, *(graph.evals.calls if graph.evals is not None else [])]:
+        get_call(call.impl)  # GraphError naming the implementation and the known ones
     if rt.workers == 0:
         if rt.plan not in ("colocate", "separate"):
             raise PlanError(f"runtime.plan={rt.plan} needs workers: set runtime.workers to its world size "
                             "(runtime.workers=0 runs every call in this process)")
         plan = colocate(graph, 1)
         plan.name = "one-process"
-        return plan.validate(graph, model_configs)
-    plan = resolve_plan(rt.plan, graph, rt.workers).validate(graph, model_configs)
-    if plan.world_size != rt.workers:
-        raise PlanError(f"plan '{plan.name}' is for {plan.world_size} worker(s) but runtime.workers={rt.workers}; "
-                        f"set runtime.workers={plan.world_size} or edit the plan's world_size and ranks")
+    else:
+        plan = check_plan_workers(resolve_plan(rt.plan, graph, rt.workers), rt.workers)
+    plan.validate(graph, model_configs)
+    placements(plan, graph)  # the eval calls' placements
     return plan
 
 
@@ -63,6 +66,11 @@ class StepLoop:
         return {"eval_every": t.eval_every, "save_every": t.save_every, "tensorboard": t.tensorboard,
                 "progress": t.progress, "keep": getattr(t, "keep_checkpoints", 2)}
 
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run per trained role (the LR schedules' length)."""
+        return self.total_steps
+
     def step_meta(self) -> dict:
         raise NotImplementedError
 
@@ -70,6 +78,7 @@ class StepLoop:
         return metrics
 
     samplers: dict = {}  # name -> PromptSampler (their positions are saved with checkpoints)
+    skipped_rows = 0  # bad data rows skipped while the experiment checked its data (data.on_bad_row=skip)
 
     def state_dict(self) -> dict:
         return {"samplers": {k: s.state_dict() for k, s in self.samplers.items()}}
@@ -92,7 +101,7 @@ class StepLoop:
             if "samplers" not in state:
                 raise ckpt_lib.CheckpointError(f"--resume: '{resume_dir}' was written by an earlier version of reflow "
                                                "(no sampler state); start the run afresh")
-        self.executor = Executor(self.cfg, self.graph, self.plan, resume_dir)
+        self.executor = Executor(self.cfg, self.graph, self.plan, self.optimizer_steps, resume_dir)
         if state is not None:
             self.step = state["step"]
             self.load_state_dict(state)
@@ -108,8 +117,8 @@ class StepLoop:
             truncate_metrics(out / "metrics.jsonl", self.step)
         logger = MetricsLogger(out, s["tensorboard"], append=resumed)
         console = RunConsole(self.name, self.total_steps, enabled=s["progress"])
-        if self.executor.skipped:
-            console.print(f"skipped {self.executor.skipped} bad data rows (data.on_bad_row=skip)")
+        if self.skipped_rows:
+            console.print(f"skipped {self.skipped_rows} bad data rows (data.on_bad_row=skip)")
         log.info("%s", self.plan.table(self.graph))
         results: dict = {}
 
@@ -165,7 +174,7 @@ class StepLoop:
         """final/: the main role's weights as an HF folder (and final_ema/ with an EMA of them)."""
         tmp = self.out / ".final"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.executor.save(tmp, optimizer=False)
+        self.executor.save(tmp, optimizer=False, roles=[self.main_role])
         for src, dst in ((self.main_role, "final"), (f"ema_{self.main_role}", "final_ema")):
             if (tmp / src).is_dir():
                 shutil.rmtree(self.out / dst, ignore_errors=True)

@@ -18,21 +18,8 @@ from reflow.rewards.registry import load_reward_fn
 from reflow.runtime.calls.policy import grpovi_bounds
 from reflow.runtime.data import WorkerData
 from reflow.runtime.graphs import graph_for
+from reflow.runtime.roles import model_configs
 from reflow.utils import checkpoint as ckpt_lib
-
-
-def model_configs(cfg, graph) -> dict:
-    """role -> HF config of its model (for validating layouts before anything starts)."""
-    from transformers import AutoConfig
-
-    from reflow.runtime.roles import role_config
-
-    out = {}
-    for role in graph.weight_roles():
-        path = role_config(cfg, role).path
-        if path:
-            out[role] = AutoConfig.from_pretrained(check_model_dir(path, f"{role} path"))
-    return out
 
 
 class RLExperiment(StepLoop):
@@ -51,12 +38,18 @@ class RLExperiment(StepLoop):
         data = WorkerData(cfg, load_tokenizer(cfg.actor.path))
         grpovi_bounds(cfg, reward_fn)
         _ = data.train_prompts, data.eval_prompts, data.ptx  # bad rows fail now, in this order
+        self.skipped_rows = data.skipped
         self.total_steps = cfg.trainer.steps
         self.samplers = {"prompts": PromptSampler(len(data.train_prompts), cfg.seed, cfg.data.shuffle)}
         if cfg.algo.ptx_coef > 0:
             self.samplers["ptx"] = PromptSampler(len(data.ptx), cfg.seed + 1, cfg.data.shuffle)
         self.kl_ctl = AdaptiveKLController(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.start(resume_dir, model_configs(cfg, self.graph))
+
+    @property
+    def optimizer_steps(self) -> int:
+        a = self.cfg.algo
+        return self.total_steps * a.ppo_epochs * a.mini_batches
 
     def step_meta(self) -> dict:
         cfg = self.cfg

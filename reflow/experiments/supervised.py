@@ -13,12 +13,16 @@ from __future__ import annotations
 from reflow.config.schema import DPOConfig, RMConfig, SFTConfig
 from reflow.data.sampler import PromptSampler
 from reflow.experiments.loop import StepLoop
-from reflow.experiments.rl import model_configs
+from reflow.runtime.roles import model_configs
 from reflow.models.load import check_model_dir, load_tokenizer
 from reflow.runtime.data import WorkerData
 from reflow.runtime.graphs import graph_for
-from reflow.runtime.worker import supervised_steps
 from reflow.utils import checkpoint as ckpt_lib
+
+
+def supervised_steps(cfg, num_examples: int) -> int:
+    """Optimizer steps of a supervised run: max_steps, else epochs over the examples in batches."""
+    return cfg.max_steps or cfg.epochs * -(-num_examples // cfg.batch_size)
 
 
 class SupervisedExperiment(StepLoop):
@@ -35,6 +39,7 @@ class SupervisedExperiment(StepLoop):
         examples = getattr(data, self.dataset)
         if self.graph.evals is not None and any(c.impl == "eval_generate" for c in self.graph.evals.calls):
             _ = data.eval_prompts  # bad rows fail now
+        self.skipped_rows = data.skipped
         self.total_steps = supervised_steps(cfg, len(examples))
         self.samplers = {"examples": PromptSampler(len(examples), cfg.seed, cfg.data.shuffle)}
         self.start(resume_dir, model_configs(cfg, self.graph))

@@ -27,7 +27,9 @@ def resolve_device(pref: str = "auto", local_index: int = 0) -> torch.device:
 
 
 def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+    """NCCL for CUDA tensors, and gloo beside it on CUDA: small CPU tensors (micro-batch counts, loss sums,
+    a grad norm, CPU-held EMA shadows) still go through collectives."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def place(obj, device: torch.device):

@@ -105,7 +105,9 @@ def timed_steps(cfg, steps: int) -> tuple[list[float], list[dict]]:
     from reflow.runtime.plan import resolve_plan
 
     graph = graph_for(cfg)
-    executor = Executor(cfg, graph, resolve_plan(cfg.runtime.plan, graph, cfg.runtime.workers))
+    a = cfg.algo
+    executor = Executor(cfg, graph, resolve_plan(cfg.runtime.plan, graph, cfg.runtime.workers),
+                        steps * a.ppo_epochs * a.mini_batches)
     try:
         sampler = PromptSampler(len(executor_prompts(cfg)), cfg.seed, cfg.data.shuffle)
         times = []

@@ -73,10 +73,13 @@ def save_role(role, engine, tokenizer, ckpt: Path, ema: bool = False) -> None:
     me = _rank()
     gather = _gather_plan(role.sharding, root)
     full_model = None
+    dtype = torch.float32 if ema else role.dtype  # the EMA shadow is kept (and resumed) in float32
     if me == root:
-        full_model = materialize(empty_model(role.model_cls, role.config, role.dtype))
+        full_model = materialize(empty_model(role.model_cls, role.config, dtype))
+        if role.generation_config is not None:
+            full_model.generation_config = role.generation_config
     if ema:
-        weights = {canonical_name(n): _local(role.ema.shadow[n]).to(role.dtype) for n, _ in role.model.named_parameters()}
+        weights = {canonical_name(n): _local(role.ema.shadow[n]) for n, _ in role.model.named_parameters()}
     else:
         weights = resharded_tensors(role.model) if gather is not None else \
             {n: p.detach() for n, p in _params_by_name(role.model).items()}

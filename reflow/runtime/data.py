@@ -47,7 +47,8 @@ class WorkerData:
 
     @cached_property
     def ptx(self) -> list:
-        return self._sft(self.cfg.data.ptx) if self.cfg.data.ptx else []
+        use = self.cfg.data.ptx and self.cfg.algo.ptx_coef > 0
+        return self._sft(self.cfg.data.ptx) if use else []
 
     @cached_property
     def sft(self) -> list:

@@ -1,6 +1,6 @@
 """The executor: runs an experiment's graph of calls under a plan, in this process or on Ray workers.
 
-    executor = Executor(cfg, graph, plan, resume_dir)   # starts the workers, loads every role's shards
+    executor = Executor(cfg, graph, plan, steps, resume)  # starts the workers, loads every role's shards
     metrics = executor.step(step, meta)                  # one step of the graph (meta: prompt / example indices,
                                                          # KL coefficient, ...); metrics of its calls + times
     metrics = executor.evaluate(step)                    # the graph's eval calls
@@ -29,21 +29,21 @@ from reflow.runtime.worker import Worker
 
 
 class Executor:
-    def __init__(self, cfg, graph: Graph, plan: Plan, resume_dir: Path | None = None):
+    def __init__(self, cfg, graph: Graph, plan: Plan, optimizer_steps: int, resume_dir: Path | None = None):
+        """optimizer_steps: of the whole run per trained role (the LR schedules' length)."""
         rt = cfg.runtime
         self.cfg, self.graph, self.plan = cfg, graph, plan
         resume = str(resume_dir) if resume_dir else None
         if rt.workers == 0:
-            self.transport = LocalTransport(Worker(0, 1, cfg, plan, graph, rt.timeout_s, rt.threads_per_worker, resume))
+            self.transport = LocalTransport(Worker(0, 1, cfg, plan, graph, optimizer_steps, resume))
         else:
-            self.transport = RayTransport(Worker, rt.workers, lambda r: (r, rt.workers, cfg, plan, graph, rt.timeout_s,
-                                                                         rt.threads_per_worker, resume), rt)
+            self.transport = RayTransport(Worker, rt.workers,
+                                          lambda r: (r, rt.workers, cfg, plan, graph, optimizer_steps, resume), rt)
         try:
             infos = self.transport.start()
         except BaseException:
             self.transport.shutdown()
             raise
-        self.skipped = infos[0]["skipped"]
         self.nodes = [i["node"] for i in infos]  # Ray node id of each rank (None in one process)
         self.placements = placements(plan, graph)
         self.timeline: list[dict] = []
@@ -111,11 +111,11 @@ class Executor:
         pending = [(self.transport.call(r, method, *args), (method, r)) for r in range(self.transport.size)]
         return self.transport.wait(pending, self.cfg.runtime.timeout_s)
 
-    def save(self, folder: Path, optimizer: bool = True) -> None:
-        """The saved roles (trained ones, and roles an update call changes) as whole HF folders, with their
-        optimizer states unless `optimizer=False`; the run state is the caller's."""
+    def save(self, folder: Path, optimizer: bool = True, roles: list[str] | None = None) -> None:
+        """The saved roles (trained ones, and roles an update call changes; or only `roles`) as whole HF folders,
+        with their optimizer states unless `optimizer=False`; the run state is the caller's."""
         folder.mkdir(parents=True, exist_ok=True)
-        self._all("save", str(folder), optimizer)
+        self._all("save", str(folder), optimizer, roles)
 
     # ------------------------------------------------------------------ timeline
     def _timeline_events(self) -> list[dict]:

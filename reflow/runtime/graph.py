@@ -24,7 +24,8 @@ only, a graph of their own (greedy decoding of the eval prompts, held-out pair a
 like the step call named by its `placed_like` option.
 
 A role's calls keep their declared order within a step, and a role's first call of step i runs after
-its last call of step i-1 (the controller enforces this: weight versions stay consistent).
+its last call of step i-1 (the executor submits them in that order and each worker runs its tasks in
+submission order: weight versions stay consistent).
 """
 
 from __future__ import annotations
@@ -62,11 +63,6 @@ class Call:
     def published(self) -> tuple[str, ...]:
         """The keys other calls know this call's outputs by."""
         return tuple(self.prefix + k for k in self.outputs)
-
-    @property
-    def replicas(self) -> bool:
-        """Whether the call needs whole (unsharded) weights: generation, and updates that mix two roles."""
-        return self.kind in ("generate", "update")
 
 
 @dataclass

@@ -43,13 +43,14 @@ def _scoring(reward_model: bool, prm: bool, prefix: str = "") -> list[Call]:
 
 def rl_graph(name: str, *, critic: bool = False, ref: bool = True, old_logprobs: bool = False, greedy: bool = False,
              reward_model: bool = False, prm: bool = False, ref_ema: tuple[float, int] | None = None,
-             evals: Graph | None = None) -> Graph:
+             actor_ema: float | None = None, evals: Graph | None = None) -> Graph:
     """PPO (critic: GAE) and GRPO with its relatives (critic-free estimators), as one graph:
 
         actor_gen -> reward [-> process_reward] [-> ref_inf] [-> actor_inf] [-> critic_inf]
                   -> actor_train [-> critic_train] [-> ref_ema]
     greedy: ReMax's greedy rollout and its reward (the baseline), keyed by group (`greedy_score`).
-    ref_ema: (decay, every) of an EMA reference that follows the actor."""
+    ref_ema: (decay, every) of an EMA reference that follows the actor; actor_ema: the decay of an EMA copy of
+    the actor that its train call keeps (saved as ema_actor/ and final_ema/)."""
     calls = [Call("actor_gen", "actor", "generate", "generate", ("prompts",), ROLLOUT_FIELDS)]
     calls += _scoring(reward_model, prm)
     train_in = [*ROLLOUT_FIELDS, "score"] + (["prm_rewards"] if prm else [])
@@ -70,7 +71,8 @@ def rl_graph(name: str, *, critic: bool = False, ref: bool = True, old_logprobs:
         train_in += ["values", "last_values"]
         critic_in += ["values", "last_values"]
     calls.append(Call("actor_train", "actor", "train", "train_policy",
-                      tuple(train_in + (["old_logprobs"] if old_logprobs else []))))
+                      tuple(train_in + (["old_logprobs"] if old_logprobs else [])),
+                      options={"ema": actor_ema} if actor_ema is not None else {}))
     if critic:
         calls.append(Call("critic_train", "critic", "train", "train_critic", tuple(critic_in)))
     if ref and ref_ema is not None:
@@ -169,6 +171,7 @@ def graph_for(cfg) -> Graph:
     return GRAPHS[a.estimator](ref=ref, old_logprobs=a.ppo_epochs * a.mini_batches > 1,
                                reward_model=bool(cfg.reward.model), prm=bool(cfg.reward.prm),
                                ref_ema=(a.ref_ema, a.ref_ema_every) if a.ref_ema is not None else None,
+                               actor_ema=a.actor_ema,
                                evals=_rl_evals(cfg))
 
 

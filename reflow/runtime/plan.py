@@ -1,5 +1,5 @@
 """Execution plans: a mesh (ranks) and a layout for every call of a graph. A plan is data: printed as a
-table, saved and loaded as YAML, validated before any worker starts, searched later (issue 7).
+table, saved and loaded as YAML, validated before any worker starts, searched (reflow.planner).
 
     calls:                                   # a YAML file, passed as runtime.plan=<path>
       actor_gen:   {ranks: 0-3, layout: d4t1p1}
@@ -121,6 +121,11 @@ class Plan:
             if config is None and call.kind != "train" and (pl.layout.t > 1 or pl.layout.p > 1):
                 raise PlanError(f"plan call '{name}': role '{call.role}' has no model (a reward function); "
                                 f"use d{len(pl.ranks)}t1p1 on its ranks")
+        for name in graph.order:
+            call = graph.call(name)
+            if call.kind == "update" and self.calls[name] != self.owner(graph, call.role):
+                raise PlanError(f"plan call '{name}': it updates role '{call.role}' in place, so it must run where that "
+                                f"role's weights live ({self.owner(graph, call.role)}); got {self.calls[name]}")
         for role in graph.trained_roles():
             places = {self.calls[c] for c in graph.roles[role] if graph.call(c).kind == "train"}
             if len(places) > 1:
@@ -211,13 +216,17 @@ def check_plan_workers(plan: Plan, workers: int) -> Plan:
 
 
 def placements(plan: Plan, graph: Graph) -> dict[str, Placement]:
-    """Every call's placement, the eval graph's calls included: an eval call runs where the call named by
-    its `placed_like` option runs (its realloc, if any, is planned like any call's)."""
+    """Every call's placement, the eval graph's calls included: an eval call runs on the ranks of the call
+    named by its `placed_like` option, in its layout, except that a generating eval folds pipeline stages
+    into replicas (generation does not run under pipeline parallel): d x p replicas of t ranks each."""
     out = dict(plan.calls)
     if graph.evals is not None:
         for c in graph.evals.calls:
             like = c.options.get("placed_like")
             if like not in plan.calls:
                 raise PlanError(f"eval call '{c.name}': placed_like '{like}' is not a call of the plan")
-            out[c.name] = plan.calls[like]
+            pl = plan.calls[like]
+            if c.kind == "generate" and pl.layout.p > 1:
+                pl = Placement(pl.ranks, Layout(pl.layout.d * pl.layout.p, pl.layout.t, 1))
+            out[c.name] = pl
     return out

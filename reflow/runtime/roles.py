@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from reflow.config.schema import ModelConfig, RLConfig
-from reflow.models.load import load_critic, load_policy, load_reward_model
+from reflow.models.load import check_model_dir, load_critic, load_policy, load_reward_model
 
 LOADERS = {"actor": load_policy, "ref": load_policy, "critic": load_critic, "reward": load_reward_model}
 
@@ -33,3 +33,15 @@ def loader(role: str):
     if role not in LOADERS:
         raise KeyError(f"role '{role}' has no model loader; roles with weights are {', '.join(LOADERS)}")
     return LOADERS[role]
+
+
+def model_configs(cfg, graph) -> dict:
+    """role -> HF config of its model (for validating layouts before anything starts)."""
+    from transformers import AutoConfig
+
+    out = {}
+    for role in graph.weight_roles():
+        path = role_config(cfg, role).path
+        if path:
+            out[role] = AutoConfig.from_pretrained(check_model_dir(path, f"{role} path"))
+    return out

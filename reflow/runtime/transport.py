@@ -37,6 +37,11 @@ def _token_auth_for_cluster() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def _user_error(e) -> bool:
+    """reflow's user errors (bad config, data, reward function, plan, ...) are ValueErrors of its own."""
+    return isinstance(e, ValueError) and type(e).__module__.startswith("reflow.")
+
+
 class LocalTransport:
     """The worker in this process; exceptions surface where the call is submitted."""
 
@@ -94,8 +99,16 @@ class RayTransport:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        gpus = 1 if _cuda_available() else 0
+        from reflow.parallel.device import resolve_device
+
+        gpus = 1 if resolve_device(rt.device).type == "cuda" else 0
         bundle = {"CPU": 1, **({"GPU": 1} if gpus else {})}
+        have = ray.cluster_resources()
+        for kind, need in bundle.items():
+            if have.get(kind, 0) < need * world_size:
+                self.shutdown()
+                raise ClusterError(f"runtime.workers={world_size} needs {need * world_size:g} {kind} in the Ray "
+                                   f"cluster, which has {have.get(kind, 0):g}; lower runtime.workers or add nodes")
         self.pg = placement_group([bundle] * world_size, strategy="PACK")
         ray.get(self.pg.ready(), timeout=max(300.0, rt.timeout_s))
         table = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
@@ -155,6 +168,9 @@ class RayTransport:
                         ray.get(ref)
                     except Exception as e:  # noqa: BLE001
                         self.shutdown()
+                        cause = getattr(e, "cause", None)
+                        if _user_error(cause):  # a bad config, data row or reward function: its own one line
+                            raise cause from None
                         raise WorkerFailed(f"worker {rank} failed in '{what}': {e}") from None
         return out
 
@@ -179,7 +195,3 @@ class RayTransport:
             ray.shutdown()
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -48,10 +49,14 @@ from reflow.runtime.roles import loader, role_config
 
 def merge(parts: list[tuple[str, list[SampleBatch | None]]]) -> SampleBatch | None:
     """The outputs of a call's producers -> one batch. parts: (prefix, the parts one producer returned: None
-    from ranks that return nothing, several when data-parallel replicas each returned theirs). The first
-    producer's parts, concatenated in id order, are the batch; the others add their fields by sample id under
-    their prefix. A part keyed by group (one row per group_id, other ids: ReMax's greedy baseline) is spread
-    over the samples of each group. Inputs are never modified (in one process they are shared objects)."""
+    from ranks that return nothing, several when data-parallel replicas each returned theirs), producers in
+    the graph's declaration order.
+
+    The first producer's parts, concatenated in id order, are the batch the call works on, its fields under
+    their own names (so `reward_greedy`, whose first producer is the greedy rollout, reads `response`); every
+    other producer adds its fields by sample id under its prefix (`greedy_score`). A part keyed by group (its
+    ids are group ids of the batch, one row each: ReMax's greedy baseline) is spread over the samples of each
+    group; a part with other ids is an error. Inputs are never modified (in one process they are shared)."""
     keyed = []
     for prefix, ps in parts:
         ps = sorted((p for p in ps if p is not None), key=lambda p: p.ids[0])
@@ -63,6 +68,10 @@ def merge(parts: list[tuple[str, list[SampleBatch | None]]]) -> SampleBatch | No
     batch = SampleBatch(list(base.ids), base.seqlens, dict(base.tokens), dict(base.samples), dict(base.meta))
     for prefix, p in keyed[1:]:
         if p.ids != batch.ids and set(p.ids) != set(batch.ids):
+            groups = set(batch.samples["group_id"].tolist()) if "group_id" in batch.samples else set()
+            if "group_id" not in p.samples or not set(p.ids) <= groups or len(p.ids) != len(set(groups)):
+                raise RuntimeError(f"merge: a part with ids {p.ids[:4]}... is neither this batch's samples nor one row "
+                                 f"per group of it")
             rows = {g: i for i, g in enumerate(p.samples["group_id"].tolist())}
             where = torch.tensor([rows[g] for g in batch.samples["group_id"].tolist()])
             for k, v in p.samples.items():
@@ -93,15 +102,16 @@ class Role:
         self.name, self.path, self.owner, self.trained, self.saved = name, path, owner, trained, saved
         self.model = self.engine = self.parked = self.ema = None
         self.sharding: Sharding | None = None
-        self.model_cls = self.config = self.dtype = None
+        self.model_cls = self.config = self.dtype = self.generation_config = None
 
 
 class Worker:
-    def __init__(self, rank: int, world_size: int, cfg, plan: Plan, graph: Graph, timeout_s: float = 120.0,
-                 threads: int = 1, resume: str | None = None):
+    def __init__(self, rank: int, world_size: int, cfg, plan: Plan, graph: Graph, optimizer_steps: int,
+                 resume: str | None = None):
         """Cheap: on Ray the controller first asks rank 0 for a rendezvous address on its own node
-        (`endpoint`), then every worker joins the world and loads its shards (`start`)."""
-        self._args = (rank, world_size, cfg, plan, graph, timeout_s, threads, resume)
+        (`endpoint`), then every worker joins the world and loads its shards (`start`). optimizer_steps: of the
+        whole run, per trained role (the LR schedules' length)."""
+        self._args = (rank, world_size, cfg, plan, graph, optimizer_steps, resume)
 
     def endpoint(self) -> tuple[str, int]:
         """An address and free port on this worker's node, for the torch.distributed rendezvous (rank 0
@@ -114,20 +124,20 @@ class Worker:
 
     def start(self, master_addr: str | None = None, master_port: int | None = None, nodes=None) -> dict:
         """Join the world (unless in one process: master_addr None) and load this rank's shards; returns
-        {"rank", "node", "skipped"} (bad data rows skipped while loading). nodes: the node of every rank
+        {"rank", "node"}. nodes: the node of every rank
         (reallocation sends from a holder on the receivers' node first)."""
-        rank, world_size, cfg, plan, graph, timeout_s, threads, resume = self._args
+        rank, world_size, cfg, plan, graph, self.optimizer_steps, resume = self._args
         self.rank, self.world_size, self.cfg, self.plan, self.graph = rank, world_size, cfg, plan, graph
         rt = cfg.runtime
         self.device = resolve_device(rt.device)
         self.distributed = master_addr is not None
         if self.distributed:
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
-            torch.set_num_threads(threads)
+            torch.set_num_threads(rt.threads_per_worker)
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group(backend_for(self.device), rank=rank, world_size=world_size,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+                                    timeout=datetime.timedelta(seconds=rt.timeout_s))
         self.resume = Path(resume) if resume else None
         if getattr(cfg, "algo", None) is not None and cfg.algo.graph:  # its file may register calls
             from reflow.runtime.graphs import load_user_graph
@@ -139,13 +149,6 @@ class Worker:
         self.data = WorkerData(cfg, self.tokenizer)
         reward = getattr(cfg, "reward", None)
         self.reward_fn = load_reward_fn(reward.fn) if reward is not None and reward.fn else None
-        self.process_reward = None
-        if reward is not None and reward.prm:
-            from reflow.models.load import load_reward_model
-            from reflow.rewards.process import ProcessReward
-
-            self.process_reward = ProcessReward(reward.prm, refine_mode=reward.prm_refine, eta=reward.prm_eta,
-                                                sep=reward.prm_sep, coef=reward.prm_coef, load_model=load_reward_model)
         self.placements = placements(plan, graph)
         self.calls = {c.name: c for c in [*graph.calls, *(graph.evals.calls if graph.evals else [])]}
         if self.reward_fn is not None and any(rank in self.placements[c.name].ranks for c in self.calls.values()
@@ -177,7 +180,17 @@ class Worker:
             import ray
 
             node = ray.get_runtime_context().get_node_id()
-        return {"rank": rank, "node": node, "skipped": self.data.skipped}
+        return {"rank": rank, "node": node}
+
+    @cached_property
+    def process_reward(self):
+        """The process reward model or function of reward.prm, loaded by the first call that needs it."""
+        from reflow.models.load import load_reward_model
+        from reflow.rewards.process import ProcessReward
+
+        r = self.cfg.reward
+        return ProcessReward(r.prm, refine_mode=r.prm_refine, eta=r.prm_eta, sep=r.prm_sep, coef=r.prm_coef,
+                             load_model=load_reward_model)
 
     # ------------------------------------------------------------------ roles and their weights
     def role_config(self, role: str):
@@ -194,6 +207,7 @@ class Worker:
         mcfg = role_config(self.cfg, role)
         model = loader(role)(r.path, mcfg.dtype)
         r.model_cls, r.config, r.dtype = type(model), model.config, next(model.parameters()).dtype
+        r.generation_config = getattr(model, "generation_config", None)
         r.sharding = Sharding.of_model(model, r.owner.layout, r.owner.ranks, shard_data=trained)
         if self.rank not in r.owner.ranks:
             return r
@@ -202,7 +216,7 @@ class Worker:
         if trained:
             o = mcfg.optim
             r.engine = TrainEngine(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
-                                   grad_clip=o.grad_clip, warmup_steps=o.warmup_steps, total_steps=self._total_steps(),
+                                   grad_clip=o.grad_clip, warmup_steps=o.warmup_steps, total_steps=self.optimizer_steps,
                                    schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
                                    micro_batch_tokens=mcfg.micro_batch_tokens, attention=mcfg.attention,
                                    gradient_checkpointing=mcfg.gradient_checkpointing, precision=mcfg.precision,
@@ -210,9 +224,10 @@ class Worker:
             r.model = r.engine.model
             if self.resume is not None:
                 load_optimizer(r, r.engine, self.resume)
-            algo = getattr(self.cfg, "algo", None)
-            if role == "actor" and algo is not None and algo.actor_ema is not None:
-                r.ema = EMAWeights(r.model, algo.actor_ema)
+            decay = next((c.options["ema"] for c in self.calls.values()
+                          if c.kind == "train" and c.role == role and c.options.get("ema") is not None), None)
+            if decay is not None:  # the train call keeps an EMA of the weights it trains
+                r.ema = EMAWeights(r.model, decay)
                 if self.resume is not None:
                     load_ema(r, self.resume)
         else:
@@ -221,13 +236,6 @@ class Worker:
                 r.parked = Offloaded(r.model)
                 r.parked.offload()
         return r
-
-    def _total_steps(self) -> int:
-        """Optimizer steps of the whole run (the LR schedule's length)."""
-        cfg = self.cfg
-        if hasattr(cfg, "trainer"):
-            return cfg.trainer.steps * cfg.algo.ppo_epochs * cfg.algo.mini_batches
-        return supervised_steps(cfg, len(self.data.pairs if hasattr(cfg, "eval_fraction") else self.data.sft))
 
     def _realloc_for(self, name: str) -> tuple[Sharding, Sharding] | None:
         """(owner sharding, call sharding) when the call needs a temporary copy of its weights' role."""
@@ -304,15 +312,22 @@ class Worker:
             return out, info
         return None, info
 
-    def save(self, ckpt: str, optimizer: bool = True) -> dict:
+    def save(self, ckpt: str, optimizer: bool = True, roles: list[str] | None = None) -> dict:
         """Write the saved roles whole (any plan, either transport, resumes from them); the owner ranks of each
-        role take part. `optimizer=False`: weights only (the run's final/ folders)."""
+        role take part. `optimizer=False`: weights only (the run's final/ folders); `roles`: only these."""
         t0 = time.time()
         for role in self.roles.values():
-            if role.saved and role.model is not None and self.rank in role.owner.ranks:
-                save_role(role, role.engine if optimizer else None, self.tokenizer, Path(ckpt))
-                if role.ema is not None:
-                    save_role(role, None, self.tokenizer, Path(ckpt), ema=True)
+            if not (role.saved and role.model is not None and self.rank in role.owner.ranks):
+                continue
+            if roles is not None and role.name not in roles:
+                continue
+            if role.parked is not None:
+                role.parked.reload()
+            save_role(role, role.engine if optimizer else None, self.tokenizer, Path(ckpt))
+            if role.ema is not None:
+                save_role(role, None, self.tokenizer, Path(ckpt), ema=True)
+            if role.parked is not None:
+                role.parked.offload()
         return {"rank": self.rank, "time": time.time() - t0}
 
     def timeline_events(self) -> list[dict]:
@@ -326,7 +341,3 @@ class Worker:
     def _record(self, step: int, name: str, t0: float, t1: float | None = None) -> None:
         self.timeline.append({"step": step, "name": name, "rank": self.rank, "start": t0, "end": t1 or time.time()})
 
-
-def supervised_steps(cfg, num_examples: int) -> int:
-    """Optimizer steps of a supervised run: max_steps, else epochs over the examples in batches."""
-    return cfg.max_steps or cfg.epochs * -(-num_examples // cfg.batch_size)

@@ -174,3 +174,12 @@ def test_actor_gen_samples_are_keyed_by_sample_id(debug_model, addition_data, tm
         assert [t for _, t in sorted(split)] == responses
         later = actor_gen(4, prompt_idx)  # another step: other samples for the same prompts
         assert [s.tolist() for s in later.unpack("input_ids")] != [s.tolist() for s in batch.unpack("input_ids")]
+
+
+def test_a_reward_model_with_an_empty_held_out_share_trains_and_skips_its_evaluation(debug_model, addition_data,
+                                                                                    tmp_path):
+    out = tmp_path / "rm"
+    assert main(["rm", f"model.path={debug_model}", f"data.train={addition_data}/pairs.jsonl", f"output_dir={out}",
+                 "max_steps=1", "batch_size=4", "progress=false", "eval_fraction=0.001"]) == 0
+    assert (out / "final" / "config.json").is_file()
+    assert not [r for r in read_metrics(out / "metrics.jsonl") if "eval/accuracy" in r]

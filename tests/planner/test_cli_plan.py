@@ -6,7 +6,7 @@ import yaml
 from reflow.cli import main
 from reflow.config.loader import from_dict
 from reflow.config.schema import RLConfig
-from reflow.experiments.rl import model_configs
+from reflow.runtime.roles import model_configs
 from reflow.runtime.graphs import graph_for
 from reflow.runtime.plan import Plan
 

@@ -99,3 +99,34 @@ def test_bad_plans_fail_up_front_with_the_call(debug_model):
         Plan.from_dict({"calls": {**base, "reward": "0-1"}}, 2)
     with pytest.raises(PlanError, match="does not exist; give a path, or 'colocate'"):
         resolve_plan("nope.yaml", g, 2)
+
+
+def test_an_update_call_must_run_where_its_role_lives():
+    g = graphs.grpo(ref_ema=(0.5, 1))
+    plan = separate(g, 4)
+    assert plan.calls["ref_ema"] == plan.calls["ref_inf"]  # the built-in places it on ref's ranks
+    plan.validate(g)
+    plan.calls["ref_ema"] = plan.calls["actor_train"]
+    with pytest.raises(PlanError, match="plan call 'ref_ema': it updates role 'ref' in place"):
+        plan.validate(g)
+
+
+def test_a_generating_eval_folds_pipeline_stages_into_replicas(tmp_path):
+    from reflow.config.schema import SFTConfig
+    from reflow.runtime.plan import placements
+
+    g = graphs.graph_for(SFTConfig(model={"path": "m"}, output_dir=str(tmp_path)))
+    plan = Plan.from_dict({"calls": {"actor_train": {"ranks": "0-3", "layout": "d2t1p2"}}}, 4)
+    assert placements(plan, g)["eval_generate"] == Placement((0, 1, 2, 3), Layout(4, 1, 1))
+
+
+def test_an_unknown_call_implementation_fails_before_anything_starts(tmp_path, debug_model, addition_data):
+    from reflow.config.loader import from_dict
+    from reflow.config.schema import RLConfig
+    from reflow.experiments.loop import experiment_plan
+
+    cfg = from_dict(RLConfig, {"actor": {"path": str(debug_model)}, "data": {"train": str(addition_data / "train.jsonl")}})
+    g = Graph("mine", [Call("actor_gen", "actor", "generate", "generate", ("prompts",), ("response",)),
+                       Call("actor_train", "actor", "train", "trian_policy", ("response",))])
+    with pytest.raises(GraphError, match="call implementation 'trian_policy' is not registered"):
+        experiment_plan(cfg, g)

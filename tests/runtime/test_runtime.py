@@ -12,6 +12,7 @@ ray = pytest.importorskip("ray")
 from reflow.config.loader import from_dict  # noqa: E402
 from reflow.config.schema import RLConfig  # noqa: E402
 from reflow.experiments.rl import RLExperiment  # noqa: E402
+from reflow.rewards.registry import RewardError  # noqa: E402
 from reflow.runtime.transport import WorkerFailed  # noqa: E402
 
 REWARDS = Path(__file__).parent / "varied_reward.py"
@@ -81,15 +82,17 @@ def test_ppo_gives_the_same_numbers_under_builtin_plans(ray_session, tmp_path, d
         assert "critic/loss" in four[0]
 
 
-@pytest.mark.parametrize("reward,needle", [("dies", "worker 0 failed in 'reward'"),
-                                           ("raises", "ValueError: reward server unreachable")])
-def test_a_failing_worker_ends_the_run_with_its_error(ray_session, tmp_path, debug_model, addition_data, reward,
+@pytest.mark.parametrize("reward,error,needle", [
+    ("dies", WorkerFailed, "worker 0 failed in 'reward'"),  # the worker process dies mid-step
+    ("raises", RewardError, "raised ValueError: reward server unreachable"),  # a user error: its own message
+])
+def test_a_failing_worker_ends_the_run_with_its_error(ray_session, tmp_path, debug_model, addition_data, reward, error,
                                                       needle):
     plan = {"actor_gen": ("0-1", "d2t1p1"), "reward": ("0", "d1t1p1"), "ref_inf": ("1", "d1t1p1"),
             "actor_train": ("0-1", "d2t1p1")}
     cfg = config(tmp_path, debug_model, addition_data, workers=2, plan=plan, reward=reward)
     t0 = time.monotonic()
-    with pytest.raises(WorkerFailed, match=needle):
+    with pytest.raises(error, match=needle):
         run(cfg)
     assert time.monotonic() - t0 < 90
 

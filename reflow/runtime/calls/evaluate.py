@@ -47,6 +47,8 @@ def _eval_pairs_batch(cc: CallContext):
 
 @register_call("eval_rm_pairs")
 def eval_rm_pairs(cc: CallContext, batch) -> dict | None:
+    if not cc.data.eval_pairs:  # a held-out share too small to hold a pair
+        return None
     mcfg = cc.worker.role_config(cc.call.weights)
     pairs = _eval_pairs_batch(cc)
     s = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx).scores(pairs)
@@ -58,6 +60,8 @@ def eval_rm_pairs(cc: CallContext, batch) -> dict | None:
 
 @register_call("eval_dpo_pairs")
 def eval_dpo_pairs(cc: CallContext, batch) -> dict | None:
+    if not cc.data.eval_pairs:
+        return None
     mcfg = cc.worker.role_config(cc.call.weights)
     pairs = _eval_pairs_batch(cc)
     logp, _ = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx).logprobs(pairs)

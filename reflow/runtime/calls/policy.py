@@ -140,6 +140,9 @@ def optimizer_steps(cc: CallContext, batch: SampleBatch, loss_fn, prefix: str, p
     from reflow.runtime.calls.supervised import sft_batch
 
     a, cfg = cc.cfg.algo, cc.cfg
+    if ptx is not None and len(ptx) != a.ppo_epochs * len(batch.chunks(a.mini_batches)):
+        raise RuntimeError(f"PPO-ptx: {len(ptx)} batches of ptx rows for "
+                         f"{a.ppo_epochs * len(batch.chunks(a.mini_batches))} optimizer steps")
     sums: dict[str, float] = {}
     n = 0
     for _ in range(a.ppo_epochs):

@@ -84,7 +84,10 @@ def train_rm(cc: CallContext, batch: SampleBatch | None) -> dict:
 @register_call("pair_logprobs")
 def pair_logprobs(cc: CallContext, batch: SampleBatch | None) -> SampleBatch:
     mcfg = cc.worker.role_config(cc.call.weights)
-    pairs = preference_batch(examples(cc, cc.call.options.get("dataset", "pairs")))
+    rows = examples(cc, cc.call.options.get("dataset", "pairs"))
+    if not rows:  # an empty held-out share
+        return None
+    pairs = preference_batch(rows)
     logp, _ = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx).logprobs(pairs)
     return pairs.with_samples(**{cc.output_key(): sequence_logprobs(logp, pairs)})
 
