@@ -83,11 +83,11 @@ def groups_with_spread(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.
     "Equal" is exact (max == min); a group of one has no spread. This is DAPO's dynamic-sampling filter
     (0 < #correct < G for 0/1 rewards) and the test under which `group_baseline` scores a group exactly 0.
     """
-    r = rewards.float()
+    r = rewards.double()
     inv, count = _groups(group_ids, r.device)
     G = len(count)
-    hi = torch.full((G,), -torch.inf, device=r.device).scatter_reduce(0, inv, r, "amax")
-    lo = torch.full((G,), torch.inf, device=r.device).scatter_reduce(0, inv, r, "amin")
+    hi = torch.full((G,), -torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, inv, r, "amax")
+    lo = torch.full((G,), torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, inv, r, "amin")
     return (hi > lo)[inv]
 
 

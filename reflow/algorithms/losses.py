@@ -32,7 +32,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
     the policy has drifted far (or a -inf log-prob) gives a finite value, at most e^20 - 21, with no
     gradient beyond the bound, instead of overflowing exp and poisoning the whole loss. verl also caps the
     k3 value at 10; reflow does not: the cap would drop the KL gradient of exactly the tokens that have
-    drifted furthest from the reference (log r < -11), which the KL term is there to pull back.
+    drifted furthest from the reference (k3 > 10: log r below -11 or above 2.6), which the KL term is
+    there to pull back.
     """
     log_ratio = ref_logp.float() - logp.float()
     if kind == "k1":

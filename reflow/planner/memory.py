@@ -193,11 +193,11 @@ def plan_memory(graph: Graph, plan: Plan, models: dict[str, ModelShape | None], 
     overflow = 0.0
     for name in graph.order:
         call = graph.call(name)
-        m = models.get(call.role)
+        m = models.get(call.weights)  # the weights it runs on (an update runs on another role's)
         if m is None:
             continue
         pl = plan.calls[name]
-        copy = needs_copy(call.kind, pl, owners[call.role], call.role in trained)
+        copy = needs_copy(call.kind, pl, owners[call.weights], call.weights in trained)
         conc = 0
         if call.kind == "generate":
             conc = math.ceil(wl.batch / pl.layout.d)

@@ -95,9 +95,12 @@ def make_groups(problem: Problem) -> list[Group]:
     per_node = problem.hw.devices_per_node
     meshes = candidate_meshes(problem.world_size, per_node)
     out: dict[str, Group] = {}
+    trained = set(g.trained_roles())
     for name in g.order:
         call = g.call(name)
         key = f"{call.role}:train" if call.kind == "train" else name
+        if call.kind == "update":  # it changes its role's weights in place: it goes where they live
+            key = f"{call.role}:train" if call.role in trained else g.roles[call.role][0]
         if key not in out:
             out[key] = Group(key, call.role, call.kind, [], problem.models.get(call.role))
         out[key].calls.append(name)

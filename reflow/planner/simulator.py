@@ -136,11 +136,11 @@ def call_costs(problem: Problem, plan: Plan, memory: MemoryReport) -> tuple[dict
     reallocs: dict[str, ReallocCost] = {}
     for name in g.order:
         call = g.call(name)
-        m = problem.models.get(call.role)
+        m = problem.models.get(call.weights)  # the weights it runs on (an update runs on another role's)
         pl = plan.calls[name]
-        owner = _owner(problem, plan, call.role)
-        copy = m is not None and needs_copy(call.kind, pl, owner, call.role in trained)
-        sharded_owner = call.kind != "train" and not copy and call.role in trained
+        owner = _owner(problem, plan, call.weights)
+        copy = m is not None and needs_copy(call.kind, pl, owner, call.weights in trained)
+        sharded_owner = call.kind != "train" and not copy and call.weights in trained
         conc = memory.concurrency.get(name)
         key = ("call", name, pl, conc, sharded_owner)
         if key not in problem._cache:
@@ -152,7 +152,7 @@ def call_costs(problem: Problem, plan: Plan, memory: MemoryReport) -> tuple[dict
             times[name] = CallCost(c.time + data, {**c.parts, "data": data})
         if copy:
             fn = realloc_cost_exact if problem.exact_realloc else realloc_cost
-            reallocs[name] = fn(m, owner, pl, problem.hw, src_sharded=call.role in trained)
+            reallocs[name] = fn(m, owner, pl, problem.hw, src_sharded=call.weights in trained)
     return times, reallocs
 
 
@@ -177,7 +177,7 @@ def simulate(problem: Problem, plan: Plan, times: dict[str, CallCost], reallocs:
             ready = max([start_at, role_end.get(call.role, 0.0)] + [done[d] for d in g.deps[name]])
             r = reallocs.get(name)
             if r is not None and r.time > 0:
-                owner = _owner(problem, plan, call.role)
+                owner = _owner(problem, plan, call.weights)
                 ranks = tuple(sorted(set(pl.ranks) | set(owner.ranks)))
                 t0 = max([ready] + [free[x] for x in ranks])
                 t1 = t0 + r.time
@@ -227,7 +227,7 @@ def simulate_shared(problem: Problem, plan: Plan, times: dict[str, CallCost], re
                 deps += prev_iter
             r = reallocs.get(name)
             if r is not None and r.time > 0:
-                owner = _owner(problem, plan, call.role)
+                owner = _owner(problem, plan, call.weights)
                 ranks = tuple(sorted(set(pl.ranks) | set(owner.ranks)))
                 tasks.append((it, f"{name}:reallocate", ranks, r.time, deps + [last_on_rank[x] for x in ranks
                                                                                 if x in last_on_rank]))

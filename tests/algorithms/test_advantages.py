@@ -15,6 +15,7 @@ from reflow.algorithms.advantages import (
     grpo,
     last_action_index,
     masked_whiten,
+    outcome_rewards,
     reinforce_pp,
     reinforce_pp_baseline,
     remax,
@@ -74,6 +75,22 @@ def test_single_sample_group_scores_zero():
 def test_equal_rewards_in_a_group_score_zero_not_nan():
     out = group_baseline(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0, 0, 0]))
     assert torch.equal(out, torch.zeros(3))
+
+
+def test_a_group_of_equal_unrepresentable_rewards_scores_exactly_zero():
+    """Seven rewards of 0.7: the float32 mean is one ulp off, and std 6e-8 / eps 1e-6 would make that +0.056."""
+    rewards = torch.tensor([0.7] * 7 + [0.0, 1.0, 0.5])
+    groups = torch.tensor([0] * 7 + [1, 1, 1])
+    zeros = torch.zeros(7)
+    assert torch.equal(group_baseline(rewards, groups)[:7], zeros)
+    assert torch.equal(group_baseline(rewards, groups, norm_std=False)[:7], zeros)
+    assert torch.equal(rloo_baseline(rewards, groups)[:7], zeros)
+    # the group with spread is scored as before
+    torch.testing.assert_close(group_baseline(rewards, groups)[7:], torch.tensor([-1.0, 1.0, 0.0]), atol=1e-5, rtol=0)
+    seqlens, mask = packed([1] * 10, [2] * 10)
+    for estimator in (grpo, drgrpo, rloo):
+        adv, _ = estimator(rewards=rewards, group_ids=groups, seqlens=seqlens, action_mask=mask)
+        assert torch.equal(adv[:21], torch.zeros(21)), estimator.__name__
 
 
 def test_grpo_broadcasts_the_score_to_action_tokens_only():
@@ -375,3 +392,49 @@ def test_reinforce_pp_baseline_ignores_a_shift_of_all_scores_in_a_group():
     shifted = dict(case, rewards=case["rewards"] + 10.0, token_rewards=case["token_rewards"].clone())
     shifted["token_rewards"][[2, 7, 10]] += 10.0  # the score on each last token moves with it
     torch.testing.assert_close(reinforce_pp_baseline(**shifted)[0], reinforce_pp_baseline(**case)[0], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------- token rewards in the outcome estimators
+def kl_in_reward_case():
+    """Three samples (groups [0, 0, 1]); token rewards = score on the last action - KL penalties; prompts garbage."""
+    seqlens, mask = packed([1, 1, 1], [2, 3, 1])
+    #                       p    KL    score 1 | p    KL    KL    score 0 | p    score 4
+    token_rewards = torch.tensor([NAN, -0.1, 1.0, INF, -0.2, -0.3, 0.0, NAN, 4.0])
+    return dict(rewards=torch.tensor([1.0, 0.0, 4.0]), group_ids=torch.tensor([0, 0, 1]), seqlens=seqlens,
+                action_mask=mask, token_rewards=token_rewards)
+
+
+def test_outcome_rewards_sum_the_token_rewards_of_each_sample():
+    case = kl_in_reward_case()
+    r = outcome_rewards(case["rewards"], case["token_rewards"], case["seqlens"], case["action_mask"])
+    torch.testing.assert_close(r, torch.tensor([0.9, -0.5, 4.0]))
+    assert torch.equal(outcome_rewards(case["rewards"], None, case["seqlens"], case["action_mask"]), case["rewards"])
+    # a sample without action tokens keeps its score
+    seqlens, mask = packed([2, 1], [0, 1])
+    r = outcome_rewards(torch.tensor([3.0, 1.0]), torch.tensor([0.0, 0.0, 0.0, 5.0]), seqlens, mask)
+    assert r.tolist() == [3.0, 5.0]
+
+
+@pytest.mark.parametrize("name", ["grpo", "drgrpo", "rloo", "remax"])
+def test_outcome_estimators_see_the_kl_in_the_reward(name):
+    case = kl_in_reward_case()
+    case["baseline_rewards"] = torch.tensor([0.5, 0.5, 3.0])
+    summed = torch.tensor([0.9, -0.5, 4.0])
+    adv, _ = get_advantage(name)(**case)
+    expected, _ = get_advantage(name)(**{**case, "rewards": summed, "token_rewards": None})
+    torch.testing.assert_close(adv, expected)
+    # score-only token rewards (the KL in the loss) give exactly the advantages of the scores
+    score_only = torch.where(case["token_rewards"] > 0, case["token_rewards"], torch.zeros(()))
+    plain, _ = get_advantage(name)(**{**case, "token_rewards": None})
+    assert torch.equal(get_advantage(name)(**{**case, "token_rewards": score_only})[0], plain)
+
+
+def test_grpo_with_kl_in_the_reward_by_hand():
+    case = kl_in_reward_case()
+    adv, _ = grpo(**case)
+    # group 0: r = [0.9, -0.5], mean 0.2, unbiased std 0.9899; group 1 alone: 0
+    s = 0.7 / (statistics.stdev([0.9, -0.5]) + 1e-6)
+    torch.testing.assert_close(adv, torch.tensor([0, s, s, 0, -s, -s, -s, 0, 0.0]))
+    # remax: r - b with b the greedy response's score alone
+    adv, _ = remax(**case, baseline_rewards=torch.tensor([0.5, 0.5, 3.0]))
+    torch.testing.assert_close(adv, torch.tensor([0, 0.4, 0.4, 0, -1.0, -1.0, -1.0, 0, 1.0]))

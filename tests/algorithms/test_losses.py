@@ -8,6 +8,7 @@ import torch
 from reflow.algorithms.aggregation import AGG_MODES, Norm
 from reflow.algorithms.losses import (
     AdaptiveKLController,
+    completion_logprobs,
     dpo_loss,
     entropy_bonus,
     kl_loss,
@@ -42,6 +43,17 @@ def test_k3_is_never_negative_and_zero_only_at_equal_logprobs():
     assert (k3 >= 0).all() and (k3 > 0).all()
     assert torch.equal(kl_penalty(logp, logp, "k3"), torch.zeros(1000))
     assert torch.isfinite(kl_penalty(torch.tensor([-100.0]), torch.tensor([0.0]), "k3")).all()  # clamped exp
+
+
+def test_k3_clamps_the_log_ratio_to_20():
+    logp = torch.tensor([0.0, 0.0, -1e4, -INF], requires_grad=True)
+    ref = torch.tensor([1e4, -1e4, 0.0, 0.0])
+    k3 = kl_penalty(logp, ref, "k3")
+    assert torch.isfinite(k3).all()
+    big, small = math.exp(20) - 1 - 20, math.exp(-20) - 1 + 20  # log r = ref - logp at +20 and -20
+    torch.testing.assert_close(k3, torch.tensor([big, small, big, big]))
+    k3.sum().backward()
+    assert torch.equal(logp.grad, torch.zeros(4))  # beyond the bound: no gradient, and no NaN
 
 
 def test_unknown_kl_estimator():
@@ -393,3 +405,39 @@ def test_dpo_rejects_unknown_options():
         dpo_loss(*dpo_case(), 2.0, kind="ipo", label_smoothing=0.1)
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo_loss(*dpo_case(), 2.0, label_smoothing=0.5)
+
+
+# ----------------------------------------------------------------- rollout weights, completion log-probs
+def test_ppo_rollout_weights_multiply_each_token_loss():
+    logp, old, adv, mask, _ = ppo_case()
+    w = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.0, NAN])  # the masked-out last entry is garbage
+    loss, _ = ppo_policy_loss(logp, old, adv, mask, ONE, N5, clip_low=0.2, clip_high=0.2, rollout_weights=w)
+    per_token = [-2.0, -1.2, 1.5, -0.6, 1.6]
+    assert loss.item() == pytest.approx(sum(x * float(k) for x, k in zip(per_token, w[:5])) / 5.0, abs=1e-6)
+    plain, _ = ppo_policy_loss(logp, old, adv, mask, ONE, N5)
+    same, _ = ppo_policy_loss(logp, old, adv, mask, ONE, N5, rollout_weights=torch.ones(6))
+    assert plain.item() == pytest.approx(same.item())
+
+
+def test_completion_logprobs_sum_or_average_over_the_action_tokens():
+    logp = torch.tensor([NAN, -1.0, -2.0, NAN, NAN, -3.0, INF])
+    mask = torch.tensor([0, 1, 1, 0, 0, 1, 0])
+    seqlens = torch.tensor([3, 1, 3])  # the middle sample has no action token
+    assert completion_logprobs(logp, mask, seqlens).tolist() == [-3.0, 0.0, -3.0]
+    assert completion_logprobs(logp, mask, seqlens, average=True).tolist() == [-1.5, 0.0, -3.0]
+
+
+def test_ipo_on_length_averaged_logprobs_as_trl():
+    """TRL's IPO: h from per-token averages of policy and reference log-probs; loss (h - 1 / (2 beta))^2."""
+    seqlens = torch.tensor([3, 5])  # chosen: 2 action tokens, rejected: 4
+    mask = torch.tensor([0, 1, 1, 0, 1, 1, 1, 1])
+    pol = torch.tensor([0.0, -1.0, -3.0, 0.0, -2.0, -2.0, -4.0, -4.0])
+    ref = torch.tensor([0.0, -2.0, -2.0, 0.0, -1.0, -3.0, -3.0, -1.0])
+    p = completion_logprobs(pol, mask, seqlens, average=True)  # [-2, -3]
+    r = completion_logprobs(ref, mask, seqlens, average=True)  # [-2, -2]
+    loss, _ = dpo_loss(p[0:1], p[1:2], r[0:1], r[1:2], 1.0, beta=0.5, kind="ipo")
+    h = (-2.0 - -2.0) - (-3.0 - -2.0)  # 1
+    assert loss.item() == pytest.approx((h - 1 / (2 * 0.5)) ** 2)  # 0: the target margin is met per token
+    p_sum, r_sum = completion_logprobs(pol, mask, seqlens), completion_logprobs(ref, mask, seqlens)
+    loss_sum, _ = dpo_loss(p_sum[0:1], p_sum[1:2], r_sum[0:1], r_sum[1:2], 1.0, beta=0.5, kind="ipo")
+    assert loss_sum.item() == pytest.approx(((0.0 - (-12.0 + 8.0)) - 1.0) ** 2)  # sums: h = 4, loss 9
