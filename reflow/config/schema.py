@@ -106,9 +106,28 @@ class AlgoConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True  # PPO: whiten GAE advantages over the batch
-    clip_low: float = 0.2
-    clip_high: float = 0.2  # > clip_low = DAPO's clip-higher
+    # the policy-gradient loss (reflow/algorithms/losses.py, policy_losses.py): ppo (clipped surrogate), gspo
+    # (sequence-level ratio and clipping), cispo (clipped stop-gradient IS weight on every token's log-prob),
+    # clip_cov / kl_cov (entropy-collapse control on the tokens of highest covariance of log-prob and advantage)
+    policy_loss: Literal["ppo", "gspo", "cispo", "clip_cov", "kl_cov"] = "ppo"
+    clip_low: float | None = None  # None: the loss's own (ppo / clip_cov 0.2, gspo 3e-4, cispo: no lower bound)
+    clip_high: float | None = None  # None: ppo / clip_cov 0.2, gspo 4e-4, cispo 0.28; > clip_low = DAPO's clip-higher
     dual_clip: float | None = None  # dual-clip PPO: cap the loss of negative-advantage tokens at dual_clip * |A|
+    clip_cov_ratio: float = 2e-4  # clip_cov: share of tokens whose gradient is cut
+    clip_cov_lb: float = 1.0  # clip_cov: covariance bounds of the candidates
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-4  # kl_cov: share of tokens that get the KL penalty
+    ppo_kl_coef: float = 1.0  # kl_cov: its coefficient
+    # rollout correction: the generator's log-probs differ from the trainer's (bf16, another engine, staleness);
+    # tis = truncated importance sampling, mis = masked (tokens / sequences outside [lower, upper] are dropped)
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    rollout_correction_level: Literal["token", "sequence", "geometric"] = "token"
+    rollout_is_threshold: float = 2.0  # tis: the weight's cap
+    rollout_mis_upper: float = 2.0
+    rollout_mis_lower: float | None = None  # None: 1 / upper
+    # DAPO's overlong reward shaping: a soft penalty over the last overlong_cache tokens of rollout.max_new_tokens
+    overlong_cache: int | None = None
+    overlong_factor: float = 1.0
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
     value_clip: float | None = 0.2
     kl_coef: float = 0.0
@@ -145,6 +164,22 @@ class AlgoConfig:
     def uses_critic(self) -> bool:
         return self.estimator == "gae"
 
+    def policy_loss_options(self) -> dict:
+        """The keyword options of the selected policy loss (its own clip defaults where clip_* are unset)."""
+        clip = {"ppo": (0.2, 0.2), "clip_cov": (0.2, 0.2), "gspo": (3e-4, 4e-4), "cispo": (None, 0.28)}
+        o: dict = {"agg": self.loss_agg}
+        if self.policy_loss in clip:
+            low, high = clip[self.policy_loss]
+            o["clip_low"] = self.clip_low if self.clip_low is not None else low
+            o["clip_high"] = self.clip_high if self.clip_high is not None else high
+        if self.policy_loss == "ppo":
+            o["dual_clip"] = self.dual_clip
+        if self.policy_loss == "clip_cov":
+            o.update(clip_cov_ratio=self.clip_cov_ratio, clip_cov_lb=self.clip_cov_lb, clip_cov_ub=self.clip_cov_ub)
+        if self.policy_loss == "kl_cov":
+            o.update(kl_cov_ratio=self.kl_cov_ratio, ppo_kl_coef=self.ppo_kl_coef)
+        return o
+
     def validate(self):
         from reflow.algorithms.registry import ADVANTAGE_ESTIMATORS
         import reflow.algorithms  # noqa: F401  (registers the estimators)
@@ -156,6 +191,13 @@ class AlgoConfig:
             raise ConfigError("algo.ppo_epochs and algo.mini_batches must be >= 1")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (typically 3), got {self.dual_clip}")
+        if self.dual_clip is not None and self.policy_loss != "ppo":
+            raise ConfigError(f"algo.dual_clip applies to algo.policy_loss=ppo, not {self.policy_loss}")
+        if self.rollout_correction == "tis" and self.rollout_correction_level == "geometric":
+            raise ConfigError("algo.rollout_correction=tis needs rollout_correction_level token or sequence: a "
+                              "geometric mean is a filter (mis), not an importance weight")
+        if self.overlong_cache is not None and self.overlong_cache < 1:
+            raise ConfigError(f"algo.overlong_cache must be >= 1 tokens (or null), got {self.overlong_cache}")
         for key in ("ref_ema", "actor_ema"):
             v = getattr(self, key)
             if v is not None and not 0 <= v < 1:
@@ -221,6 +263,12 @@ class RLConfig:
             raise ConfigError("algo.ptx_coef > 0 needs data.ptx: an SFT file of (prompt, response) rows")
         if self.algo.ref_ema is not None and not (self.algo.kl_coef > 0 or self.algo.kl_metric):
             raise ConfigError("algo.ref_ema needs a reference model: set algo.kl_coef > 0 or algo.kl_metric=true")
+        if self.algo.overlong_cache is not None and self.algo.overlong_cache > self.rollout.max_new_tokens:
+            raise ConfigError(f"algo.overlong_cache={self.algo.overlong_cache} is longer than rollout.max_new_tokens="
+                              f"{self.rollout.max_new_tokens}")
+        if self.algo.estimator == "grpovi" and self.algo.kl_placement == "reward" and self.algo.kl_coef > 0:
+            raise ConfigError("algo.adv_estimator=grpovi weights whole-sequence rewards and ignores per-token KL in "
+                              "the reward: set algo.kl_in=loss")
         if self.algo.estimator == "grpovi" and not self.algo.kl_metric and self.algo.kl_coef == 0:
             raise ConfigError("algo.adv_estimator=grpovi weights samples by the reference model: "
                               "set algo.kl_metric=true or algo.kl_coef > 0")
@@ -287,6 +335,8 @@ class DPOConfig:
     ref: ModelConfig = field(default_factory=ModelConfig)  # path None = model.path (the usual SFT reference)
     data: DataConfig = field(default_factory=lambda: DataConfig(train="data/addition/pairs.jsonl"))
     loss: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO (Rafailov et al.) or IPO (Azar et al.)
+    # IPO on per-token mean log-probs of each completion (TRL's definition); false: on their sums
+    ipo_average: bool = True
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative DPO: the preference label is flipped with this probability
     batch_size: int = 32  # pairs per optimizer step

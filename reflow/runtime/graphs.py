@@ -31,10 +31,11 @@ def _scoring(reward_model: bool, prm: bool, prefix: str = "") -> list[Call]:
     p = prefix
     name = f"reward{'_' + p.rstrip('_') if p else ''}"
     if reward_model:
-        calls = [Call(name, "reward", "infer", "score_model", (p + "input_ids",), ("score",), prefix=p)]
-    else:
-        calls = [Call(name, "reward", "infer", "score_fn", (p + "prompt", p + "response", p + "answer"), ("score",),
+        calls = [Call(name, "reward", "infer", "score_model", (p + "input_ids", p + "response_len"), ("score",),
                       prefix=p)]
+    else:
+        calls = [Call(name, "reward", "infer", "score_fn", (p + "prompt", p + "response", p + "answer",
+                                                             p + "response_len"), ("score",), prefix=p)]
     if prm:
         calls.append(Call("process_reward", "reward", "infer", "process_reward",
                           ("input_ids", "prompt_len", "response", "prompt"), ("prm_rewards",)))
@@ -56,7 +57,7 @@ def rl_graph(name: str, *, critic: bool = False, ref: bool = True, old_logprobs:
     train_in = [*ROLLOUT_FIELDS, "score"] + (["prm_rewards"] if prm else [])
     if greedy:
         calls.append(Call("actor_gen_greedy", "actor", "generate", "generate", ("prompts",),
-                          ("prompt", "response", "answer", "input_ids", "group_id"), {"greedy": True},
+                          ("prompt", "response", "answer", "input_ids", "response_len", "group_id"), {"greedy": True},
                           prefix="greedy_"))
         calls += _scoring(reward_model, False, prefix="greedy_")
         train_in.append("greedy_score")
@@ -168,7 +169,9 @@ def graph_for(cfg) -> Graph:
         return load_user_graph(cfg.algo.graph)(cfg)
     a = cfg.algo
     ref = bool(a.kl_coef > 0 or a.kl_target is not None or a.kl_metric)
-    return GRAPHS[a.estimator](ref=ref, old_logprobs=a.ppo_epochs * a.mini_batches > 1,
+    # the trainer's log-probs of the rollout: for a batch used several times, and for rollout correction
+    old = a.ppo_epochs * a.mini_batches > 1 or a.rollout_correction != "none"
+    return GRAPHS[a.estimator](ref=ref, old_logprobs=old,
                                reward_model=bool(cfg.reward.model), prm=bool(cfg.reward.prm),
                                ref_ema=(a.ref_ema, a.ref_ema_every) if a.ref_ema is not None else None,
                                actor_ema=a.actor_ema,

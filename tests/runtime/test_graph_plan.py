@@ -130,3 +130,22 @@ def test_an_unknown_call_implementation_fails_before_anything_starts(tmp_path, d
                        Call("actor_train", "actor", "train", "trian_policy", ("response",))])
     with pytest.raises(GraphError, match="call implementation 'trian_policy' is not registered"):
         experiment_plan(cfg, g)
+
+
+def test_ipo_averages_log_probs_per_completion_token_by_default():
+    import torch
+
+    from reflow.config.schema import DPOConfig
+    from reflow.data.batch import SampleBatch
+    from reflow.runtime.calls.supervised import dpo_inputs
+
+    batch = SampleBatch.from_sequences([0, 1], {"input_ids": [torch.arange(4), torch.arange(3)],
+                                                "action_mask": [torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 1])]})
+    logp = torch.tensor([0.0, -1.0, -2.0, -3.0, 0.0, 0.0, -4.0])
+    ref = torch.tensor([-3.0, -2.0])
+    seq, r = dpo_inputs(DPOConfig(model={"path": "m"}, loss="ipo"), logp, ref, batch)
+    assert seq.tolist() == [-2.0, -4.0] and r.tolist() == [-1.0, -2.0]  # sums / 3 and / 1 response tokens
+    seq, r = dpo_inputs(DPOConfig(model={"path": "m"}, loss="ipo", ipo_average=False), logp, ref, batch)
+    assert seq.tolist() == [-6.0, -4.0] and r.tolist() == [-3.0, -2.0]
+    seq, _ = dpo_inputs(DPOConfig(model={"path": "m"}), logp, ref, batch)  # DPO (sigmoid): sums
+    assert seq.tolist() == [-6.0, -4.0]

@@ -212,3 +212,18 @@ def test_train_on_two_workers_prints_progress_evaluates_and_writes_final_curves_
     assert "train step 2/2" in printed and "eval/accuracy" in printed and "on 2 worker(s), plan 'separate'" in printed
     for f in ("final/config.json", "final/model.safetensors", "curves.png", "timeline.json", "plan.yaml"):
         assert (out / f).is_file(), f
+
+
+@pytest.mark.parametrize("algo", [
+    {"policy_loss": "gspo"}, {"policy_loss": "cispo"}, {"policy_loss": "clip_cov", "clip_cov_ratio": 0.2},
+    {"policy_loss": "kl_cov", "kl_cov_ratio": 0.2}, {"rollout_correction": "tis"},
+    {"rollout_correction": "mis", "rollout_correction_level": "sequence", "rollout_mis_upper": 1.0001},
+    {"overlong_cache": 2, "overlong_factor": 0.5},
+], ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()))
+def test_todays_losses_and_corrections_give_the_same_metrics_in_process_and_on_two_workers(
+        ray_session, tmp_path, debug_model, addition_data, algo):
+    local, ray = both(RLExperiment, lambda out, w: rl_config(out, debug_model, addition_data, w, **algo), tmp_path)
+    assert_same_steps(local, ray)
+    assert local[1]["actor/grad_norm"] > 0
+    if "rollout_correction" in algo:
+        assert local[0]["time/actor_inf"] > 0 and "rollout_correction/kept_frac" in local[0]

@@ -17,7 +17,7 @@ from reflow.engines.rollout import decode_response
 from reflow.rewards.registry import compute_rewards
 from reflow.runtime.calls import CallContext, register_call
 from reflow.runtime.calls.rollout import replica_share
-from reflow.runtime.calls.supervised import preference_batch, sequence_logprobs
+from reflow.runtime.calls.supervised import dpo_inputs, preference_batch
 
 
 @register_call("eval_generate")
@@ -65,7 +65,8 @@ def eval_dpo_pairs(cc: CallContext, batch) -> dict | None:
     mcfg = cc.worker.role_config(cc.call.weights)
     pairs = _eval_pairs_batch(cc)
     logp, _ = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx).logprobs(pairs)
-    h = sequence_logprobs(logp, pairs) - batch.select(pairs.ids).samples["ref_logp"]
+    seq, ref = dpo_inputs(cc.cfg, logp, batch.select(pairs.ids).samples["ref_logp"], pairs)
+    h = seq - ref
     margin = h[0::2] - h[1::2]
     n = len(margin)
     return {"eval/pair_accuracy": [pair_accuracy(margin).sum().item(), n],

@@ -6,7 +6,8 @@ Both train calls compute the advantages themselves, on the whole batch, so every
     A, R   = estimator(r, groups, values, ...)        (reflow.algorithms.advantages, algo.adv_estimator)
              with GAE, A is whitened over the batch's action tokens (algo.whiten_advantages)
 
-    actor  : PPO-clip(logp, old, A) [+ beta * KL(pi || ref) in the loss] - entropy_coef * H
+    actor  : policy loss (algo.policy_loss: PPO-clip, GSPO, CISPO, Clip-Cov, KL-Cov) of (logp, old, A)
+             [x rollout-correction weights (TIS / MIS)] [+ beta * KL(pi || ref) in the loss] - entropy_coef * H
              [+ ptx_coef * SFT NLL on a batch of data.ptx in the same optimizer step (PPO-ptx)]
     critic : clipped value loss against R
 
@@ -21,9 +22,11 @@ import torch
 
 from reflow.algorithms import advantages as adv_lib
 from reflow.algorithms.aggregation import Norm, aggregate
-from reflow.algorithms.losses import kl_loss, kl_penalty, ppo_policy_loss, sequence_nll, value_loss
-from reflow.algorithms.registry import get_advantage
+from reflow.algorithms.losses import kl_loss, kl_penalty, sequence_nll, value_loss
+from reflow.algorithms.registry import get_advantage, get_policy_loss
+from reflow.algorithms.rollout_correction import rollout_correction
 from reflow.data.batch import SampleBatch
+from reflow.engines.generate import sample_seed
 from reflow.engines.rollout import exact_match_accuracy
 from reflow.models.packing import token_logprobs, token_values
 from reflow.rewards.registry import RewardError
@@ -87,8 +90,9 @@ def advantages(cfg, batch: SampleBatch, kl_coef: float, bounds: tuple[float, flo
     return batch.with_tokens(advantages=adv, returns=ret)
 
 
-def actor_loss(cfg, kl_coef: float):
+def actor_loss(cfg, kl_coef: float, step: int):
     a = cfg.algo
+    policy_loss, options = get_policy_loss(a.policy_loss), a.policy_loss_options()
 
     def loss_fn(model, mb: SampleBatch, norm: Norm):
         mask = mb.tokens["action_mask"]
@@ -97,9 +101,11 @@ def actor_loss(cfg, kl_coef: float):
         # On-policy single update: the old policy *is* the current one, so its log-probs are logp.detach()
         # (ratio = 1, gradient = policy gradient) and the extra actor_inf forward is skipped.
         old = mb.tokens["old_logprobs"] if "old_logprobs" in mb.tokens else logp.detach()
-        loss, stats = ppo_policy_loss(logp, old, mb.tokens["advantages"], mask, mb.seqlens, norm,
-                                      clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
-                                      agg=a.loss_agg)
+        extra = {}
+        if a.policy_loss == "clip_cov":  # its random choice of tokens is keyed like sampling: (seed, step, sample)
+            extra["generator"] = torch.Generator().manual_seed(sample_seed(cfg.seed, step, mb.ids[0]))
+        loss, stats = policy_loss(logp, old, mb.tokens["advantages"], mask, mb.seqlens, norm, **options, **extra,
+                                  rollout_weights=mb.tokens.get("rollout_weights"))
         stats = {"pg_loss": loss.detach(), **stats,
                  "entropy": aggregate(ent.detach(), mask, mb.seqlens, norm, "token-mean")}
         if "ref_logprobs" in mb.tokens:
@@ -163,10 +169,27 @@ def _advantages(cc: CallContext, batch: SampleBatch) -> SampleBatch:
     return advantages(cc.cfg, batch, cc.meta["kl_coef"], grpovi_bounds(cc.cfg, cc.worker.reward_fn))
 
 
+def correct_rollout(cfg, batch: SampleBatch) -> dict:
+    """Rollout correction (algo.rollout_correction): tokens["rollout_weights"] [T] from the trainer's
+    (`old_logprobs`) and the generator's (`gen_logprobs`) log-probs; with MIS the dropped tokens leave the
+    action mask, so they neither count in the loss nor in its normaliser. Returns its stats."""
+    a = cfg.algo
+    mask = batch.tokens["action_mask"]
+    weights, keep, stats = rollout_correction(batch.tokens["old_logprobs"], batch.tokens["gen_logprobs"], mask,
+                                              batch.seqlens, mode=a.rollout_correction,
+                                              level=a.rollout_correction_level, threshold=a.rollout_is_threshold,
+                                              lower=a.rollout_mis_lower, upper=a.rollout_mis_upper)
+    batch.with_tokens(rollout_weights=weights, action_mask=(mask.bool() & keep).to(mask.dtype))
+    return {f"rollout_correction/{k}": float(v) for k, v in stats.items()}
+
+
 @register_call("train_policy")
 def train_policy(cc: CallContext, batch: SampleBatch) -> dict:
     batch = _advantages(cc, batch)
-    metrics = optimizer_steps(cc, batch, actor_loss(cc.cfg, cc.meta["kl_coef"]), "actor", ptx=cc.meta.get("ptx"))
+    correction = correct_rollout(cc.cfg, batch) if cc.cfg.algo.rollout_correction != "none" else {}
+    metrics = optimizer_steps(cc, batch, actor_loss(cc.cfg, cc.meta["kl_coef"], cc.step), "actor",
+                              ptx=cc.meta.get("ptx"))
+    metrics.update(correction)
     if cc.role.ema is not None:
         cc.role.ema.update(cc.role.model)
     scores, resp_len = batch.samples["score"], batch.samples["response_len"].float()

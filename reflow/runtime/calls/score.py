@@ -1,6 +1,7 @@
 """Rewards: a reward function on the decoded text, a reward model on the tokens, and process rewards.
 
-    score_fn      r_i = fn(prompts, responses, answers)[i]          (clipped to [-c, c] with reward.clip)
+    score_fn      r_i = fn(prompts, responses, answers)[i]          (clipped to [-c, c] with reward.clip, plus
+                  DAPO's overlong penalty with algo.overlong_cache)
     score_model   r_i = RM(prompt_i + response_i) at the last token  (same clip)
     process_reward  dense per-step rewards of a PRM, refined (Clip / Delta) and placed on each step's last
                   token: tokens["prm_rewards"] [T]
@@ -12,15 +13,22 @@ from __future__ import annotations
 
 import torch
 
+from reflow.algorithms.dapo import overlong_penalty
 from reflow.data.batch import SampleBatch
 from reflow.engines.infer import InferenceEngine
 from reflow.runtime.calls import CallContext, register_call
 from reflow.rewards.registry import compute_rewards
 
 
-def _clip(cc: CallContext, scores: torch.Tensor) -> torch.Tensor:
+def _clip(cc: CallContext, scores: torch.Tensor, batch: SampleBatch) -> torch.Tensor:
+    """reward.clip, then DAPO's overlong shaping (algo.overlong_cache) on the response lengths."""
     c = cc.cfg.reward.clip
-    return scores if c is None else scores.clamp(-c, c)
+    scores = scores if c is None else scores.clamp(-c, c)
+    a = cc.cfg.algo
+    if a.overlong_cache is not None:
+        scores = scores + overlong_penalty(batch.samples["response_len"], cc.cfg.rollout.max_new_tokens,
+                                           a.overlong_cache, a.overlong_factor)
+    return scores
 
 
 @register_call("score_fn")
@@ -29,14 +37,14 @@ def score_fn(cc: CallContext, batch: SampleBatch) -> SampleBatch:
         return None
     scores = torch.tensor(compute_rewards(cc.worker.reward_fn, batch.meta["prompt"], batch.meta["response"],
                                           batch.meta["answer"]), dtype=torch.float)
-    return batch.with_samples(**{cc.output_key(): _clip(cc, scores)})
+    return batch.with_samples(**{cc.output_key(): _clip(cc, scores, batch)})
 
 
 @register_call("score_model")
 def score_model(cc: CallContext, batch: SampleBatch) -> SampleBatch:
     mcfg = cc.worker.role_config(cc.call.weights)
     scores = InferenceEngine(cc.model, mcfg.micro_batch_tokens, parallel=cc.ctx).scores(batch)
-    return batch.with_samples(**{cc.output_key(): _clip(cc, scores)})
+    return batch.with_samples(**{cc.output_key(): _clip(cc, scores, batch)})
 
 
 @register_call("process_reward")

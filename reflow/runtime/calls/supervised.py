@@ -6,7 +6,8 @@ copy of the data, and the train engine gives each data-parallel rank its share.
     train_sft     L = -(1 / #response tokens) sum_i sum_{t in response_i} log pi(x_t | x_<t)
     train_rm      L = -(1 / #pairs) sum_pairs log sigmoid(s(x + y_chosen) - s(x + y_rejected))   (Bradley-Terry)
     pair_logprobs samples[out] [2P] = log ref(y | x), summed over the response tokens of each pair half
-    train_dpo     h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))
+    train_dpo     h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))    (IPO with ipo_average:
+                  log-probs per token of the completion, TRL's definition)
                   sigmoid: -log sigma(beta h) (label smoothing eps: -(1-eps) log sigma(beta h) - eps log sigma(-beta h))
                   ipo    : (h - 1 / (2 beta))^2
 Preference batches interleave the pairs: sample 2i = chosen of pair i, 2i + 1 = rejected, group_id = i, so
@@ -48,6 +49,18 @@ def sequence_logprobs(token_logp: torch.Tensor, batch: SampleBatch) -> torch.Ten
     """[T] per-token log-probs (0 off the action mask) -> [B] per-sample sums."""
     return torch.zeros(len(batch), dtype=token_logp.dtype, device=token_logp.device).index_add_(
         0, batch.sample_index().to(token_logp.device), token_logp)
+
+
+def dpo_inputs(cfg, token_logp: torch.Tensor, ref_sums: torch.Tensor, batch: SampleBatch):
+    """([B] policy, [B] reference) completion log-probs as the DPO loss takes them: sums, or for IPO with
+    ipo_average (TRL's definition) per-token means, so that beta is per token (the reference's stored sums
+    are divided by the same completion lengths)."""
+    seq = sequence_logprobs(token_logp, batch)
+    ref = ref_sums.to(seq.device)
+    if cfg.loss == "ipo" and cfg.ipo_average:
+        lengths = sequence_logprobs(batch.tokens["action_mask"].to(seq), batch).clamp(min=1)
+        return seq / lengths, ref / lengths
+    return seq, ref
 
 
 def examples(cc: CallContext, dataset: str) -> list:
@@ -101,8 +114,7 @@ def train_dpo(cc: CallContext, batch: SampleBatch) -> dict:
 
     def loss_fn(model, mb, norm):
         logp, _ = token_logprobs(model, mb, attention=attention)
-        seq = sequence_logprobs(logp, mb)
-        ref = mb.samples["ref_logp"].to(seq.device)
+        seq, ref = dpo_inputs(cfg, logp, mb.samples["ref_logp"], mb)
         return dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], norm.samples, beta=cfg.beta, kind=cfg.loss,
                         label_smoothing=cfg.label_smoothing)
 
