@@ -66,8 +66,13 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 256  # sequences decoded together
+    # asynchronous training: the samples of step s may come from a policy up to max_staleness updates old
+    # (generation of later steps runs while earlier steps train); 0 = synchronous
+    max_staleness: int = 0
 
     def validate(self):
+        if self.max_staleness < 0:
+            raise ConfigError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
         if self.n < 1 or self.prompts_per_step < 1:
             raise ConfigError("rollout.n and rollout.prompts_per_step must be >= 1")
         if self.temperature <= 0:

@@ -4,10 +4,23 @@
               -> actor_train [-> critic_train] [-> ref_ema]          (reflow.runtime.graphs.rl_graph)
 
 This file is what RL adds to the step loop: the prompts of a step (and PPO-ptx's SFT rows), adaptive KL
-control and the checks that must fail before any model is loaded.
+control, the checks that must fail before any model is loaded, and asynchronous training.
+
+Asynchronous training (rollout.max_staleness = k > 0) is a schedule of the same calls: the graph's rollout
+phase (generation, and scoring by frozen roles) of step s + k is submitted before the train phase (the
+trained roles' inference and training) of step s, so on Ray workers generation of later steps runs on its
+ranks while earlier steps train on theirs, and the weights a rollout is generated with have seen the
+updates of steps before s: samples are at most k updates old (recorded per sample as `policy_version`; the
+train call refuses an older one). The actor's own log-probs are recomputed at train time (`old_logprobs`,
+the proximal policy of AReaL's decoupled objective; rollout correction with algo.rollout_correction=tis
+weights by proximal / behaviour). The pipeline restarts at every checkpoint (trainer.save_every): nothing is
+in flight when one is written, so a resumed run continues exactly. In one process the same schedule runs
+one call after another: the same numbers, without the overlap.
 """
 
 from __future__ import annotations
+
+import time
 
 from reflow.algorithms.losses import AdaptiveKLController
 from reflow.config.schema import RLConfig
@@ -52,12 +65,46 @@ class RLExperiment(StepLoop):
         return self.total_steps * a.ppo_epochs * a.mini_batches
 
     def step_meta(self) -> dict:
+        return {**self.rollout_meta(), **self.train_meta()}
+
+    def rollout_meta(self) -> dict:
+        return {"prompts": self.samplers["prompts"].next(self.cfg.rollout.prompts_per_step)}
+
+    def train_meta(self) -> dict:
         cfg = self.cfg
-        meta = {"prompts": self.samplers["prompts"].next(cfg.rollout.prompts_per_step), "kl_coef": self.kl_ctl.value}
+        meta = {"kl_coef": self.kl_ctl.value}
         if "ptx" in self.samplers:  # one batch of SFT rows per optimizer step
             n = cfg.algo.ppo_epochs * min(cfg.algo.mini_batches, cfg.rollout.prompts_per_step * cfg.rollout.n)
             meta["ptx"] = [self.samplers["ptx"].next(cfg.algo.ptx_batch_size) for _ in range(n)]
         return meta
+
+    def run_step(self) -> dict:
+        """One step; with rollout.max_staleness = k > 0 asynchronously (module docstring)."""
+        k = self.cfg.rollout.max_staleness
+        if k == 0:
+            return super().run_step()
+        t0 = time.perf_counter()
+        ex, s = self.executor, self.step
+        rollout, train = self.graph.phases()
+        window = self.settings["save_every"] or self.total_steps
+        window_end = min((s // window + 1) * window, self.total_steps)
+        if not hasattr(self, "_inflight"):
+            self._inflight, self._next_rollout = {}, s
+        while self._next_rollout <= min(s + k, window_end - 1):
+            t = self._next_rollout
+            outputs: dict = {}
+            # submitted before train(s): its weights have seen the s updates of steps 0 .. s-1
+            pending = ex.submit(self.graph, rollout, t, {**self.rollout_meta(), "version": s}, outputs)
+            self._inflight[t] = (outputs, pending)
+            self._next_rollout += 1
+        outputs, pending = self._inflight.pop(s)
+        trained = ex.submit(self.graph, train, s, self.train_meta(), outputs)
+        metrics = ex.step_metrics(ex.collect(pending), ex.collect(trained))
+        metrics["time/step"] = time.perf_counter() - t0
+        metrics = self.after_step(metrics)
+        self.step += 1
+        self.history.append(metrics)
+        return metrics
 
     def after_step(self, metrics: dict) -> dict:
         if metrics.get("actor/kl") is not None:

@@ -61,9 +61,14 @@ class Executor:
 
     def run_graph(self, graph: Graph, step: int, meta: dict) -> dict:
         """Every call of `graph` once -> {"metrics": merged metrics of its calls, "times": {call: seconds}}."""
-        outputs: dict[str, list] = {}
+        return self.collect(self.submit(graph, graph.order, step, meta, {}))
+
+    def submit(self, graph: Graph, names: list[str], step: int, meta: dict, outputs: dict[str, list]) -> list:
+        """Submit the calls `names` of `graph` (in its order) for step `step`, without waiting; their inputs come
+        from `outputs` (call -> data handles; calls submitted earlier, maybe by another submit) and their own
+        data handles are added to it. Returns the pending info handles [(handle, (what, rank))] for collect()."""
         pending: list = []  # (info handle, (what, rank)), in submission order
-        for name in graph.order:
+        for name in names:
             call = graph.call(name)
             every = call.options.get("every")
             if every and (step + 1) % every:
@@ -79,6 +84,10 @@ class Executor:
                 pending.append((info, (name, r)))
                 outs.append(data)
             outputs[name] = outs
+        return pending
+
+    def collect(self, pending: list) -> dict:
+        """Wait for submitted calls -> {"metrics": their merged metrics, "times": {call: seconds, slowest rank}}."""
         infos = self.transport.wait(pending, self.cfg.runtime.timeout_s)
         metrics: dict = {}
         sums: dict[str, list[float]] = {}
@@ -97,10 +106,17 @@ class Executor:
 
     def step(self, step: int, meta: dict) -> dict:
         """One step of the graph -> its calls' metrics and `time/<call>` (slowest rank, reallocation included)."""
-        out = self.run_graph(self.graph, step, meta)
+        return self.step_metrics(self.run_graph(self.graph, step, meta))
+
+    def step_metrics(self, *collected: dict) -> dict:
+        """collect() results of one step (its rollout and train phases, say) -> one row of metrics."""
         if self.cfg.runtime.timeline:
             self.timeline += self._timeline_events()
-        return {**out["metrics"], **{f"time/{k}": v for k, v in out["times"].items()}}
+        out: dict = {}
+        for c in collected:
+            out.update(c["metrics"])
+            out.update({f"time/{k}": v for k, v in c["times"].items()})
+        return out
 
     def evaluate(self, step: int) -> dict:
         if self.graph.evals is None:

@@ -146,6 +146,23 @@ class Graph:
     def trained_roles(self) -> list[str]:
         return [r for r, calls in self.roles.items() if any(self.call(c).kind == "train" for c in calls)]
 
+    def phases(self) -> tuple[list[str], list[str]]:
+        """(rollout, train): the calls that make a step's samples (generation, and scoring by roles nothing
+        trains) and those that use or change trained weights (their inference, training, updates), each in
+        execution order. Asynchronous training runs the rollout phase of later steps before the train phase
+        of earlier ones; no rollout call reads a train call's output."""
+        trained = set(self.trained_roles())
+        train = [n for n in self.order
+                 if self.call(n).kind in ("train", "update") or
+                 (self.call(n).kind != "generate" and self.call(n).weights in trained)]
+        rollout = [n for n in self.order if n not in train]
+        for n in rollout:
+            late = [d for d in self.deps[n] if d in train]
+            if late:
+                raise GraphError(f"graph '{self.name}': call '{n}' makes samples but reads '{late[0]}', which uses "
+                                 "trained weights; asynchronous training cannot run it ahead")
+        return rollout, train
+
     def weight_roles(self) -> list[str]:
         """Roles whose weights some call runs on or updates, in execution order."""
         out = list(self.roles)

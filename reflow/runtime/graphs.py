@@ -170,7 +170,8 @@ def graph_for(cfg) -> Graph:
     a = cfg.algo
     ref = bool(a.kl_coef > 0 or a.kl_target is not None or a.kl_metric)
     # the trainer's log-probs of the rollout: for a batch used several times, and for rollout correction
-    old = a.ppo_epochs * a.mini_batches > 1 or a.rollout_correction != "none"
+    # (asynchronous samples need the current policy's log-probs: the proximal policy of the decoupled loss)
+    old = a.ppo_epochs * a.mini_batches > 1 or a.rollout_correction != "none" or cfg.rollout.max_staleness > 0
     return GRAPHS[a.estimator](ref=ref, old_logprobs=old,
                                reward_model=bool(cfg.reward.model), prm=bool(cfg.reward.prm),
                                ref_ema=(a.ref_ema, a.ref_ema_every) if a.ref_ema is not None else None,

@@ -14,46 +14,9 @@ from reflow.data.batch import SampleBatch  # noqa: E402
 from reflow.experiments.rl import RLExperiment  # noqa: E402
 from reflow.experiments.supervised import DPOExperiment, RMExperiment, SFTExperiment  # noqa: E402
 from reflow.runtime.graphs import graph_for  # noqa: E402
+from rl_runs import assert_same_steps, both, compared, rl_config, run, supervised_config  # noqa: E402
 
-REWARDS = Path(__file__).parent / "varied_reward.py"
 ESTIMATORS = ["grpo", "drgrpo", "rloo", "reinforce++", "reinforce++-baseline", "remax", "grpovi", "gae"]
-COMPARED = ("loss", "grad_norm", "reward/mean", "actor/kl", "accuracy", "ptx_nll", "reward/prm_sum", "eval/")
-
-
-def rl_config(out, model, data, workers=0, **algo):
-    role = {"path": str(model), "micro_batch_tokens": 64, "optim": {"lr": 1e-3}}
-    return from_dict(RLConfig, {
-        "output_dir": str(out), "actor": role, "critic": {**role, "path": None},
-        "data": {"train": str(data / "train.jsonl"), "eval": str(data / "test.jsonl"), "eval_size": 4,
-                 "ptx": str(data / "sft.jsonl")},
-        "rollout": {"prompts_per_step": 3, "n": 2, "max_new_tokens": 4},
-        "reward": {"fn": f"{REWARDS}:varied"},
-        "algo": {"kl_coef": 0.01, "grpovi_low": 0.0, "grpovi_high": 1.0, **algo},
-        "trainer": {"steps": 2, "progress": False, "eval_every": 0, "save_every": 0},
-        "runtime": {"workers": workers, "plan": "separate", "timeout_s": 60}})
-
-
-def run(cls, cfg, resume=None) -> list[dict]:
-    with cls(cfg, resume) as exp:
-        exp.run()
-        return exp.history
-
-
-def compared(row: dict) -> dict:
-    return {k: v for k, v in row.items() if v is not None and any(c in k for c in COMPARED)}
-
-
-def assert_same_steps(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b) == 2
-    for step, (x, y) in enumerate(zip(a, b)):
-        x, y = compared(x), compared(y)
-        assert x.keys() == y.keys() and x, (step, sorted(x), sorted(y))
-        for k in x:
-            assert abs(x[k] - y[k]) <= 1e-5 + 1e-4 * abs(x[k]), (step, k, x[k], y[k])
-
-
-def both(cls, make_cfg, tmp_path) -> tuple[list[dict], list[dict]]:
-    return run(cls, make_cfg(tmp_path / "local", 0)), run(cls, make_cfg(tmp_path / "ray", 2))
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -110,13 +73,6 @@ def test_process_rewards_give_the_same_metrics_in_process_and_on_two_workers(ray
     local, ray = both(RLExperiment, cfg, tmp_path)
     assert_same_steps(local, ray)
     assert "reward/prm_sum" in local[0]
-
-
-def supervised_config(cls, out, model, data, workers, **extra):
-    base = {"output_dir": str(out), "model": {"path": str(model), "micro_batch_tokens": 64, "optim": {"lr": 1e-3}},
-            "batch_size": 8, "max_steps": 2, "progress": False, "data": {"train": str(data / extra.pop("train"))},
-            "runtime": {"workers": workers, "plan": "colocate", "timeout_s": 60}, **extra}
-    return from_dict(cls, base)
 
 
 @pytest.mark.parametrize("kind", ["sft", "rm", "dpo"])

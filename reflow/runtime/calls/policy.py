@@ -183,13 +183,26 @@ def correct_rollout(cfg, batch: SampleBatch) -> dict:
     return {f"rollout_correction/{k}": float(v) for k, v in stats.items()}
 
 
+def staleness(cfg, batch: SampleBatch, step: int) -> dict:
+    """Updates between the policy that generated each sample and the one training on it; a sample older than
+    rollout.max_staleness is an error (the executor's schedule must never produce one)."""
+    age = step - batch.samples["policy_version"]
+    if int(age.max()) > cfg.rollout.max_staleness:
+        i = int(age.argmax())
+        raise RuntimeError(f"sample {batch.ids[i]} was generated {int(age[i])} updates ago, more than "
+                           f"rollout.max_staleness={cfg.rollout.max_staleness}")
+    return {"staleness/max": float(age.max()), "staleness/mean": float(age.float().mean())}
+
+
 @register_call("train_policy")
 def train_policy(cc: CallContext, batch: SampleBatch) -> dict:
+    stale = staleness(cc.cfg, batch, cc.step)
     batch = _advantages(cc, batch)
     correction = correct_rollout(cc.cfg, batch) if cc.cfg.algo.rollout_correction != "none" else {}
     metrics = optimizer_steps(cc, batch, actor_loss(cc.cfg, cc.meta["kl_coef"], cc.step), "actor",
                               ptx=cc.meta.get("ptx"))
     metrics.update(correction)
+    metrics.update(stale)
     if cc.role.ema is not None:
         cc.role.ema.update(cc.role.model)
     scores, resp_len = batch.samples["score"], batch.samples["response_len"].float()

@@ -3,11 +3,13 @@
 Sample ids: step s with P prompts x n samples numbers its samples s*P*n .. (s+1)*P*n - 1, and the samples
 of prompt j form group s*P*n + j. Data-parallel replicas take contiguous shares of the samples; keyed
 sampling makes every sample's tokens a pure function of (run seed, step, sample id), so the share a replica
-gets changes nothing. With `options["greedy"]` one greedy response per prompt is decoded instead, keyed
+gets changes nothing. samples["policy_version"]: the number of updates the generating weights had seen. With `options["greedy"]` one greedy response per prompt is decoded instead, keyed
 by its group (`ids` = the group ids): ReMax's baseline, spread over the group's samples by the consumer.
 """
 
 from __future__ import annotations
+
+import torch
 
 from reflow.data.batch import SampleBatch
 from reflow.engines.generate import GenerationEngine, SamplingParams, sample_seed
@@ -15,7 +17,7 @@ from reflow.engines.rollout import batch_from_generations
 from reflow.runtime.calls import CallContext, register_call
 
 ROLLOUT_FIELDS = ("input_ids", "action_mask", "gen_logprobs", "group_id", "prompt_len", "response_len", "truncated",
-                  "prompt", "response", "answer")
+                  "policy_version", "prompt", "response", "answer")
 
 
 def replica_share(n: int, ctx) -> tuple[int, int]:
@@ -44,5 +46,7 @@ def generate(cc: CallContext, batch: SampleBatch | None) -> SampleBatch | None:
                            seed=sample_seed(cfg.seed, step)) if b > a else []
     # ids are consecutive in both cases (samples, or greedy rows keyed by their group)
     part = batch_from_generations(gens, examples[a:b], groups[a:b], ids[a] if b > a else 0, tok)
+    # the policy version (updates applied to the weights) that produced the samples, given by the executor
+    part.with_samples(policy_version=torch.full((len(part),), cc.meta.get("version", step), dtype=torch.long))
     tp_first = cc.ctx is None or cc.ctx.tp_rank == 0
     return part if tp_first and len(part) else None  # one part per replica
