@@ -133,6 +133,10 @@ class AlgoConfig:
     # DAPO's overlong reward shaping: a soft penalty over the last overlong_cache tokens of rollout.max_new_tokens
     overlong_cache: int | None = None
     overlong_factor: float = 1.0
+    # DAPO's dynamic sampling: drop groups whose rewards are all equal (no gradient) and generate more prompts,
+    # up to dynamic_sampling_rounds rounds of rollout.prompts_per_step, until that many groups are kept
+    dynamic_sampling: bool = False
+    dynamic_sampling_rounds: int = 3
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
     value_clip: float | None = 0.2
     kl_coef: float = 0.0
@@ -201,6 +205,8 @@ class AlgoConfig:
         if self.rollout_correction == "tis" and self.rollout_correction_level == "geometric":
             raise ConfigError("algo.rollout_correction=tis needs rollout_correction_level token or sequence: a "
                               "geometric mean is a filter (mis), not an importance weight")
+        if self.dynamic_sampling_rounds < 1:
+            raise ConfigError(f"algo.dynamic_sampling_rounds must be >= 1, got {self.dynamic_sampling_rounds}")
         if self.overlong_cache is not None and self.overlong_cache < 1:
             raise ConfigError(f"algo.overlong_cache must be >= 1 tokens (or null), got {self.overlong_cache}")
         for key in ("ref_ema", "actor_ema"):
@@ -268,6 +274,12 @@ class RLConfig:
             raise ConfigError("algo.ptx_coef > 0 needs data.ptx: an SFT file of (prompt, response) rows")
         if self.algo.ref_ema is not None and not (self.algo.kl_coef > 0 or self.algo.kl_metric):
             raise ConfigError("algo.ref_ema needs a reference model: set algo.kl_coef > 0 or algo.kl_metric=true")
+        if self.algo.dynamic_sampling and self.rollout.max_staleness > 0:
+            raise ConfigError("algo.dynamic_sampling waits for each round's rewards before it generates more, so it "
+                              "cannot run ahead: use it with rollout.max_staleness=0")
+        if self.algo.dynamic_sampling and self.algo.uses_critic:
+            raise ConfigError("algo.dynamic_sampling filters groups of samples: use a group estimator "
+                              "(grpo, drgrpo, rloo, ...), not gae")
         if self.algo.overlong_cache is not None and self.algo.overlong_cache > self.rollout.max_new_tokens:
             raise ConfigError(f"algo.overlong_cache={self.algo.overlong_cache} is longer than rollout.max_new_tokens="
                               f"{self.rollout.max_new_tokens}")

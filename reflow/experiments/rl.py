@@ -79,7 +79,10 @@ class RLExperiment(StepLoop):
         return meta
 
     def run_step(self) -> dict:
-        """One step; with rollout.max_staleness = k > 0 asynchronously (module docstring)."""
+        """One step; with rollout.max_staleness = k > 0 asynchronously, with algo.dynamic_sampling in rounds
+        (module docstring)."""
+        if self.cfg.algo.dynamic_sampling:
+            return self._dynamic_step()
         k = self.cfg.rollout.max_staleness
         if k == 0:
             return super().run_step()
@@ -101,6 +104,32 @@ class RLExperiment(StepLoop):
         trained = ex.submit(self.graph, train, s, self.train_meta(), outputs)
         metrics = ex.step_metrics(ex.collect(pending), ex.collect(trained))
         metrics["time/step"] = time.perf_counter() - t0
+        metrics = self.after_step(metrics)
+        self.step += 1
+        self.history.append(metrics)
+        return metrics
+
+    def _dynamic_step(self) -> dict:
+        """DAPO's dynamic sampling: rollout rounds of rollout.prompts_per_step new prompts until that many groups
+        with reward spread are in hand (or algo.dynamic_sampling_rounds rounds), then one train phase on all of
+        them, which keeps the first such groups. The controller learns only the count of each round."""
+        t0 = time.perf_counter()
+        ex, s, a = self.executor, self.step, self.cfg.algo
+        rollout, train = self.graph.phases()
+        outputs: dict = {}
+        kept, collected = 0.0, []
+        for r in range(a.dynamic_sampling_rounds):
+            round_out: dict = {}
+            collected.append(ex.collect(ex.submit(self.graph, rollout, s, {**self.rollout_meta(), "round": r},
+                                                  round_out)))
+            for name, refs in round_out.items():
+                outputs.setdefault(name, []).extend(refs)
+            kept += collected[-1]["metrics"].pop("dynamic/groups_with_spread", 0.0)
+            if kept >= self.cfg.rollout.prompts_per_step:
+                break
+        trained = ex.collect(ex.submit(self.graph, train, s, self.train_meta(), outputs))
+        metrics = ex.step_metrics(*collected, trained)
+        metrics.update({"time/step": time.perf_counter() - t0, "dynamic/rounds": float(r + 1)})
         metrics = self.after_step(metrics)
         self.step += 1
         self.history.append(metrics)

@@ -115,7 +115,8 @@ class Executor:
         out: dict = {}
         for c in collected:
             out.update(c["metrics"])
-            out.update({f"time/{k}": v for k, v in c["times"].items()})
+            for k, v in c["times"].items():  # a call run in several rounds: its total time
+                out[f"time/{k}"] = out.get(f"time/{k}", 0.0) + v
         return out
 
     def evaluate(self, step: int) -> dict:

@@ -44,17 +44,20 @@ def _scoring(reward_model: bool, prm: bool, prefix: str = "") -> list[Call]:
 
 def rl_graph(name: str, *, critic: bool = False, ref: bool = True, old_logprobs: bool = False, greedy: bool = False,
              reward_model: bool = False, prm: bool = False, ref_ema: tuple[float, int] | None = None,
-             actor_ema: float | None = None, evals: Graph | None = None) -> Graph:
+             actor_ema: float | None = None, dynamic_sampling: bool = False, evals: Graph | None = None) -> Graph:
     """PPO (critic: GAE) and GRPO with its relatives (critic-free estimators), as one graph:
 
         actor_gen -> reward [-> process_reward] [-> ref_inf] [-> actor_inf] [-> critic_inf]
                   -> actor_train [-> critic_train] [-> ref_ema]
     greedy: ReMax's greedy rollout and its reward (the baseline), keyed by group (`greedy_score`).
     ref_ema: (decay, every) of an EMA reference that follows the actor; actor_ema: the decay of an EMA copy of
-    the actor that its train call keeps (saved as ema_actor/ and final_ema/)."""
+    the actor that its train call keeps (saved as ema_actor/ and final_ema/); dynamic_sampling: DAPO's group
+    filter reports after each rollout round how many groups have reward spread (the loop generates more)."""
     calls = [Call("actor_gen", "actor", "generate", "generate", ("prompts",), ROLLOUT_FIELDS)]
     calls += _scoring(reward_model, prm)
     train_in = [*ROLLOUT_FIELDS, "score"] + (["prm_rewards"] if prm else [])
+    if dynamic_sampling:
+        calls.append(Call("group_filter", "reward", "infer", "count_spread", ("score", "group_id")))
     if greedy:
         calls.append(Call("actor_gen_greedy", "actor", "generate", "generate", ("prompts",),
                           ("prompt", "response", "answer", "input_ids", "response_len", "group_id"), {"greedy": True},
@@ -175,7 +178,7 @@ def graph_for(cfg) -> Graph:
     return GRAPHS[a.estimator](ref=ref, old_logprobs=old,
                                reward_model=bool(cfg.reward.model), prm=bool(cfg.reward.prm),
                                ref_ema=(a.ref_ema, a.ref_ema_every) if a.ref_ema is not None else None,
-                               actor_ema=a.actor_ema,
+                               actor_ema=a.actor_ema, dynamic_sampling=a.dynamic_sampling,
                                evals=_rl_evals(cfg))
 
 

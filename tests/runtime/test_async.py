@@ -56,3 +56,17 @@ def test_a_sample_older_than_max_staleness_is_refused(debug_model, addition_data
     with pytest.raises(RuntimeError, match="sample 8 was generated 2 updates ago, more than rollout.max_staleness=1"):
         staleness(cfg, batch, step=5)
     assert staleness(cfg, batch, step=4) == {"staleness/max": 1.0, "staleness/mean": 0.5}
+
+
+def test_dynamic_sampling_keeps_the_first_groups_with_reward_spread(debug_model, addition_data, tmp_path):
+    from reflow.runtime.calls.policy import keep_groups
+
+    cfg = rl_config(tmp_path, debug_model, addition_data)
+    cfg.rollout.prompts_per_step = 2
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    score = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.7, 0.7, 1.0, 0.0])  # groups 1 and 3 have spread, 0 and 2 none
+    batch = SampleBatch.from_sequences(range(8), {"input_ids": [torch.arange(2)] * 8},
+                                       samples={"group_id": groups, "score": score})
+    assert keep_groups(cfg, batch).ids == [2, 3, 6, 7]
+    cfg.rollout.prompts_per_step = 1
+    assert keep_groups(cfg, batch).ids == [2, 3]

@@ -183,3 +183,19 @@ def test_todays_losses_and_corrections_give_the_same_metrics_in_process_and_on_t
     assert local[1]["actor/grad_norm"] > 0
     if "rollout_correction" in algo:
         assert local[0]["time/actor_inf"] > 0 and "rollout_correction/kept_frac" in local[0]
+
+
+def test_dynamic_sampling_keeps_groups_with_spread_and_gives_the_same_metrics_in_process_and_on_two_workers(
+        ray_session, tmp_path, debug_model, addition_data):
+    def cfg(out, w):
+        c = rl_config(out, debug_model, addition_data, w, dynamic_sampling=True, dynamic_sampling_rounds=3)
+        c.reward.fn = f"{addition_data}/coarse_reward.py:reward"  # many groups without spread
+        return c
+
+    (addition_data / "coarse_reward.py").write_text(
+        "def reward(prompts, responses, answers):\n    return [float(sum(map(ord, r)) % 5 == 0) for r in responses]\n")
+    local, ray = both(RLExperiment, cfg, tmp_path)
+    assert_same_steps(local, ray)
+    for m in local:
+        assert m["dynamic/rounds"] > 1 or m["dynamic/kept_groups"] == 3  # another round only when short of groups
+        assert m["dynamic/kept_groups"] <= 3 and m["dynamic/generated"] == 6 * m["dynamic/rounds"]

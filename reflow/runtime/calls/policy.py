@@ -23,6 +23,7 @@ import torch
 from reflow.algorithms import advantages as adv_lib
 from reflow.algorithms.aggregation import Norm, aggregate
 from reflow.algorithms.losses import kl_loss, kl_penalty, sequence_nll, value_loss
+from reflow.algorithms.advantages import groups_with_spread
 from reflow.algorithms.registry import get_advantage, get_policy_loss
 from reflow.algorithms.rollout_correction import rollout_correction
 from reflow.data.batch import SampleBatch
@@ -165,6 +166,24 @@ def optimizer_steps(cc: CallContext, batch: SampleBatch, loss_fn, prefix: str, p
     return {f"{prefix}/{k}": v / n for k, v in sums.items()}
 
 
+@register_call("count_spread")
+def count_spread(cc: CallContext, batch: SampleBatch) -> dict | None:
+    """DAPO's dynamic sampling: {"dynamic/groups_with_spread": groups of this round whose rewards differ}."""
+    if not cc.first:
+        return None
+    spread = groups_with_spread(batch.samples["score"], batch.samples["group_id"])
+    return {"dynamic/groups_with_spread": float(len(set(batch.samples["group_id"][spread].tolist())))}
+
+
+def keep_groups(cfg, batch: SampleBatch) -> SampleBatch:
+    """Dynamic sampling: the first rollout.prompts_per_step groups (in id order, over all rounds) whose rewards
+    differ; every train call keeps the same ones."""
+    spread = groups_with_spread(batch.samples["score"], batch.samples["group_id"])
+    keep = sorted({g for g, s in zip(batch.samples["group_id"].tolist(), spread.tolist()) if s})
+    keep = set(keep[: cfg.rollout.prompts_per_step])
+    return batch.index([i for i, g in enumerate(batch.samples["group_id"].tolist()) if g in keep])
+
+
 def _advantages(cc: CallContext, batch: SampleBatch) -> SampleBatch:
     return advantages(cc.cfg, batch, cc.meta["kl_coef"], grpovi_bounds(cc.cfg, cc.worker.reward_fn))
 
@@ -196,6 +215,11 @@ def staleness(cfg, batch: SampleBatch, step: int) -> dict:
 
 @register_call("train_policy")
 def train_policy(cc: CallContext, batch: SampleBatch) -> dict:
+    generated = len(batch)
+    if cc.cfg.algo.dynamic_sampling:
+        batch = keep_groups(cc.cfg, batch)
+        if not len(batch):
+            return {"dynamic/kept_groups": 0.0, "dynamic/generated": float(generated)}  # nothing to learn from
     stale = staleness(cc.cfg, batch, cc.step)
     batch = _advantages(cc, batch)
     correction = correct_rollout(cc.cfg, batch) if cc.cfg.algo.rollout_correction != "none" else {}
@@ -203,6 +227,9 @@ def train_policy(cc: CallContext, batch: SampleBatch) -> dict:
                               ptx=cc.meta.get("ptx"))
     metrics.update(correction)
     metrics.update(stale)
+    if cc.cfg.algo.dynamic_sampling:
+        metrics.update({"dynamic/kept_groups": float(len(set(batch.samples["group_id"].tolist()))),
+                        "dynamic/generated": float(generated)})
     if cc.role.ema is not None:
         cc.role.ema.update(cc.role.model)
     scores, resp_len = batch.samples["score"], batch.samples["response_len"].float()

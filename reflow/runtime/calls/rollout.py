@@ -35,7 +35,9 @@ def generate(cc: CallContext, batch: SampleBatch | None) -> SampleBatch | None:
     n = 1 if greedy else r.n
     prompt_idx = cc.meta["prompts"]
     examples = [cc.data.train_prompts[i] for i in prompt_idx for _ in range(n)]
-    first_id = step * len(prompt_idx) * r.n
+    # DAPO's dynamic sampling generates up to R rounds per step: round k numbers its samples after round k-1's
+    rounds = cc.cfg.algo.dynamic_sampling_rounds if cc.cfg.algo.dynamic_sampling else 1
+    first_id = (step * rounds + cc.meta.get("round", 0)) * len(prompt_idx) * r.n
     groups = [first_id + j // n for j in range(len(examples))]
     ids = groups if greedy else list(range(first_id, first_id + len(examples)))
     a, b = replica_share(len(examples), cc.ctx)
