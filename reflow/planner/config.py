@@ -69,4 +69,5 @@ def problem_for_config(cfg, devices: int | None = None, hw: str | Hardware = "cp
         nbytes = 4 if dtypes.get(role, "float32") == "float32" else 2
         models[role] = ModelShape.of(config, heads.get(role, "lm"), dtype_bytes=nbytes)
     n = devices or max(1, cfg.runtime.workers)
-    return Problem(graph, models, hardware(hw, **hw_overrides), workload_for_config(cfg, mean_prompt_len(cfg)), n)
+    return Problem(graph, models, hardware(hw, **hw_overrides), workload_for_config(cfg, mean_prompt_len(cfg)), n,
+                   staleness=cfg.rollout.max_staleness)

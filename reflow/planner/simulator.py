@@ -15,6 +15,10 @@ Rules (those of reflow.runtime.executor and the workers):
       when iteration i has ended; barrier=False lets the next iteration's calls start as soon as the rules
       above allow (steady state measured over the last iterations)
 
+    * asynchronous training (staleness k > 0, reflow.experiments.rl): the graph's rollout phase of iteration
+      i + k is issued before the train phase of iteration i, so generation of later steps overlaps training
+      of earlier ones where their ranks differ; there is no barrier between iterations (only the issue order)
+
     iteration time = (end of the last iteration - end of the first) / (iterations - 1)
 
 Sample data moving between workers: a call's inputs are the outputs of the calls producing its input keys,
@@ -54,6 +58,7 @@ class Problem:
     exact_realloc: bool = False  # byte counts from plan_reallocation (small models) instead of the analytic ones
     barrier: bool = True
     iterations: int = 3
+    staleness: int = 0  # rollout.max_staleness: the rollout phase of iteration i + k is issued before the train phase of i
     _cache: dict = field(default_factory=dict, repr=False)
 
     def model_configs(self) -> dict:
@@ -156,44 +161,60 @@ def call_costs(problem: Problem, plan: Plan, memory: MemoryReport) -> tuple[dict
     return times, reallocs
 
 
+def issue_order(g: Graph, iterations: int, staleness: int = 0) -> list[tuple[int, str]]:
+    """(iteration, call) in the order the executor submits them: iteration by iteration, or asynchronously
+    (staleness k) the rollout phase of iteration i + k before the train phase of iteration i."""
+    if staleness == 0:
+        return [(it, n) for it in range(iterations) for n in g.order]
+    rollout, train = g.phases()
+    out = [(it, n) for it in range(min(staleness, iterations)) for n in rollout]
+    for it in range(iterations):
+        if it + staleness < iterations:
+            out += [(it + staleness, n) for n in rollout]
+        out += [(it, n) for n in train]
+    return out
+
+
 def simulate(problem: Problem, plan: Plan, times: dict[str, CallCost], reallocs: dict[str, ReallocCost],
              iterations: int | None = None, barrier: bool | None = None) -> tuple[float, list[Event]]:
     """Schedule `iterations` iterations (rules in the module docstring); (iteration time, events)."""
     g = problem.graph
     iterations = max(1, iterations or problem.iterations)
-    barrier = problem.barrier if barrier is None else barrier
+    barrier = (problem.barrier if barrier is None else barrier) and not problem.staleness
     if problem.hw.cores_per_node:
         return simulate_shared(problem, plan, times, reallocs, iterations, barrier)
     free = [0.0] * plan.world_size
     role_end: dict[str, float] = {}
-    ends: list[float] = []
     events: list[Event] = []
     start_at = 0.0
-    for it in range(iterations):
-        done: dict[str, float] = {}
-        for name in g.order:
-            call = g.call(name)
-            pl = plan.calls[name]
-            ready = max([start_at, role_end.get(call.role, 0.0)] + [done[d] for d in g.deps[name]])
-            r = reallocs.get(name)
-            if r is not None and r.time > 0:
-                owner = _owner(problem, plan, call.weights)
-                ranks = tuple(sorted(set(pl.ranks) | set(owner.ranks)))
-                t0 = max([ready] + [free[x] for x in ranks])
-                t1 = t0 + r.time
-                for x in ranks:
-                    free[x] = t1
-                events.append(Event(it, f"{name}:reallocate", ranks, t0, t1))
-                ready = t1
-            t0 = max([ready] + [free[x] for x in pl.ranks])
-            t1 = t0 + times[name].time
-            for x in pl.ranks:
+    done: dict[int, dict[str, float]] = {}
+    for it, name in issue_order(g, iterations, problem.staleness):
+        if barrier and it > 0 and name == g.order[0]:  # the controller waited for iteration it - 1
+            start_at = max(done[it - 1].values())
+        call = g.call(name)
+        pl = plan.calls[name]
+        mine = done.setdefault(it, {})
+        # a role's calls in order (asynchronously only the owner ranks' queues order them: a train call does
+        # not wait for a later step's generation, only for the weights it sent)
+        role_ready = 0.0 if problem.staleness else role_end.get(call.role, 0.0)
+        ready = max([start_at, role_ready] + [mine[d] for d in g.deps[name]])
+        r = reallocs.get(name)
+        if r is not None and r.time > 0:
+            owner = _owner(problem, plan, call.weights)
+            ranks = tuple(sorted(set(pl.ranks) | set(owner.ranks)))
+            t0 = max([ready] + [free[x] for x in ranks])
+            t1 = t0 + r.time
+            for x in ranks:
                 free[x] = t1
-            events.append(Event(it, name, pl.ranks, t0, t1))
-            done[name] = role_end[call.role] = t1
-        ends.append(max(done.values()))
-        if barrier:
-            start_at = ends[-1]
+            events.append(Event(it, f"{name}:reallocate", ranks, t0, t1))
+            ready = t1
+        t0 = max([ready] + [free[x] for x in pl.ranks])
+        t1 = t0 + times[name].time
+        for x in pl.ranks:
+            free[x] = t1
+        events.append(Event(it, name, pl.ranks, t0, t1))
+        mine[name] = role_end[call.role] = t1
+    ends = [max(done[it].values()) for it in range(iterations)]
     iter_time = ends[0] if len(ends) == 1 else (ends[-1] - ends[0]) / (len(ends) - 1)
     return iter_time, [e for e in events if e.iteration == iterations - 1]
 
@@ -213,37 +234,37 @@ def simulate_shared(problem: Problem, plan: Plan, times: dict[str, CallCost], re
     tasks: list[tuple[int, str, tuple[int, ...], float, list[int]]] = []
     last_on_rank: dict[int, int] = {}
     role_last: dict[str, int] = {}
-    prev_iter: list[int] = []
-    for it in range(iterations):
-        this_iter: list[int] = []
-        idx: dict[str, int] = {}
-        for name in g.order:
-            call = g.call(name)
-            pl = plan.calls[name]
-            deps = [idx[d] for d in g.deps[name]]
-            if call.role in role_last:
-                deps.append(role_last[call.role])
-            if barrier:
-                deps += prev_iter
-            r = reallocs.get(name)
-            if r is not None and r.time > 0:
-                owner = _owner(problem, plan, call.weights)
-                ranks = tuple(sorted(set(pl.ranks) | set(owner.ranks)))
-                tasks.append((it, f"{name}:reallocate", ranks, r.time, deps + [last_on_rank[x] for x in ranks
-                                                                                if x in last_on_rank]))
-                k = len(tasks) - 1
-                for x in ranks:
-                    last_on_rank[x] = k
-                this_iter.append(k)
-                deps = [k]
-            tasks.append((it, name, pl.ranks, times[name].time, deps + [last_on_rank[x] for x in pl.ranks
-                                                                         if x in last_on_rank]))
+    iter_tasks: dict[int, list[int]] = {}
+    idx_of: dict[int, dict[str, int]] = {}
+    for it, name in issue_order(g, iterations, problem.staleness):
+        this_iter = iter_tasks.setdefault(it, [])
+        idx = idx_of.setdefault(it, {})
+        prev_iter = iter_tasks.get(it - 1, [])
+        call = g.call(name)
+        pl = plan.calls[name]
+        deps = [idx[d] for d in g.deps[name]]
+        if call.role in role_last and not problem.staleness:
+            deps.append(role_last[call.role])
+        if barrier:
+            deps += prev_iter
+        r = reallocs.get(name)
+        if r is not None and r.time > 0:
+            owner = _owner(problem, plan, call.weights)
+            ranks = tuple(sorted(set(pl.ranks) | set(owner.ranks)))
+            tasks.append((it, f"{name}:reallocate", ranks, r.time, deps + [last_on_rank[x] for x in ranks
+                                                                            if x in last_on_rank]))
             k = len(tasks) - 1
-            for x in pl.ranks:
+            for x in ranks:
                 last_on_rank[x] = k
-            idx[name] = role_last[call.role] = k
             this_iter.append(k)
-        prev_iter = this_iter
+            deps = [k]
+        tasks.append((it, name, pl.ranks, times[name].time, deps + [last_on_rank[x] for x in pl.ranks
+                                                                     if x in last_on_rank]))
+        k = len(tasks) - 1
+        for x in pl.ranks:
+            last_on_rank[x] = k
+        idx[name] = role_last[call.role] = k
+        this_iter.append(k)
     n = len(tasks)
     left = [t[3] for t in tasks]
     start = [None] * n

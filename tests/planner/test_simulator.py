@@ -118,3 +118,19 @@ def test_shared_cores_simulation():
     assert one.time == pytest.approx(ta + tb)  # ... but share one core: the work adds up
     ev = {e.name: e for e in one.timeline}
     assert ev["a"].start == ev["b"].start == 0.0 or one.timeline[0].start <= one.timeline[1].start
+
+
+def test_asynchronous_training_overlaps_generation_with_training_on_other_ranks():
+    from reflow.runtime.graphs import grpo
+
+    g = grpo(ref=False, old_logprobs=True)
+    models = {"actor": M7, "reward": None}
+    gen_train = Plan("apart", 16, {"actor_gen": placement("d8t1p1", range(8, 16)), "reward": placement("d8t1p1", range(8, 16)),
+                                   "actor_inf": placement("d8t1p1", range(8)), "actor_train": placement("d8t1p1", range(8))})
+    sync = evaluate(Problem(g, models, hardware("a100-80g"), Workload(batch=256), 16, iterations=6), gen_train)
+    k1 = evaluate(Problem(g, models, hardware("a100-80g"), Workload(batch=256), 16, iterations=6, staleness=1),
+                  gen_train)
+    gen, train = sync.call_times["actor_gen"].time, sync.call_times["actor_train"].time + sync.call_times["actor_inf"].time
+    assert sync.time >= gen + train  # one after the other (and the weights' move)
+    assert k1.time < 0.8 * sync.time
+    assert k1.time >= max(gen, train) - 1e-9  # never faster than the slower side
