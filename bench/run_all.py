@@ -15,6 +15,8 @@ e2e_vs_trl, hence .venv-bench):
     realloc         bench/realloc.py          planned vs naive parameter reallocation, 4 gloo processes -> realloc.md
     planner         bench/planner.py          plan search: predicted vs measured PPO iteration time, 4 Ray workers -> planner.md
     gpu_smoke       bench/gpu_smoke.py        the demo's SFT + GRPO on CUDA (skipped without one) -> gpu_smoke.md
+    estimators      bench/estimators.py       GRPO / DAPO / GSPO / CISPO on the demo task, 3 seeds -> estimators.{md,png}
+    async           bench/async.py            asynchronous vs synchronous training, 2 and 4 workers -> async.md
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
@@ -145,6 +147,25 @@ def fig_grpovi_vs_grpo(r: dict) -> str:
     return "; ".join(out) or "see the result file"
 
 
+def fig_estimators(r: dict) -> str:
+    path = RESULTS / "estimators.md"
+    if not path.is_file():
+        return "no result file"
+    out = []
+    for ln in path.read_text().splitlines():
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if ln.startswith("| ") and cells[0] in ("grpo", "dapo", "gspo", "cispo"):
+            out.append(f"{cells[0]}: final held-out accuracy {cells[2]}")
+    return "; ".join(out) or "see the result file"
+
+
+def fig_async(r: dict) -> str:
+    rows = (r["summary"] or {}).get("rows", [])
+    sync = {x["workers"]: x["samples_per_s"] for x in rows if x["k"] == 0}
+    return "; ".join(f"{x['workers']} workers, k={x['k']}: {x['samples_per_s']:.0f} samples/s "
+                     f"({x['samples_per_s'] / sync[x['workers']]:.2f}x sync)" for x in rows if x["workers"] in sync)
+
+
 def fig_scaling(r: dict) -> str:
     rows = [ln for ln in r["out"].splitlines() if re.match(r"^\s*\d+ \|", ln)]
     if not rows:
@@ -246,6 +267,9 @@ def main() -> None:
         quick_planner = ["--rounds", "1", "--steps", "8"] if q else []
         jobs.append(("planner", ["bench/planner.py", *quick_planner, "--out", "bench/results/planner.md"],
                      ["planner.md"], fig_planner))
+    jobs.append(("estimators", ["bench/estimators.py", *(["--steps", "100", "--seeds", "0"] if q else [])],
+                 ["estimators.md", "estimators.png"], fig_estimators))
+    jobs.append(("async", ["bench/async.py", *(["--steps", "8", "--workers", "2"] if q else [])], ["async.md"], fig_async))
     if (ROOT / "bench" / "gpu_smoke.py").is_file():
         jobs.append(("gpu_smoke", ["bench/gpu_smoke.py", *(["--sft-steps", "50", "--grpo-steps", "10"] if q else [])],
                      ["gpu_smoke.md"], lambda r: "; ".join(f"{x['run']}: {x['accuracy'] or 0:.1%}, {x['time_s']:.0f} s"
@@ -330,6 +354,13 @@ def main() -> None:
         md.append("- **planner**: the execution-plan planner's predicted iteration time (calibrated by `reflow profile`) "
                   "against the measured one for PPO under 6 plans on 4 Ray CPU workers, and the searched plan against "
                   "the built-in ones (bench/planner.py).")
+    if any(r["name"] == "estimators" for r in results):
+        md.append("- **estimators**: GRPO, DAPO, GSPO and CISPO recipes on the demo task from the same SFT model, "
+                  "3 seeds (bench/estimators.py).")
+    if any(r["name"] == "async" for r in results):
+        md.append("- **async**: asynchronous training (rollout.max_staleness 1, 2) against synchronous on 2 and 4 Ray "
+                  "CPU workers, generation and training on different ranks: samples/s and reward per step "
+                  "(bench/async.py).")
     if any(r["name"] == "gpu_smoke" for r in results):
         md.append("- **gpu_smoke**: the demo's SFT and GRPO on CUDA in this process, on 1 Ray worker and (with 2 GPUs) on "
                   "2, with NCCL and a bf16 run (bench/gpu_smoke.py; skipped without CUDA).")
