@@ -21,6 +21,7 @@ def rl_args(model, data, *extra):
 
 
 def no_ray_started():
+    # (the Ray tests of this folder run after this file: their shared session is not up yet)
     return "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
@@ -28,7 +29,7 @@ def test_plan_show_prints_graph_and_table(debug_model, addition_data, capsys):
     assert main(["plan", "show", *rl_args(debug_model, addition_data, "runtime.workers=2",
                                           "runtime.plan=colocate")]) == 0
     out = capsys.readouterr().out
-    assert "graph grpo:" in out and "actor_gen" in out and "prompt, response, answer -> score" in out
+    assert "graph grpo:" in out and "actor_gen" in out and "prompt, response, answer, response_len -> score" in out
     assert "plan 'colocate' on 2 worker(s), graph 'grpo'" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[out.splitlines().index("") + 1:]
             if line.startswith("  ") and not line.strip().startswith(("call", "-"))}
@@ -142,3 +143,14 @@ def test_worker_failure_exits_1_with_its_message(debug_model, addition_data, cap
                                                f"output_dir={tmp_path}/run")], code=1)
     assert err == "reflow train: error: worker 1 failed in 'actor_train': boom"
     assert FailingExecutor.shut
+
+
+def test_the_shipped_asynchronous_plan_places_every_call_of_the_demo_graph(debug_model, addition_data, capsys):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    assert main(["plan", "show", str(root / "configs/grpo_addition.yaml"),
+                 *rl_args(debug_model, addition_data, "rollout.max_staleness=1", "algo.rollout_correction=tis",
+                          "runtime.workers=2", f"runtime.plan={root / 'configs/plan_async_2workers.yaml'}")]) == 0
+    out = capsys.readouterr().out
+    assert "actor_inf" in out and "plan 'plan_async_2workers' on 2 worker(s)" in out

@@ -30,7 +30,7 @@ def test_remax_adds_a_greedy_generation_keyed_by_group_and_dpo_is_two_calls(tmp_
 
     g = graphs.remax()
     assert g.call("actor_gen_greedy").options == {"greedy": True} and g.call("actor_gen_greedy").prefix == "greedy_"
-    assert g.call("reward_greedy").inputs == ("greedy_prompt", "greedy_response", "greedy_answer")
+    assert g.call("reward_greedy").inputs == ("greedy_prompt", "greedy_response", "greedy_answer", "greedy_response_len")
     assert "greedy_score" in g.call("actor_train").inputs
     d = graphs.graph_for(DPOConfig(model={"path": "m"}, output_dir=str(tmp_path)))
     assert [c.kind for c in d.calls] == ["infer", "train"] and d.dataset_keys == ("examples",)
