@@ -156,7 +156,10 @@ class StepLoop:
     def run_step(self) -> dict:
         """One step of the graph (no logging, evaluation or checkpoint): its metrics, also kept in `history`."""
         t0 = time.perf_counter()
-        metrics = self.executor.step(self.step, self.step_meta())
+        return self.finish_step(self.executor.step(self.step, self.step_meta()), t0)
+
+    def finish_step(self, metrics: dict, t0: float) -> dict:
+        """A step's metrics, completed (time/step since t0, after_step), counted and kept in `history`."""
         metrics["time/step"] = time.perf_counter() - t0
         metrics = self.after_step(metrics)
         self.step += 1

@@ -102,12 +102,7 @@ class RLExperiment(StepLoop):
             self._next_rollout += 1
         outputs, pending = self._inflight.pop(s)
         trained = ex.submit(self.graph, train, s, self.train_meta(), outputs)
-        metrics = ex.step_metrics(ex.collect(pending), ex.collect(trained))
-        metrics["time/step"] = time.perf_counter() - t0
-        metrics = self.after_step(metrics)
-        self.step += 1
-        self.history.append(metrics)
-        return metrics
+        return self.finish_step(ex.step_metrics(ex.collect(pending), ex.collect(trained)), t0)
 
     def _dynamic_step(self) -> dict:
         """DAPO's dynamic sampling: rollout rounds of rollout.prompts_per_step new prompts until that many groups
@@ -128,12 +123,7 @@ class RLExperiment(StepLoop):
             if kept >= self.cfg.rollout.prompts_per_step:
                 break
         trained = ex.collect(ex.submit(self.graph, train, s, self.train_meta(), outputs))
-        metrics = ex.step_metrics(*collected, trained)
-        metrics.update({"time/step": time.perf_counter() - t0, "dynamic/rounds": float(r + 1)})
-        metrics = self.after_step(metrics)
-        self.step += 1
-        self.history.append(metrics)
-        return metrics
+        return self.finish_step({**ex.step_metrics(*collected, trained), "dynamic/rounds": float(r + 1)}, t0)
 
     def after_step(self, metrics: dict) -> dict:
         if metrics.get("actor/kl") is not None:
