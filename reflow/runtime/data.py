@@ -21,11 +21,14 @@ class WorkerData:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.skipped = 0  # bad rows skipped (data.on_bad_row=skip), over the datasets loaded so far
 
-    def _prompts(self, path: str) -> list:
-        d = self.cfg.data
-        rows, skipped = load_prompts(path, self.tokenizer, max_prompt_len=d.max_prompt_len, on_bad_row=d.on_bad_row)
+    def _load(self, loader, path: str, **limits) -> list:
+        """Rows of one file by `loader`, counting the bad rows it skipped."""
+        rows, skipped = loader(path, self.tokenizer, on_bad_row=self.cfg.data.on_bad_row, **limits)
         self.skipped += skipped
         return rows
+
+    def _prompts(self, path: str) -> list:
+        return self._load(load_prompts, path, max_prompt_len=self.cfg.data.max_prompt_len)
 
     @cached_property
     def train_prompts(self) -> list:
@@ -40,10 +43,7 @@ class WorkerData:
         return rows[: d.eval_size] if d.eval_size else rows
 
     def _sft(self, path: str) -> list:
-        d = self.cfg.data
-        rows, skipped = load_sft(path, self.tokenizer, max_len=d.max_len, on_bad_row=d.on_bad_row)
-        self.skipped += skipped
-        return rows
+        return self._load(load_sft, path, max_len=self.cfg.data.max_len)
 
     @cached_property
     def ptx(self) -> list:
@@ -56,9 +56,7 @@ class WorkerData:
 
     @cached_property
     def _pairs_split(self) -> tuple[list, list]:
-        d = self.cfg.data
-        pairs, skipped = load_preferences(d.train, self.tokenizer, max_len=d.max_len, on_bad_row=d.on_bad_row)
-        self.skipped += skipped
+        pairs = self._load(load_preferences, self.cfg.data.train, max_len=self.cfg.data.max_len)
         g = torch.Generator().manual_seed(self.cfg.seed)
         order = torch.randperm(len(pairs), generator=g).tolist()
         n_eval = int(len(pairs) * self.cfg.eval_fraction)
