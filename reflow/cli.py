@@ -54,8 +54,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _run_failures() -> tuple[type[BaseException], ...]:
     """Failures of a run itself (exit code 1); the runtime is imported only by the commands that use it."""
-    transport = sys.modules.get("reflow.runtime.transport")
-    return (transport.WorkerFailed,) if transport is not None else ()
+    found = []
+    for module, name in (("reflow.runtime.transport", "WorkerFailed"), ("reflow.engines.train", "NonFiniteError")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
 
 
 def _split_config_args(args) -> tuple[str | None, list[str]]:
@@ -96,18 +99,18 @@ def cmd_data(args) -> None:
         print(f"{name:<6} {p}")
 
 
-def _experiment(kind: str, args):
+def _experiment(kind: str, args, resume):
     from reflow.config.schema import DPOConfig, RLConfig, RMConfig, SFTConfig
 
     path, overrides = _split_config_args(args)
     if kind == "train":
         from reflow.experiments.rl import RLExperiment
-        return RLExperiment(load_config(RLConfig, path, overrides), args.resume)
+        return RLExperiment(load_config(RLConfig, path, overrides), resume)
     from reflow.experiments.supervised import DPOExperiment, RMExperiment, SFTExperiment
 
     cls, config = {"sft": (SFTExperiment, SFTConfig), "dpo": (DPOExperiment, DPOConfig),
                    "rm": (RMExperiment, RMConfig)}[kind]
-    return cls(load_config(config, path, overrides), args.resume)
+    return cls(load_config(config, path, overrides), resume)
 
 
 def _resolved_plan(cfg, workers: int):
@@ -123,9 +126,10 @@ def _resolved_plan(cfg, workers: int):
 
 def cmd_run(kind: str):
     def run(args) -> None:
+        from reflow.experiments.loop import run_with_restarts
+
         t0 = time.perf_counter()
-        with _experiment(kind, args) as exp:
-            results = exp.run()
+        exp, results = run_with_restarts(lambda resume: _experiment(kind, args, resume), args.resume)
         cfg, out = exp.cfg, exp.cfg.output_dir
         where = "in this process" if cfg.runtime.workers == 0 else f"on {cfg.runtime.workers} worker(s)"
         print(f"{kind} done in {time.perf_counter() - t0:.0f}s {where}, plan '{exp.plan.name}' -> {out}/final  "

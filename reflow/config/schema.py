@@ -222,7 +222,10 @@ class TrainerConfig:
     steps: int = 100
     eval_every: int = 10  # 0 = only at the end
     save_every: int = 50  # 0 = only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest K checkpoints are kept (0 = all)
+    # a NaN / inf loss or gradient norm: skip the update (counted as <role>/nonfinite_skipped) or stop the run
+    # naming the step, the call and the samples with non-finite values
+    on_nonfinite: Literal["skip", "stop"] = "skip"
     tensorboard: bool = False
     progress: bool = True  # rich progress bar on the console
     eval_max_new_tokens: int | None = None  # None = rollout.max_new_tokens
@@ -240,12 +243,19 @@ class RuntimeConfig:
     timeline: bool = False  # also write <output_dir>/timeline.json (Chrome trace: chrome://tracing, Perfetto)
     offload_frozen: bool = False  # park frozen roles' weights in host memory between their calls
     timeout_s: float = 120.0  # collective timeout: a dead or stuck worker ends the run within about this
+    # a worker that dies or hangs: restart the workers and resume from the last checkpoint, up to N times
+    # (counted as run/restarts in the metrics); 0 = the run ends with the worker's error
+    max_restarts: int = 0
     threads_per_worker: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda:<local rank> when CUDA is available, else cpu
 
     def validate(self):
         if self.workers < 0:
             raise ConfigError(f"runtime.workers must be >= 0, got {self.workers}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"runtime.max_restarts must be >= 0, got {self.max_restarts}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"runtime.timeout_s must be > 0 seconds, got {self.timeout_s}")
 
 
 @dataclass
@@ -308,6 +318,7 @@ class SFTConfig:
     eval_every: int = 0  # evaluate exact-match accuracy every N steps (0 = only at the end)
     eval_max_new_tokens: int = 16
     save_every: int = 0
+    on_nonfinite: Literal["skip", "stop"] = "skip"  # a NaN / inf loss or gradient norm: skip the update or stop
     tensorboard: bool = False
     progress: bool = True
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -331,6 +342,7 @@ class RMConfig:
     eval_fraction: float = 0.1  # held-out share of the pairs for accuracy
     eval_every: int = 0  # ranking accuracy on the held-out pairs every N steps (0 = only at the end)
     save_every: int = 0
+    on_nonfinite: Literal["skip", "stop"] = "skip"  # a NaN / inf loss or gradient norm: skip the update or stop
     tensorboard: bool = False
     progress: bool = True
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -363,6 +375,7 @@ class DPOConfig:
     eval_every: int = 0
     eval_max_new_tokens: int = 16  # generation accuracy on data.eval (when set)
     save_every: int = 0
+    on_nonfinite: Literal["skip", "stop"] = "skip"  # a NaN / inf loss or gradient norm: skip the update or stop
     tensorboard: bool = False
     progress: bool = True
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

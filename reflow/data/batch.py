@@ -256,3 +256,25 @@ class SampleBatch:
             {k: v.to(device) for k, v in self.samples.items()},
             self.meta,
         )
+
+
+def nonfinite_samples(batch: SampleBatch | None, limit: int = 8) -> str:
+    """Which samples of `batch` hold a NaN / inf in a float field: "samples with non-finite values: 12
+    (advantages, score), ..." (at most `limit` of them), for errors that must name the rows."""
+    if batch is None or not len(batch):
+        return "no input samples"
+    bad: dict[int, set[str]] = {}
+    owner = torch.repeat_interleave(torch.arange(len(batch)), batch.seqlens)
+    for where, fields in (("tokens", batch.tokens), ("samples", batch.samples)):
+        for k, v in fields.items():
+            if not v.is_floating_point():
+                continue
+            rows = ~torch.isfinite(v).reshape(v.shape[0], -1).all(dim=1)
+            idx = owner[rows] if where == "tokens" else rows.nonzero().flatten()
+            for i in set(idx.tolist()):
+                bad.setdefault(batch.ids[i], set()).add(k)
+    if not bad:
+        return "every input value is finite (the model's own outputs or gradients overflowed)"
+    shown = ", ".join(f"{i} ({', '.join(sorted(bad[i]))})" for i in sorted(bad)[:limit])
+    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+    return f"samples with non-finite values: {shown}{more}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 from typing import Callable, Sequence
 
@@ -23,6 +24,12 @@ from reflow.parallel.device import place
 from reflow.parallel.grad_norm import clip_grad_norm_
 from reflow.models.packing import Attention, hidden_states
 from reflow.parallel.parallelize import parallelize
+
+log = logging.getLogger("reflow")
+
+
+class NonFiniteError(ValueError):
+    """A NaN / inf loss or gradient norm with on_nonfinite=stop; the update was not applied."""
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -48,10 +55,16 @@ class TrainEngine:
                  eps: float = 1e-8, grad_clip: float = 1.0, warmup_steps: int = 0, total_steps: int = 1,
                  schedule: str = "constant", min_lr_ratio: float = 0.0, micro_batch_tokens: int = 4096,
                  attention: Attention = "padded", gradient_checkpointing: bool = False, parallel=None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", on_nonfinite: str = "skip"):
         """`parallel`: a ParallelContext; the model (a plain HF model) is then parallelized here under its layout.
         `precision`: "fp32", or "bf16" = mixed precision (forward and backward under bf16 autocast, fp32
-        master weights, gradients and optimizer state)."""
+        master weights, gradients and optimizer state).
+        `on_nonfinite`: a NaN / inf loss statistic or gradient norm never reaches the weights: "skip" drops
+        the update (no optimizer or LR-schedule step; reported as nonfinite_skipped = 1), "stop" raises
+        NonFiniteError."""
+        if on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.precision = precision
@@ -103,6 +116,17 @@ class TrainEngine:
         grad_norm = clip_grad_norm_(self.model, self.grad_clip, self.ctx)
         totals["grad_norm"] = float(grad_norm)
         totals["lr"] = self.scheduler.get_last_lr()[0]
+        # the loss stats and the norm are the same on every rank of the layout (summed / all-reduced above),
+        # so every rank takes the same decision and no collective is left waiting
+        bad = sorted(k for k, v in totals.items() if not math.isfinite(v))
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.on_nonfinite == "stop":
+                raise NonFiniteError("non-finite " + ", ".join(f"{k}={totals[k]}" for k in bad))
+            log.warning("non-finite %s: update skipped (on_nonfinite=skip)", ", ".join(bad))
+            totals["nonfinite_skipped"] = 1.0
+            return totals
+        totals["nonfinite_skipped"] = 0.0
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -16,14 +16,16 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 from reflow.config.loader import save_config
-from reflow.runtime.executor import Executor
+from reflow.runtime.executor import Executor, WorkerFailed
 from reflow.runtime.graph import Graph
 from reflow.runtime.calls import get_call
 from reflow.runtime.plan import Plan, PlanError, check_plan_workers, colocate, placements, resolve_plan
 from reflow.utils import checkpoint as ckpt_lib
 from reflow.utils.console import RunConsole
+from reflow.utils.failpoint import failpoint
 from reflow.utils.metrics import MetricsLogger, read_metrics, truncate_metrics
 from reflow.utils.plot import plot_curves
 
@@ -77,6 +79,7 @@ class StepLoop:
     def after_step(self, metrics: dict) -> dict:
         return metrics
 
+    restarts = 0  # times the workers were restarted after a failure (runtime.max_restarts), before this start
     samplers: dict = {}  # name -> PromptSampler (their positions are saved with checkpoints)
     skipped_rows = 0  # bad data rows skipped while the experiment checked its data (data.on_bad_row=skip)
 
@@ -102,8 +105,10 @@ class StepLoop:
                 raise ckpt_lib.CheckpointError(f"--resume: '{resume_dir}' was written by an earlier version of reflow "
                                                "(no sampler state); start the run afresh")
         self.executor = Executor(self.cfg, self.graph, self.plan, self.optimizer_steps, resume_dir)
+        self.resumed_rows = None
         if state is not None:
             self.step = state["step"]
+            self.resumed_rows = state.get("metrics_rows")
             self.load_state_dict(state)
 
     # ------------------------------------------------------------------ the loop
@@ -113,9 +118,11 @@ class StepLoop:
         save_config(cfg, out / "config.yaml")
         self.plan.save(out / "plan.yaml")
         resumed = self.step > 0
+        ckpt_lib.clean_partial(out)
         if resumed:  # drop rows logged after the checkpoint by the interrupted run
-            truncate_metrics(out / "metrics.jsonl", self.step)
-        logger = MetricsLogger(out, s["tensorboard"], append=resumed)
+            truncate_metrics(out / "metrics.jsonl", self.step, self.resumed_rows)
+        logger = self.logger = MetricsLogger(out, s["tensorboard"], append=resumed,
+                                             purge_step=self.step + 1 if resumed else None)
         console = RunConsole(self.name, self.total_steps, enabled=s["progress"])
         if self.skipped_rows:
             console.print(f"skipped {self.skipped_rows} bad data rows (data.on_bad_row=skip)")
@@ -153,6 +160,12 @@ class StepLoop:
                     title=f"{self.name}: {out}")
         return results
 
+    @property
+    def logged_rows(self) -> int:
+        """Rows in metrics.jsonl so far (a checkpoint records them: a resumed run drops the rest)."""
+        logger = getattr(self, "logger", None)
+        return logger.rows if logger is not None else 0
+
     def run_step(self) -> dict:
         """One step of the graph (no logging, evaluation or checkpoint): its metrics, also kept in `history`."""
         t0 = time.perf_counter()
@@ -161,15 +174,25 @@ class StepLoop:
     def finish_step(self, metrics: dict, t0: float) -> dict:
         """A step's metrics, completed (time/step since t0, after_step), counted and kept in `history`."""
         metrics["time/step"] = time.perf_counter() - t0
+        if self.restarts:
+            metrics["run/restarts"] = float(self.restarts)
         metrics = self.after_step(metrics)
         self.step += 1
         self.history.append(metrics)
         return metrics
 
     def save_checkpoint(self) -> Path:
-        d = ckpt_lib.checkpoint_dir(self.out, self.step)
-        self.executor.save(d)
-        ckpt_lib.save_state(d, {"step": self.step, "plan": self.plan.to_dict(), **self.state_dict()})
+        """Write the checkpoint of this step into a temporary folder and rename it when complete (a kill at
+        any moment leaves the previous checkpoints and no half-written one), then keep the newest K."""
+        tmp = ckpt_lib.begin_checkpoint(self.out, self.step)
+        tag = tmp.name[1:-len(".partial")]
+        self.executor.save(tmp)
+        failpoint(f"checkpoint.models.{tag}")
+        ckpt_lib.save_state(tmp, {"step": self.step, "plan": self.plan.to_dict(), "metrics_rows": self.logged_rows,
+                                  **self.state_dict()})
+        failpoint(f"checkpoint.state.{tag}")
+        d = ckpt_lib.commit_checkpoint(tmp)
+        failpoint(f"checkpoint.commit.{tag}")
         ckpt_lib.prune(self.out, self.settings["keep"])
         return d
 
@@ -179,9 +202,13 @@ class StepLoop:
         shutil.rmtree(tmp, ignore_errors=True)
         self.executor.save(tmp, optimizer=False, roles=[self.main_role])
         for src, dst in ((self.main_role, "final"), (f"ema_{self.main_role}", "final_ema")):
-            if (tmp / src).is_dir():
-                shutil.rmtree(self.out / dst, ignore_errors=True)
+            if (tmp / src).is_dir():  # the new folder replaces the old one by renames: never half a model
+                old = self.out / f".{dst}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                if (self.out / dst).exists():
+                    (self.out / dst).rename(old)
                 (tmp / src).rename(self.out / dst)
+                shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
     def shutdown(self) -> None:
@@ -194,3 +221,24 @@ class StepLoop:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def run_with_restarts(make: Callable[[str | bool | None], StepLoop], resume: str | bool | None = None):
+    """make(resume) -> a started experiment; run it -> (experiment, results). When a worker dies or hangs
+    (WorkerFailed), start again from the last complete checkpoint (from scratch when there is none yet), up
+    to runtime.max_restarts times; other errors (bad input, a non-finite loss with on_nonfinite=stop) end
+    the run, since running again would fail again."""
+    restarts = 0
+    while True:
+        exp = make(resume)
+        exp.restarts = restarts
+        try:
+            with exp:
+                return exp, exp.run()
+        except WorkerFailed as e:
+            if restarts >= exp.cfg.runtime.max_restarts:
+                raise
+            restarts += 1
+            resume = True if ckpt_lib.list_checkpoints(exp.cfg.output_dir) else None
+            log.warning("%s\nrestarting the workers (%d of runtime.max_restarts=%d) from %s", str(e).splitlines()[0],
+                        restarts, exp.cfg.runtime.max_restarts, "the last checkpoint" if resume else "the start")

@@ -88,7 +88,10 @@ def save_role(role, engine, tokenizer, ckpt: Path, ema: bool = False) -> None:
     if engine is not None:
         params = _params_by_name(role.model)
         for m in MOMENTS:
-            local = {n: _local(engine.optimizer.state[p][m]) for n, p in params.items()}
+            # a parameter without state (no update applied yet: every one skipped as non-finite) has the
+            # moments Adam starts from, zeros
+            local = {n: _local(engine.optimizer.state[p][m]) if m in engine.optimizer.state[p] else
+                     torch.zeros_like(_local(p)) for n, p in params.items()}
             full = ({n: torch.empty(s, dtype=role.dtype) for n, s in role.sharding.shape_of.items()}
                     if me == root else None)
             _gather(gather, local, full)
@@ -104,7 +107,7 @@ def save_role(role, engine, tokenizer, ckpt: Path, ema: bool = False) -> None:
             tokenizer.save_pretrained(folder)
         if engine is not None:
             save_file(moments, str(ckpt / f"{role.name}.optim.safetensors"))
-            step = next(iter(engine.optimizer.state.values()))["step"]
+            step = next(iter(engine.optimizer.state.values()), {}).get("step", 0.0)
             torch.save({"step": float(step), "scheduler": engine.scheduler.state_dict()},
                        ckpt / f"{role.name}.optim.pt")
 

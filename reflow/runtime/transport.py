@@ -16,6 +16,7 @@ import logging
 import os
 
 from reflow.config.loader import ConfigError
+from reflow.utils.failpoint import ENV as FAILPOINT_ENV, ONCE_ENV as FAILPOINT_ONCE_ENV
 
 
 class WorkerFailed(RuntimeError):
@@ -40,6 +41,27 @@ def _token_auth_for_cluster() -> None:
 def _user_error(e) -> bool:
     """reflow's user errors (bad config, data, reward function, plan, ...) are ValueErrors of its own."""
     return isinstance(e, ValueError) and type(e).__module__.startswith("reflow.")
+
+
+def _running(pending: list, where: dict, refs) -> str:
+    """The (call, rank) pairs of unfinished handles, in submission order: the first is the likeliest culprit
+    (later calls wait on its output)."""
+    stuck = [pending[i][1] for i in sorted(where[r] for r in refs)]
+    more = f", and {len(stuck) - 6} more" if len(stuck) > 6 else ""
+    return ", ".join(f"rank {rank} in '{what}'" for what, rank in stuck[:6]) + more
+
+
+def _cause(e: BaseException) -> str:
+    """A Ray failure in a few words (the worker's own traceback follows on the next lines, when it has one)."""
+    import ray.exceptions as rex
+
+    if isinstance(e, rex.ActorDiedError) or isinstance(e, rex.ActorUnavailableError):
+        return ("the worker process died (killed by a signal, out of memory, or crashed in native code)\n"
+                + str(e).strip())
+    cause = getattr(e, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}\n{e}"
+    return str(e)
 
 
 class LocalTransport:
@@ -114,8 +136,11 @@ class RayTransport:
         table = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
         self.nodes = [table[r] for r in range(world_size)]  # the Ray node of each rank
         actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(worker_cls)
+        # failpoints (tests, bench/chaos.py) reach every worker of the run, also on a Ray started earlier
+        env = {k: os.environ[k] for k in (FAILPOINT_ENV, FAILPOINT_ONCE_ENV) if k in os.environ}
         self.workers = [actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-            placement_group=self.pg, placement_group_bundle_index=r)).remote(*make_args(r))
+            placement_group=self.pg, placement_group_bundle_index=r),
+            **({"runtime_env": {"env_vars": env}} if env else {})).remote(*make_args(r))
             for r in range(world_size)]
         self.size = world_size
 
@@ -143,36 +168,53 @@ class RayTransport:
 
     def wait(self, pending: list, timeout_s: float) -> list[dict]:
         """Wait for every info handle of pending = [(handle, (what, rank))]; the first failure (an exception,
-        or a dead worker) ends the run at once with the worker's error. Returns the infos in order. Only these
-        small handles are ever fetched."""
+        or a dead worker) ends the run at once with the worker's error, and `timeout_s` without any of them
+        finishing ends it as a hang, naming the calls and ranks still running. Returns the infos in order.
+        Only these small handles are ever fetched."""
         import ray
 
         where = {h: i for i, (h, _) in enumerate(pending)}
         left, out = list(where), [None] * len(pending)
         while left:
-            done, left = ray.wait(left, num_returns=1, timeout=timeout_s + 30)
+            done, left = ray.wait(left, num_returns=1, timeout=timeout_s)
             if not done:
-                stuck = sorted({pending[where[r]][1] for r in left})
                 self.shutdown()
-                raise WorkerFailed(f"no progress for {timeout_s + 30:.0f} s; still waiting on (call, rank): {stuck[:6]}")
+                running = _running(pending, where, left)
+                raise WorkerFailed(f"hang: no call finished for {timeout_s:.0f} s (runtime.timeout_s); still running: "
+                                   f"{running}; raise runtime.timeout_s if a call legitimately takes longer")
             try:
                 out[where[done[0]]] = ray.get(done[0])
             except Exception:  # noqa: BLE001 - RayTaskError / ActorDiedError carry the worker's traceback
-                # a dead worker fails all its tasks at once: report the first failed one in submission order
-                ready, _ = ray.wait(list(where), num_returns=len(where), timeout=1.0)
-                ready = set(ready)
-                for ref, (what, rank) in pending:
-                    if ref not in ready:
-                        continue
-                    try:
-                        ray.get(ref)
-                    except Exception as e:  # noqa: BLE001
-                        self.shutdown()
-                        cause = getattr(e, "cause", None)
-                        if _user_error(cause):  # a bad config, data row or reward function: its own one line
-                            raise cause from None
-                        raise WorkerFailed(f"worker {rank} failed in '{what}': {e}") from None
+                raise self._failure(pending, where) from None
         return out
+
+    def _failure(self, pending: list, where: dict) -> Exception:
+        """The error that ends the run once a task failed. One failure brings others: the peers of a dead
+        worker fail in their collectives a moment later (or before Ray has noticed the death). So wait a few
+        seconds for the rest, then report the root cause: a dead worker first, then a user error (a bad data
+        row or reward function: its own one-line message), then the first failure in submission order."""
+        import ray
+        import ray.exceptions as rex
+
+        ready, unfinished = ray.wait(list(where), num_returns=len(where), timeout=min(5.0, self.rt.timeout_s))
+        ready = set(ready)
+        failed = []
+        for ref, (what, rank) in pending:
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except Exception as e:  # noqa: BLE001
+                    failed.append((what, rank, e))
+        self.shutdown()
+        dead = [f for f in failed if isinstance(f[2], (rex.ActorDiedError, rex.ActorUnavailableError))]
+        user = [f for f in failed if _user_error(getattr(f[2], "cause", None))]
+        if user and not dead:
+            return user[0][2].cause
+        what, rank, e = (dead or failed)[0]
+        still = f" (still running: {_running(pending, where, unfinished)})" if unfinished else ""
+        cause = _cause(e).split("\n", 1)
+        return WorkerFailed(f"worker {rank} failed in '{what}': {cause[0]}{still}"
+                            + (f"\n{cause[1]}" if len(cause) > 1 else ""))
 
     def shutdown(self) -> None:
         import ray

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from reflow.data.batch import SampleBatch
+from reflow.data.batch import SampleBatch, nonfinite_samples
 from reflow.data.sampler import seed_everything
-from reflow.engines.train import TrainEngine
+from reflow.engines.train import NonFiniteError, TrainEngine
 from reflow.models.ema import EMAWeights
 from reflow.models.load import load_tokenizer
 from reflow.parallel.context import ParallelContext
@@ -45,6 +45,7 @@ from reflow.runtime.data import WorkerData
 from reflow.runtime.graph import Call, Graph
 from reflow.runtime.plan import Placement, Plan, needs_copy, placements
 from reflow.runtime.roles import loader, role_config
+from reflow.utils.failpoint import failpoint
 
 
 def merge(parts: list[tuple[str, list[SampleBatch | None]]]) -> SampleBatch | None:
@@ -220,7 +221,7 @@ class Worker:
                                    schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
                                    micro_batch_tokens=mcfg.micro_batch_tokens, attention=mcfg.attention,
                                    gradient_checkpointing=mcfg.gradient_checkpointing, precision=mcfg.precision,
-                                   parallel=ctx)
+                                   parallel=ctx, on_nonfinite=getattr(self.cfg, "trainer", self.cfg).on_nonfinite)
             r.model = r.engine.model
             if self.resume is not None:
                 load_optimizer(r, r.engine, self.resume)
@@ -295,7 +296,12 @@ class Worker:
         batch = merge(inputs)
         if batch is not None:
             batch = place(batch, "cpu")
-        out = get_call(call.impl)(CallContext(call, step, meta, model, ctx, self), batch)
+        failpoint(f"call.{name}.r{self.rank}.s{step}")
+        try:
+            out = get_call(call.impl)(CallContext(call, step, meta, model, ctx, self), batch)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"step {step}, call '{name}': {e}; {nonfinite_samples(batch)}; "
+                                 "trainer.on_nonfinite=skip skips such updates") from None
         del model  # a temporary copy lives for its call only (the owner copy stays referenced by its role)
         if temporary:
             self._record(step, f"{name}:reallocate", t0, t1)

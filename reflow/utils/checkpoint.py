@@ -1,8 +1,17 @@
 """Checkpoint folders: `<output_dir>/checkpoints/step_000042/` holding HF model folders per trained role
-plus `trainer_state.pt` (optimizer and scheduler states, RNG states, data position, step)."""
+plus `trainer_state.pt` (optimizer and scheduler states, RNG states, data position, step).
+
+A checkpoint is written whole into a hidden temporary folder (`.step_000042.partial`) and renamed to its
+name only when every file is in place, so a process killed at any moment leaves either the complete
+checkpoint or none: `--resume` only ever sees folders named `step_N` that hold `trainer_state.pt`.
+Old checkpoints are renamed out of the way (`.step_N.trash`) before they are deleted, for the same reason.
+A rename within one folder is atomic on POSIX file systems (local disks, NFS, Lustre); object-store
+mounts that copy on rename are not supported for checkpoints.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -47,6 +56,57 @@ def find_resume(output_dir: str | Path, resume: str | bool) -> Path:
     return p
 
 
+def begin_checkpoint(output_dir: str | Path, step: int) -> Path:
+    """The temporary folder a checkpoint of `step` is written into (emptied first: a killed run may have left it)."""
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.parent / f".{final.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_checkpoint(tmp: Path) -> Path:
+    """Rename a complete checkpoint written by begin_checkpoint() to its name -> the checkpoint folder."""
+    if not (tmp / "trainer_state.pt").is_file():
+        raise CheckpointError(f"checkpoint '{tmp}' has no trainer_state.pt; it is incomplete and was not committed")
+    final = tmp.parent / tmp.name[1:-len(".partial")]
+    if final.exists():  # the same step written again (a run resumed from an earlier checkpoint)
+        _discard(final)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def clean_partial(output_dir: str | Path) -> None:
+    """Delete what a killed run left half-written or half-deleted (hidden `.step_*` folders)."""
+    root = Path(output_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.glob(".step_*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _discard(p: Path) -> None:
+    """Delete a checkpoint folder so that an interruption never leaves it half there under its own name."""
+    trash = p.parent / f".{p.name}.trash"
+    shutil.rmtree(trash, ignore_errors=True)
+    p.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_dir(d: Path) -> None:
+    """Make a rename durable (a crash of the machine, not only of the process); best effort."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_state(ckpt: Path, state: dict) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
     tmp = ckpt / "trainer_state.pt.tmp"
@@ -63,7 +123,7 @@ def prune(output_dir: str | Path, keep: int) -> None:
     if keep <= 0:
         return
     for _, p in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        _discard(p)
 
 
 def rng_state() -> dict:

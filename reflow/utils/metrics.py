@@ -27,12 +27,16 @@ class StageTimer:
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | Path, tensorboard: bool = False, append: bool = False):
+    def __init__(self, out_dir: str | Path, tensorboard: bool = False, append: bool = False,
+                 purge_step: int | None = None):
+        """append: continue metrics.jsonl (a resumed run); purge_step: TensorBoard drops the events of this
+        step and later that an interrupted run wrote after its checkpoint."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
         if not append and self.path.exists():
             self.path.unlink()
+        self.rows = len(read_metrics(self.path)) if self.path.exists() else 0
         self.tb = None
         if tensorboard:
             try:
@@ -40,12 +44,13 @@ class MetricsLogger:
             except ImportError as e:  # tensorboard is an optional extra
                 raise RuntimeError("trainer.tensorboard=true needs the tensorboard package: "
                                    "pip install 'reflow[tensorboard]'") from e
-            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: (float(v) if v is not None else None) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        self.rows += 1
         if self.tb is not None:
             for k, v in metrics.items():
                 if v is not None:
@@ -57,13 +62,26 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a last line cut short by a killed process is left out."""
+    rows = []
     with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # only the last line can be cut short; anything else is a damaged file
+                raise
+    return rows
 
 
-def truncate_metrics(path: str | Path, last_step: int) -> None:
-    """Drop rows after `last_step` (a resumed run rewrites the steps after its checkpoint)."""
+def truncate_metrics(path: str | Path, last_step: int, rows: int | None = None) -> None:
+    """Keep the first `rows` rows (as many as were logged when the checkpoint was written), or, for a
+    checkpoint that does not record them, the rows up to `last_step`: a resumed run rewrites the rest."""
     p = Path(path)
     if p.exists():
-        rows = [r for r in read_metrics(p) if r["step"] <= last_step]
-        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        kept = read_metrics(p)
+        kept = kept[:rows] if rows is not None else [r for r in kept if r["step"] <= last_step]
+        tmp = p.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(p)
