@@ -26,7 +26,7 @@ from reflow.algorithms.losses import AdaptiveKLController
 from reflow.config.schema import RLConfig
 from reflow.data.sampler import PromptSampler
 from reflow.experiments.loop import StepLoop
-from reflow.models.load import check_model_dir, load_tokenizer
+from reflow.models.load import check_model_dir, check_same_tokenizer, load_tokenizer
 from reflow.rewards.registry import load_reward_fn
 from reflow.runtime.calls.policy import grpovi_bounds
 from reflow.runtime.data import WorkerData
@@ -44,11 +44,12 @@ class RLExperiment(StepLoop):
         # Everything that can fail on user input fails here, before a model is built.
         resume_dir = ckpt_lib.find_resume(cfg.output_dir, resume) if resume else None
         check_model_dir(cfg.actor.path, "actor.path")
-        if cfg.reward.model:
-            check_model_dir(cfg.reward.model, "reward.model")
+        tokenizer = load_tokenizer(cfg.actor.path)
+        check_same_tokenizer(tokenizer, "actor.path", cfg.actor.path,
+                             {"critic.path": cfg.critic.path, "ref.path": cfg.ref.path, "reward.model": cfg.reward.model})
         self.graph = graph_for(cfg)
         reward_fn = load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None
-        data = WorkerData(cfg, load_tokenizer(cfg.actor.path))
+        data = WorkerData(cfg, tokenizer)
         grpovi_bounds(cfg, reward_fn)
         _ = data.train_prompts, data.eval_prompts, data.ptx  # bad rows fail now, in this order
         self.skipped_rows = data.skipped
