@@ -27,7 +27,7 @@ from reflow.config.schema import RLConfig
 from reflow.data.sampler import PromptSampler
 from reflow.experiments.loop import StepLoop
 from reflow.models.load import check_model_dir, check_same_tokenizer, load_tokenizer
-from reflow.rewards.registry import load_reward_fn
+from reflow.rewards.registry import RewardError, compute_rewards, load_reward_fn
 from reflow.runtime.calls.policy import grpovi_bounds
 from reflow.runtime.data import WorkerData
 from reflow.runtime.graphs import graph_for
@@ -52,6 +52,8 @@ class RLExperiment(StepLoop):
         data = WorkerData(cfg, tokenizer)
         grpovi_bounds(cfg, reward_fn)
         _ = data.train_prompts, data.eval_prompts, data.ptx  # bad rows fail now, in this order
+        if reward_fn is not None:
+            check_reward_fn(reward_fn, data.train_prompts[:2])
         self.skipped_rows = data.skipped
         self.total_steps = cfg.trainer.steps
         self.samplers = {"prompts": PromptSampler(len(data.train_prompts), cfg.seed, cfg.data.shuffle)}
@@ -142,6 +144,16 @@ class RLExperiment(StepLoop):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.kl_ctl.load_state_dict(state["kl"])
+
+
+def check_reward_fn(reward_fn, examples) -> None:
+    """Call the reward function on a few training prompts, their answers as the responses, so that one that
+    raises, returns the wrong count or a non-number fails before any model loads."""
+    try:
+        compute_rewards(reward_fn, [e.prompt_text for e in examples], [e.answer or "" for e in examples],
+                        [e.answer for e in examples])
+    except RewardError as e:
+        raise RewardError(f"reward.fn, tried on the first {len(examples)} training prompts before training: {e}") from e
 
 
 def run_rl(cfg: RLConfig, resume=None) -> dict:
