@@ -84,7 +84,7 @@ class StepLoop:
     skipped_rows = 0  # bad data rows skipped while the experiment checked its data (data.on_bad_row=skip)
 
     def state_dict(self) -> dict:
-        return {"samplers": {k: s.state_dict() for k, s in self.samplers.items()}}
+        return {"samplers": {k: s.state_dict() for k, s in self.samplers.items()}, "experiment": self.name}
 
     def load_state_dict(self, state: dict) -> None:
         for k, s in self.samplers.items():
@@ -96,11 +96,13 @@ class StepLoop:
         """Validate the plan, start the executor (workers load their shards), restore the run state."""
         self.out = Path(self.cfg.output_dir)
         self.plan = experiment_plan(self.cfg, self.graph, model_configs)
+        ckpt_lib.check_output_dir(self.out)
         self.step = 0
         self.history: list[dict] = []
         state = None
         if resume_dir is not None:
             state = ckpt_lib.load_state(resume_dir)
+            ckpt_lib.check_compatible(state, resume_dir, self.name, self.graph.trained_roles(), model_configs)
             if "samplers" not in state:
                 raise ckpt_lib.CheckpointError(f"--resume: '{resume_dir}' was written by an earlier version of reflow "
                                                "(no sampler state); start the run afresh")
@@ -149,9 +151,11 @@ class StepLoop:
                     if s["eval_every"] and self.step % s["eval_every"] == 0 and not last:
                         do_eval(self.step)
                     if (s["save_every"] and self.step % s["save_every"] == 0) or last:
-                        self.save_checkpoint()
+                        with ckpt_lib.write_errors(ckpt_lib.checkpoint_dir(out, self.step), out):
+                            self.save_checkpoint()
                 results["final_eval"] = do_eval(self.step)
-            self.export_final()
+            with ckpt_lib.write_errors(out / "final", out):
+                self.export_final()
         finally:
             logger.close()
             if cfg.runtime.timeline:

@@ -26,8 +26,8 @@ from reflow.algorithms.losses import AdaptiveKLController
 from reflow.config.schema import RLConfig
 from reflow.data.sampler import PromptSampler
 from reflow.experiments.loop import StepLoop
-from reflow.models.load import check_model_dir, load_tokenizer
-from reflow.rewards.registry import load_reward_fn
+from reflow.models.load import check_model_dir, check_same_tokenizer, load_tokenizer
+from reflow.rewards.registry import RewardError, compute_rewards, load_reward_fn
 from reflow.runtime.calls.policy import grpovi_bounds
 from reflow.runtime.data import WorkerData
 from reflow.runtime.graphs import graph_for
@@ -44,13 +44,16 @@ class RLExperiment(StepLoop):
         # Everything that can fail on user input fails here, before a model is built.
         resume_dir = ckpt_lib.find_resume(cfg.output_dir, resume) if resume else None
         check_model_dir(cfg.actor.path, "actor.path")
-        if cfg.reward.model:
-            check_model_dir(cfg.reward.model, "reward.model")
+        tokenizer = load_tokenizer(cfg.actor.path)
+        check_same_tokenizer(tokenizer, "actor.path", cfg.actor.path,
+                             {"critic.path": cfg.critic.path, "ref.path": cfg.ref.path, "reward.model": cfg.reward.model})
         self.graph = graph_for(cfg)
         reward_fn = load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None
-        data = WorkerData(cfg, load_tokenizer(cfg.actor.path))
+        data = WorkerData(cfg, tokenizer)
         grpovi_bounds(cfg, reward_fn)
         _ = data.train_prompts, data.eval_prompts, data.ptx  # bad rows fail now, in this order
+        if reward_fn is not None:
+            check_reward_fn(reward_fn, data.train_prompts[:2])
         self.skipped_rows = data.skipped
         self.total_steps = cfg.trainer.steps
         self.samplers = {"prompts": PromptSampler(len(data.train_prompts), cfg.seed, cfg.data.shuffle)}
@@ -141,6 +144,16 @@ class RLExperiment(StepLoop):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.kl_ctl.load_state_dict(state["kl"])
+
+
+def check_reward_fn(reward_fn, examples) -> None:
+    """Call the reward function on a few training prompts, their answers as the responses, so that one that
+    raises, returns the wrong count or a non-number fails before any model loads."""
+    try:
+        compute_rewards(reward_fn, [e.prompt_text for e in examples], [e.answer or "" for e in examples],
+                        [e.answer for e in examples])
+    except RewardError as e:
+        raise RewardError(f"reward.fn, tried on the first {len(examples)} training prompts before training: {e}") from e
 
 
 def run_rl(cfg: RLConfig, resume=None) -> dict:

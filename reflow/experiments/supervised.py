@@ -14,7 +14,7 @@ from reflow.config.schema import DPOConfig, RMConfig, SFTConfig
 from reflow.data.sampler import PromptSampler
 from reflow.experiments.loop import StepLoop
 from reflow.runtime.roles import model_configs
-from reflow.models.load import check_model_dir, load_tokenizer
+from reflow.models.load import check_model_dir, check_same_tokenizer, load_tokenizer
 from reflow.runtime.data import WorkerData
 from reflow.runtime.graphs import graph_for
 from reflow.utils import checkpoint as ckpt_lib
@@ -32,10 +32,11 @@ class SupervisedExperiment(StepLoop):
         self.cfg = cfg
         resume_dir = ckpt_lib.find_resume(cfg.output_dir, resume) if resume else None
         check_model_dir(cfg.model.path, "model.path")
-        if getattr(cfg, "ref", None) is not None and cfg.ref.path:
-            check_model_dir(cfg.ref.path, "ref.path")
+        tokenizer = load_tokenizer(cfg.model.path)
+        if getattr(cfg, "ref", None) is not None:
+            check_same_tokenizer(tokenizer, "model.path", cfg.model.path, {"ref.path": cfg.ref.path})
         self.graph = graph_for(cfg)
-        data = WorkerData(cfg, load_tokenizer(cfg.model.path))  # bad rows fail here, before models load
+        data = WorkerData(cfg, tokenizer)  # bad rows fail here, before models load
         examples = getattr(data, self.dataset)
         if self.graph.evals is not None and any(c.impl == "eval_generate" for c in self.graph.evals.calls):
             _ = data.eval_prompts  # bad rows fail now

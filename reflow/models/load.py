@@ -72,6 +72,27 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def check_same_tokenizer(tok, main_key: str, main_path: str | Path, others: dict[str, str | Path | None]) -> None:
+    """Every role reads the token ids of `tok` (the tokenizer of `main_path`): a role folder `others[key]` with
+    another vocabulary would read them as other tokens, one with a smaller embedding would index past it."""
+    vocab = tok.get_vocab()
+    for key, path in others.items():
+        if path is None or Path(path).resolve() == Path(main_path).resolve():
+            continue
+        p = check_model_dir(path, key)
+        if any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            theirs = load_tokenizer(p).get_vocab()
+            if theirs != vocab:
+                token = min(set(theirs.items()) ^ set(vocab.items()))[0]
+                raise ModelError(f"{key} '{p}' has another tokenizer than {main_key} '{main_path}' ({len(theirs)} vs "
+                                 f"{len(vocab)} tokens; they differ at {token!r}): every role reads {main_key}'s "
+                                 f"token ids, so {key} must come from the same base model as {main_key}")
+        size = AutoConfig.from_pretrained(p).vocab_size
+        if size is not None and size < len(tok):
+            raise ModelError(f"{key} '{p}' has vocab_size {size}, fewer than the {len(tok)} tokens of {main_key}'s "
+                             f"tokenizer; {key} must come from the same base model as {main_key}")
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 

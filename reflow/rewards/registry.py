@@ -49,39 +49,43 @@ class RewardError(ValueError):
 # --------------------------------------------------------------------------- loading
 
 
-def load_reward_fn(spec: str, keywords: Sequence[str] = ("prompts", "responses", "answers")) -> RewardFn:
+def load_reward_fn(spec: str, keywords: Sequence[str] = ("prompts", "responses", "answers"), *,
+                   key: str | None = None) -> RewardFn:
     """Resolve a reward spec (builtin name, ``module:function`` or ``file.py:function``) to a callable.
 
     Checks up front that the callable accepts the `keywords` (``prompts``, ``responses`` and ``answers``
     for outcome rewards; a process reward takes ``steps`` instead of ``answers``), so a wrong signature
-    fails at startup, not mid-training.
+    fails at startup, not mid-training. key: the config key of a function that is not a reward (e.g.
+    ``algo.graph``): errors name it, and the builtin rewards are not candidates.
     """
+    label = key or "reward spec"
+    help_ = "use 'package.module:function' or 'path/to/file.py:function'" if key else _SPEC_HELP
     if not isinstance(spec, str) or not spec.strip():
-        raise RewardError(f"reward spec must be a non-empty string, got {spec!r}; {_SPEC_HELP}")
+        raise RewardError(f"{label} must be a non-empty string, got {spec!r}; {help_}")
     spec = spec.strip()
-    if spec in BUILTIN:
+    if spec in BUILTIN and not key:
         return BUILTIN[spec]
     if ":" not in spec:
-        raise RewardError(f"unknown reward {spec!r}; {_SPEC_HELP}")
+        raise RewardError(f"{f'{key} {spec!r} names no function' if key else f'unknown reward {spec!r}'}; {help_}")
 
     # rsplit: Windows paths ("C:\\rewards.py:fn") contain a colon of their own.
     module_part, attr_path = spec.rsplit(":", 1)
     if not module_part or not attr_path:
-        raise RewardError(f"reward spec {spec!r} is incomplete; {_SPEC_HELP}")
+        raise RewardError(f"{label} {spec!r} is incomplete; {help_}")
     is_file = module_part.endswith(".py") or "/" in module_part or "\\" in module_part
-    module = _import_file(spec, module_part) if is_file else _import_module(spec, module_part)
+    module = _import_file(spec, module_part, label) if is_file else _import_module(spec, module_part, label)
 
     obj: Any = module
     for part in attr_path.split("."):  # allows "module:Class.method"
         if not hasattr(obj, part):
             names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-            raise RewardError(f"reward spec {spec!r}: {module_part!r} has no attribute {attr_path!r}; "
+            raise RewardError(f"{label} {spec!r}: {module_part!r} has no attribute {attr_path!r}; "
                               f"callables found there: {', '.join(names) or 'none'}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise RewardError(f"reward spec {spec!r}: {attr_path!r} is not a function (type {type(obj).__name__}); "
-                          "point the spec at a function taking (prompts, responses, answers)")
-    _check_signature(spec, obj, keywords)
+        raise RewardError(f"{label} {spec!r}: {attr_path!r} is not a function (type {type(obj).__name__}); "
+                          f"point it at a function taking ({', '.join(keywords)})")
+    _check_signature(spec, obj, keywords, key or "reward function")
     try:
         setattr(obj, _SPEC_ATTR, spec)
     except (AttributeError, TypeError):  # bound methods, builtins: fall back to module:qualname
@@ -89,21 +93,21 @@ def load_reward_fn(spec: str, keywords: Sequence[str] = ("prompts", "responses",
     return obj
 
 
-def _import_module(spec: str, name: str):
+def _import_module(spec: str, name: str, label: str):
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise RewardError(f"reward spec {spec!r}: could not import module {name!r} ({e}); make sure the module is "
+        raise RewardError(f"{label} {spec!r}: could not import module {name!r} ({e}); make sure the module is "
                           "importable (on PYTHONPATH, or installed), or use 'path/to/file.py:function'") from e
     except Exception as e:
-        raise RewardError(f"reward spec {spec!r}: importing {name!r} raised {type(e).__name__}: {e}; "
+        raise RewardError(f"{label} {spec!r}: importing {name!r} raised {type(e).__name__}: {e}; "
                           "fix the error in that module") from e
 
 
-def _import_file(spec: str, file_part: str):
+def _import_file(spec: str, file_part: str, label: str):
     path = Path(file_part).expanduser().resolve()
     if not path.is_file():
-        raise RewardError(f"reward spec {spec!r}: file {path} not found; check the path "
+        raise RewardError(f"{label} {spec!r}: file {path} not found; check the path "
                           f"(relative paths are resolved from {Path.cwd()})")
     # A unique, stable module name per file, so two "rewards.py" in different
     # folders do not collide and pickling/dataclasses can find the module.
@@ -111,7 +115,7 @@ def _import_file(spec: str, file_part: str):
     mod_name = f"reflow_user_reward_{path.stem}_{digest}"
     module_spec = importlib.util.spec_from_file_location(mod_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise RewardError(f"reward spec {spec!r}: cannot import {path} as Python; use a .py file")
+        raise RewardError(f"{label} {spec!r}: cannot import {path} as Python; use a .py file")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[mod_name] = module
     # Like running a script: the file's own folder is importable while it loads,
@@ -121,7 +125,7 @@ def _import_file(spec: str, file_part: str):
         module_spec.loader.exec_module(module)
     except Exception as e:
         sys.modules.pop(mod_name, None)
-        raise RewardError(f"reward spec {spec!r}: importing {path} raised {type(e).__name__}: {e}; "
+        raise RewardError(f"{label} {spec!r}: importing {path} raised {type(e).__name__}: {e}; "
                           "fix the error in that file") from e
     finally:
         try:
@@ -131,7 +135,7 @@ def _import_file(spec: str, file_part: str):
     return module
 
 
-def _check_signature(spec: str, fn: RewardFn, keywords: Sequence[str]) -> None:
+def _check_signature(spec: str, fn: RewardFn, keywords: Sequence[str], label: str) -> None:
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # some C callables have no inspectable signature; trust them
@@ -140,7 +144,7 @@ def _check_signature(spec: str, fn: RewardFn, keywords: Sequence[str]) -> None:
         sig.bind(**{k: [] for k in keywords})
     except TypeError:
         args = ", ".join(keywords)
-        raise RewardError(f"reward function {spec!r} has signature {sig}; it must accept keyword arguments "
+        raise RewardError(f"{label} {spec!r} has signature {sig}; it must accept keyword arguments "
                           f"({args}), e.g. def fn({args}): ...") from None
 
 

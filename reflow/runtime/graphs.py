@@ -11,7 +11,7 @@ own file: `algo.graph=my_file.py:my_graph` (a function cfg -> Graph).
 from __future__ import annotations
 
 from reflow.runtime.calls.rollout import ROLLOUT_FIELDS
-from reflow.runtime.graph import Call, Graph
+from reflow.runtime.graph import Call, Graph, GraphError
 
 TOKENS = ("input_ids", "action_mask")  # what a forward call reads
 
@@ -169,7 +169,7 @@ def graph_for(cfg) -> Graph:
         return dpo_graph(cfg)
     assert isinstance(cfg, RLConfig)
     if cfg.algo.graph:
-        return load_user_graph(cfg.algo.graph)(cfg)
+        return user_graph(cfg)
     a = cfg.algo
     ref = bool(a.kl_coef > 0 or a.kl_target is not None or a.kl_metric)
     # the trainer's log-probs of the rollout: for a batch used several times, and for rollout correction
@@ -184,6 +184,26 @@ def graph_for(cfg) -> Graph:
 
 def load_user_graph(spec: str):
     """`file.py:function` or `module:function` -> the function (its file may register calls and losses)."""
-    from reflow.rewards.registry import load_reward_fn
+    from reflow.rewards.registry import RewardError, load_reward_fn
 
-    return load_reward_fn(spec, keywords=("cfg",))
+    try:
+        return load_reward_fn(spec, keywords=("cfg",), key="algo.graph")
+    except RewardError as e:
+        raise GraphError(str(e)) from None
+
+
+def user_graph(cfg) -> Graph:
+    """The Graph that algo.graph's function returns for cfg; a GraphError naming algo.graph when it raises or
+    returns something else."""
+    spec = cfg.algo.graph
+    fn = load_user_graph(spec)
+    try:
+        graph = fn(cfg)
+    except GraphError:
+        raise
+    except Exception as e:
+        raise GraphError(f"algo.graph {spec!r} raised {type(e).__name__}: {e}; fix that function") from e
+    if not isinstance(graph, Graph):
+        raise GraphError(f"algo.graph {spec!r} returned a {type(graph).__name__}, not a Graph; return "
+                         "Graph(name, [Call(...), ...]) (reflow.runtime.graph)")
+    return graph

@@ -11,9 +11,12 @@ mounts that copy on rename are not supported for checkpoints.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -137,3 +140,71 @@ def set_rng_state(s: dict) -> None:
 
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
+
+
+# ---------------------------------------------------------------- checks of the output folder and of a resume
+
+class CheckpointWriteError(CheckpointError):
+    """The output folder or a checkpoint cannot be written (read-only, full, not a folder)."""
+
+
+# the fields of an HF config that fix the shape of a model's weights
+SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """Create output_dir and write a file in it, so that a folder that is a file, read-only or full is reported
+    before any model loads instead of at the first checkpoint."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointWriteError(f"output_dir '{out}' is a file, not a folder; set output_dir to a folder "
+                                   f"(e.g. output_dir={out}_run)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write_probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CheckpointWriteError(f"output_dir '{out}' cannot be written ({e.strerror or e}); set output_dir to a "
+                                   "folder on a writable disk with free space") from None
+
+
+@contextmanager
+def write_errors(folder: Path, output_dir: str | Path):
+    """An OSError while writing `folder` (a checkpoint, final/) -> one CheckpointWriteError that names it and the
+    last complete checkpoint, which a failed write leaves as it was; the half-written temporary folder goes."""
+    try:
+        yield
+    except OSError as e:
+        shutil.rmtree(folder.parent / f".{folder.name}.partial", ignore_errors=True)
+        found = list_checkpoints(output_dir)
+        then = (f"the last complete checkpoint '{found[-1][1]}' is intact: free space or make the folder writable, "
+                f"then continue with --resume" if found else
+                "there is no earlier checkpoint: free space or make the folder writable and run again")
+        raise CheckpointWriteError(f"could not write '{folder}' ({e.strerror or e}); {then}") from e
+
+
+def check_compatible(state: dict, ckpt: Path, experiment: str, trained_roles: list[str],
+                     model_configs: dict | None) -> None:
+    """Refuse, before any model loads, a checkpoint of another run: written by another command (`reflow sft`
+    resumed by `reflow train`), lacking a role this run trains (a GRPO checkpoint resumed as PPO), or holding a
+    model of another shape than the one this config names. model_configs: role -> HF config of this run."""
+    written_by = state.get("experiment")
+    if written_by is not None and written_by != experiment:
+        raise CheckpointError(f"--resume: '{ckpt}' was written by `reflow {written_by}`, not `reflow {experiment}`; "
+                              f"resume it with `reflow {written_by}`, or run without --resume (or another output_dir)")
+    held = sorted(p.name for p in ckpt.iterdir() if (p / "config.json").is_file())
+    for role in trained_roles:
+        if role not in held:
+            raise CheckpointError(f"--resume: '{ckpt}' holds no '{role}' model (it holds {', '.join(held) or 'none'}),"
+                                  f" which this run trains: it was written by another algorithm; resume with the "
+                                  "config that wrote it, or run without --resume (or another output_dir)")
+        if model_configs and role in model_configs:
+            saved = json.loads((ckpt / role / "config.json").read_text())
+            ours = model_configs[role]
+            diff = [f"{k} {saved.get(k)} vs {getattr(ours, k, None)}" for k in SHAPE_KEYS
+                    if saved.get(k) != getattr(ours, k, None)]
+            if diff:
+                raise CheckpointError(f"--resume: the '{role}' model in '{ckpt}' is not the model this config names "
+                                      f"({', '.join(diff)}): point {role}'s path at the model that run started from,"
+                                      " or run without --resume (or another output_dir)")
