@@ -27,7 +27,7 @@ from reflow.config.schema import RLConfig
 from reflow.data.sampler import PromptSampler
 from reflow.experiments.loop import StepLoop
 from reflow.models.load import check_model_dir, load_tokenizer
-from reflow.rewards.registry import load_reward_fn
+from reflow.rewards.sandbox import RewardSandbox, open_reward
 from reflow.runtime.calls.policy import grpovi_bounds
 from reflow.runtime.data import WorkerData
 from reflow.runtime.graphs import graph_for
@@ -47,9 +47,15 @@ class RLExperiment(StepLoop):
         if cfg.reward.model:
             check_model_dir(cfg.reward.model, "reward.model")
         self.graph = graph_for(cfg)
-        reward_fn = load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None
-        data = WorkerData(cfg, load_tokenizer(cfg.actor.path))
-        grpovi_bounds(cfg, reward_fn)
+        # the reward spec imports (in a one-process sandbox where reward.sandbox says so: user code does not run
+        # in the controller) and its signature is checked before any model is built
+        reward_fn = open_reward(cfg.reward, workers=1) if cfg.reward.fn else None
+        try:
+            data = WorkerData(cfg, load_tokenizer(cfg.actor.path))
+            grpovi_bounds(cfg, reward_fn)
+        finally:
+            if isinstance(reward_fn, RewardSandbox):
+                reward_fn.close()
         _ = data.train_prompts, data.eval_prompts, data.ptx  # bad rows fail now, in this order
         self.skipped_rows = data.skipped
         self.total_steps = cfg.trainer.steps
