@@ -8,6 +8,7 @@ way verl and OpenRLHF users expect to find them. `validate()` hooks check cross-
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -94,12 +95,31 @@ class RewardConfig:
     prm_eta: float = 0.0  # Clip: r_k -> min(r_k - eta, 0)
     prm_sep: str = "\n"
     prm_coef: float = 1.0
+    # Sandboxed reward functions (reflow/rewards/sandbox.py): each call in a subprocess with these limits and no
+    # network; None = on for user code (file / module specs) and code_exec, off for the other builtins.
+    sandbox: bool | None = None
+    timeout_s: float = 30.0  # per call of the function (a chunk of the batch, or one sample when retried)
+    on_error: float = 0.0  # the reward of a sample that fails alone (timeout, crash, exception, invalid value)
+    memory_mb: int = 2048  # address space per process (RLIMIT_AS)
+    cpu_s: float | None = None  # CPU seconds per process (RLIMIT_CPU); None = timeout_s
+    workers: int = 2  # sandbox processes working on a batch in parallel
 
     def validate(self):
         if (self.fn is None) == (self.model is None):
             raise ConfigError("set exactly one of reward.fn (a reward function) and reward.model (a reward-model folder)")
         if self.prm is not None and not self.prm_sep:
             raise ConfigError("reward.prm_sep must be a non-empty step separator")
+        if not self.timeout_s > 0 or not math.isfinite(self.timeout_s):
+            raise ConfigError(f"reward.timeout_s must be a positive number of seconds, got {self.timeout_s}")
+        if not math.isfinite(self.on_error):
+            raise ConfigError(f"reward.on_error must be a finite number, got {self.on_error}")
+        if self.memory_mb < 64:
+            raise ConfigError(f"reward.memory_mb must be >= 64 (MB of address space per process), got {self.memory_mb}")
+        if self.cpu_s is not None and not (self.cpu_s > 0 and math.isfinite(self.cpu_s)):
+            raise ConfigError(f"reward.cpu_s must be a positive number of CPU seconds (or null: timeout_s), "
+                              f"got {self.cpu_s}")
+        if self.workers < 1:
+            raise ConfigError(f"reward.workers must be >= 1 (sandbox processes), got {self.workers}")
 
 
 @dataclass

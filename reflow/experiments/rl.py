@@ -27,7 +27,8 @@ from reflow.config.schema import RLConfig
 from reflow.data.sampler import PromptSampler
 from reflow.experiments.loop import StepLoop
 from reflow.models.load import check_model_dir, check_same_tokenizer, load_tokenizer
-from reflow.rewards.registry import RewardError, compute_rewards, load_reward_fn
+from reflow.rewards.registry import RewardError, compute_rewards
+from reflow.rewards.sandbox import RewardSandbox, open_reward
 from reflow.runtime.calls.policy import grpovi_bounds
 from reflow.runtime.data import WorkerData
 from reflow.runtime.graphs import graph_for
@@ -48,12 +49,18 @@ class RLExperiment(StepLoop):
         check_same_tokenizer(tokenizer, "actor.path", cfg.actor.path,
                              {"critic.path": cfg.critic.path, "ref.path": cfg.ref.path, "reward.model": cfg.reward.model})
         self.graph = graph_for(cfg)
-        reward_fn = load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None
-        data = WorkerData(cfg, tokenizer)
-        grpovi_bounds(cfg, reward_fn)
-        _ = data.train_prompts, data.eval_prompts, data.ptx  # bad rows fail now, in this order
-        if reward_fn is not None:
-            check_reward_fn(reward_fn, data.train_prompts[:2])
+        # the reward spec imports (in a one-process sandbox where reward.sandbox says so: user code does not run
+        # in the controller); its signature is checked, and it is tried on a few prompts, before any model is built
+        reward_fn = open_reward(cfg.reward, workers=1) if cfg.reward.fn else None
+        try:
+            data = WorkerData(cfg, tokenizer)
+            grpovi_bounds(cfg, reward_fn)
+            _ = data.train_prompts, data.eval_prompts, data.ptx  # bad rows fail now, in this order
+            if reward_fn is not None:
+                check_reward_fn(reward_fn, data.train_prompts[:2])
+        finally:
+            if isinstance(reward_fn, RewardSandbox):
+                reward_fn.close()
         self.skipped_rows = data.skipped
         self.total_steps = cfg.trainer.steps
         self.samplers = {"prompts": PromptSampler(len(data.train_prompts), cfg.seed, cfg.data.shuffle)}

@@ -19,7 +19,7 @@ import torch
 from reflow.algorithms.process_rewards import clip_refine, delta_refine, place_step_rewards, split_steps, step_end_tokens
 from reflow.data.batch import SampleBatch
 from reflow.models.packing import backbone_and_head, hidden_states
-from reflow.rewards.registry import RewardError, load_reward_fn
+from reflow.rewards.registry import compute_step_scores, load_reward_fn
 
 
 def response_char_offsets(tokenizer, tokens: Sequence[int]) -> list[tuple[int, int]]:
@@ -46,13 +46,25 @@ def refine(step_rewards: torch.Tensor, mode: str, eta: float) -> torch.Tensor:
 
 
 class ProcessReward:
-    def __init__(self, spec: str, *, refine_mode: str, eta: float, sep: str, coef: float, load_model: Callable):
+    """A PRM at training time. `load_fn(spec)` gives the function of a function spec: by default loaded in this
+    process; the worker passes one that gives a RewardSandbox where reward.sandbox says so (then `errors` is the
+    number of samples of the last batch that failed and got 0.0 at every step)."""
+
+    def __init__(self, spec: str, *, refine_mode: str, eta: float, sep: str, coef: float, load_model: Callable,
+                 load_fn: Callable | None = None):
         self.spec, self.refine_mode, self.eta, self.sep, self.coef = spec, refine_mode, eta, sep, coef
-        self.fn = self.model = None
+        self.fn = self.model = self.errors = None
         if Path(spec).is_dir():
             self.model = load_model(spec).eval().requires_grad_(False)
+        elif load_fn is not None:
+            self.fn = load_fn(spec)
         else:
             self.fn = load_reward_fn(spec, keywords=("prompts", "responses", "steps"))
+
+    def close(self) -> None:
+        close = getattr(self.fn, "close", None)
+        if close is not None:
+            close()
 
     def token_rewards(self, batch: SampleBatch, tokenizer) -> torch.Tensor:
         """[T] refined, scaled step rewards on each step's last token of each response (0 elsewhere)."""
@@ -77,15 +89,7 @@ class ProcessReward:
             return [head(hidden[(starts[i] + torch.tensor(e, dtype=torch.long))]).float()[:, 0].tolist() if e else []
                     for i, e in enumerate(ends)]
         steps = [[text[a:b] for a, b in s] for text, s in zip(responses, spans)]
-        try:
-            out = self.fn(prompts=batch.meta["prompt"], responses=responses, steps=steps)
-        except Exception as e:  # noqa: BLE001 - a user function; report it in one line
-            raise RewardError(f"process reward '{self.spec}' raised {type(e).__name__}: {e}") from e
-        if not isinstance(out, (list, tuple)) or len(out) != len(responses):
-            raise RewardError(f"process reward '{self.spec}' must return one list of step scores per response "
-                              f"({len(responses)}), got {type(out).__name__}")
-        for i, (sc, st) in enumerate(zip(out, steps)):
-            if len(sc) != len(st) or not all(isinstance(x, (int, float)) and x == x for x in sc):
-                raise RewardError(f"process reward '{self.spec}': response {i} has {len(st)} steps but got "
-                                  f"scores {list(sc)!r}; return one finite number per step")
-        return [list(map(float, sc)) for sc in out]
+        if hasattr(self.fn, "score_steps"):  # a RewardSandbox
+            scores, self.errors = self.fn.score_steps(batch.meta["prompt"], responses, steps)
+            return scores
+        return compute_step_scores(self.fn, batch.meta["prompt"], responses, steps)

@@ -12,7 +12,7 @@ where a row has none). An optional attribute ``my_reward.reward_range = (low,
 high)`` declares the possible values.
 
 The config names it with a spec string: a builtin (``"exact_match"``,
-``"format"``, ``"exact_match_with_format"``), ``"package.module:function"``
+``"format"``, ``"exact_match_with_format"``, ``"digit_match"``, ``"code_exec"``), ``"package.module:function"``
 (importable from ``PYTHONPATH``), or ``"path/to/file.py:function"``.
 """
 
@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from reflow.rewards.code_exec import code_exec
 from reflow.rewards.rules import digit_match, exact_match, exact_match_with_format, format_reward
 
 RewardFn = Callable[..., Any]
@@ -36,6 +37,7 @@ BUILTIN: dict[str, RewardFn] = {
     "format": format_reward,
     "exact_match_with_format": exact_match_with_format,
     "digit_match": digit_match,
+    "code_exec": code_exec,
 }
 
 _SPEC_ATTR = "reflow_spec"  # remembered on loaded functions so errors use the user's own spelling
@@ -247,3 +249,25 @@ def compute_rewards(fn: RewardFn, prompts: list[str], responses: list[str], answ
                               "must be a finite number (return e.g. 0.0 for responses that cannot be scored)")
         rewards.append(x)
     return rewards
+
+
+def compute_step_scores(fn: RewardFn, prompts: list[str], responses: list[str], steps: list[list[str]]) -> list[list[float]]:
+    """A process reward: ``fn(prompts=..., responses=..., steps=...)`` -> one list of finite step scores per
+    response (``steps[i]`` are the step texts of response i), validated like :func:`compute_rewards`."""
+    name = _name(fn)
+    try:
+        out = fn(prompts=list(prompts), responses=list(responses), steps=[list(s) for s in steps])
+    except Exception as e:
+        raise RewardError(f"process reward '{name}' raised {type(e).__name__}: {e}") from e
+    if not isinstance(out, (list, tuple)) or len(out) != len(responses):
+        raise RewardError(f"process reward '{name}' must return one list of step scores per response "
+                          f"({len(responses)}), got {type(out).__name__}")
+    scores = []
+    for i, (sc, st) in enumerate(zip(out, steps)):
+        values = _as_sequence(sc)
+        floats = [_as_float(x) for x in values] if values is not None else []
+        if values is None or len(values) != len(st) or any(x is None for x in floats):
+            raise RewardError(f"process reward '{name}': response {i} has {len(st)} steps but got "
+                              f"scores {_short(sc)}; return one finite number per step")
+        scores.append(floats)
+    return scores

@@ -38,7 +38,8 @@ from reflow.parallel.shards import Sharding
 from reflow.realloc.execute import group_for
 from reflow.realloc.model import Offloaded, build_destination, reallocate_model
 from reflow.realloc.plan import ReallocPlan, plan_reallocation
-from reflow.rewards.registry import compute_rewards, load_reward_fn
+from reflow.rewards.registry import compute_rewards
+from reflow.rewards.sandbox import RewardSandbox, open_reward
 from reflow.runtime.calls import CallContext, get_call
 from reflow.runtime.checkpoint import load_ema, load_optimizer, save_role
 from reflow.runtime.data import WorkerData
@@ -148,15 +149,16 @@ class Worker:
         first_path = role_config(cfg, "actor" if "actor" in graph.weight_roles() else graph.weight_roles()[0]).path
         self.tokenizer = load_tokenizer(first_path)
         self.data = WorkerData(cfg, self.tokenizer)
-        reward = getattr(cfg, "reward", None)
-        self.reward_fn = load_reward_fn(reward.fn) if reward is not None and reward.fn else None
         self.placements = placements(plan, graph)
         self.calls = {c.name: c for c in [*graph.calls, *(graph.evals.calls if graph.evals else [])]}
         if self.reward_fn is not None and any(rank in self.placements[c.name].ranks for c in self.calls.values()
                                               if c.impl == "score_fn"):
             # a broken reward function fails now, on the worker that runs it, before any generation
             first = self.data.train_prompts[0]
-            compute_rewards(self.reward_fn, [first.prompt_text], [first.answer or ""], [first.answer])
+            if isinstance(self.reward_fn, RewardSandbox):
+                self.reward_fn.probe(first.prompt_text, first.answer or "", first.answer)
+            else:
+                compute_rewards(self.reward_fn, [first.prompt_text], [first.answer or ""], [first.answer])
         # every placement's mesh, created by every worker in the same order (group creation is collective)
         self.ctx = {pl: (ParallelContext(pl.layout, list(pl.ranks), self.device.type) if self.distributed else None)
                     for pl in sorted(set(self.placements.values()), key=lambda p: (p.ranks, str(p.layout)))}
@@ -184,6 +186,13 @@ class Worker:
         return {"rank": rank, "node": node}
 
     @cached_property
+    def reward_fn(self):
+        """reward.fn: a function in this process, or a RewardSandbox (reflow.rewards.sandbox) started on the
+        first use, so only the workers that score start its processes; None without one."""
+        reward = getattr(self.cfg, "reward", None)
+        return open_reward(reward) if reward is not None and reward.fn else None
+
+    @cached_property
     def process_reward(self):
         """The process reward model or function of reward.prm, loaded by the first call that needs it."""
         from reflow.models.load import load_reward_model
@@ -191,7 +200,7 @@ class Worker:
 
         r = self.cfg.reward
         return ProcessReward(r.prm, refine_mode=r.prm_refine, eta=r.prm_eta, sep=r.prm_sep, coef=r.prm_coef,
-                             load_model=load_reward_model)
+                             load_model=load_reward_model, load_fn=lambda spec: open_reward(r, spec, "process"))
 
     # ------------------------------------------------------------------ roles and their weights
     def role_config(self, role: str):
@@ -297,8 +306,9 @@ class Worker:
         if batch is not None:
             batch = place(batch, "cpu")
         failpoint(f"call.{name}.r{self.rank}.s{step}")
+        cc = CallContext(call, step, meta, model, ctx, self)
         try:
-            out = get_call(call.impl)(CallContext(call, step, meta, model, ctx, self), batch)
+            out = get_call(call.impl)(cc, batch)
         except NonFiniteError as e:
             raise NonFiniteError(f"step {step}, call '{name}': {e}; {nonfinite_samples(batch)}; "
                                  "trainer.on_nonfinite=skip skips such updates") from None
@@ -310,8 +320,10 @@ class Worker:
         self._record(step, name, t1)
         info = {"rank": self.rank, "time": time.time() - t0}
         if isinstance(out, dict):
-            info["metrics"] = out
+            info["metrics"] = {**cc.metrics, **out}
             return None, info
+        if cc.metrics:
+            info["metrics"] = cc.metrics
         if out is not None and (call.kind == "generate" or ctx is None or ctx.index == 0):
             out = only_outputs(out, call)
             info["samples"] = len(out)
@@ -341,6 +353,11 @@ class Worker:
         return events
 
     def shutdown(self) -> None:
+        for name in ("reward_fn", "process_reward"):  # sandbox processes, where started
+            started = self.__dict__.pop(name, None)
+            close = getattr(started, "close", None)
+            if close is not None:
+                close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -37,7 +37,7 @@ def test_reward_ranges():
 def test_load_builtin():
     assert load_reward_fn("exact_match") is exact_match
     assert load_reward_fn("format") is format_reward
-    assert set(BUILTIN) == {"exact_match", "format", "exact_match_with_format", "digit_match"}
+    assert set(BUILTIN) == {"exact_match", "format", "exact_match_with_format", "digit_match", "code_exec"}
 
 
 MODULE = textwrap.dedent("""

@@ -19,7 +19,7 @@ the workers import that file too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 CALLS: dict[str, Callable] = {}
@@ -51,7 +51,8 @@ def _register_builtins() -> None:
 class CallContext:
     """What an implementation sees on one rank: the call, its step and metadata, the weights it runs on
     (`model`: the owner copy or a temporary reallocated copy; None for a role without weights), the
-    parallel context of its placement (None in one process), and the worker's state (roles, data, config)."""
+    parallel context of its placement (None in one process), and the worker's state (roles, data, config).
+    `metrics`: scalars an implementation that returns a batch reports too; they join the step's metrics."""
 
     call: Any
     step: int
@@ -59,6 +60,7 @@ class CallContext:
     model: Any
     ctx: Any
     worker: Any
+    metrics: dict = field(default_factory=dict)  # scalars a call reports beside its batch (reward/errors)
 
     @property
     def cfg(self):

@@ -1,7 +1,7 @@
 """Rewards: a reward function on the decoded text, a reward model on the tokens, and process rewards.
 
     score_fn      r_i = fn(prompts, responses, answers)[i]          (clipped to [-c, c] with reward.clip, plus
-                  DAPO's overlong penalty with algo.overlong_cache)
+                  DAPO's overlong penalty with algo.overlong_cache); sandboxed, it also reports reward/errors
     score_model   r_i = RM(prompt_i + response_i) at the last token  (same clip)
     process_reward  dense per-step rewards of a PRM, refined (Clip / Delta) and placed on each step's last
                   token: tokens["prm_rewards"] [T]
@@ -18,6 +18,7 @@ from reflow.data.batch import SampleBatch
 from reflow.engines.infer import InferenceEngine
 from reflow.runtime.calls import CallContext, register_call
 from reflow.rewards.registry import compute_rewards
+from reflow.rewards.sandbox import RewardSandbox
 
 
 def _clip(cc: CallContext, scores: torch.Tensor, batch: SampleBatch) -> torch.Tensor:
@@ -35,8 +36,12 @@ def _clip(cc: CallContext, scores: torch.Tensor, batch: SampleBatch) -> torch.Te
 def score_fn(cc: CallContext, batch: SampleBatch) -> SampleBatch:
     if not cc.first:  # a reward function is computed once per call, on its first rank
         return None
-    scores = torch.tensor(compute_rewards(cc.worker.reward_fn, batch.meta["prompt"], batch.meta["response"],
-                                          batch.meta["answer"]), dtype=torch.float)
+    fn, columns = cc.worker.reward_fn, (batch.meta["prompt"], batch.meta["response"], batch.meta["answer"])
+    if isinstance(fn, RewardSandbox):  # failed samples get reward.on_error; their count is a metric
+        rewards, cc.metrics["reward/errors"] = fn.score(*columns)
+    else:
+        rewards = compute_rewards(fn, *columns)
+    scores = torch.tensor(rewards, dtype=torch.float)
     return batch.with_samples(**{cc.output_key(): _clip(cc, scores, batch)})
 
 
@@ -51,4 +56,8 @@ def score_model(cc: CallContext, batch: SampleBatch) -> SampleBatch:
 def process_reward(cc: CallContext, batch: SampleBatch) -> SampleBatch:
     if not cc.first:
         return None
-    return batch.with_tokens(**{cc.output_key(): cc.worker.process_reward.token_rewards(batch, cc.tokenizer)})
+    prm = cc.worker.process_reward
+    rewards = prm.token_rewards(batch, cc.tokenizer)
+    if prm.errors is not None:
+        cc.metrics["reward/prm_errors"] = prm.errors
+    return batch.with_tokens(**{cc.output_key(): rewards})
