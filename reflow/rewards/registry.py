@@ -48,6 +48,11 @@ class RewardError(ValueError):
     """A user-facing problem loading or running a reward function."""
 
 
+class RewardShapeError(RewardError):
+    """The function returned the wrong container or the wrong number of values for its batch: a bug in the
+    function whatever the inputs (one sample cannot cause it), so it is never retried sample by sample."""
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -236,10 +241,10 @@ def compute_rewards(fn: RewardFn, prompts: list[str], responses: list[str], answ
     if values is None:
         shape = getattr(result, "shape", None)
         what = type(result).__name__ + (f" of shape {tuple(shape)}" if shape is not None else "")
-        raise RewardError(f"reward function '{name}' returned a {what}; it must return a list of {n} floats, "
+        raise RewardShapeError(f"reward function '{name}' returned a {what}; it must return a list of {n} floats, "
                           "one per response")
     if len(values) != n:
-        raise RewardError(f"reward function '{name}' returned {len(values)} rewards for {n} responses; "
+        raise RewardShapeError(f"reward function '{name}' returned {len(values)} rewards for {n} responses; "
                           "it must return exactly one float per response, in order")
     rewards: list[float] = []
     for i, value in enumerate(values):
@@ -260,7 +265,7 @@ def compute_step_scores(fn: RewardFn, prompts: list[str], responses: list[str], 
     except Exception as e:
         raise RewardError(f"process reward '{name}' raised {type(e).__name__}: {e}") from e
     if not isinstance(out, (list, tuple)) or len(out) != len(responses):
-        raise RewardError(f"process reward '{name}' must return one list of step scores per response "
+        raise RewardShapeError(f"process reward '{name}' must return one list of step scores per response "
                           f"({len(responses)}), got {type(out).__name__}")
     scores = []
     for i, (sc, st) in enumerate(zip(out, steps)):

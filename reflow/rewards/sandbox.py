@@ -52,7 +52,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from reflow.rewards.registry import BUILTIN, RewardError, compute_rewards, compute_step_scores, load_reward_fn
+from reflow.rewards.registry import BUILTIN, RewardError, RewardShapeError, compute_rewards, compute_step_scores, load_reward_fn
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,8 @@ class RewardSandbox:
         failed: dict[int, tuple] = {}
         retry: list[int] = []
         for idx, res in zip(chunks, self._run([_take(columns, c) for c in chunks])):
+            if res[0] == "shape":  # the wrong count or container: the function's bug for any input
+                raise RewardError(res[2])
             if res[0] == "ok":
                 for i, v in zip(idx, res[1]):
                     out[i] = v
@@ -157,6 +159,8 @@ class RewardSandbox:
             else:
                 retry += idx
         for i, res in zip(retry, self._run([_take(columns, [i]) for i in retry])):
+            if res[0] == "shape":
+                raise RewardError(res[2])
             if res[0] == "ok":
                 out[i] = res[1][0]
             else:
@@ -359,6 +363,8 @@ def _validate(fn, kind: str, job: dict) -> tuple:
             values = compute_step_scores(fn, job["prompts"], job["responses"], job["steps"])
         else:
             values = compute_rewards(fn, job["prompts"], job["responses"], job["answers"])
+    except RewardShapeError as e:
+        return ("shape", "result", str(e))
     except RewardError as e:
         cause = e.__cause__
         return ("raised", type(cause).__name__, str(e)) if cause is not None else ("invalid", "result", str(e))

@@ -162,11 +162,11 @@ def test_every_sample_of_the_first_batch_raising_the_same_exception_is_a_reward_
             sb.score(["a", "b", "c"], ["x", "y", "z"], [None] * 3)
 
 
-def test_a_function_that_always_returns_the_wrong_count_is_a_reward_error(tmp_path):
+def test_a_wrong_count_is_a_reward_error_at_once_never_retried_per_sample(tmp_path):
     path = tmp_path / "count.py"
     path.write_text("def reward(prompts, responses, answers):\n    return [1.0, 2.0]\n")
     with RewardSandbox(f"{path}:reward", timeout_s=TIMEOUT, workers=1) as sb:
-        with pytest.raises(RewardError, match="returned 2 rewards for 1 responses"):
+        with pytest.raises(RewardError, match="returned 2 rewards for 3 responses"):
             sb.score(["a", "b", "c"], ["x", "y", "z"], [None] * 3)
 
 
