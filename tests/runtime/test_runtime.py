@@ -83,7 +83,8 @@ def test_ppo_gives_the_same_numbers_under_builtin_plans(ray_session, tmp_path, d
 
 
 @pytest.mark.parametrize("reward,error,needle", [
-    ("dies", WorkerFailed, "worker 0 failed in 'reward'"),  # the worker process dies mid-step
+    # the worker process dies mid-step (unsandboxed, the reward function runs in it)
+    ("dies", WorkerFailed, "worker 0 failed in 'reward': the worker process died"),
     ("raises", RewardError, "raised ValueError: reward server unreachable"),  # a user error: its own message
 ])
 def test_a_failing_worker_ends_the_run_with_its_error(ray_session, tmp_path, debug_model, addition_data, reward, error,
@@ -91,6 +92,7 @@ def test_a_failing_worker_ends_the_run_with_its_error(ray_session, tmp_path, deb
     plan = {"actor_gen": ("0-1", "d2t1p1"), "reward": ("0", "d1t1p1"), "ref_inf": ("1", "d1t1p1"),
             "actor_train": ("0-1", "d2t1p1")}
     cfg = config(tmp_path, debug_model, addition_data, workers=2, plan=plan, reward=reward)
+    cfg.reward.sandbox = False
     t0 = time.monotonic()
     with pytest.raises(error, match=needle):
         run(cfg)

@@ -6,11 +6,11 @@ def varied(prompts, responses, answers):
 
 
 def dies(prompts, responses, answers):
-    """Kills the worker process that scores a step, as an out-of-memory kill or a segfault would (the
-    one-response check a worker makes at start passes)."""
+    """Kills the process that scores a step, as an out-of-memory kill or a segfault would: the worker itself
+    with reward.sandbox=false. The checks at start pass (the controller tries 2 prompts, a worker 1)."""
     import os
 
-    if len(responses) > 1:
+    if len(responses) > 2:
         os._exit(3)
     return [0.0]
 
