@@ -12,7 +12,7 @@ def dies(prompts, responses, answers):
 
     if len(responses) > 2:
         os._exit(3)
-    return [0.0]
+    return [0.0] * len(responses)
 
 
 def raises(prompts, responses, answers):
