@@ -134,7 +134,7 @@ def kills(workers: int, n: int, steps: int, save_every: int, work: Path, rng: ra
 
 HOSTILE = {
     "well-behaved": "pass",
-    "endless loop": "while True:\n            pass",
+    "endless loop": "while True:\n                pass",
     "10 GB allocation": "x = bytearray(10 * 1024**3)",
     # bounded (children sleep, then exit) so that a machine without the sandbox's process limit survives it
     "fork bomb": "for _ in range(1000):\n                if os.fork() == 0:\n                    time.sleep(5)\n"

@@ -132,11 +132,15 @@ class RewardSandbox:
         return self._score({"prompts": list(prompts), "responses": list(responses), "steps": list(steps)})
 
     def probe(self, prompt: str, response: str, answer) -> None:
-        """Score one sample; any failure (timeout and crash included) raises RewardError with its message,
-        so a function broken for every input fails at startup. Does not count as the first batch."""
+        """Score one sample at start-up: a result of the wrong shape (a bug for any input) raises RewardError
+        with its message. Any other failure of this one sample (it raised, hung, crashed) says nothing about
+        the others, so it only warns: during the run such a sample gets reward.on_error, and a function that
+        fails every sample of its first batch the same way stops the run then. Not counted as that batch."""
         res = self._run([{"prompts": [prompt], "responses": [response], "answers": [answer]}])[0]
-        if res[0] != "ok":
+        if res[0] == "shape":
             raise RewardError(res[2])
+        if res[0] != "ok":
+            log.warning("reward '%s' failed on the start-up sample (%s): %s", self.spec, res[0], res[2])
 
     def _score(self, columns: dict[str, list]) -> tuple[list, int]:
         n = len(columns["prompts"])

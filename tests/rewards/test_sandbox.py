@@ -188,11 +188,16 @@ def test_a_wrong_signature_fails_at_startup_with_the_in_process_message(tmp_path
     assert str(sandboxed.value) == str(in_process.value)
 
 
-def test_a_probe_that_times_out_fails_at_startup(tmp_path):
-    path = tmp_path / "hang.py"
-    path.write_text("def reward(prompts, responses, answers):\n    while True:\n        pass\n")
-    with RewardSandbox(f"{path}:reward", timeout_s=0.5, workers=1) as sb:
-        with pytest.raises(RewardError, match="did not return within reward.timeout_s=0.5 s"):
+def test_the_start_up_probe_warns_on_a_timeout_and_raises_on_a_wrong_count(tmp_path, caplog):
+    hang = tmp_path / "hang.py"
+    hang.write_text("def reward(prompts, responses, answers):\n    while True:\n        pass\n")
+    with RewardSandbox(f"{hang}:reward", timeout_s=0.5, workers=1) as sb:
+        sb.probe("p", "r", None)  # one sample that hangs says nothing about the others: the run goes on
+    assert "did not return within reward.timeout_s=0.5 s" in caplog.text
+    count = tmp_path / "count.py"
+    count.write_text("def reward(prompts, responses, answers):\n    return []\n")
+    with RewardSandbox(f"{count}:reward", timeout_s=2, workers=1) as sb:
+        with pytest.raises(RewardError, match="returned 0 rewards for 1 responses"):
             sb.probe("p", "r", None)
 
 
