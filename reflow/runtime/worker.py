@@ -342,6 +342,7 @@ class Worker:
             if role.parked is not None:
                 role.parked.reload()
             save_role(role, role.engine if optimizer else None, self.tokenizer, Path(ckpt))
+            failpoint(f"save.{role.name}.r{self.rank}.{Path(ckpt).name}")
             if role.ema is not None:
                 save_role(role, None, self.tokenizer, Path(ckpt), ema=True)
             if role.parked is not None:
