@@ -35,7 +35,7 @@ class Executor:
         self.cfg, self.graph, self.plan = cfg, graph, plan
         resume = str(resume_dir) if resume_dir else None
         if rt.workers == 0:
-            self.transport = LocalTransport(Worker(0, 1, cfg, plan, graph, optimizer_steps, resume))
+            self.transport = LocalTransport(Worker(0, 1, cfg, plan, graph, optimizer_steps, resume), rt.timeout_s)
         else:
             self.transport = RayTransport(Worker, rt.workers,
                                           lambda r: (r, rt.workers, cfg, plan, graph, optimizer_steps, resume), rt)

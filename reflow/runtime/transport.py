@@ -64,24 +64,56 @@ def _cause(e: BaseException) -> str:
     return str(e)
 
 
-class LocalTransport:
-    """The worker in this process; exceptions surface where the call is submitted."""
+class Watchdog:
+    """In one process a hung call has no other process to notice it: a timer thread ends the process when one
+    call runs longer than `timeout_s`, naming the call and printing every thread's stack (where it hangs).
+    The exit is abrupt (os._exit: a hung thread cannot be unwound); checkpoints are written whole or not at
+    all, so `--resume` continues from the last one."""
 
-    def __init__(self, worker):
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+
+    def __call__(self, what: str, fn, *args):
+        import threading
+
+        timer = threading.Timer(self.timeout_s, self._expire, (what,))
+        timer.daemon = True
+        timer.start()
+        try:
+            return fn(*args)
+        finally:
+            timer.cancel()
+
+    def _expire(self, what: str) -> None:
+        import faulthandler
+        import sys
+
+        print(f"reflow: error: hang: {what} has run for {self.timeout_s:.0f} s (runtime.timeout_s) in this process; "
+              "raise runtime.timeout_s if a call legitimately takes longer. Stacks:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(1)
+
+
+class LocalTransport:
+    """The worker in this process; exceptions surface where the call is submitted. A call that runs longer than
+    runtime.timeout_s ends the process (Watchdog)."""
+
+    def __init__(self, worker, timeout_s: float | None = None):
         self.worker = worker
         self.size = 1
+        self.watch = Watchdog(timeout_s) if timeout_s else (lambda what, fn, *args: fn(*args))
 
     def start(self) -> list[dict]:
         return [self.worker.start()]
 
-    def run(self, rank: int, *args):
-        return self.worker.run(*args)
+    def run(self, rank: int, step: int, name: str, *args):
+        return self.watch(f"call '{name}' of step {step}", self.worker.run, step, name, *args)
 
     def send_weights(self, rank: int, *args):
         return self.worker.send_weights(*args)
 
     def call(self, rank: int, method: str, *args):
-        return getattr(self.worker, method)(*args)
+        return self.watch(f"'{method}'", getattr(self.worker, method), *args)
 
     def wait(self, pending: list, timeout_s: float) -> list[dict]:
         """pending: [(info handle, (what, rank))] -> the infos (already computed: the handle is the info)."""

@@ -146,6 +146,16 @@ def test_a_hung_worker_ends_the_run_within_the_timeout_naming_rank_and_call(
     assert elapsed < 60  # start-up included; without the limit the run would never end
 
 
+def test_a_hang_in_process_ends_the_run_after_the_timeout_naming_the_call(debug_model, addition_data, tmp_path):
+    env = {**os.environ, "REFLOW_FAILPOINT": "call.actor_train.r0.s1=hang", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "reflow.cli",
+                        *args(debug_model, addition_data, tmp_path / "run", "runtime.timeout_s=3")],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 1
+    assert "reflow: error: hang: call 'actor_train' of step 1 has run for 3 s (runtime.timeout_s)" in p.stderr
+    assert "failpoint" in p.stderr  # the stacks show where it hangs
+
+
 # ---------------------------------------------------------------------------------------------- non-finite
 
 
