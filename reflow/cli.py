@@ -4,6 +4,8 @@
     reflow data addition --out data/addition                     # bundled verifiable tasks
     reflow sft   configs/sft_addition.yaml  [key=value ...] [--resume [CKPT]]
     reflow rm    configs/rm_addition.yaml   [key=value ...] [--resume [CKPT]]
+    reflow am    configs/am_addition.yaml   [key=value ...] [--resume [CKPT]]   # advantage model
+    reflow rehearse configs/rehearse_addition.yaml [key=value ...]            # selective rehearsal's data
     reflow dpo   configs/dpo_addition.yaml  [key=value ...] [--resume [CKPT]]
     reflow train configs/grpo_addition.yaml [key=value ...] [--resume [CKPT]]
     reflow train configs/grpo_addition.yaml runtime.workers=4 runtime.plan=separate   # on 4 Ray workers
@@ -100,16 +102,16 @@ def cmd_data(args) -> None:
 
 
 def _experiment(kind: str, args, resume):
-    from reflow.config.schema import DPOConfig, RLConfig, RMConfig, SFTConfig
+    from reflow.config.schema import AMConfig, DPOConfig, RLConfig, RMConfig, SFTConfig
 
     path, overrides = _split_config_args(args)
     if kind == "train":
         from reflow.experiments.rl import RLExperiment
         return RLExperiment(load_config(RLConfig, path, overrides), resume)
-    from reflow.experiments.supervised import DPOExperiment, RMExperiment, SFTExperiment
+    from reflow.experiments.supervised import AMExperiment, DPOExperiment, RMExperiment, SFTExperiment
 
     cls, config = {"sft": (SFTExperiment, SFTConfig), "dpo": (DPOExperiment, DPOConfig),
-                   "rm": (RMExperiment, RMConfig)}[kind]
+                   "rm": (RMExperiment, RMConfig), "am": (AMExperiment, AMConfig)}[kind]
     return cls(load_config(config, path, overrides), resume)
 
 
@@ -359,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_data)
 
     for kind, help_ in [("sft", "supervised fine-tuning"), ("rm", "train a pairwise reward model"),
+                        ("am", "train an advantage model (reward model centred on the SFT policy, bounded per task)"),
                         ("train", "RL training (GRPO, PPO, RLOO, REINFORCE++, ReMax, GRPOVI)"),
                         ("dpo", "direct preference optimisation (DPO, IPO, conservative DPO)")]:
         s = sub.add_parser(kind, help=help_)
