@@ -94,3 +94,56 @@ def test_am_training_gives_the_same_numbers_in_process_and_with_two_workers(ray_
     ra = advantage_model_info(tmp_path / "ray" / "final")["tasks"]
     for t in la:
         assert la[t]["mean"] == pytest.approx(ra[t]["mean"], rel=1e-4, abs=1e-6)
+
+
+def rehearsal_rl_config(out, model, data, workers=0, **sft):
+    """A 2-step GRPO run with the first 4 SFT rows as the rehearsal set (rehearsal=...) or as PPO-ptx data
+    (ptx=...), sampled in file order so both terms see the same rows at every optimizer step."""
+    from rl_runs import rl_config
+
+    rows = (data / "sft.jsonl").read_text().splitlines()[:4]
+    (data / "rehearsal4.jsonl").write_text("\n".join(rows) + "\n")
+    algo = {"ptx_coef": sft["ptx"], "ptx_batch_size": 4} if "ptx" in sft else {}
+    c = rl_config(out, model, data, workers, mini_batches=2, **algo)
+    c.data.shuffle, c.data.ptx = False, str(data / "rehearsal4.jsonl")
+    if "rehearsal" in sft:
+        c.rehearsal.data, c.rehearsal.coef, c.rehearsal.batch_size = str(data / "rehearsal4.jsonl"), sft["rehearsal"], 4
+    return c
+
+
+def test_the_rehearsal_term_joins_the_actor_step_exactly_as_ptx_does_with_the_same_rows_and_coefficient(
+        tmp_path, debug_model, addition_data):
+    from reflow.experiments.rl import RLExperiment
+
+    rehearsed = run(RLExperiment, rehearsal_rl_config(tmp_path / "r", debug_model, addition_data, rehearsal=0.5))
+    ptx = run(RLExperiment, rehearsal_rl_config(tmp_path / "p", debug_model, addition_data, ptx=0.5))
+    plain = run(RLExperiment, rehearsal_rl_config(tmp_path / "n", debug_model, addition_data))
+    for r, p in zip(rehearsed, ptx):
+        assert r["actor/rehearsal_nll"] == p["actor/ptx_nll"] > 0
+        for k in ("actor/grad_norm", "actor/pg_loss", "actor/kl", "reward/mean"):
+            assert r[k] == p[k], k
+    # the term changes the step: another gradient at step 1, other weights (so other KL) at step 2
+    assert abs(rehearsed[0]["actor/grad_norm"] - plain[0]["actor/grad_norm"]) > 1e-4
+    assert "actor/rehearsal_nll" not in plain[0]
+    assert rehearsed[0]["reward/mean"] == plain[0]["reward/mean"]  # same rollout before any update
+
+
+def test_rehearsal_gives_the_same_metrics_in_process_and_on_two_workers(ray_session, tmp_path, debug_model,
+                                                                        addition_data):
+    from reflow.experiments.rl import RLExperiment
+    from rl_runs import assert_same_steps, both
+
+    local, ray = both(RLExperiment, lambda out, w: rehearsal_rl_config(out, debug_model, addition_data, w,
+                                                                        rehearsal=0.5), tmp_path)
+    assert_same_steps(local, ray)
+    assert local[1]["actor/rehearsal_nll"] > 0
+
+
+def test_rehearsal_config_errors_name_the_key(tmp_path, debug_model, addition_data):
+    from reflow.config.loader import ConfigError, from_dict
+    from reflow.config.schema import RehearsalConfig
+
+    with pytest.raises(ConfigError, match="rehearsal.coef"):
+        from_dict(RehearsalConfig, {"data": "x.jsonl", "coef": -0.1})
+    with pytest.raises(ConfigError, match="rehearsal.batch_size"):
+        from_dict(RehearsalConfig, {"data": "x.jsonl", "batch_size": 0})
