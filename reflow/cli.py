@@ -144,6 +144,23 @@ def cmd_run(kind: str):
     return run
 
 
+def cmd_rehearse(args) -> None:
+    """Selective rehearsal's data: cluster, sample, score with the AM, select (reflow/experiments/rehearse.py)."""
+    from reflow.config.schema import RehearseConfig
+    from reflow.experiments.rehearse import run_rehearse
+
+    path, overrides = _split_config_args(args)
+    cfg = load_config(RehearseConfig, path, overrides)
+    t0 = time.perf_counter()
+    s = run_rehearse(cfg)
+    print(f"rehearse done in {time.perf_counter() - t0:.0f}s: {s['prompts']} prompts in {len(s['clusters'])} clusters "
+          f"-> {s['ppo_prompts']} PPO prompts ({cfg.output_dir}/ppo_prompts.jsonl), {s['rehearsal_rows']} rehearsal "
+          f"rows ({cfg.output_dir}/rehearsal.jsonl), per cluster: {cfg.output_dir}/clusters.json")
+    for c in s["clusters"]:
+        print(f"  cluster {c['cluster']:>3}: {c['size']:>5} prompts, rehearsed {c['rehearsed']:>4}, PPO {c['ppo']:>5}, "
+              f"mean AM score {c['mean_score']:+.3f}, mean best {c['mean_best']:+.3f}, tasks {c['tasks']}")
+
+
 def cmd_eval(args) -> None:
     from reflow.data.datasets import load_prompts
     from reflow.engines.rollout import evaluate
@@ -370,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", nargs="?", const=True, default=None,
                        help="continue from the latest checkpoint in output_dir, or from the given checkpoint folder")
         s.set_defaults(fn=cmd_run(kind))
+
+    s = sub.add_parser("rehearse", help="selective rehearsal's data: cluster prompts, rank SFT responses with an "
+                                        "advantage model, write PPO prompts + a rehearsal set")
+    s.add_argument("config", nargs="?", help="YAML config file")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. clusters=8 am=runs/am/final")
+    s.set_defaults(fn=cmd_rehearse)
 
     s = sub.add_parser("plan", help="execution plans of the Ray runtime (runtime.workers >= 1)")
     plan_sub = s.add_subparsers(dest="plan_command", required=True)
