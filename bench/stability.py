@@ -1,7 +1,7 @@
 """Stable RLHF (Peng et al. 2023) on two bundled tasks: does selective rehearsal stop forgetting, and does the
 advantage model change how a biased reward model is exploited?
 
-    .venv/bin/python bench/stability.py [--sft-steps 400] [--ppo-steps 40] [--out bench/results/stability.md]
+    .venv/bin/python bench/stability.py [--sft-steps 400] [--ppo-steps 25] [--reuse-sft] [--out bench/results/stability.md]
 
 Set-up (tiny-llama, CPU, a few minutes): SFT on addition (1-2 digits) and reversal (3-5 letters) together. Then
     forgetting  PPO (GAE) on addition prompts with the exact-match reward, with and without selective rehearsal
@@ -12,7 +12,8 @@ Set-up (tiny-llama, CPU, a few minutes): SFT on addition (1-2 digits) and revers
                 an RM (`reflow rm`) and an AM (`reflow am`) trained on the same pairs; PPO on addition prompts with
                 each as the reward: true accuracy and mean response length (the biased quantity) per step, and
                 the score distribution per task (mean, std over SFT samples of held-out prompts) of RM and AM
-Writes the table to --out, curves to its .png, and prints `BENCH_SUMMARY {json}` last.
+Writes the table to --out, curves to its .png, and prints `BENCH_SUMMARY {json}` last. --reuse-sft keeps
+runs/bench/stability/sft/final from an earlier run (the SFT stage is the longest).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def write_data(n_train: int, n_test: int) -> dict[str, Path]:
     return files
 
 
-def accuracy(model_dir: Path, test: Path, n: int = 200) -> float:
+def accuracy(model_dir: Path, test: Path, n: int = 100) -> float:
     from reflow.data.datasets import load_prompts
     from reflow.engines.rollout import evaluate
     from reflow.models.load import load_policy, load_tokenizer
@@ -119,9 +120,11 @@ def ppo(name: str, sft: Path, files: dict, steps: int, extra: list[str]) -> list
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sft-steps", type=int, default=400)
-    ap.add_argument("--rm-steps", type=int, default=60)
-    ap.add_argument("--ppo-steps", type=int, default=40)
-    ap.add_argument("--n-train", type=int, default=2000)
+    ap.add_argument("--rm-steps", type=int, default=40)
+    ap.add_argument("--ppo-steps", type=int, default=25)
+    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument("--rehearse-prompts", type=int, default=600, help="prompts (both tasks) clustered and ranked")
+    ap.add_argument("--reuse-sft", action="store_true")
     ap.add_argument("--out", default="bench/results/stability.md")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -130,14 +133,15 @@ def main() -> None:
 
     files = write_data(args.n_train, 200)
     tests = {t: files[f"{t}_test"] for t in TASKS}
-    init_model("tiny-llama", WORK / "model", seed=0)
     times = {}
     t = time.perf_counter()
-    supervised("sft", [f"output_dir={WORK}/sft", f"model.path={WORK}/model", f"data.train={files['sft']}",
-                       "data.eval=null", "data.max_len=32", "batch_size=64", f"max_steps={args.sft_steps}",
-                       "model.optim.lr=3e-3", "model.optim.warmup_steps=20", "model.optim.schedule=cosine",
-                       "model.optim.min_lr_ratio=0.1", "model.micro_batch_tokens=8192"])
     sft = WORK / "sft/final"
+    if not (args.reuse_sft and (sft / "config.json").is_file()):
+        init_model("tiny-llama", WORK / "model", seed=0)
+        supervised("sft", [f"output_dir={WORK}/sft", f"model.path={WORK}/model", f"data.train={files['sft']}",
+                           "data.eval=null", "data.max_len=32", "batch_size=64", f"max_steps={args.sft_steps}",
+                           "model.optim.lr=3e-3", "model.optim.warmup_steps=20", "model.optim.schedule=cosine",
+                           "model.optim.min_lr_ratio=0.1", "model.micro_batch_tokens=8192"])
     times["sft"] = time.perf_counter() - t
     before = {task: accuracy(sft, test) for task, test in tests.items()}
     common = [f"model.path={sft}", f"data.train={files['pairs']}", "data.max_len=32", "batch_size=32",
@@ -146,7 +150,7 @@ def main() -> None:
     supervised("rm", [f"output_dir={WORK}/rm", *common])
     times["rm"] = time.perf_counter() - t
     t = time.perf_counter()
-    supervised("am", [f"output_dir={WORK}/am", *common, "samples_per_prompt=4", "max_new_tokens=8"])
+    supervised("am", [f"output_dir={WORK}/am", *common, "samples_per_prompt=2", "max_new_tokens=8"])
     times["am"] = time.perf_counter() - t
     rm, am = WORK / "rm/final", WORK / "am/final"
     dists = {"rm": score_stats(sft, rm, tests), "am": score_stats(sft, am, tests)}
@@ -156,10 +160,12 @@ def main() -> None:
     from reflow.experiments.rehearse import run_rehearse
 
     t = time.perf_counter()
+    pool = WORK / "data" / "rehearse_pool.jsonl"  # the first prompts of the shuffled mix: both tasks
+    pool.write_text("".join(files["train"].read_text().splitlines(keepends=True)[:args.rehearse_prompts]))
     rehearse = run_rehearse(load_config(RehearseConfig, None, [
-        f"output_dir={WORK}/rehearse", f"policy.path={sft}", f"am={am}", f"data.train={files['train']}",
-        "data.max_prompt_len=32", "clusters=8", "samples_per_prompt=4", "max_new_tokens=8",
-        "rehearse_per_cluster=32"]))
+        f"output_dir={WORK}/rehearse", f"policy.path={sft}", f"am={am}", f"data.train={pool}",
+        "data.max_prompt_len=32", "clusters=8", "samples_per_prompt=2", "max_new_tokens=8",
+        "rehearse_per_cluster=16"]))
     times["rehearse"] = time.perf_counter() - t
     rehearsal = f"rehearsal.data={WORK}/rehearse/rehearsal.jsonl"
     runs = {
@@ -210,7 +216,7 @@ def main() -> None:
           f"total {time.perf_counter() - t_start:.0f} s (SFT {times['sft']:.0f} s, RM {times['rm']:.0f} s, "
           f"AM {times['am']:.0f} s, rehearse {times['rehearse']:.0f} s).", "",
           f"tiny-llama SFT'd {args.sft_steps} steps on addition + reversal; PPO {args.ppo_steps} steps x 16 prompts "
-          f"x 4 samples on addition prompts; held-out exact match on 200 prompts per task (greedy). Rehearsal set: "
+          f"x 4 samples on addition prompts; held-out exact match on 100 prompts per task (greedy). Rehearsal set: "
           f"{rehearse['rehearsal_rows']} rows from {len(rehearse['clusters'])} clusters of "
           f"{rehearse['prompts']} prompts.", "",
           "| PPO run | addition before -> after | reversal before -> after (forgetting) | train accuracy (last quarter) "
