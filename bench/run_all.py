@@ -17,6 +17,7 @@ e2e_vs_trl, hence .venv-bench):
     gpu_smoke       bench/gpu_smoke.py        the demo's SFT + GRPO on CUDA (skipped without one) -> gpu_smoke.md
     estimators      bench/estimators.py       GRPO / DAPO / GSPO / CISPO on the demo task, 3 seeds -> estimators.{md,png}
     async           bench/async.py            asynchronous vs synchronous training, 2 and 4 workers -> async.md
+    stability       bench/stability.py        advantage model + selective rehearsal: forgetting, hacking -> stability.{md,png}
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
@@ -166,6 +167,19 @@ def fig_async(r: dict) -> str:
                      f"({x['samples_per_s'] / sync[x['workers']]:.2f}x sync)" for x in rows if x["workers"] in sync)
 
 
+def fig_stability(r: dict) -> str:
+    """Per PPO run: the second task's accuracy change (forgetting) and the response-length drift (hacking)."""
+    s = r["summary"]
+    if not s:
+        return "no summary (see the log)"
+    parts = [f"{x['run']}: reversal {x['reverse_after'] - x['reverse_before']:+.3f}, addition "
+             f"{x['addition_after'] - x['addition_before']:+.3f}, length {x['response_len_first']:.1f}->"
+             f"{x['response_len_last']:.1f}" for x in s["rows"]]
+    stds = "; ".join(f"{m.upper()} score std " + "/".join(f"{v['std']:.2f}" for v in d.values())
+                     for m, d in s["score_stats"].items())
+    return "; ".join(parts) + f"; {stds} (addition/reversal)"
+
+
 def fig_scaling(r: dict) -> str:
     rows = [ln for ln in r["out"].splitlines() if re.match(r"^\s*\d+ \|", ln)]
     if not rows:
@@ -270,6 +284,8 @@ def main() -> None:
     jobs.append(("estimators", ["bench/estimators.py", *(["--steps", "100", "--seeds", "0"] if q else [])],
                  ["estimators.md", "estimators.png"], fig_estimators))
     jobs.append(("async", ["bench/async.py", *(["--steps", "8", "--workers", "2"] if q else [])], ["async.md"], fig_async))
+    jobs.append(("stability", ["bench/stability.py", *(["--sft-steps", "200", "--ppo-steps", "20"] if q else [])],
+                 ["stability.md", "stability.png"], fig_stability))
     if (ROOT / "bench" / "gpu_smoke.py").is_file():
         jobs.append(("gpu_smoke", ["bench/gpu_smoke.py", *(["--sft-steps", "50", "--grpo-steps", "10"] if q else [])],
                      ["gpu_smoke.md"], lambda r: "; ".join(f"{x['run']}: {x['accuracy'] or 0:.1%}, {x['time_s']:.0f} s"
@@ -361,6 +377,10 @@ def main() -> None:
         md.append("- **async**: asynchronous training (rollout.max_staleness 1, 2) against synchronous on 2 and 4 Ray "
                   "CPU workers, generation and training on different ranks: samples/s and reward per step "
                   "(bench/async.py).")
+    if any(r["name"] == "stability" for r in results):
+        md.append("- **stability**: selective rehearsal against forgetting (the second task's accuracy after PPO on the "
+                  "first) and the advantage model against a length-biased reward model (accuracy, response length, "
+                  "score distributions per task) (bench/stability.py).")
     if any(r["name"] == "gpu_smoke" for r in results):
         md.append("- **gpu_smoke**: the demo's SFT and GRPO on CUDA in this process, on 1 Ray worker and (with 2 GPUs) on "
                   "2, with NCCL and a bf16 run (bench/gpu_smoke.py; skipped without CUDA).")

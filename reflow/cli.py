@@ -4,6 +4,8 @@
     reflow data addition --out data/addition                     # bundled verifiable tasks
     reflow sft   configs/sft_addition.yaml  [key=value ...] [--resume [CKPT]]
     reflow rm    configs/rm_addition.yaml   [key=value ...] [--resume [CKPT]]
+    reflow am    configs/am_addition.yaml   [key=value ...] [--resume [CKPT]]   # advantage model
+    reflow rehearse configs/rehearse_addition.yaml [key=value ...]            # selective rehearsal's data
     reflow dpo   configs/dpo_addition.yaml  [key=value ...] [--resume [CKPT]]
     reflow train configs/grpo_addition.yaml [key=value ...] [--resume [CKPT]]
     reflow train configs/grpo_addition.yaml runtime.workers=4 runtime.plan=separate   # on 4 Ray workers
@@ -100,16 +102,16 @@ def cmd_data(args) -> None:
 
 
 def _experiment(kind: str, args, resume):
-    from reflow.config.schema import DPOConfig, RLConfig, RMConfig, SFTConfig
+    from reflow.config.schema import AMConfig, DPOConfig, RLConfig, RMConfig, SFTConfig
 
     path, overrides = _split_config_args(args)
     if kind == "train":
         from reflow.experiments.rl import RLExperiment
         return RLExperiment(load_config(RLConfig, path, overrides), resume)
-    from reflow.experiments.supervised import DPOExperiment, RMExperiment, SFTExperiment
+    from reflow.experiments.supervised import AMExperiment, DPOExperiment, RMExperiment, SFTExperiment
 
     cls, config = {"sft": (SFTExperiment, SFTConfig), "dpo": (DPOExperiment, DPOConfig),
-                   "rm": (RMExperiment, RMConfig)}[kind]
+                   "rm": (RMExperiment, RMConfig), "am": (AMExperiment, AMConfig)}[kind]
     return cls(load_config(config, path, overrides), resume)
 
 
@@ -140,6 +142,23 @@ def cmd_run(kind: str):
         if cfg.runtime.timeline:
             print(f"  timeline: {out}/timeline.json (open in chrome://tracing or ui.perfetto.dev)")
     return run
+
+
+def cmd_rehearse(args) -> None:
+    """Selective rehearsal's data: cluster, sample, score with the AM, select (reflow/experiments/rehearse.py)."""
+    from reflow.config.schema import RehearseConfig
+    from reflow.experiments.rehearse import run_rehearse
+
+    path, overrides = _split_config_args(args)
+    cfg = load_config(RehearseConfig, path, overrides)
+    t0 = time.perf_counter()
+    s = run_rehearse(cfg)
+    print(f"rehearse done in {time.perf_counter() - t0:.0f}s: {s['prompts']} prompts in {len(s['clusters'])} clusters "
+          f"-> {s['ppo_prompts']} PPO prompts ({cfg.output_dir}/ppo_prompts.jsonl), {s['rehearsal_rows']} rehearsal "
+          f"rows ({cfg.output_dir}/rehearsal.jsonl), per cluster: {cfg.output_dir}/clusters.json")
+    for c in s["clusters"]:
+        print(f"  cluster {c['cluster']:>3}: {c['size']:>5} prompts, rehearsed {c['rehearsed']:>4}, PPO {c['ppo']:>5}, "
+              f"mean AM score {c['mean_score']:+.3f}, mean best {c['mean_best']:+.3f}, tasks {c['tasks']}")
 
 
 def cmd_eval(args) -> None:
@@ -359,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_data)
 
     for kind, help_ in [("sft", "supervised fine-tuning"), ("rm", "train a pairwise reward model"),
+                        ("am", "train an advantage model (reward model centred on the SFT policy, bounded per task)"),
                         ("train", "RL training (GRPO, PPO, RLOO, REINFORCE++, ReMax, GRPOVI)"),
                         ("dpo", "direct preference optimisation (DPO, IPO, conservative DPO)")]:
         s = sub.add_parser(kind, help=help_)
@@ -367,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", nargs="?", const=True, default=None,
                        help="continue from the latest checkpoint in output_dir, or from the given checkpoint folder")
         s.set_defaults(fn=cmd_run(kind))
+
+    s = sub.add_parser("rehearse", help="selective rehearsal's data: cluster prompts, rank SFT responses with an "
+                                        "advantage model, write PPO prompts + a rehearsal set")
+    s.add_argument("config", nargs="?", help="YAML config file")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. clusters=8 am=runs/am/final")
+    s.set_defaults(fn=cmd_rehearse)
 
     s = sub.add_parser("plan", help="execution plans of the Ray runtime (runtime.workers >= 1)")
     plan_sub = s.add_subparsers(dest="plan_command", required=True)

@@ -238,6 +238,26 @@ class AlgoConfig:
 
 
 @dataclass
+class RehearsalConfig:
+    """Selective rehearsal (Peng et al. 2023): coef * SFT NLL on a batch of the rehearsal set (prompt + response
+    rows, from `reflow rehearse`) joins every actor optimizer step, like PPO-ptx but on the selected set."""
+
+    data: str | None = None  # JSONL / Parquet of (prompt, response) rows; None = off
+    coef: float = 0.01  # the paper's recipe
+    batch_size: int = 8  # rehearsal rows per optimizer step
+
+    def validate(self):
+        if not (self.coef >= 0 and math.isfinite(self.coef)):
+            raise ConfigError(f"rehearsal.coef must be a finite number >= 0, got {self.coef}")
+        if self.batch_size < 1:
+            raise ConfigError(f"rehearsal.batch_size must be >= 1 rows per optimizer step, got {self.batch_size}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.data is not None and self.coef > 0
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 100
     eval_every: int = 10  # 0 = only at the end
@@ -291,6 +311,7 @@ class RLConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -372,6 +393,72 @@ class RMConfig:
             raise ConfigError("model.path is required: a HF model folder")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class AMConfig(RMConfig):
+    """`reflow am`: an advantage model (reflow/algorithms/advantage_model.py): the pairwise loss on
+    (prompt, chosen, rejected) rows, plus scores centred per prompt under `samples_per_prompt` responses the
+    SFT policy samples for each pair's prompt every step, plus an L2 bound on the scores averaged per task
+    (the rows' `task` column, where given)."""
+
+    output_dir: str = "runs/am"
+    policy: ModelConfig = field(default_factory=ModelConfig)  # the SFT policy (path None = model.path); frozen
+    samples_per_prompt: int = 4  # K: SFT responses per prompt, the Monte-Carlo estimate of E_{pi_SFT}[s]
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    centre_coef: float = 1.0
+    bound_coef: float = 0.01
+
+    def validate(self):
+        super().validate()
+        if self.samples_per_prompt < 1:
+            raise ConfigError(f"samples_per_prompt must be >= 1 SFT responses per prompt, got {self.samples_per_prompt}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        for key in ("centre_coef", "bound_coef"):
+            v = getattr(self, key)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {v}")
+
+
+@dataclass
+class RehearseConfig:
+    """`reflow rehearse`: selective rehearsal's data selection. Embeds the prompts of data.train, clusters them
+    (k-means), samples `samples_per_prompt` responses per prompt from the SFT policy, scores them with the
+    advantage model `am`, and writes ppo_prompts.jsonl, rehearsal.jsonl and clusters.json to output_dir."""
+
+    output_dir: str = "runs/rehearse"
+    seed: int = 0
+    policy: ModelConfig = field(default_factory=ModelConfig)  # the SFT policy: samples (and embeds) the prompts
+    am: str | None = None  # the advantage-model folder (`reflow am`)
+    embedder: str | None = None  # a sentence-embedding model folder; None = the policy's mean hidden state
+    data: DataConfig = field(default_factory=lambda: DataConfig(train="data/addition/train.jsonl", eval=None))
+    clusters: int = 8
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    rehearse_per_cluster: int = 4  # rehearsal rows per cluster (its top-ranked responses)
+    ppo_per_cluster: int | None = None  # PPO prompts per cluster (None = every prompt not rehearsed)
+    min_advantage: float = 0.0  # a rehearsed response scores above this (0: better than the policy's average)
+    batch_size: int = 64  # sequences per generation / forward batch
+
+    def validate(self):
+        if self.policy.path is None:
+            raise ConfigError("policy.path is required: the SFT policy's HF folder")
+        if self.am is None:
+            raise ConfigError("am is required: the advantage-model folder written by `reflow am`")
+        for key in ("clusters", "samples_per_prompt", "max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.rehearse_per_cluster < 0:
+            raise ConfigError(f"rehearse_per_cluster must be >= 0, got {self.rehearse_per_cluster}")
+        if self.ppo_per_cluster is not None and self.ppo_per_cluster < 0:
+            raise ConfigError(f"ppo_per_cluster must be >= 0 (or null: all), got {self.ppo_per_cluster}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
 
 @dataclass

@@ -63,12 +63,14 @@ class SFTExample:
 
 @dataclass
 class PreferenceExample:
-    """One preference pair; ``chosen_ids`` and ``rejected_ids`` both end with eos."""
+    """One preference pair; ``chosen_ids`` and ``rejected_ids`` both end with eos. ``meta``: the row's other
+    columns (e.g. ``task``, which the advantage model reports and regulates its scores by)."""
 
     row: int
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    meta: dict = field(default_factory=dict)
 
 
 class _BadRow(Exception):
@@ -349,7 +351,7 @@ def load_preferences(path, tokenizer, *, max_len: int, on_bad_row: str = "error"
     """Load preference pairs: ``prompt`` or ``messages`` plus ``chosen`` and ``rejected`` strings.
 
     Both completions get eos appended; a row where prompt + the longer
-    completion exceeds ``max_len`` tokens is bad.
+    completion exceeds ``max_len`` tokens is bad. Other columns are kept in ``meta``.
     """
     _check_positive("data.max_len", max_len)
     eos = _eos_id(tokenizer)
@@ -360,6 +362,8 @@ def load_preferences(path, tokenizer, *, max_len: int, on_bad_row: str = "error"
         rejected_ids = _tokenize(tokenizer, _require_str(row, "rejected", "the dispreferred reply")) + [eos]
         _check_total(len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)), max_len,
                      "prompt + longer of chosen/rejected")
-        return PreferenceExample(row=rownum, prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids)
+        meta = {k: v for k, v in row.items() if k not in (*_PROMPT_FIELDS, "chosen", "rejected")}
+        return PreferenceExample(row=rownum, prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids,
+                                 meta=meta)
 
     return _load(path, on_bad_row, parse)

@@ -79,6 +79,10 @@ class StepLoop:
     def after_step(self, metrics: dict) -> dict:
         return metrics
 
+    def after_eval(self, metrics: dict) -> dict:
+        """An evaluation's metrics, completed by the experiment (derived statistics) before they are logged."""
+        return metrics
+
     restarts = 0  # times the workers were restarted after a failure (runtime.max_restarts), before this start
     samplers: dict = {}  # name -> PromptSampler (their positions are saved with checkpoints)
     skipped_rows = 0  # bad data rows skipped while the experiment checked its data (data.on_bad_row=skip)
@@ -134,6 +138,7 @@ class StepLoop:
         def do_eval(step):
             m = self.executor.evaluate(step)
             if m:
+                m = self.after_eval(m)
                 logger.log(step, m)
                 console.print(f"step {step:>4}  " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if v is not None))
             return m

@@ -3,7 +3,8 @@
     actor_gen -> reward [-> process_reward] [-> ref_inf] [-> actor_inf] [-> critic_inf]
               -> actor_train [-> critic_train] [-> ref_ema]          (reflow.runtime.graphs.rl_graph)
 
-This file is what RL adds to the step loop: the prompts of a step (and PPO-ptx's SFT rows), adaptive KL
+This file is what RL adds to the step loop: the prompts of a step (and the SFT rows of PPO-ptx and selective
+rehearsal, one batch per optimizer step), adaptive KL
 control, the checks that must fail before any model is loaded, and asynchronous training.
 
 Asynchronous training (rollout.max_staleness = k > 0) is a schedule of the same calls: the graph's rollout
@@ -55,7 +56,7 @@ class RLExperiment(StepLoop):
         try:
             data = WorkerData(cfg, tokenizer)
             grpovi_bounds(cfg, reward_fn)
-            _ = data.train_prompts, data.eval_prompts, data.ptx  # bad rows fail now, in this order
+            _ = data.train_prompts, data.eval_prompts, data.ptx, data.rehearsal  # bad rows fail now, in this order
             if reward_fn is not None:
                 check_reward_fn(reward_fn, data.train_prompts[:2])
         finally:
@@ -66,6 +67,8 @@ class RLExperiment(StepLoop):
         self.samplers = {"prompts": PromptSampler(len(data.train_prompts), cfg.seed, cfg.data.shuffle)}
         if cfg.algo.ptx_coef > 0:
             self.samplers["ptx"] = PromptSampler(len(data.ptx), cfg.seed + 1, cfg.data.shuffle)
+        if cfg.rehearsal.enabled:
+            self.samplers["rehearsal"] = PromptSampler(len(data.rehearsal), cfg.seed + 2, cfg.data.shuffle)
         self.kl_ctl = AdaptiveKLController(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.start(resume_dir, model_configs(cfg, self.graph))
 
@@ -83,9 +86,10 @@ class RLExperiment(StepLoop):
     def train_meta(self) -> dict:
         cfg = self.cfg
         meta = {"kl_coef": self.kl_ctl.value}
-        if "ptx" in self.samplers:  # one batch of SFT rows per optimizer step
-            n = cfg.algo.ppo_epochs * min(cfg.algo.mini_batches, cfg.rollout.prompts_per_step * cfg.rollout.n)
-            meta["ptx"] = [self.samplers["ptx"].next(cfg.algo.ptx_batch_size) for _ in range(n)]
+        n = cfg.algo.ppo_epochs * min(cfg.algo.mini_batches, cfg.rollout.prompts_per_step * cfg.rollout.n)
+        for key, size in (("ptx", cfg.algo.ptx_batch_size), ("rehearsal", cfg.rehearsal.batch_size)):
+            if key in self.samplers:  # one batch of SFT rows per optimizer step
+                meta[key] = [self.samplers[key].next(size) for _ in range(n)]
         return meta
 
     def run_step(self) -> dict:

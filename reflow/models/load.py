@@ -124,6 +124,17 @@ def load_reward_model(path, dtype: str = "float32") -> torch.nn.Module:
     return model
 
 
+AM_MARKER = "advantage_model.json"  # in a reward-model folder written by `reflow am`
+
+
+def advantage_model_info(path: str | Path | None) -> dict | None:
+    """The advantage-model record of a reward-model folder (how it was centred, its per-task score statistics),
+    or None for a plain reward model."""
+    if path is None or not (Path(path) / AM_MARKER).is_file():
+        return None
+    return json.loads((Path(path) / AM_MARKER).read_text())
+
+
 def save_model(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
     """Write a HF safetensors folder (weights, config, tokenizer)."""
     out = Path(out_dir)

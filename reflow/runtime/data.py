@@ -3,6 +3,7 @@ indices), each on first use.
 
     train_prompts  RL prompts (data.train)          eval_prompts  data.eval, first data.eval_size
     ptx            PPO-ptx SFT rows (data.ptx)       sft           SFT rows (data.train)
+    rehearsal      selective rehearsal's (prompt, response) rows (rehearsal.data)
     pairs          preference pairs for training     eval_pairs    the held-out share (eval_fraction), split
                                                                    the same way on every worker by the seed
 """
@@ -49,6 +50,11 @@ class WorkerData:
     def ptx(self) -> list:
         use = self.cfg.data.ptx and self.cfg.algo.ptx_coef > 0
         return self._sft(self.cfg.data.ptx) if use else []
+
+    @cached_property
+    def rehearsal(self) -> list:
+        r = getattr(self.cfg, "rehearsal", None)
+        return self._sft(r.data) if r is not None and r.enabled else []
 
     @cached_property
     def sft(self) -> list:

@@ -139,6 +139,23 @@ def rm_graph(cfg) -> Graph:
                  dataset_keys=("examples",), evals=evals)
 
 
+def am_graph(cfg) -> Graph:
+    """An advantage model: the frozen SFT policy samples K responses for each of the step's pair prompts, the AM
+    trains on the pairs and those samples (reflow/runtime/calls/advantage.py); held-out pair accuracy and
+    score statistics of SFT samples of the held-out prompts."""
+    sampled = ("input_ids", "action_mask", "group_id")
+    evals = None
+    if cfg.eval_fraction > 0:
+        evals = Graph("eval", [Call("eval_sample", "actor", "generate", "sample_sft", ("eval_pairs",), sampled,
+                                    options={"placed_like": "sft_sample", "dataset": "eval_pairs", "key_step": -1}),
+                               Call("eval_am", "reward", "infer", "eval_am", sampled,
+                                    options={"placed_like": "reward_train"})],
+                      dataset_keys=("eval_pairs",))
+    return Graph("am", [Call("sft_sample", "actor", "generate", "sample_sft", ("examples",), sampled),
+                        Call("reward_train", "reward", "train", "train_am", ("examples", *sampled))],
+                 dataset_keys=("examples",), evals=evals)
+
+
 def dpo_graph(cfg) -> Graph:
     """DPO: the reference scores the step's pairs, the actor trains on them (ReaL's two-call DPO)."""
     eval_calls = []
@@ -158,11 +175,13 @@ def dpo_graph(cfg) -> Graph:
 
 def graph_for(cfg) -> Graph:
     """The graph of a config: `algo.graph` (a user's file:function) or the estimator's RL graph; the graph of
-    SFT, RM and DPO configs."""
-    from reflow.config.schema import DPOConfig, RLConfig, RMConfig, SFTConfig
+    SFT, RM, AM and DPO configs."""
+    from reflow.config.schema import AMConfig, DPOConfig, RLConfig, RMConfig, SFTConfig
 
     if isinstance(cfg, SFTConfig):
         return sft_graph(cfg)
+    if isinstance(cfg, AMConfig):  # before RMConfig: an AM config is a reward-model config with more terms
+        return am_graph(cfg)
     if isinstance(cfg, RMConfig):
         return rm_graph(cfg)
     if isinstance(cfg, DPOConfig):

@@ -4,14 +4,15 @@
     actor    causal LM (AutoModelForCausalLM)          actor               model
     ref      causal LM, frozen                         ref (path: actor)   ref (path: model)      [DPO]
     critic   causal LM backbone + scalar per token     critic (path: actor)
-    reward   sequence classifier (scalar at the end)   reward.model        model                  [RM]
+    reward   sequence classifier (scalar at the end)   reward.model        model                  [RM, AM]
+    actor    (AM: the frozen SFT policy that samples)                      policy (path: model)   [AM]
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from reflow.config.schema import ModelConfig, RLConfig
+from reflow.config.schema import AMConfig, ModelConfig, RLConfig
 from reflow.models.load import check_model_dir, load_critic, load_policy, load_reward_model
 
 LOADERS = {"actor": load_policy, "ref": load_policy, "critic": load_critic, "reward": load_reward_model}
@@ -26,6 +27,8 @@ def role_config(cfg, role: str) -> ModelConfig:
         return dataclasses.replace(mcfg, path=mcfg.path or cfg.actor.path)
     if role == "ref":
         return dataclasses.replace(cfg.ref, path=cfg.ref.path or cfg.model.path)
+    if role == "actor" and isinstance(cfg, AMConfig):
+        return dataclasses.replace(cfg.policy, path=cfg.policy.path or cfg.model.path)
     return cfg.model
 
 

@@ -7,7 +7,8 @@ from reflow.config.loader import from_dict
 from reflow.config.schema import RLConfig
 
 REWARDS = Path(__file__).parent / "varied_reward.py"
-COMPARED = ("loss", "grad_norm", "reward/mean", "actor/kl", "accuracy", "ptx_nll", "reward/prm_sum", "eval/")
+COMPARED = ("loss", "grad_norm", "reward/mean", "actor/kl", "accuracy", "ptx_nll", "rehearsal_nll", "reward/prm_sum",
+            "eval/")
 
 
 def rl_config(out, model, data, workers=0, **algo):

@@ -13,7 +13,7 @@ of the call's mesh and passes on what it returns:
                     ({name: [numerator, denominator]}) that the executor adds up over replicas and divides
 
 Implementations live beside this file, one per concern (rollout, score, forward, policy, supervised,
-evaluate, ema). A user registers their own in the file of their graph (`algo.graph=my_file.py:my_graph`):
+advantage, evaluate, ema). A user registers their own in the file of their graph (`algo.graph=my_file.py:my_graph`):
 the workers import that file too.
 """
 
@@ -44,7 +44,7 @@ def get_call(name: str) -> Callable:
 
 
 def _register_builtins() -> None:
-    from reflow.runtime.calls import ema, evaluate, forward, policy, rollout, score, supervised  # noqa: F401
+    from reflow.runtime.calls import advantage, ema, evaluate, forward, policy, rollout, score, supervised  # noqa: F401
 
 
 @dataclass

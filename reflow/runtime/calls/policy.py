@@ -9,6 +9,7 @@ Both train calls compute the advantages themselves, on the whole batch, so every
     actor  : policy loss (algo.policy_loss: PPO-clip, GSPO, CISPO, Clip-Cov, KL-Cov) of (logp, old, A)
              [x rollout-correction weights (TIS / MIS)] [+ beta * KL(pi || ref) in the loss] - entropy_coef * H
              [+ ptx_coef * SFT NLL on a batch of data.ptx in the same optimizer step (PPO-ptx)]
+             [+ rehearsal.coef * SFT NLL on a batch of rehearsal.data in the same step (selective rehearsal)]
     critic : clipped value loss against R
 
 Each runs algo.ppo_epochs x algo.mini_batches optimizer steps and returns the mean of their stats under
@@ -122,15 +123,27 @@ def actor_loss(cfg, kl_coef: float, step: int):
     return loss_fn
 
 
-def ptx_loss(cfg):
-    """PPO-ptx: ptx_coef * token-mean SFT NLL on a batch of the ptx data, added to the actor's gradient."""
+def sft_term(cfg, coef: float, stat: str):
+    """coef * token-mean SFT NLL on an SFT batch, added to the actor's gradient: PPO-ptx (algo.ptx_coef on
+    data.ptx, stat "ptx_nll") and selective rehearsal (rehearsal.coef on rehearsal.data, "rehearsal_nll")."""
 
     def loss_fn(model, mb: SampleBatch, norm: Norm):
         logp, _ = token_logprobs(model, mb, attention=cfg.actor.attention)
         nll = sequence_nll(logp, mb.tokens["action_mask"], norm.tokens)
-        return cfg.algo.ptx_coef * nll, {"ptx_nll": nll.detach()}
+        return coef * nll, {stat: nll.detach()}
 
     return loss_fn
+
+
+def sft_terms(cc: CallContext) -> list[tuple[list, list, object]]:
+    """The SFT terms that join the actor's steps: (rows, one list of row indices per optimizer step, loss_fn)
+    for PPO-ptx (meta["ptx"]) and selective rehearsal (meta["rehearsal"])."""
+    cfg, out = cc.cfg, []
+    if cc.meta.get("ptx") is not None:
+        out.append((cc.data.ptx, cc.meta["ptx"], sft_term(cfg, cfg.algo.ptx_coef, "ptx_nll")))
+    if cc.meta.get("rehearsal") is not None:
+        out.append((cc.data.rehearsal, cc.meta["rehearsal"], sft_term(cfg, cfg.rehearsal.coef, "rehearsal_nll")))
+    return out
 
 
 def critic_loss(cfg):
@@ -142,14 +155,15 @@ def critic_loss(cfg):
     return loss_fn
 
 
-def optimizer_steps(cc: CallContext, batch: SampleBatch, loss_fn, prefix: str, ptx=None) -> dict[str, float]:
-    """algo.ppo_epochs x algo.mini_batches steps; `ptx`: one list of ptx example indices per step."""
+def optimizer_steps(cc: CallContext, batch: SampleBatch, loss_fn, prefix: str, sft=()) -> dict[str, float]:
+    """algo.ppo_epochs x algo.mini_batches steps; `sft`: SFT terms (sft_terms) whose gradients join each step."""
     from reflow.runtime.calls.supervised import sft_batch
 
     a, cfg = cc.cfg.algo, cc.cfg
-    if ptx is not None and len(ptx) != a.ppo_epochs * len(batch.chunks(a.mini_batches)):
-        raise RuntimeError(f"PPO-ptx: {len(ptx)} batches of ptx rows for "
-                         f"{a.ppo_epochs * len(batch.chunks(a.mini_batches))} optimizer steps")
+    steps = a.ppo_epochs * len(batch.chunks(a.mini_batches))
+    for _, per_step, _ in sft:
+        if len(per_step) != steps:
+            raise RuntimeError(f"{len(per_step)} batches of SFT rows for {steps} optimizer steps")
     sums: dict[str, float] = {}
     n = 0
     for _ in range(a.ppo_epochs):
@@ -157,9 +171,9 @@ def optimizer_steps(cc: CallContext, batch: SampleBatch, loss_fn, prefix: str, p
             mask = mini.tokens["action_mask"]
             norm = Norm(tokens=float(mask.sum()), samples=float(len(mini)), max_tokens=float(cfg.rollout.max_new_tokens))
             extra = []
-            if ptx is not None:  # the SFT term joins the same optimizer step
-                pb = sft_batch([cc.data.ptx[i] for i in ptx[n]])
-                extra.append((pb, ptx_loss(cfg), Norm(float(pb.tokens["action_mask"].sum()), float(len(pb)))))
+            for rows, per_step, term in sft:  # the SFT terms join the same optimizer step
+                pb = sft_batch([rows[i] for i in per_step[n]])
+                extra.append((pb, term, Norm(float(pb.tokens["action_mask"].sum()), float(len(pb)))))
             for k, v in cc.role.engine.step(mini, loss_fn, norm, extra=extra).items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
@@ -224,7 +238,7 @@ def train_policy(cc: CallContext, batch: SampleBatch) -> dict:
     batch = _advantages(cc, batch)
     correction = correct_rollout(cc.cfg, batch) if cc.cfg.algo.rollout_correction != "none" else {}
     metrics = optimizer_steps(cc, batch, actor_loss(cc.cfg, cc.meta["kl_coef"], cc.step), "actor",
-                              ptx=cc.meta.get("ptx"))
+                              sft=sft_terms(cc))
     metrics.update(correction)
     metrics.update(stale)
     if cc.cfg.algo.dynamic_sampling:
