@@ -47,11 +47,14 @@ def storage_bytes(tensors) -> int:
 
 
 def build_destination(model_cls, config, ctx, shard_data: bool = False, device=None,
-                      dtype: torch.dtype = torch.float32) -> torch.nn.Module | None:
-    """An uninitialised model holding only this rank's slices under `ctx` (None off its ranks)."""
+                      dtype: torch.dtype = torch.float32, prepare=None) -> torch.nn.Module | None:
+    """An uninitialised model holding only this rank's slices under `ctx` (None off its ranks).
+    prepare(model): changes the empty model before it is parallelized (a LoRA role's adapter layers)."""
     if ctx is None or ctx.index is None:
         return None
     model = empty_model(model_cls, config, dtype)
+    if prepare is not None:
+        prepare(model)
     parallelize(model, ctx, shard_data=shard_data)
     device = device or (torch.device("cuda", torch.cuda.current_device()) if ctx.device_type == "cuda" else "cpu")
     return materialize(model, device)
