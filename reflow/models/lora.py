@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from reflow.models.load import ModelError
+
 # PEFT asks transformers whether checkpointing is on through a name transformers 5 deprecates, on every wrap
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -32,16 +34,16 @@ EXTRA = "pip install 'reflow[lora]'"
 SCALAR_HEADS = ("score",)
 
 
-class LoraError(ValueError):
-    """A LoRA setting that does not fit the model or the plan; the message names the key."""
+class LoraError(ModelError):
+    """A LoRA setting that does not fit the model, or PEFT missing; the message names the key or the extra."""
 
 
 def require_peft():
-    """The peft module, or an ImportError naming the extra that installs it."""
+    """The peft module, or a LoraError naming the extra that installs it."""
     try:
         import peft
     except ImportError:
-        raise ImportError(f"LoRA (lora.rank > 0) needs the PEFT library: {EXTRA}") from None
+        raise LoraError(f"lora.rank > 0 (LoRA) needs the PEFT library, which is not installed: {EXTRA}") from None
     return peft
 
 
