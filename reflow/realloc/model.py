@@ -70,6 +70,9 @@ def reallocate_model(src_model: torch.nn.Module | None, src: Sharding, dst_model
                                  bucket_bytes=bucket_bytes)
     src_t = resharded_tensors(src_model) if src_model is not None else None
     dst_t = local_tensors(dst_model) if dst_model is not None else None
+    if len(plan.src.shapes) < len(src_t or dst_t or ()):  # a plan over some parameters (a LoRA role's adapters)
+        src_t, dst_t = ({n: t for n, t in ts.items() if n in plan.src.shape_of} if ts is not None else None
+                        for ts in (src_t, dst_t))
     stats = reallocate(plan, src_t, dst_t)
     stats.extra["resident_bytes"] = storage_bytes([*(src_t or {}).values(), *(dst_t or {}).values()])
     return stats
