@@ -101,10 +101,9 @@ def adapters_off(model: torch.nn.Module):
 
 
 def trainable_names(model: torch.nn.Module) -> list[str]:
-    """Canonical names of the parameters LoRA trains (adapters, kept heads), in the model's order."""
-    from reflow.parallel.shards import canonical_name
-
-    return [canonical_name(n) for n, p in model.named_parameters() if p.requires_grad]
+    """Names of the parameters LoRA trains (adapters, kept heads), in the model's order (a LoRA model is never
+    cut into pipeline stages, so these are the plain names reallocation and checkpoints use)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def _delta(layer) -> torch.Tensor:

@@ -9,6 +9,11 @@ first call's layout (data-parallel replicas). A call placed elsewhere (another l
 needs whole weights where the owner is sharded (generation, updates), gets a temporary copy built by
 reallocation (reflow.realloc) and dropped after the call.
 
+A LoRA role (lora.rank > 0) trains only its adapters on a frozen base, so a copy of it keeps its base between
+calls: the first reallocation moves everything, later ones only the adapters. Its generate calls run on merged
+weights built for the call (`lora.generate`); a call with option `adapters: off` (the reference on a LoRA
+actor's weights) runs with the adapters switched off, i.e. on the base model.
+
 Data: a call's output is a SampleBatch of its declared output fields (from the call's first rank; from
 every replica of a generate call) or a dict of metrics; each rank of a consumer merges the parts of its
 producers by sample id (`merge`). Every `run` also returns a small info dict (rank, seconds, metrics),
