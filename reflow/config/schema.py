@@ -443,6 +443,9 @@ class DPOConfig:
         if self.model.path is None:
             raise ConfigError("model.path is required: the policy to train (usually the SFT model)")
         self.model.lora.check("model.lora")
+        if self.ref.lora.rank:
+            raise ConfigError("ref.lora.rank: the reference is never trained; with model.lora.rank > 0 it is the "
+                              "model's base with adapters off")
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:

@@ -57,7 +57,8 @@ def ref_is_actor_base(cfg) -> bool:
     """Whether the reference is the LoRA-trained actor's base model (same folder): then it is computed from the
     actor's weights with adapters off."""
     actor = role_config(cfg, "actor")
-    if not actor.lora.rank:
+    lora = getattr(actor, "lora", None)  # (a config built in code may hold a plain mapping here)
+    if lora is None or not lora.rank:
         return False
     ref = role_config(cfg, "ref").path
     return Path(ref).resolve() == Path(actor.path).resolve()
