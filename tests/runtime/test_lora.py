@@ -154,3 +154,26 @@ def test_lora_gives_the_same_metrics_in_process_and_on_two_workers(ray_session, 
     ray = run(RLExperiment, lora_config(tmp_path / "ray", debug_model, addition_data, 2, plan, adv_estimator="gae"))
     assert_same_steps(local, ray)
     assert "critic/loss" in ray[0] and ray[1]["actor/kl"] > 0
+
+
+def test_sft_with_lora_trains_adapters_and_writes_a_merged_final_folder(debug_model, addition_data, tmp_path):
+    from reflow.config.schema import SFTConfig
+    from reflow.experiments.supervised import SFTExperiment
+    from rl_runs import supervised_config
+
+    cfg = supervised_config(SFTConfig, tmp_path / "sft", debug_model, addition_data, 0, train="sft.jsonl")
+    cfg.model.lora.rank = 4
+    rows = run(SFTExperiment, cfg)
+    assert len(rows) == 2 and all(r["grad_norm"] > 0 for r in rows)
+    assert (tmp_path / "sft" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    assert load_policy(tmp_path / "sft" / "final").config.num_hidden_layers == 2
+
+
+def test_a_lora_critic_trains_its_adapters_and_head_and_checkpoints_them(debug_model, addition_data, tmp_path):
+    cfg = lora_config(tmp_path / "out", debug_model, addition_data, adv_estimator="gae")
+    cfg.critic.lora.rank = 4
+    cfg.trainer.save_every = 2
+    rows = run(RLExperiment, cfg)
+    assert all(r["critic/grad_norm"] > 0 for r in rows)
+    adapter = json.loads((tmp_path / "out" / "checkpoints" / "step_000002" / "critic" / "adapter_config.json").read_text())
+    assert adapter["modules_to_save"] == ["score"]
