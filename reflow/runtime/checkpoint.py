@@ -93,7 +93,8 @@ def save_role(role, engine, tokenizer, ckpt: Path, ema: bool = False) -> None:
             {n: p.detach() for n, p in _params_by_name(role.model).items()}
     _gather(gather, weights, local_tensors(full_model) if full_model is not None else None)
     if engine is not None:
-        _save_moments(engine, _params_by_name(role.model), gather, root, role.sharding.shape_of, ckpt, role.name)
+        _save_moments(engine, _params_by_name(role.model), gather, root, role.sharding.shape_of, ckpt, role.name,
+                      role.dtype)
     if me == root:
         folder = ckpt / (f"ema_{role.name}" if ema else role.name)
         # transformers writes only on global rank 0 of an initialised process group; the root of a role
@@ -104,7 +105,8 @@ def save_role(role, engine, tokenizer, ckpt: Path, ema: bool = False) -> None:
             tokenizer.save_pretrained(folder)
 
 
-def _save_moments(engine, params: dict, gather, root: int, shapes: dict, ckpt: Path, name: str) -> None:
+def _save_moments(engine, params: dict, gather, root: int, shapes: dict, ckpt: Path, name: str,
+                  dtype: torch.dtype) -> None:
     """Both Adam moments of `params` (name -> parameter), gathered whole onto `root`, and the step and
     scheduler state: `<name>.optim.safetensors` and `<name>.optim.pt`."""
     moments = {}
@@ -113,7 +115,9 @@ def _save_moments(engine, params: dict, gather, root: int, shapes: dict, ckpt: P
         # moments Adam starts from, zeros
         local = {n: _local(engine.optimizer.state[p][m]) if m in engine.optimizer.state[p] else
                  torch.zeros_like(_local(p)) for n, p in params.items()}
-        full = ({n: torch.empty(s, dtype=local[n].dtype) for n, s in shapes.items()} if _rank() == root else None)
+        # (under pipeline parallel the root holds some parameters not at all: those take the model's dtype)
+        full = ({n: torch.empty(s, dtype=local[n].dtype if n in local else dtype) for n, s in shapes.items()}
+                if _rank() == root else None)
         _gather(gather, local, full)
         if full is not None:
             moments.update({f"{n}:{m}": t.contiguous() for n, t in full.items()})
@@ -137,7 +141,7 @@ def _save_lora_role(role, engine, tokenizer, ckpt: Path) -> None:
     _gather(gather, local, full)
     folder = ckpt / role.name
     if engine is not None:
-        _save_moments(engine, params, gather, root, adapters.shape_of, ckpt, role.name)
+        _save_moments(engine, params, gather, root, adapters.shape_of, ckpt, role.name, role.dtype)
         if me == root:
             save_adapters(folder, full, role.peft)
     else:  # the whole model (base and adapters) onto the root, merged there
