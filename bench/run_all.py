@@ -18,6 +18,7 @@ e2e_vs_trl, hence .venv-bench):
     estimators      bench/estimators.py       GRPO / DAPO / GSPO / CISPO on the demo task, 3 seeds -> estimators.{md,png}
     async           bench/async.py            asynchronous vs synchronous training, 2 and 4 workers -> async.md
     stability       bench/stability.py        advantage model + selective rehearsal: forgetting, hacking -> stability.{md,png}
+    lora            bench/lora.py             LoRA vs full fine-tuning on the demo task -> lora.{md,png}
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
@@ -233,6 +234,19 @@ def fig_realloc(r: dict) -> str:
             + f" (link {s['bandwidth_Bps'] / 1e9:.2f} GB/s)")
 
 
+def fig_lora(r: dict) -> str:
+    path = RESULTS / "lora.md"
+    if not path.is_file():
+        return "no result file"
+    out = []
+    for ln in path.read_text().splitlines():
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if ln.startswith("| full") or ln.startswith("| lora"):
+            out.append(f"{cells[0]}: {cells[1].split(' of ')[0]} trainable, {cells[4]} s/step, reward {cells[5]}, "
+                       f"accuracy {cells[6]}")
+    return "; ".join(out) or "see the result file"
+
+
 def fig_planner(r: dict) -> str:
     """Per plan: predicted / measured seconds and the error; whether the searched plan is no slower."""
     s = r["summary"]
@@ -283,6 +297,8 @@ def main() -> None:
                      ["planner.md"], fig_planner))
     jobs.append(("estimators", ["bench/estimators.py", *(["--steps", "100", "--seeds", "0"] if q else [])],
                  ["estimators.md", "estimators.png"], fig_estimators))
+    jobs.append(("lora", ["bench/lora.py", *(["--steps", "30", "--eval-every", "15"] if q else [])],
+                 ["lora.md", "lora.png"], fig_lora))
     jobs.append(("async", ["bench/async.py", *(["--steps", "8", "--workers", "2"] if q else [])], ["async.md"], fig_async))
     jobs.append(("stability", ["bench/stability.py", *(["--sft-steps", "200", "--ppo-steps", "20"] if q else [])],
                  ["stability.md", "stability.png"], fig_stability))

@@ -231,3 +231,49 @@ def memory_after_reallocation(rank: int, world: int, model_dir: str, train: str,
         "received_bytes": stats.received_bytes,
         "expected_received_bytes": dst.local_bytes(rank) - overlap,
     }
+
+
+def check_lora_adapter_moves(rank: int, world: int, model_dir: str) -> dict:
+    """A LoRA model trained under FSDP2 d2t1p1 on ranks 0-1 and its kept replica under d2 (replicated) on ranks
+    1-2 (rank 0 only sends, rank 2 only receives): the first move carries every weight, then after each train
+    step only the adapters move. The replica must equal the trained model's whole weights bit for bit.
+    Returns (on every rank) the mismatching names after each adapter-only move and the bytes each move received."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from reflow.checks.layouts import EPS, LR, full_params, nll_loss, sample_batch
+    from reflow.engines.train import TrainEngine
+    from reflow.models.load import load_policy
+    from reflow.models.lora import add_adapters, inject, trainable_names
+    from reflow.parallel.context import ParallelContext
+    from reflow.parallel.shards import param_shapes
+    from reflow.realloc.model import build_destination, reallocate_model
+
+    lora = SimpleNamespace(rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = load_policy(model_dir)
+    config = add_adapters(model, lora).peft_config["default"]
+    shapes, names = param_shapes(model), trainable_names(model)
+    layers = model.config.num_hidden_layers
+    src = Sharding.of("d2t1p1", [0, 1], shapes, layers, shard_data=True)
+    dst = Sharding.of("d2t1p1", [1, 2], shapes, layers, shard_data=False)
+    everything = plan_reallocation(src, dst, world_size=world)
+    adapters = plan_reallocation(src.only(names), dst.only(names), world_size=world)
+    train_ctx, copy_ctx = ParallelContext.build("d2t1p1", [0, 1]), ParallelContext.build("d2t1p1", [1, 2])
+    engine = TrainEngine(model, lr=LR, eps=EPS, grad_clip=0.0, micro_batch_tokens=40, parallel=train_ctx) \
+        if train_ctx.index is not None else None
+    kept = build_destination(AutoModelForCausalLM, model.config, copy_ctx, shard_data=False,
+                             prepare=lambda m: inject(m, config))
+    out = {"mismatches": [], "received": []}
+    for step, plan in enumerate([everything, adapters, adapters]):
+        if step and engine is not None:  # the adapters change; the base does not
+            engine.step(sample_batch(seed=step), nll_loss)
+        stats = reallocate_model(engine.model if engine else None, src, kept, dst, plan=plan)
+        out["received"].append(stats.received_bytes)
+        want = [full_params(engine.model) if engine is not None else None]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, want[0])
+        if kept is not None:
+            got = dict(kept.named_parameters())
+            out["mismatches"].append([n for n, t in gathered[0].items() if not torch.equal(got[n], t)])
+    return out

@@ -33,6 +33,32 @@ class OptimConfig:
             raise ConfigError(f"optim.betas needs two numbers, got {self.betas}")
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters on the role's model (reflow/models/lora.py, through PEFT); rank 0 = train every weight."""
+
+    rank: int = 0  # r of A [r, in] and B [out, r]
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input, in training only
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # linear layers, by name
+    # generation runs on "merged" weights (W + alpha/r B A, built for the call) or on the "adapters" directly
+    generate: Literal["merged", "adapters"] = "merged"
+
+    def check(self, key: str) -> None:
+        """ConfigError naming `key` (e.g. "actor.lora"); called by the experiment configs, which know the role."""
+        if self.rank < 0:
+            raise ConfigError(f"{key}.rank must be >= 0 (0 = off), got {self.rank}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ConfigError(f"{key}.alpha must be a positive number, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{key}.dropout must be in [0, 1), got {self.dropout}")
+        if self.rank and not self.target_modules:
+            raise ConfigError(f"{key}.target_modules is empty; name the linear layers to adapt (e.g. [q_proj, v_proj])")
+
+
 @dataclass
 class ModelConfig:
     """One role's model: where it comes from and how it trains."""
@@ -44,6 +70,7 @@ class ModelConfig:
     micro_batch_tokens: int = 4096  # token budget of one forward/backward
     gradient_checkpointing: bool = False
     attention: Literal["padded", "packed"] = "padded"  # how a packed batch is attended, see models/packing.py
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -340,6 +367,16 @@ class RLConfig:
         if self.algo.estimator == "grpovi" and not self.algo.kl_metric and self.algo.kl_coef == 0:
             raise ConfigError("algo.adv_estimator=grpovi weights samples by the reference model: "
                               "set algo.kl_metric=true or algo.kl_coef > 0")
+        for role in ("actor", "critic", "ref"):
+            getattr(self, role).lora.check(f"{role}.lora")
+        if self.actor.lora.rank and self.algo.ref_ema is not None:
+            raise ConfigError("algo.ref_ema mixes the actor's weights into a reference copy, which actor.lora.rank > 0 "
+                              "does not keep (the reference is the base with adapters off); unset one of them")
+        if self.actor.lora.rank and self.algo.actor_ema is not None:
+            raise ConfigError("algo.actor_ema is not supported with actor.lora.rank > 0; unset algo.actor_ema")
+        if self.ref.lora.rank:
+            raise ConfigError("ref.lora.rank: the reference is never trained; with actor.lora.rank > 0 it is the "
+                              "actor's base with adapters off")
         if self.rollout.prompts_per_step * self.rollout.n < self.algo.mini_batches:
             raise ConfigError("algo.mini_batches is larger than the number of samples per step "
                               "(rollout.prompts_per_step * rollout.n)")
@@ -367,6 +404,7 @@ class SFTConfig:
     def validate(self):
         if self.model.path is None:
             raise ConfigError("model.path is required: a HF model folder (e.g. from `reflow init-model`)")
+        self.model.lora.check("model.lora")
 
 
 @dataclass
@@ -391,6 +429,7 @@ class RMConfig:
     def validate(self):
         if self.model.path is None:
             raise ConfigError("model.path is required: a HF model folder")
+        self.model.lora.check("model.lora")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
@@ -490,6 +529,10 @@ class DPOConfig:
     def validate(self):
         if self.model.path is None:
             raise ConfigError("model.path is required: the policy to train (usually the SFT model)")
+        self.model.lora.check("model.lora")
+        if self.ref.lora.rank:
+            raise ConfigError("ref.lora.rank: the reference is never trained; with model.lora.rank > 0 it is the "
+                              "model's base with adapters off")
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:

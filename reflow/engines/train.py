@@ -75,6 +75,10 @@ class TrainEngine:
         self.grad_clip = grad_clip
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
+            if not all(p.requires_grad for p in model.parameters()):
+                # frozen embeddings (LoRA) give checkpointed layers inputs without grad, and a reentrant
+                # checkpoint then returns no gradient for the adapters inside
+                model.enable_input_require_grads()
         # no weight decay on norms and biases, as is usual for transformers
         decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]

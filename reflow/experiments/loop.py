@@ -23,6 +23,7 @@ from reflow.runtime.executor import Executor, WorkerFailed
 from reflow.runtime.graph import Graph
 from reflow.runtime.calls import get_call
 from reflow.runtime.plan import Plan, PlanError, check_plan_workers, colocate, placements, resolve_plan
+from reflow.runtime.roles import check_lora, config_key, role_config
 from reflow.utils import checkpoint as ckpt_lib
 from reflow.utils.console import RunConsole
 from reflow.utils.failpoint import failpoint
@@ -48,7 +49,7 @@ def experiment_plan(cfg, graph: Graph, model_configs: dict | None = None) -> Pla
     else:
         plan = check_plan_workers(resolve_plan(rt.plan, graph, rt.workers), rt.workers)
     plan.validate(graph, model_configs)
-    placements(plan, graph)  # the eval calls' placements
+    check_lora(cfg, graph, placements(plan, graph))  # (placements also places the eval calls)
     return plan
 
 
@@ -106,7 +107,8 @@ class StepLoop:
         state = None
         if resume_dir is not None:
             state = ckpt_lib.load_state(resume_dir)
-            ckpt_lib.check_compatible(state, resume_dir, self.name, self.graph.trained_roles(), model_configs)
+            lora = {r: config_key(self.cfg, r) for r in self.graph.trained_roles() if role_config(self.cfg, r).lora.rank}
+            ckpt_lib.check_compatible(state, resume_dir, self.name, self.graph.trained_roles(), model_configs, lora)
             if "samplers" not in state:
                 raise ckpt_lib.CheckpointError(f"--resume: '{resume_dir}' was written by an earlier version of reflow "
                                                "(no sampler state); start the run afresh")

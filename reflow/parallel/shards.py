@@ -127,6 +127,12 @@ class Sharding:
         shapes = param_shapes(empty_model(model_cls, model.config))
         return cls.of(layout, ranks, shapes, model.config.num_hidden_layers, shard_data)
 
+    def only(self, names) -> "Sharding":
+        """The same layout over a subset of the parameters (a LoRA role's adapters: what changes in training)."""
+        keep = set(names)
+        return Sharding(self.layout, self.ranks, tuple((n, s) for n, s in self.shapes if n in keep), self.num_layers,
+                        self.shard_data)
+
     @cached_property
     def shape_of(self) -> dict[str, tuple[int, ...]]:
         return dict(self.shapes)

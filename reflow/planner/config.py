@@ -15,6 +15,8 @@ bfloat16 / float16 role dtype, 4 for float32.
 
 from __future__ import annotations
 
+import dataclasses
+
 from reflow.planner.cost import Workload
 from reflow.planner.hardware import Hardware, hardware
 from reflow.planner.models import ModelShape
@@ -68,6 +70,10 @@ def problem_for_config(cfg, devices: int | None = None, hw: str | Hardware = "cp
         config = AutoConfig.from_pretrained(check_model_dir(path, f"{role} path"))
         nbytes = 4 if dtypes.get(role, "float32") == "float32" else 2
         models[role] = ModelShape.of(config, heads.get(role, "lm"), dtype_bytes=nbytes)
+        lora = getattr(cfg, role).lora if role in ("actor", "critic") and role in graph.trained_roles() else None
+        if lora is not None and lora.rank:
+            models[role] = dataclasses.replace(models[role], lora_rank=lora.rank,
+                                               lora_targets=tuple(lora.target_modules))
     n = devices or max(1, cfg.runtime.workers)
     return Problem(graph, models, hardware(hw, **hw_overrides), workload_for_config(cfg, mean_prompt_len(cfg)), n,
                    staleness=cfg.rollout.max_staleness)

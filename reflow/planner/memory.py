@@ -5,9 +5,10 @@ weights of the rank's pipeline stage on one tensor-parallel rank: n_s (P_split/t
 
     resident (all the time, the owner copy of every role that has ranks here)
       trained role      W / d * 12      fp32 weights (the master copy) + Adam m and v (FSDP shards over d)
+                        LoRA: W / d * (b + 12 f), f = trainable / all parameters (frozen base + adapters' state)
       frozen role       W * b           a replicated copy in its first call's layout
     during a train call
-      gradients         W / d * 4       (with the resident 12: the usual 16 bytes / parameter)
+      gradients         W / d * 4 f     (with the resident 12: the usual 16 bytes / parameter; f = 1 without LoRA)
       gathered layers   2 P_layer / t * b   FSDP's current and prefetched layer, when d > 1
       activations       no checkpointing:  tokens x n_s x h (10 + 24/t) b/2     (Korthikanti et al. 2022,
                                            flash attention: no s^2 term)
@@ -78,7 +79,7 @@ def train_transient(m: ModelShape, pl: Placement, rank: int, wl: Workload) -> di
         act = in_flight * n * m.hidden * m.dtype_bytes + t_micro * full
     else:
         act = in_flight * n * full
-    out = {"gradients": weight_elems(m, pl, rank, True) * GRAD_BYTES, "activations": act}
+    out = {"gradients": weight_elems(m, pl, rank, True) * m.trainable_fraction * GRAD_BYTES, "activations": act}
     if L.d > 1:
         out["gathered layers"] = 2 * m.layer_params / L.t * m.dtype_bytes
     if pp == L.p - 1 and m.head == "lm":
@@ -136,8 +137,11 @@ def _stage_ranks(pl: Placement) -> list[tuple[int, int]]:
 
 @lru_cache(maxsize=1 << 14)
 def _resident(m: ModelShape, owner: Placement, trained: bool) -> tuple[tuple[int, float], ...]:
-    per_stage = [weight_elems(m, owner, owner.ranks[s * owner.layout.d * owner.layout.t], trained)
-                 * (MASTER_ADAM_BYTES if trained else m.dtype_bytes) for s in range(owner.layout.p)]
+    # LoRA: the frozen base in its dtype, master weights and Adam moments only for the trainable fraction f
+    per_byte = (m.dtype_bytes + m.trainable_fraction * MASTER_ADAM_BYTES if m.lora_rank else MASTER_ADAM_BYTES) \
+        if trained else m.dtype_bytes
+    per_stage = [weight_elems(m, owner, owner.ranks[s * owner.layout.d * owner.layout.t], trained) * per_byte
+                 for s in range(owner.layout.p)]
     return tuple((r, per_stage[s]) for r, s in _stage_ranks(owner))
 
 

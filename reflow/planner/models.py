@@ -87,6 +87,9 @@ class ModelShape:
     head: str = "lm"  # "lm" (policy, reference), "value" (critic), "score" (reward model)
     dtype_bytes: int = 2  # bytes per weight / activation value in calls (bf16: 2, fp32: 4)
     config: PretrainedConfig | None = field(default=None, hash=False, compare=False, repr=False)
+    # LoRA on a trained role: rank r and the adapted linear layers (q_proj, ..., down_proj); 0 = every weight trains
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, config, head: str = "lm", dtype_bytes: int | None = None) -> "ModelShape":
@@ -149,6 +152,22 @@ class ModelShape:
     @cached_property
     def params(self) -> int:
         return self.layers * self.layer_params + self.outer_params
+
+    @cached_property
+    def trainable_params(self) -> int:
+        """Parameters the optimizer holds: all of them, or with LoRA r (in + out) per adapted linear layer
+        (A: [r, in], B: [out, r]) plus a scalar head (a critic's or reward model's, trained whole)."""
+        if not self.lora_rank:
+            return self.params
+        h, i = self.hidden, self.intermediate
+        dims = {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        per_layer = sum(self.lora_rank * sum(dims[t]) for t in self.lora_targets if t in dims)
+        return self.layers * per_layer + (self.head_params if self.head != "lm" else 0)
+
+    @cached_property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.params
 
     # ------------------------------------------------------------------ FLOPs and bytes
     def layer_flops(self, tokens: float, context: float) -> float:

@@ -62,6 +62,14 @@ class ReallocCost(Cost):
     time: float = 0.0
 
 
+def adapters_only(cost: ReallocCost, fraction: float) -> ReallocCost:
+    """The steady-state move of a LoRA role into a copy that keeps its frozen base (reflow.runtime.worker): only
+    the adapters, a `fraction` of the parameters spread over the same layers, so of the bytes and time too."""
+    return ReallocCost(sent={r: b * fraction for r, b in cost.sent.items()},
+                       received={r: b * fraction for r, b in cost.received.items()},
+                       collectives=cost.collectives, time=cost.time * fraction)
+
+
 def _chunk(lo: float, hi: float, parts: int, index: int) -> tuple[float, float]:
     size = (hi - lo) / parts
     return lo + index * size, lo + (index + 1) * size

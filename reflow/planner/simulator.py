@@ -39,7 +39,7 @@ from reflow.planner.cost import CallCost, Workload, call_cost
 from reflow.planner.hardware import GB, Hardware
 from reflow.planner.memory import MemoryReport, plan_memory
 from reflow.planner.models import ModelShape
-from reflow.planner.realloc import ReallocCost, realloc_cost, realloc_cost_exact
+from reflow.planner.realloc import ReallocCost, adapters_only, realloc_cost, realloc_cost_exact
 from reflow.runtime.plan import needs_copy
 from reflow.runtime.graph import Graph
 from reflow.runtime.plan import Placement, Plan
@@ -158,6 +158,8 @@ def call_costs(problem: Problem, plan: Plan, memory: MemoryReport) -> tuple[dict
         if copy:
             fn = realloc_cost_exact if problem.exact_realloc else realloc_cost
             reallocs[name] = fn(m, owner, pl, problem.hw, src_sharded=call.weights in trained)
+            if m.lora_rank and call.weights in trained:  # the copy keeps its base: every step moves the adapters
+                reallocs[name] = adapters_only(reallocs[name], m.trainable_fraction)
     return times, reallocs
 
 

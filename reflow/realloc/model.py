@@ -47,11 +47,14 @@ def storage_bytes(tensors) -> int:
 
 
 def build_destination(model_cls, config, ctx, shard_data: bool = False, device=None,
-                      dtype: torch.dtype = torch.float32) -> torch.nn.Module | None:
-    """An uninitialised model holding only this rank's slices under `ctx` (None off its ranks)."""
+                      dtype: torch.dtype = torch.float32, prepare=None) -> torch.nn.Module | None:
+    """An uninitialised model holding only this rank's slices under `ctx` (None off its ranks).
+    prepare(model): changes the empty model before it is parallelized (a LoRA role's adapter layers)."""
     if ctx is None or ctx.index is None:
         return None
     model = empty_model(model_cls, config, dtype)
+    if prepare is not None:
+        prepare(model)
     parallelize(model, ctx, shard_data=shard_data)
     device = device or (torch.device("cuda", torch.cuda.current_device()) if ctx.device_type == "cuda" else "cpu")
     return materialize(model, device)
@@ -67,6 +70,9 @@ def reallocate_model(src_model: torch.nn.Module | None, src: Sharding, dst_model
                                  bucket_bytes=bucket_bytes)
     src_t = resharded_tensors(src_model) if src_model is not None else None
     dst_t = local_tensors(dst_model) if dst_model is not None else None
+    if len(plan.src.shapes) < len(src_t or dst_t or ()):  # a plan over some parameters (a LoRA role's adapters)
+        src_t, dst_t = ({n: t for n, t in ts.items() if n in plan.src.shape_of} if ts is not None else None
+                        for ts in (src_t, dst_t))
     stats = reallocate(plan, src_t, dst_t)
     stats.extra["resident_bytes"] = storage_bytes([*(src_t or {}).values(), *(dst_t or {}).values()])
     return stats

@@ -164,9 +164,12 @@ class Graph:
         return rollout, train
 
     def weight_roles(self) -> list[str]:
-        """Roles whose weights some call runs on or updates, in execution order."""
-        out = list(self.roles)
-        for c in [*self.calls, *(self.evals.calls if self.evals is not None else [])]:
+        """Roles whose weights some call runs on or updates, in execution order. A role all of whose calls run
+        on another role's weights has none of its own (a LoRA actor's reference: the actor with adapters off)."""
+        calls = [*self.calls, *(self.evals.calls if self.evals is not None else [])]
+        used = {c.weights for c in calls} | {c.role for c in calls if c.kind in ("train", "update")}
+        out = [r for r in self.roles if r in used]
+        for c in calls:
             if c.weights not in out:
                 out.append(c.weights)
         return out

@@ -10,8 +10,11 @@ own file: `algo.graph=my_file.py:my_graph` (a function cfg -> Graph).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from reflow.runtime.calls.rollout import ROLLOUT_FIELDS
 from reflow.runtime.graph import Call, Graph, GraphError
+from reflow.runtime.roles import role_config
 
 TOKENS = ("input_ids", "action_mask")  # what a forward call reads
 
@@ -42,9 +45,29 @@ def _scoring(reward_model: bool, prm: bool, prefix: str = "") -> list[Call]:
     return calls
 
 
+def ref_call(name: str, inputs, outputs, impl: str, on_actor_base: bool, **kw) -> Call:
+    """The reference's call: on its own weights, or on the actor's with the LoRA adapters off (the base)."""
+    if on_actor_base:
+        return Call(name, "ref", "infer", impl, inputs, outputs, weights="actor",
+                    **{**kw, "options": {**kw.get("options", {}), "adapters": "off"}})
+    return Call(name, "ref", "infer", impl, inputs, outputs, **kw)
+
+
+def ref_is_actor_base(cfg) -> bool:
+    """Whether the reference is the LoRA-trained actor's base model (same folder): then it is computed from the
+    actor's weights with adapters off."""
+    actor = role_config(cfg, "actor")
+    lora = getattr(actor, "lora", None)  # (a config built in code may hold a plain mapping here)
+    if lora is None or not lora.rank:
+        return False
+    ref = role_config(cfg, "ref").path
+    return Path(ref).resolve() == Path(actor.path).resolve()
+
+
 def rl_graph(name: str, *, critic: bool = False, ref: bool = True, old_logprobs: bool = False, greedy: bool = False,
              reward_model: bool = False, prm: bool = False, ref_ema: tuple[float, int] | None = None,
-             actor_ema: float | None = None, dynamic_sampling: bool = False, evals: Graph | None = None) -> Graph:
+             actor_ema: float | None = None, dynamic_sampling: bool = False, evals: Graph | None = None,
+             ref_is_base: bool = False) -> Graph:
     """PPO (critic: GAE) and GRPO with its relatives (critic-free estimators), as one graph:
 
         actor_gen -> reward [-> process_reward] [-> ref_inf] [-> actor_inf] [-> critic_inf]
@@ -52,7 +75,9 @@ def rl_graph(name: str, *, critic: bool = False, ref: bool = True, old_logprobs:
     greedy: ReMax's greedy rollout and its reward (the baseline), keyed by group (`greedy_score`).
     ref_ema: (decay, every) of an EMA reference that follows the actor; actor_ema: the decay of an EMA copy of
     the actor that its train call keeps (saved as ema_actor/ and final_ema/); dynamic_sampling: DAPO's group
-    filter reports after each rollout round how many groups have reward spread (the loop generates more)."""
+    filter reports after each rollout round how many groups have reward spread (the loop generates more).
+    ref_is_base: the reference is the LoRA actor's base model, so ref_inf runs on the actor's weights with its
+    adapters off (`adapters: off`) and no second copy of the weights is loaded."""
     calls = [Call("actor_gen", "actor", "generate", "generate", ("prompts",), ROLLOUT_FIELDS)]
     calls += _scoring(reward_model, prm)
     train_in = [*ROLLOUT_FIELDS, "score"] + (["prm_rewards"] if prm else [])
@@ -65,7 +90,7 @@ def rl_graph(name: str, *, critic: bool = False, ref: bool = True, old_logprobs:
         calls += _scoring(reward_model, False, prefix="greedy_")
         train_in.append("greedy_score")
     if ref:
-        calls.append(Call("ref_inf", "ref", "infer", "logprobs", TOKENS, ("ref_logprobs",)))
+        calls.append(ref_call("ref_inf", TOKENS, ("ref_logprobs",), "logprobs", ref_is_base))
         train_in.append("ref_logprobs")
     if old_logprobs:
         calls.append(Call("actor_inf", "actor", "infer", "logprobs", TOKENS, ("old_logprobs",)))
@@ -168,7 +193,12 @@ def dpo_graph(cfg) -> Graph:
         eval_calls.append(Call("eval_generate", "actor", "generate", "eval_generate", ("eval_prompts",),
                                options={"placed_like": "actor_train", "max_new_tokens": cfg.eval_max_new_tokens}))
     evals = Graph("eval", eval_calls, dataset_keys=("eval_pairs", "eval_prompts")) if eval_calls else None
-    return Graph("dpo", [Call("ref_inf", "ref", "infer", "pair_logprobs", ("examples",), ("ref_logp",)),
+    base = ref_is_actor_base(cfg)
+    if base:
+        eval_calls = [ref_call(c.name, c.inputs, c.outputs, c.impl, True, options=c.options, prefix=c.prefix)
+                      if c.role == "ref" else c for c in eval_calls]
+        evals = Graph("eval", eval_calls, dataset_keys=("eval_pairs", "eval_prompts")) if eval_calls else None
+    return Graph("dpo", [ref_call("ref_inf", ("examples",), ("ref_logp",), "pair_logprobs", base),
                          Call("actor_train", "actor", "train", "train_dpo", ("examples", "ref_logp"))],
                  dataset_keys=("examples",), evals=evals)
 
@@ -198,7 +228,7 @@ def graph_for(cfg) -> Graph:
                                reward_model=bool(cfg.reward.model), prm=bool(cfg.reward.prm),
                                ref_ema=(a.ref_ema, a.ref_ema_every) if a.ref_ema is not None else None,
                                actor_ema=a.actor_ema, dynamic_sampling=a.dynamic_sampling,
-                               evals=_rl_evals(cfg))
+                               evals=_rl_evals(cfg), ref_is_base=ref and ref_is_actor_base(cfg))
 
 
 def load_user_graph(spec: str):

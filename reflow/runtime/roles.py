@@ -48,3 +48,29 @@ def model_configs(cfg, graph) -> dict:
         if path:
             out[role] = AutoConfig.from_pretrained(check_model_dir(path, f"{role} path"))
     return out
+
+
+def config_key(cfg, role: str) -> str:
+    """The config key of a role's ModelConfig ("actor", "critic"; "model" in SFT / RM / DPO), for messages."""
+    return role if isinstance(cfg, RLConfig) else ("ref" if role == "ref" else "model")
+
+
+def check_lora(cfg, graph, placements: dict) -> None:
+    """Before anything loads: LoRA (lora.rank > 0 on a trained role) needs PEFT, and every call on that role's
+    weights must run at t1p1 (data parallel: FSDP2 for training, replicas otherwise). Tensor parallel would
+    split `base_layer` but not the adapters beside it, and pipeline stages are not written for adapter layers.
+    placements: call -> Placement (reflow.runtime.plan.placements). Raises PlanError naming the call and key."""
+    from reflow.runtime.plan import PlanError
+
+    lora_roles = {r for r in graph.trained_roles() if (mc := role_config(cfg, r)).path and mc.lora.rank}
+    if not lora_roles:
+        return
+    from reflow.models.lora import require_peft
+
+    require_peft()
+    for name, pl in placements.items():
+        call = graph.call(name)
+        if call.weights in lora_roles and (pl.layout.t > 1 or pl.layout.p > 1):
+            key = config_key(cfg, call.weights)
+            raise PlanError(f"plan call '{name}': {key}.lora.rank > 0 (LoRA) composes with data parallel (FSDP2) only, "
+                            f"not {pl.layout}; use d{len(pl.ranks)}t1p1 on its ranks, or set {key}.lora.rank=0")

@@ -9,6 +9,11 @@ first call's layout (data-parallel replicas). A call placed elsewhere (another l
 needs whole weights where the owner is sharded (generation, updates), gets a temporary copy built by
 reallocation (reflow.realloc) and dropped after the call.
 
+A LoRA role (lora.rank > 0) trains only its adapters on a frozen base, so a copy of it keeps its base between
+calls: the first reallocation moves everything, later ones only the adapters. Its generate calls run on merged
+weights built for the call (`lora.generate`); a call with option `adapters: off` (the reference on a LoRA
+actor's weights) runs with the adapters switched off, i.e. on the base model.
+
 Data: a call's output is a SampleBatch of its declared output fields (from the call's first rank; from
 every replica of a generate call) or a dict of metrics; each rank of a consumer merges the parts of its
 producers by sample id (`merge`). Every `run` also returns a small info dict (rank, seconds, metrics),
@@ -17,6 +22,7 @@ the only thing the controller fetches.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -31,10 +37,11 @@ from reflow.data.sampler import seed_everything
 from reflow.engines.train import NonFiniteError, TrainEngine
 from reflow.models.ema import EMAWeights
 from reflow.models.load import load_tokenizer
+from reflow.models.lora import adapters_off, add_adapters, inject, merged_copy, trainable_names
 from reflow.parallel.context import ParallelContext
 from reflow.parallel.device import backend_for, place, resolve_device
 from reflow.parallel.parallelize import parallelize
-from reflow.parallel.shards import Sharding
+from reflow.parallel.shards import Sharding, param_shapes
 from reflow.realloc.execute import group_for
 from reflow.realloc.model import Offloaded, build_destination, reallocate_model
 from reflow.realloc.plan import ReallocPlan, plan_reallocation
@@ -45,7 +52,7 @@ from reflow.runtime.checkpoint import load_ema, load_optimizer, save_role
 from reflow.runtime.data import WorkerData
 from reflow.runtime.graph import Call, Graph
 from reflow.runtime.plan import Placement, Plan, needs_copy, placements
-from reflow.runtime.roles import loader, role_config
+from reflow.runtime.roles import config_key, loader, role_config
 from reflow.utils.failpoint import failpoint
 
 
@@ -105,6 +112,11 @@ class Role:
         self.model = self.engine = self.parked = self.ema = None
         self.sharding: Sharding | None = None
         self.model_cls = self.config = self.dtype = self.generation_config = None
+        # LoRA: the PeftModel around the owner copy (None off the owner's ranks), its peft.LoraConfig, the
+        # trained parameters' names; the role's other copies carry the same adapter layers
+        self.peft = self.lora = None
+        self.trainable: list[str] = []
+        self.lora_generate = "merged"
 
 
 class Worker:
@@ -168,15 +180,23 @@ class Worker:
             self.roles[role] = self._load_role(role, saved=role in graph.trained_roles() or role in updated)
         # reallocation plans, made once (the same move repeats every step), and their broadcast groups,
         # created in a fixed order on every worker
-        self.realloc: dict[str, tuple[Sharding, Sharding, ReallocPlan]] = {}
+        # A LoRA role's copy keeps its frozen base weights between calls (`kept`, by role and placement): the
+        # first reallocation moves everything, later ones only the adapters (`adapter_plan`).
+        self.realloc: dict[str, tuple[Sharding, Sharding, ReallocPlan, ReallocPlan | None]] = {}
         for name in self.calls:
             shardings = self._realloc_for(name)
             if shardings is not None:
-                plan_ = plan_reallocation(*shardings, world_size=world_size, node_of=nodes)
-                self.realloc[name] = (*shardings, plan_)
-                for sender, receivers in plan_.buckets():
-                    if len(receivers) > 1:
-                        group_for(tuple(sorted((sender, *receivers))))
+                plans = [plan_reallocation(*shardings, world_size=world_size, node_of=nodes)]
+                role = self.roles[self.calls[name].weights]
+                if role.lora is not None:
+                    plans.append(plan_reallocation(*(s.only(role.trainable) for s in shardings),
+                                                   world_size=world_size, node_of=nodes))
+                self.realloc[name] = (*shardings, plans[0], plans[1] if len(plans) > 1 else None)
+                for p_ in plans:
+                    for sender, receivers in p_.buckets():
+                        if len(receivers) > 1:
+                            group_for(tuple(sorted((sender, *receivers))))
+        self.kept: dict[tuple[str, Placement], torch.nn.Module | None] = {}
         self.timeline: list[dict] = []
         node = None
         if self.distributed:
@@ -208,18 +228,28 @@ class Worker:
 
     def _load_role(self, role: str, saved: bool) -> Role:
         trained = role in self.graph.trained_roles()
-        path = role_config(self.cfg, role).path
-        if self.resume is not None and saved:
+        mcfg = role_config(self.cfg, role)
+        lora = mcfg.lora if trained and mcfg.path and mcfg.lora.rank else None
+        path = mcfg.path
+        if self.resume is not None and saved and lora is None:
             path = str(self.resume / role)
         r = Role(role, path, self.plan.owner(self.graph, role), trained, saved)
         if r.path is None:  # a reward function: no weights
             return r
-        mcfg = role_config(self.cfg, role)
         model = loader(role)(r.path, mcfg.dtype)
         r.model_cls, r.config, r.dtype = type(model), model.config, next(model.parameters()).dtype
         r.generation_config = getattr(model, "generation_config", None)
-        r.sharding = Sharding.of_model(model, r.owner.layout, r.owner.ranks, shard_data=trained)
+        if lora is not None:  # the base from its folder, the adapters fresh or from the checkpoint (PEFT format)
+            adapters = self.resume / role if self.resume is not None and saved else None
+            r.peft = add_adapters(model, lora, key=f"{config_key(self.cfg, role)}.lora", base_path=r.path,
+                                  adapter_dir=adapters)
+            r.lora, r.trainable, r.lora_generate = r.peft.peft_config["default"], trainable_names(model), lora.generate
+            r.sharding = Sharding.of(r.owner.layout, r.owner.ranks, param_shapes(model),
+                                     model.config.num_hidden_layers, shard_data=trained)
+        else:
+            r.sharding = Sharding.of_model(model, r.owner.layout, r.owner.ranks, shard_data=trained)
         if self.rank not in r.owner.ranks:
+            r.peft = None
             return r
         ctx = self.ctx[r.owner]
         model = place(model, self.device)
@@ -265,9 +295,16 @@ class Worker:
             if role.parked is not None:
                 role.parked.reload()
             return role.model, False
-        src, dst, plan = self.realloc[name]
-        dst_model = build_destination(role.model_cls, role.config, self.ctx[self.placements[name]], shard_data=False,
-                                      dtype=role.dtype, device=self.device)
+        src, dst, plan, adapter_plan = self.realloc[name]
+        key = (role.name, self.placements[name])
+        if key in self.kept:  # a LoRA copy whose base is in place: only the adapters move
+            dst_model, plan = self.kept[key], adapter_plan
+        else:
+            prepare = (lambda m: inject(m, role.lora)) if role.lora is not None else None
+            dst_model = build_destination(role.model_cls, role.config, self.ctx[self.placements[name]],
+                                          shard_data=False, dtype=role.dtype, device=self.device, prepare=prepare)
+            if role.lora is not None:
+                self.kept[key] = dst_model
         if role.parked is not None:
             role.parked.reload()
         reallocate_model(role.model, src, dst_model, dst, plan=plan)
@@ -281,7 +318,12 @@ class Worker:
         t0 = time.time()
         if name in self.realloc:  # a role without weights (a reward function) has nothing to send
             role = self.roles[self.calls[name].weights]
-            src, dst, plan = self.realloc[name]
+            src, dst, plan, adapter_plan = self.realloc[name]
+            key = (role.name, self.placements[name])
+            if key in self.kept:  # the receivers keep the base weights: only the adapters move (see _weights)
+                plan = adapter_plan
+            elif role.lora is not None:
+                self.kept[key] = None  # this rank only sends; the mark makes its next sends adapter-only too
             if role.parked is not None:
                 role.parked.reload()
             reallocate_model(role.model, src, None, dst, plan=plan)
@@ -306,9 +348,15 @@ class Worker:
         if batch is not None:
             batch = place(batch, "cpu")
         failpoint(f"call.{name}.r{self.rank}.s{step}")
+        role = self.roles.get(call.weights)
+        if model is not None and role is not None and role.lora is not None and call.kind == "generate" \
+                and role.lora_generate == "merged":
+            model = merged_copy(model)  # the call's copy: W + alpha/r B A, dropped after the call
         cc = CallContext(call, step, meta, model, ctx, self)
+        adapters = adapters_off(model) if call.options.get("adapters") == "off" else contextlib.nullcontext()
         try:
-            out = get_call(call.impl)(cc, batch)
+            with adapters:
+                out = get_call(call.impl)(cc, batch)
         except NonFiniteError as e:
             raise NonFiniteError(f"step {step}, call '{name}': {e}; {nonfinite_samples(batch)}; "
                                  "trainer.on_nonfinite=skip skips such updates") from None

@@ -185,7 +185,7 @@ def write_errors(folder: Path, output_dir: str | Path):
 
 
 def check_compatible(state: dict, ckpt: Path, experiment: str, trained_roles: list[str],
-                     model_configs: dict | None) -> None:
+                     model_configs: dict | None, lora_roles: dict[str, str] | None = None) -> None:
     """Refuse, before any model loads, a checkpoint of another run: written by another command (`reflow sft`
     resumed by `reflow train`), lacking a role this run trains (a GRPO checkpoint resumed as PPO), or holding a
     model of another shape than the one this config names. model_configs: role -> HF config of this run."""
@@ -193,12 +193,23 @@ def check_compatible(state: dict, ckpt: Path, experiment: str, trained_roles: li
     if written_by is not None and written_by != experiment:
         raise CheckpointError(f"--resume: '{ckpt}' was written by `reflow {written_by}`, not `reflow {experiment}`; "
                               f"resume it with `reflow {written_by}`, or run without --resume (or another output_dir)")
-    held = sorted(p.name for p in ckpt.iterdir() if (p / "config.json").is_file())
+    adapters = {p.name for p in ckpt.iterdir() if (p / "adapter_config.json").is_file()}
+    held = sorted({p.name for p in ckpt.iterdir() if (p / "config.json").is_file()} | adapters)
+    lora_roles = lora_roles or {}
     for role in trained_roles:
         if role not in held:
             raise CheckpointError(f"--resume: '{ckpt}' holds no '{role}' model (it holds {', '.join(held) or 'none'}),"
                                   f" which this run trains: it was written by another algorithm; resume with the "
                                   "config that wrote it, or run without --resume (or another output_dir)")
+        if (role in adapters) != (role in lora_roles):
+            key = lora_roles.get(role, role)
+            held_what, ours = ("LoRA adapters", "trains every weight") if role in adapters else \
+                ("a whole model", "trains LoRA adapters")
+            raise CheckpointError(f"--resume: '{ckpt}' holds {held_what} for '{role}' but this config {ours} "
+                                  f"({key}.lora.rank); resume with the {key}.lora settings that wrote it, or run "
+                                  "without --resume (or another output_dir)")
+        if role in adapters:
+            continue  # the base comes from the role's path again; PEFT checks the adapters' shapes on load
         if model_configs and role in model_configs:
             saved = json.loads((ckpt / role / "config.json").read_text())
             ours = model_configs[role]

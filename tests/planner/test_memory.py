@@ -47,3 +47,39 @@ def test_generation_waves_follow_free_memory():
                                           "actor_train": placement("d8t1p1", range(8, 16))}), {"actor": m}, HW, wl)
     assert 1 <= small.concurrency["actor_gen"] < alone.concurrency["actor_gen"] <= 4096
     assert all(p <= HW.usable_memory for p in alone.peak.values())
+
+
+def test_the_planner_counts_loras_trainable_parameters_as_peft_does_and_charges_less_memory_and_reallocation(
+        tmp_path, debug_model):
+    import dataclasses
+
+    import pytest
+
+    pytest.importorskip("peft")
+
+    from reflow.config.loader import from_dict
+    from reflow.config.schema import RLConfig
+    from reflow.models.load import load_policy
+    from reflow.models.lora import add_adapters
+    from reflow.planner.config import problem_for_config
+    from reflow.planner.simulator import evaluate
+    from reflow.runtime.plan import colocate
+
+    def problem(rank):
+        cfg = from_dict(RLConfig, {"actor": {"path": str(debug_model), "lora": {"rank": rank}},
+                                   "data": {"eval": None}, "runtime": {"workers": 2}})
+        return cfg, problem_for_config(cfg, 2, "a100-80g")
+
+    cfg, lora = problem(8)
+    _, full = problem(0)
+    model = load_policy(debug_model)
+    add_adapters(model, cfg.actor.lora)
+    assert lora.models["actor"].trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert full.models["actor"].trainable_params == full.models["actor"].params
+    plan = colocate(lora.graph, 2)
+    a, b = evaluate(lora, plan), evaluate(full, colocate(full.graph, 2))
+    f = lora.models["actor"].trainable_fraction
+    assert a.memory.max_peak() < b.memory.max_peak()
+    assert b.realloc["actor_gen"].time > 0
+    assert a.realloc["actor_gen"].time == pytest.approx(b.realloc["actor_gen"].time * f)
+    assert dataclasses.replace(lora.models["actor"], lora_rank=0).trainable_fraction == 1.0

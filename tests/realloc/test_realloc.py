@@ -80,3 +80,15 @@ def test_offload_frees_the_weights_and_reload_restores_them(debug_model):
     assert parked.device_bytes == full
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_lora_adapter_only_reallocation_keeps_the_replica_bit_exact_and_moves_only_the_adapters(debug_model):
+    pytest.importorskip("peft")
+    from reflow.checks.realloc import check_lora_adapter_moves
+
+    results = launch(check_lora_adapter_moves, 3, args=(str(debug_model),))
+    for r in results[1:]:  # the replica's ranks
+        assert r["mismatches"] == [[], [], []]
+    received = results[2]["received"]  # rank 2 holds no shard of the source: everything it has arrives
+    assert received[0] > 0 and received[1] == received[2] > 0
+    assert received[1] < received[0] / 10  # the adapters are a small fraction of the model
