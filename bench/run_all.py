@@ -17,6 +17,7 @@ e2e_vs_trl, hence .venv-bench):
     gpu_smoke       bench/gpu_smoke.py        the demo's SFT + GRPO on CUDA (skipped without one) -> gpu_smoke.md
     estimators      bench/estimators.py       GRPO / DAPO / GSPO / CISPO on the demo task, 3 seeds -> estimators.{md,png}
     async           bench/async.py            asynchronous vs synchronous training, 2 and 4 workers -> async.md
+    multiturn       bench/multiturn.py        multi-turn rollouts: batched turns vs one episode at a time, tool latency -> multiturn.md
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
@@ -166,6 +167,12 @@ def fig_async(r: dict) -> str:
                      f"({x['samples_per_s'] / sync[x['workers']]:.2f}x sync)" for x in rows if x["workers"] in sync)
 
 
+def fig_multiturn(r: dict) -> str:
+    rows = (r["summary"] or {}).get("rows", [])
+    return "; ".join(f"{x['tool']}, {x['mode']}: {x['episodes_per_s']:.1f} episodes/s, {x['tool_fraction']:.0%} "
+                     f"waiting on tools" for x in rows if x["mode"] in ("batched", "serial")) or "no summary"
+
+
 def fig_scaling(r: dict) -> str:
     rows = [ln for ln in r["out"].splitlines() if re.match(r"^\s*\d+ \|", ln)]
     if not rows:
@@ -270,6 +277,8 @@ def main() -> None:
     jobs.append(("estimators", ["bench/estimators.py", *(["--steps", "100", "--seeds", "0"] if q else [])],
                  ["estimators.md", "estimators.png"], fig_estimators))
     jobs.append(("async", ["bench/async.py", *(["--steps", "8", "--workers", "2"] if q else [])], ["async.md"], fig_async))
+    jobs.append(("multiturn", ["bench/multiturn.py", *(["--latency-ms", "0", "20"] if q else [])], ["multiturn.md"],
+                 fig_multiturn))
     if (ROOT / "bench" / "gpu_smoke.py").is_file():
         jobs.append(("gpu_smoke", ["bench/gpu_smoke.py", *(["--sft-steps", "50", "--grpo-steps", "10"] if q else [])],
                      ["gpu_smoke.md"], lambda r: "; ".join(f"{x['run']}: {x['accuracy'] or 0:.1%}, {x['time_s']:.0f} s"
