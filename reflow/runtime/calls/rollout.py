@@ -5,6 +5,9 @@ of prompt j form group s*P*n + j. Data-parallel replicas take contiguous shares 
 sampling makes every sample's tokens a pure function of (run seed, step, sample id), so the share a replica
 gets changes nothing. samples["policy_version"]: the number of updates the generating weights had seen. With `options["greedy"]` one greedy response per prompt is decoded instead, keyed
 by its group (`ids` = the group ids): ReMax's baseline, spread over the group's samples by the consumer.
+
+generate_episodes: the same samples as multi-turn episodes against rollout.env (reflow/engines/multiturn.py),
+turn k of sample s keyed by (run seed, step, k) and s, so replicas and batching change nothing here either.
 """
 
 from __future__ import annotations
