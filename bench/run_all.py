@@ -19,6 +19,7 @@ e2e_vs_trl, hence .venv-bench):
     async           bench/async.py            asynchronous vs synchronous training, 2 and 4 workers -> async.md
     stability       bench/stability.py        advantage model + selective rehearsal: forgetting, hacking -> stability.{md,png}
     lora            bench/lora.py             LoRA vs full fine-tuning on the demo task -> lora.{md,png}
+    multiturn       bench/multiturn.py        multi-turn rollouts: batched turns vs one episode at a time, tool latency -> multiturn.md
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
@@ -181,6 +182,12 @@ def fig_stability(r: dict) -> str:
     return "; ".join(parts) + f"; {stds} (addition/reversal)"
 
 
+def fig_multiturn(r: dict) -> str:
+    rows = (r["summary"] or {}).get("rows", [])
+    return "; ".join(f"{x['tool']}, {x['mode']}: {x['episodes_per_s']:.1f} episodes/s, {x['tool_fraction']:.0%} "
+                     f"waiting on tools" for x in rows if x["mode"] in ("batched", "serial")) or "no summary"
+
+
 def fig_scaling(r: dict) -> str:
     rows = [ln for ln in r["out"].splitlines() if re.match(r"^\s*\d+ \|", ln)]
     if not rows:
@@ -302,6 +309,8 @@ def main() -> None:
     jobs.append(("async", ["bench/async.py", *(["--steps", "8", "--workers", "2"] if q else [])], ["async.md"], fig_async))
     jobs.append(("stability", ["bench/stability.py", *(["--sft-steps", "200", "--ppo-steps", "20"] if q else [])],
                  ["stability.md", "stability.png"], fig_stability))
+    jobs.append(("multiturn", ["bench/multiturn.py", *(["--latency-ms", "0", "20"] if q else [])], ["multiturn.md"],
+                 fig_multiturn))
     if (ROOT / "bench" / "gpu_smoke.py").is_file():
         jobs.append(("gpu_smoke", ["bench/gpu_smoke.py", *(["--sft-steps", "50", "--grpo-steps", "10"] if q else [])],
                      ["gpu_smoke.md"], lambda r: "; ".join(f"{x['run']}: {x['accuracy'] or 0:.1%}, {x['time_s']:.0f} s"

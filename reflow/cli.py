@@ -41,6 +41,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from reflow.models.load import ModelError
     from reflow.models.presets import PresetError
     from reflow.rewards.registry import RewardError
+    from reflow.envs import EnvError
     from reflow.parallel.device import DeviceError
     from reflow.parallel.layout import LayoutError
     from reflow.runtime.graph import GraphError
@@ -50,7 +51,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from reflow.planner.models import ModelShapeError
     from reflow.planner.search import PlanSearchError
 
-    return (ConfigError, DataError, ModelError, PresetError, RewardError, CheckpointError, LayoutError,
+    return (ConfigError, DataError, ModelError, PresetError, RewardError, EnvError, CheckpointError, LayoutError,
             PlanError, GraphError, HardwareError, ModelShapeError, PlanSearchError, DeviceError, FileNotFoundError)
 
 

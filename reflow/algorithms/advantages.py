@@ -9,7 +9,8 @@ Registered estimators take keyword arguments only and ignore the ones they do no
     group_ids [B]          samples from the same prompt share a group id
     seqlens [B]            tokens per sample (prompt + response)
     action_mask [T]        1 on response tokens
-    token_rewards [T]      score on the last action token, plus process rewards, minus the per-token KL
+    token_rewards [T]      score on the last action token, plus process rewards (or a multi-turn env's
+                           per-turn rewards, on each turn's last token), minus the per-token KL
                            penalties when the KL is in the reward; 0 elsewhere
     values [T] | None, last_values [B] | None, truncated [B] bool   (critic estimators)
     gamma, lam, norm_std, baseline_rewards [B] | None

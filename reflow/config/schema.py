@@ -97,8 +97,31 @@ class RolloutConfig:
     # asynchronous training: the samples of step s may come from a policy up to max_staleness updates old
     # (generation of later steps runs while earlier steps train); 0 = synchronous
     max_staleness: int = 0
+    # multi-turn rollouts with a tool (reflow/envs): `rollout.env=my_env.py:MyEnv` or a built-in (calculator,
+    # python); max_new_tokens is then the episode's budget of model tokens, split into turns of at most
+    # max_turn_tokens (null: max_new_tokens); observations are cut to max_obs_tokens; a model turn ends at EOS
+    # or at turn_end (a text that is one token, e.g. "\n"); env_threads: env.step calls run at once
+    env: str | None = None
+    max_turns: int = 4
+    max_turn_tokens: int | None = None
+    max_obs_tokens: int = 256
+    turn_end: str | None = None
+    env_threads: int = 16
 
     def validate(self):
+        for key in ("max_turns", "env_threads"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"rollout.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_turn_tokens is not None and not 1 <= self.max_turn_tokens <= self.max_new_tokens:
+            raise ConfigError(f"rollout.max_turn_tokens must be in [1, rollout.max_new_tokens={self.max_new_tokens}] "
+                              f"(the episode's budget), got {self.max_turn_tokens}")
+        if self.max_obs_tokens < 0:
+            raise ConfigError(f"rollout.max_obs_tokens must be >= 0, got {self.max_obs_tokens}")
+        if self.env is not None and not str(self.env).strip():
+            raise ConfigError("rollout.env must name an environment class ('file.py:Class', 'module:Class', "
+                              "calculator or python), or be null")
+        if self.turn_end is not None and self.env is None:
+            raise ConfigError("rollout.turn_end ends a model turn of a multi-turn rollout: set rollout.env too")
         if self.max_staleness < 0:
             raise ConfigError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
         if self.n < 1 or self.prompts_per_step < 1:
@@ -132,7 +155,7 @@ class RewardConfig:
     workers: int = 2  # sandbox processes working on a batch in parallel
 
     def validate(self):
-        if (self.fn is None) == (self.model is None):
+        if self.fn is not None and self.model is not None:
             raise ConfigError("set exactly one of reward.fn (a reward function) and reward.model (a reward-model folder)")
         if self.prm is not None and not self.prm_sep:
             raise ConfigError("reward.prm_sep must be a non-empty step separator")
@@ -345,6 +368,16 @@ class RLConfig:
     def validate(self):
         if self.actor.path is None:
             raise ConfigError("actor.path is required: a HF model folder (e.g. the output of `reflow sft`)")
+        if self.reward.fn is None and self.reward.model is None and self.rollout.env is None:
+            raise ConfigError("set exactly one of reward.fn (a reward function) and reward.model (a reward-model folder)"
+                              " (or rollout.env, whose rewards can stand alone)")
+        if self.rollout.env is not None:
+            if self.reward.prm is not None:
+                raise ConfigError("reward.prm splits a single response into steps; with rollout.env the env's per-turn "
+                                  "rewards are the process rewards: unset reward.prm")
+            if self.algo.estimator == "remax":
+                raise ConfigError("algo.adv_estimator=remax decodes a single-turn greedy baseline, which a "
+                                  "multi-turn rollout (rollout.env) has no equivalent of; use grpo, rloo or gae")
         if self.reward.prm is not None and self.algo.estimator not in ("gae", "reinforce++", "reinforce++-baseline"):
             raise ConfigError(f"reward.prm gives per-step (token) rewards, which algo.adv_estimator="
                               f"'{self.algo.estimator}' ignores; use gae, reinforce++ or reinforce++-baseline")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reflow.runtime.calls.rollout import ROLLOUT_FIELDS
+from reflow.runtime.calls.rollout import EPISODE_FIELDS, ROLLOUT_FIELDS
 from reflow.runtime.graph import Call, Graph, GraphError
 from reflow.runtime.roles import role_config
 
@@ -23,6 +23,10 @@ def _rl_evals(cfg) -> Graph | None:
     if not cfg.data.eval:
         return None
     max_new = cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens
+    if cfg.rollout.env is not None:
+        return Graph("eval", [Call("eval_generate", "actor", "generate", "eval_episodes", ("eval_prompts",),
+                                   options={"placed_like": "actor_gen", "batch_size": cfg.rollout.batch_size})],
+                     dataset_keys=("eval_prompts",))
     return Graph("eval", [Call("eval_generate", "actor", "generate", "eval_generate", ("eval_prompts",),
                                options={"placed_like": "actor_gen", "max_new_tokens": max_new, "reward": True,
                                         "batch_size": cfg.rollout.batch_size})],
@@ -67,7 +71,7 @@ def ref_is_actor_base(cfg) -> bool:
 def rl_graph(name: str, *, critic: bool = False, ref: bool = True, old_logprobs: bool = False, greedy: bool = False,
              reward_model: bool = False, prm: bool = False, ref_ema: tuple[float, int] | None = None,
              actor_ema: float | None = None, dynamic_sampling: bool = False, evals: Graph | None = None,
-             ref_is_base: bool = False) -> Graph:
+             ref_is_base: bool = False, episodes: bool = False, score: bool = True) -> Graph:
     """PPO (critic: GAE) and GRPO with its relatives (critic-free estimators), as one graph:
 
         actor_gen -> reward [-> process_reward] [-> ref_inf] [-> actor_inf] [-> critic_inf]
@@ -77,10 +81,17 @@ def rl_graph(name: str, *, critic: bool = False, ref: bool = True, old_logprobs:
     the actor that its train call keeps (saved as ema_actor/ and final_ema/); dynamic_sampling: DAPO's group
     filter reports after each rollout round how many groups have reward spread (the loop generates more).
     ref_is_base: the reference is the LoRA actor's base model, so ref_inf runs on the actor's weights with its
-    adapters off (`adapters: off`) and no second copy of the weights is loaded."""
-    calls = [Call("actor_gen", "actor", "generate", "generate", ("prompts",), ROLLOUT_FIELDS)]
-    calls += _scoring(reward_model, prm)
-    train_in = [*ROLLOUT_FIELDS, "score"] + (["prm_rewards"] if prm else [])
+    adapters off (`adapters: off`) and no second copy of the weights is loaded.
+    episodes: multi-turn rollouts against rollout.env (`generate_episodes`, which adds EPISODE_FIELDS);
+    score=False: no reward call, the rollout writes score = 0 (the env's rewards stand alone)."""
+    if episodes:
+        gen_out = (*ROLLOUT_FIELDS, *EPISODE_FIELDS) + (() if score else ("score",))
+        calls = [Call("actor_gen", "actor", "generate", "generate_episodes", ("prompts",), gen_out)]
+    else:
+        calls = [Call("actor_gen", "actor", "generate", "generate", ("prompts",), ROLLOUT_FIELDS)]
+    if score:
+        calls += _scoring(reward_model, prm)
+    train_in = [*ROLLOUT_FIELDS, "score"] + (["prm_rewards"] if prm else []) + (list(EPISODE_FIELDS) if episodes else [])
     if dynamic_sampling:
         calls.append(Call("group_filter", "reward", "infer", "count_spread", ("score", "group_id")))
     if greedy:
@@ -224,7 +235,16 @@ def graph_for(cfg) -> Graph:
     # the trainer's log-probs of the rollout: for a batch used several times, and for rollout correction
     # (asynchronous samples need the current policy's log-probs: the proximal policy of the decoupled loss)
     old = a.ppo_epochs * a.mini_batches > 1 or a.rollout_correction != "none" or cfg.rollout.max_staleness > 0
-    return GRAPHS[a.estimator](ref=ref, old_logprobs=old,
+    env = cfg.rollout.env
+    if env is not None:  # a missing or malformed env class fails here, before any model loads
+        from reflow.envs import EnvError, load_env
+
+        try:
+            load_env(env)
+        except EnvError as e:
+            raise GraphError(str(e)) from None
+    return GRAPHS[a.estimator](ref=ref, old_logprobs=old, episodes=env is not None,
+                               score=bool(cfg.reward.fn or cfg.reward.model),
                                reward_model=bool(cfg.reward.model), prm=bool(cfg.reward.prm),
                                ref_ema=(a.ref_ema, a.ref_ema_every) if a.ref_ema is not None else None,
                                actor_ema=a.actor_ema, dynamic_sampling=a.dynamic_sampling,

@@ -438,3 +438,18 @@ def test_grpo_with_kl_in_the_reward_by_hand():
     # remax: r - b with b the greedy response's score alone
     adv, _ = remax(**case, baseline_rewards=torch.tensor([0.5, 0.5, 3.0]))
     torch.testing.assert_close(adv, torch.tensor([0, 0.4, 0.4, 0, -1.0, -1.0, -1.0, 0, 1.0]))
+
+
+def test_gae_over_a_multi_turn_sample_skips_the_observation_tokens_as_part_of_the_transition():
+    # prompt (2 tokens), turn 1 (2 actions), observation (3 tokens), turn 2 (2 actions): GAE runs over the
+    # action tokens only, so V of turn 2's first token (which has seen the observation) is turn 1's next value
+    mask = torch.tensor([0, 0, 1, 1, 0, 0, 0, 1, 1])
+    values = torch.tensor([9.0, 9.0, 0.1, 0.2, 7.0, 7.0, 7.0, 0.3, 0.4])
+    rewards = torch.tensor([5.0, 5.0, 0.0, 0.5, 3.0, 3.0, 3.0, 0.0, 1.0])  # off-mask rewards never enter
+    kw = dict(last_values=torch.tensor([0.0]), truncated=torch.tensor([False]), gamma=0.9, lam=0.8)
+    adv, ret = gae(token_rewards=rewards, values=values, seqlens=torch.tensor([9]), action_mask=mask, **kw)
+    act = mask.bool()
+    compact, compact_ret = gae(token_rewards=rewards[act], values=values[act], seqlens=torch.tensor([4]),
+                               action_mask=torch.ones(4, dtype=torch.long), **kw)
+    assert torch.allclose(adv[act], compact) and torch.allclose(ret[act], compact_ret)
+    assert (adv[~act] == 0).all() and (ret[~act] == 0).all()

@@ -23,3 +23,26 @@ def test_layout_is_not_a_role_key():
         load_config(RLConfig, None, ["actor.path=m", "actor.layout=packed"])
     msg = str(e.value)
     assert "unknown key 'actor.layout'" in msg and "attention" in msg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.max_turns=0"], r"^rollout.max_turns must be >= 1, got 0$"),
+    (["rollout.env_threads=0"], r"^rollout.env_threads must be >= 1, got 0$"),
+    (["rollout.max_new_tokens=16", "rollout.max_turn_tokens=17"],
+     r"^rollout.max_turn_tokens must be in \[1, rollout.max_new_tokens=16\] \(the episode's budget\), got 17$"),
+    (["rollout.max_obs_tokens=-1"], r"^rollout.max_obs_tokens must be >= 0, got -1$"),
+    (["rollout.turn_end=x"], r"^rollout.turn_end ends a model turn of a multi-turn rollout: set rollout.env too$"),
+    (["rollout.env=calculator", "reward.prm=f.py:prm"], r"^reward.prm splits a single response into steps"),
+    (["rollout.env=calculator", "algo.adv_estimator=remax"], r"^algo.adv_estimator=remax decodes a single-turn"),
+    (["reward.fn=null"], r"^set exactly one of reward.fn .* \(or rollout.env, whose rewards can stand alone\)$"),
+])
+def test_multi_turn_keys_are_checked_with_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(RLConfig, None, ["actor.path=m", *overrides])
+    assert "\n" not in str(e.value)
+
+
+def test_an_env_rollout_may_have_no_reward_function():
+    cfg = load_config(RLConfig, None, ["actor.path=m", "rollout.env=calculator", "reward.fn=null",
+                                       "rollout.max_turn_tokens=8"])
+    assert cfg.reward.fn is None and cfg.rollout.max_turns == 4 and cfg.rollout.max_turn_tokens == 8

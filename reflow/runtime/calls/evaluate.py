@@ -4,6 +4,7 @@ so the result does not depend on how many replicas share the eval set.
 
     eval_generate   greedy decoding of data.eval: eval/accuracy (exact match, rows with an answer),
                     eval/reward (the reward function, when there is one), eval/response_len
+    eval_episodes   greedy multi-turn episodes of data.eval against rollout.env: eval/reward, eval/turns
     eval_rm_pairs   held-out preference pairs: eval/accuracy = share with s(chosen) > s(rejected), eval/margin
     eval_dpo_pairs  held-out pairs: eval/pair_accuracy = share with h > 0, eval/margin = mean beta * h
 """
@@ -16,7 +17,8 @@ from reflow.engines.infer import InferenceEngine
 from reflow.engines.rollout import decode_response
 from reflow.rewards.registry import compute_rewards
 from reflow.runtime.calls import CallContext, register_call
-from reflow.runtime.calls.rollout import replica_share
+from reflow.engines.multiturn import run_episodes, start_episodes
+from reflow.runtime.calls.rollout import env_class, episode_limits, example_row, replica_share, turn_end_ids
 from reflow.runtime.calls.supervised import dpo_inputs, preference_batch
 
 
@@ -39,6 +41,30 @@ def eval_generate(cc: CallContext, batch) -> dict | None:
         r = compute_rewards(cc.worker.reward_fn, [e.prompt_text for e in prompts[a:b]], responses, answers) if gens else []
         out["eval/reward"] = [sum(r), len(r)]
     return out
+
+
+@register_call("eval_episodes")
+def eval_episodes(cc: CallContext, batch) -> dict | None:
+    """Greedy multi-turn episodes of data.eval against rollout.env: eval/reward (the env's return, plus
+    reward.fn on the transcript when set), eval/turns, eval/response_len (model tokens)."""
+    r, tok = cc.cfg.rollout, cc.tokenizer
+    prompts = cc.data.eval_prompts
+    a, b = replica_share(len(prompts), cc.ctx)
+    mine = prompts[a:b]
+    eps = start_episodes([env_class(r.env)() for _ in mine], [example_row(e) for e in mine],
+                         [e.prompt_ids for e in mine], range(a, b), tok, r.env)
+    engine = GenerationEngine(cc.model, turn_end_ids(tok, r.turn_end), tok.pad_token_id, cc.call.options.get("batch_size", 256))
+    run_episodes(engine, eps, SamplingParams(r.max_new_tokens, greedy=True), episode_limits(r), tok, lambda k: 0,
+                 r.env, threads=r.env_threads)
+    if cc.ctx is not None and cc.ctx.tp_rank != 0:
+        return None
+    returns = [sum(ep.rewards.values()) for ep in eps]
+    if cc.worker.reward_fn is not None and eps:
+        transcripts = [tok.decode(ep.tokens, skip_special_tokens=True) for ep in eps]
+        final = compute_rewards(cc.worker.reward_fn, [e.prompt_text for e in mine], transcripts, [e.answer for e in mine])
+        returns = [x + y for x, y in zip(returns, final)]
+    return {"eval/reward": [sum(returns), len(eps)], "eval/turns": [sum(ep.turns for ep in eps), len(eps)],
+            "eval/response_len": [sum(ep.generated for ep in eps), len(eps)]}
 
 
 def _eval_pairs_batch(cc: CallContext):

@@ -2,7 +2,7 @@
 
 Both train calls compute the advantages themselves, on the whole batch, so every plan gives the same ones:
 
-    r_t    = score on the last action + PRM step rewards - beta * k1(gen, ref) (KL in the reward)
+    r_t    = score on the last action + PRM step rewards + env turn rewards - beta * k1(gen, ref) (KL in the reward)
     A, R   = estimator(r, groups, values, ...)        (reflow.algorithms.advantages, algo.adv_estimator)
              with GAE, A is whitened over the batch's action tokens (algo.whiten_advantages)
 
@@ -67,8 +67,9 @@ def advantages(cfg, batch: SampleBatch, kl_coef: float, bounds: tuple[float, flo
     score_tok = torch.zeros(batch.num_tokens)
     score_tok[batch.offsets[1:] - 1] = batch.samples["score"]  # the score lands on the last action
     token_rewards = score_tok * mask
-    if "prm_rewards" in batch.tokens:
-        token_rewards = token_rewards + batch.tokens["prm_rewards"]
+    for dense in ("prm_rewards", "env_rewards"):  # placed on action tokens by their producers
+        if dense in batch.tokens:
+            token_rewards = token_rewards + batch.tokens[dense]
     if "ref_logprobs" in batch.tokens and a.kl_placement == "reward":
         kl = kl_penalty(batch.tokens["gen_logprobs"], batch.tokens["ref_logprobs"], "k1")
         token_rewards = token_rewards - kl_coef * kl * mask
@@ -259,6 +260,13 @@ def train_policy(cc: CallContext, batch: SampleBatch) -> dict:
     })
     if "prm_rewards" in batch.tokens:
         metrics["reward/prm_sum"] = (batch.tokens["prm_rewards"].sum() / len(batch)).item()
+    if "env_return" in batch.samples:  # multi-turn: the reward is the final score plus the env's turn rewards
+        episode = scores + batch.samples["env_return"]
+        metrics.update({"reward/mean": episode.mean().item(),
+                        "reward/std": episode.std().item() if len(episode) > 1 else 0.0,
+                        "reward/env": batch.samples["env_return"].mean().item(),
+                        "env/turns": batch.samples["turns"].float().mean().item(),
+                        "accuracy": None})  # exact match of a transcript means nothing; the env's reward says
     return metrics
 
 

@@ -5,6 +5,9 @@ of prompt j form group s*P*n + j. Data-parallel replicas take contiguous shares 
 sampling makes every sample's tokens a pure function of (run seed, step, sample id), so the share a replica
 gets changes nothing. samples["policy_version"]: the number of updates the generating weights had seen. With `options["greedy"]` one greedy response per prompt is decoded instead, keyed
 by its group (`ids` = the group ids): ReMax's baseline, spread over the group's samples by the consumer.
+
+generate_episodes: the same samples as multi-turn episodes against rollout.env (reflow/engines/multiturn.py),
+turn k of sample s keyed by (run seed, step, k) and s, so replicas and batching change nothing here either.
 """
 
 from __future__ import annotations
@@ -13,11 +16,16 @@ import torch
 
 from reflow.data.batch import SampleBatch
 from reflow.engines.generate import GenerationEngine, SamplingParams, sample_seed
+from reflow.engines.multiturn import Limits, episodes_to_batch, run_episodes, start_episodes
 from reflow.engines.rollout import batch_from_generations
+from reflow.envs import load_env
 from reflow.runtime.calls import CallContext, register_call
 
 ROLLOUT_FIELDS = ("input_ids", "action_mask", "gen_logprobs", "group_id", "prompt_len", "response_len", "truncated",
                   "policy_version", "prompt", "response", "answer")
+# what a multi-turn rollout (rollout.env) adds: per-turn rewards on the turns' last tokens, turns per episode,
+# the sum of the env's rewards
+EPISODE_FIELDS = ("env_rewards", "turns", "env_return")
 
 
 def replica_share(n: int, ctx) -> tuple[int, int]:
@@ -27,19 +35,24 @@ def replica_share(n: int, ctx) -> tuple[int, int]:
     return min(n, k * size), min(n, (k + 1) * size)
 
 
+def _samples(cc: CallContext, n: int) -> tuple[list, list[int], list[int]]:
+    """(examples, group ids, sample ids) of the step's P prompts x n samples (see the module docstring)."""
+    prompt_idx = cc.meta["prompts"]
+    examples = [cc.data.train_prompts[i] for i in prompt_idx for _ in range(n)]
+    # DAPO's dynamic sampling generates up to R rounds per step: round k numbers its samples after round k-1's
+    rounds = cc.cfg.algo.dynamic_sampling_rounds if cc.cfg.algo.dynamic_sampling else 1
+    first_id = (cc.step * rounds + cc.meta.get("round", 0)) * len(prompt_idx) * cc.cfg.rollout.n
+    groups = [first_id + j // n for j in range(len(examples))]
+    return examples, groups, list(range(first_id, first_id + len(examples)))
+
+
 @register_call("generate")
 def generate(cc: CallContext, batch: SampleBatch | None) -> SampleBatch | None:
     cfg, step, tok = cc.cfg, cc.step, cc.tokenizer
     r = cfg.rollout
     greedy = bool(cc.call.options.get("greedy"))
-    n = 1 if greedy else r.n
-    prompt_idx = cc.meta["prompts"]
-    examples = [cc.data.train_prompts[i] for i in prompt_idx for _ in range(n)]
-    # DAPO's dynamic sampling generates up to R rounds per step: round k numbers its samples after round k-1's
-    rounds = cc.cfg.algo.dynamic_sampling_rounds if cc.cfg.algo.dynamic_sampling else 1
-    first_id = (step * rounds + cc.meta.get("round", 0)) * len(prompt_idx) * r.n
-    groups = [first_id + j // n for j in range(len(examples))]
-    ids = groups if greedy else list(range(first_id, first_id + len(examples)))
+    examples, groups, ids = _samples(cc, 1 if greedy else r.n)
+    ids = groups if greedy else ids
     a, b = replica_share(len(examples), cc.ctx)
     params = SamplingParams(r.max_new_tokens, greedy=True) if greedy else \
         SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
@@ -52,3 +65,66 @@ def generate(cc: CallContext, batch: SampleBatch | None) -> SampleBatch | None:
     part.with_samples(policy_version=torch.full((len(part),), cc.meta.get("version", step), dtype=torch.long))
     tp_first = cc.ctx is None or cc.ctx.tp_rank == 0
     return part if tp_first and len(part) else None  # one part per replica
+
+
+@register_call("generate_episodes")
+def generate_episodes(cc: CallContext, batch: SampleBatch | None) -> SampleBatch | None:
+    """Multi-turn rollouts against rollout.env (reflow/engines/multiturn.py): the step's P x n episodes, this
+    replica's contiguous share, turn k of sample s keyed by (run seed, step, k) and s. Writes the rollout
+    fields plus EPISODE_FIELDS, and `score` = 0 when the graph asks it to (no reward.fn or reward.model: the
+    env's rewards are the whole reward). Reports env/tool_fraction: the share of the rollout's wall time spent
+    in env.step rounds."""
+    cfg, step, tok, r = cc.cfg, cc.step, cc.tokenizer, cc.cfg.rollout
+    examples, groups, ids = _samples(cc, r.n)
+    a, b = replica_share(len(examples), cc.ctx)
+    mine = examples[a:b]
+    env_cls = env_class(r.env)
+    eps = start_episodes([env_cls() for _ in mine], [example_row(e) for e in mine], [e.prompt_ids for e in mine],
+                         ids[a:b], tok, r.env)
+    engine = GenerationEngine(cc.model, turn_end_ids(tok, r.turn_end), tok.pad_token_id, r.batch_size)
+    times = run_episodes(engine, eps, SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k),
+                         episode_limits(r), tok, lambda k: sample_seed(cfg.seed, step, k), r.env,
+                         threads=r.env_threads)
+    part = episodes_to_batch(eps, [e.prompt_text for e in mine], [e.answer for e in mine], groups[a:b],
+                             ids[a] if b > a else 0, tok)
+    part.with_samples(policy_version=torch.full((len(part),), cc.meta.get("version", step), dtype=torch.long))
+    if "score" in cc.call.outputs:
+        part.with_samples(score=torch.zeros(len(part)))
+    tp_first = cc.ctx is None or cc.ctx.tp_rank == 0
+    if tp_first:  # partial sums over replicas: the share of rollout wall time spent waiting on env.step
+        cc.metrics["env/tool_fraction"] = [times.tool_s, times.tool_s + times.generate_s]
+    return part if tp_first and len(part) else None
+
+
+_ENV_CLASSES: dict[str, type] = {}
+
+
+def env_class(spec: str) -> type:
+    """rollout.env's class, loaded once per process (loading a file executes it)."""
+    if spec not in _ENV_CLASSES:
+        _ENV_CLASSES[spec] = load_env(spec)
+    return _ENV_CLASSES[spec]
+
+
+def example_row(e) -> dict:
+    """The dataset row an env's reset sees: prompt, answer and the row's other columns."""
+    return {**e.meta, "prompt": e.prompt_text, "answer": e.answer}
+
+
+def episode_limits(r) -> Limits:
+    return Limits(max_turns=r.max_turns, max_turn_tokens=r.max_turn_tokens or r.max_new_tokens,
+                  max_new_tokens=r.max_new_tokens, max_obs_tokens=r.max_obs_tokens)
+
+
+def turn_end_ids(tok, turn_end: str | None) -> list[int]:
+    """The tokens that end a model turn: EOS, and rollout.turn_end when it is set (it must be one token)."""
+    ids = [tok.eos_token_id]
+    if turn_end is not None:
+        enc = tok.encode(turn_end, add_special_tokens=False)
+        if len(enc) != 1:
+            from reflow.config.loader import ConfigError
+
+            raise ConfigError(f"rollout.turn_end={turn_end!r} is {len(enc)} tokens for this tokenizer; it must be "
+                              "exactly one (e.g. a newline, or a special token of the model)")
+        ids += enc
+    return ids

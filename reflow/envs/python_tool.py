@@ -1,0 +1,72 @@
+"""The Python tool: the model runs a program and reads what it prints.
+
+    model: a ```python fenced block (or `RUN <one line>`)  ->  observation: the program's stdout and stderr
+           (cut to `max_output` characters), or "timeout" after `timeout_s`; reward 0, episode goes on
+    model: ANSWER x  ->  reward 1.0 if x equals the row's answer, else 0.0; done
+    anything else    ->  observation "?\\n"
+
+Each program runs as its own `python -I` process in a fresh temporary folder (its cwd), stdin empty, with
+RLIMIT_AS = `memory_mb`, RLIMIT_CPU = `timeout_s` and the wall-clock `timeout_s` (the process group is killed).
+That is the reward sandbox's limits without its namespaces: the code can read what the trainer's user can
+read and reach the network. For untrusted models run the trainer itself in a container.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+
+from reflow.envs.calculator import answer_reward
+from reflow.rewards.code_exec import extract_program
+
+
+def run_python(source: str, timeout_s: float = 5.0, memory_mb: int = 1024, max_output: int = 512) -> str:
+    """stdout + stderr of `python -I source` (cut to max_output characters), or "timeout\\n"."""
+    def limits():
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+        cpu = max(1, int(timeout_s + 0.999))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "tool.py")
+        with open(path, "w") as f:
+            f.write(source)
+        proc = subprocess.Popen([sys.executable, "-I", path], cwd=folder, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=limits,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the program's children too (its own session)
+            proc.communicate()
+            return "timeout\n"
+    text = out.decode("utf-8", "replace")
+    return text if len(text) <= max_output else text[:max_output] + "...\n"
+
+
+class PythonEnv:
+    """A ```python block (or `RUN code`) -> its output; `ANSWER x` ends the episode (reward 1 if correct)."""
+
+    timeout_s, memory_mb, max_output = 5.0, 1024, 512
+
+    def reset(self, row: dict) -> str | None:
+        self.answer = row.get("answer")
+        return None
+
+    def step(self, message: str) -> tuple[str, float, bool]:
+        done = answer_reward(message, self.answer)
+        if done is not None:
+            return done
+        text = message.strip()
+        if text.startswith("RUN "):
+            source = text[len("RUN "):]
+        elif "```" in text:
+            source = extract_program(text)
+        else:
+            return "?\n", 0.0, False
+        return run_python(source, self.timeout_s, self.memory_mb, self.max_output), 0.0, False
