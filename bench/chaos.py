@@ -7,7 +7,8 @@ Kills. Workload: configs/grpo_addition.yaml (the SFT model of `reflow demo`, 32 
 addition, exact-match reward), shortened to --steps steps with a checkpoint every --save-every and an eval
 every 2 x --save-every. For each transport (runtime.workers 0 = this process, 2 = two Ray workers) one run
 goes uninterrupted; then --kills runs are each SIGKILLed (the `reflow train` process only, as the OOM killer or
-a preempted node would) at a moment drawn uniformly over the uninterrupted run's wall time, and resumed with
+a preempted node would) at a moment drawn uniformly over a run's wall time (the uninterrupted run's, or the
+shortest run seen so far when one finished before its kill was due), and resumed with
 `--resume` (or rerun from the start when the kill came before the first checkpoint). Reported per transport:
 how many end with metrics.jsonl equal to the uninterrupted run's (every value but the timings: exactly, and
 within 1e-6), the step each kill hit and resumed from, the time lost per kill (killed + resumed wall time
@@ -71,7 +72,9 @@ def same(a: list[dict], b: list[dict], rel: float) -> bool:
 
 
 def leftovers(pgid: int) -> int:
-    """Processes still alive in the killed run's process group (its Ray, a reward sandbox); then killed."""
+    """Processes still alive 3 s after the kill in the run's process group (its Ray, a reward sandbox); then
+    killed, so the next run starts clean. (Ray's raylet, GCS and workers go with their driver within about
+    3 s; its dashboard and runtime-env agents outlive it by a minute or so and then exit on their own.)"""
     time.sleep(3.0)  # what dies with its parent has had time to go
     alive = 0
     for p in Path("/proc").iterdir():
@@ -103,10 +106,11 @@ def kills(workers: int, n: int, steps: int, save_every: int, work: Path, rng: ra
     assert rc == 0, f"the uninterrupted run failed (rc {rc}); see the log"
     want = rows(ref)
     runs = []
+    horizon = whole_s  # kill moments are drawn over a run's duration: the shortest one seen so far
     for i in range(n):
         out = work / f"w{workers}-kill{i}"
         argv = train_argv(out, workers, steps, save_every)
-        at = rng.uniform(0.0, whole_s)
+        at = rng.uniform(0.0, horizon)
         t0 = time.perf_counter()
         p = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -117,6 +121,8 @@ def kills(workers: int, n: int, steps: int, save_every: int, work: Path, rng: ra
             p.wait()
             finished = False
         killed_s = time.perf_counter() - t0
+        if finished:
+            horizon = min(horizon, killed_s)
         left = leftovers(p.pid)
         done = [r["step"] for r in (rows(out) if (out / "metrics.jsonl").exists() else []) if "reward/mean" in r]
         found = ckpt_lib.list_checkpoints(out)

@@ -19,6 +19,7 @@ e2e_vs_trl, hence .venv-bench):
     async           bench/async.py            asynchronous vs synchronous training, 2 and 4 workers -> async.md
     stability       bench/stability.py        advantage model + selective rehearsal: forgetting, hacking -> stability.{md,png}
     lora            bench/lora.py             LoRA vs full fine-tuning on the demo task -> lora.{md,png}
+    chaos           bench/chaos.py            SIGKILL at random moments + --resume, in-process and 2 workers; hostile rewards -> chaos.md
     multiturn       bench/multiturn.py        multi-turn rollouts: batched turns vs one episode at a time, tool latency -> multiturn.md
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
@@ -182,6 +183,15 @@ def fig_stability(r: dict) -> str:
     return "; ".join(parts) + f"; {stds} (addition/reversal)"
 
 
+def fig_chaos(r: dict) -> str:
+    s = r["summary"] or {}
+    kills = "; ".join(f"{'in-process' if k['workers'] == 0 else str(k['workers']) + ' workers'}: {k['identical']}/"
+                      f"{k['killed']} kills resumed to identical metrics" for k in s.get("kills", []))
+    hostile = s.get("hostile", [])
+    return kills + (f"; hostile rewards: {sum(h['completed'] for h in hostile)}/{len(hostile)} runs completed"
+                    if hostile else "") or "no summary"
+
+
 def fig_multiturn(r: dict) -> str:
     rows = (r["summary"] or {}).get("rows", [])
     return "; ".join(f"{x['tool']}, {x['mode']}: {x['episodes_per_s']:.1f} episodes/s, {x['tool_fraction']:.0%} "
@@ -309,6 +319,8 @@ def main() -> None:
     jobs.append(("async", ["bench/async.py", *(["--steps", "8", "--workers", "2"] if q else [])], ["async.md"], fig_async))
     jobs.append(("stability", ["bench/stability.py", *(["--sft-steps", "200", "--ppo-steps", "20"] if q else [])],
                  ["stability.md", "stability.png"], fig_stability))
+    jobs.append(("chaos", ["bench/chaos.py", *(["--kills", "4", "--steps", "8", "--save-every", "2",
+                                                "--hostile-steps", "1"] if q else [])], ["chaos.md"], fig_chaos))
     jobs.append(("multiturn", ["bench/multiturn.py", *(["--latency-ms", "0", "20"] if q else [])], ["multiturn.md"],
                  fig_multiturn))
     if (ROOT / "bench" / "gpu_smoke.py").is_file():
