@@ -14,7 +14,6 @@ read and reach the network. For untrusted models run the trainer itself in a con
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -24,21 +23,27 @@ from reflow.envs.calculator import answer_reward
 from reflow.rewards.code_exec import extract_program
 
 
+# Sets the limits in the child itself: the tool runs from the multi-turn thread pool, and a preexec_fn (Python
+# code between fork and exec) can deadlock when other threads held locks at the fork.
+_LIMITED = ("import resource, runpy, sys\n"
+            "mem, cpu = int(sys.argv[2]), int(sys.argv[3])\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (mem, mem))\n"
+            "resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))\n"
+            "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n"
+            "sys.argv = sys.argv[1:2]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
 def run_python(source: str, timeout_s: float = 5.0, memory_mb: int = 1024, max_output: int = 512) -> str:
     """stdout + stderr of `python -I source` (cut to max_output characters), or "timeout\\n"."""
-    def limits():
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-        cpu = max(1, int(timeout_s + 0.999))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
+    cpu = max(1, int(timeout_s + 0.999))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "tool.py")
         with open(path, "w") as f:
             f.write(source)
-        proc = subprocess.Popen([sys.executable, "-I", path], cwd=folder, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=limits,
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-I", "-c", _LIMITED, path, str(memory_mb << 20), str(cpu)],
+                                cwd=folder, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
             out, _ = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:

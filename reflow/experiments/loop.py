@@ -85,6 +85,7 @@ class StepLoop:
         return metrics
 
     restarts = 0  # times the workers were restarted after a failure (runtime.max_restarts), before this start
+    last_checkpoint: Path | None = None  # the checkpoint this run committed last
     samplers: dict = {}  # name -> PromptSampler (their positions are saved with checkpoints)
     skipped_rows = 0  # bad data rows skipped while the experiment checked its data (data.on_bad_row=skip)
 
@@ -202,14 +203,21 @@ class StepLoop:
         ckpt_lib.save_state(tmp, {"step": self.step, "plan": self.plan.to_dict(), "metrics_rows": self.logged_rows,
                                   **self.state_dict()})
         failpoint(f"checkpoint.state.{tag}")
+        later = [p for s, p in ckpt_lib.list_checkpoints(self.out) if s > self.step]
+        if later:  # resumed from an earlier checkpoint: the later ones belong to the abandoned run
+            log.warning("discarding %d checkpoint(s) after step %d, written by the run this one resumed "
+                        "from an earlier point: %s", len(later), self.step, ", ".join(p.name for p in later))
+            for p in later:
+                ckpt_lib.discard(p)
         d = ckpt_lib.commit_checkpoint(tmp)
+        self.last_checkpoint = d
         failpoint(f"checkpoint.commit.{tag}")
         ckpt_lib.prune(self.out, self.settings["keep"])
         return d
 
     def export_final(self) -> None:
         """final/: the main role's weights as an HF folder (and final_ema/ with an EMA of them)."""
-        tmp = self.out / ".final"
+        tmp = self.out / ".final.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         self.executor.save(tmp, optimizer=False, roles=[self.main_role])
         for src, dst in ((self.main_role, "final"), (f"ema_{self.main_role}", "final_ema")):
@@ -250,6 +258,7 @@ def run_with_restarts(make: Callable[[str | bool | None], StepLoop], resume: str
             if restarts >= exp.cfg.runtime.max_restarts:
                 raise
             restarts += 1
-            resume = True if ckpt_lib.list_checkpoints(exp.cfg.output_dir) else None
+            # the checkpoint this run wrote last, else where it started: never a later one of another run
+            resume = str(exp.last_checkpoint) if exp.last_checkpoint is not None else resume
             log.warning("%s\nrestarting the workers (%d of runtime.max_restarts=%d) from %s", str(e).splitlines()[0],
-                        restarts, exp.cfg.runtime.max_restarts, "the last checkpoint" if resume else "the start")
+                        restarts, exp.cfg.runtime.max_restarts, resume if resume else "the start")

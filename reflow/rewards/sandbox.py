@@ -74,7 +74,8 @@ def wants_sandbox(spec: str, sandbox: bool | None) -> bool:
     return spec.strip() not in BUILTIN or spec.strip() in SANDBOXED_BUILTINS
 
 
-def open_reward(rcfg, spec: str | None = None, kind: str = "outcome", workers: int | None = None):
+def open_reward(rcfg, spec: str | None = None, kind: str = "outcome", workers: int | None = None,
+                budget_s: float | None = None):
     """The reward function of a RewardConfig (`spec`: reward.fn, or reward.prm for kind="process"): a started
     RewardSandbox where reward.sandbox says so, else the function loaded in this process."""
     spec = spec or rcfg.fn
@@ -82,7 +83,7 @@ def open_reward(rcfg, spec: str | None = None, kind: str = "outcome", workers: i
         keywords = ("prompts", "responses", "steps") if kind == "process" else ("prompts", "responses", "answers")
         return load_reward_fn(spec, keywords=keywords)
     return RewardSandbox(spec, kind=kind, timeout_s=rcfg.timeout_s, on_error=rcfg.on_error, memory_mb=rcfg.memory_mb,
-                         cpu_s=rcfg.cpu_s, workers=workers or rcfg.workers)
+                         cpu_s=rcfg.cpu_s, workers=workers or rcfg.workers, budget_s=budget_s)
 
 
 # --------------------------------------------------------------------------- the trainer's side
@@ -98,7 +99,11 @@ class RewardSandbox:
     """
 
     def __init__(self, spec: str, *, kind: str = "outcome", timeout_s: float = 30.0, on_error: float = 0.0,
-                 memory_mb: int = 2048, cpu_s: float | None = None, workers: int = 2):
+                 memory_mb: int = 2048, cpu_s: float | None = None, workers: int = 2, budget_s: float | None = None):
+        """budget_s: the time one batch may take. Sample-by-sample retries start only while one more can end
+        inside it; samples left unretried get on_error. The runtime sets it below runtime.timeout_s, so a
+        function that hangs on many samples costs a bounded step instead of a run ended as a hang."""
+        self.budget_s = budget_s
         self.spec, self.kind, self.on_error = spec.strip(), kind, float(on_error)
         self.reflow_spec = self.spec  # registry._name reports the user's spelling
         self.limits = {"timeout_s": float(timeout_s), "memory_mb": int(memory_mb),
@@ -146,6 +151,7 @@ class RewardSandbox:
         n = len(columns["prompts"])
         if n == 0:
             return [], 0
+        t0 = time.monotonic()
         first_call, self._calls = self._calls == 0, self._calls + 1
         per = 1 if self.spec in SANDBOXED_BUILTINS else math.ceil(n / len(self._servers))
         chunks = [list(range(a, min(n, a + per))) for a in range(0, n, per)]
@@ -162,7 +168,8 @@ class RewardSandbox:
                 failed[idx[0]] = res
             else:
                 retry += idx
-        for i, res in zip(retry, self._run([_take(columns, [i]) for i in retry])):
+        last_start = None if self.budget_s is None else t0 + self.budget_s - self.limits["timeout_s"] - 1.0
+        for i, res in zip(retry, self._run([_take(columns, [i]) for i in retry], last_start)):
             if res[0] == "shape":
                 raise RewardError(res[2])
             if res[0] == "ok":
@@ -184,12 +191,20 @@ class RewardSandbox:
                         "0.0 per step" if self.kind == "process" else f"reward.on_error={self.on_error}", first)
         return out, len(failed)
 
-    def _run(self, jobs: list[dict]) -> list[tuple]:
-        """Run jobs over the pool, one per server at a time -> ("ok", values) or (kind, key, message) each."""
+    def _run(self, jobs: list[dict], last_start: float | None = None) -> list[tuple]:
+        """Run jobs over the pool, one per server at a time -> ("ok", values) or (kind, key, message) each.
+        last_start: a job not started by then (time.monotonic()) is not run: a "timeout" result."""
         results: list[tuple | None] = [None] * len(jobs)
         todo = list(range(len(jobs)))[::-1]
         busy: dict[int, tuple[int, float]] = {}  # server index -> (job, backstop deadline)
         while todo or busy:
+            if todo and last_start is not None and time.monotonic() > last_start:
+                for j in todo:
+                    results[j] = ("timeout", "budget", f"reward '{self.spec}': not retried, the batch's time "
+                                  f"budget ({self.budget_s:.0f} s, from runtime.timeout_s) was spent")
+                todo = []
+                if not busy:
+                    break
             for s, server in enumerate(self._servers):
                 if s not in busy and todo:
                     j = todo.pop()

@@ -163,8 +163,9 @@ class Worker:
         self.data = WorkerData(cfg, self.tokenizer)
         self.placements = placements(plan, graph)
         self.calls = {c.name: c for c in [*graph.calls, *(graph.evals.calls if graph.evals else [])]}
-        if self.reward_fn is not None and any(rank in self.placements[c.name].ranks for c in self.calls.values()
-                                              if c.impl == "score_fn"):
+        # the placement test first: reading reward_fn starts the sandbox's processes, on scoring workers only
+        if any(rank in self.placements[c.name].ranks for c in self.calls.values() if c.impl == "score_fn") \
+                and self.reward_fn is not None:
             # a broken reward function fails now, on the worker that runs it, before any generation
             first = self.data.train_prompts[0]
             if isinstance(self.reward_fn, RewardSandbox):
@@ -210,7 +211,9 @@ class Worker:
         """reward.fn: a function in this process, or a RewardSandbox (reflow.rewards.sandbox) started on the
         first use, so only the workers that score start its processes; None without one."""
         reward = getattr(self.cfg, "reward", None)
-        return open_reward(reward) if reward is not None and reward.fn else None
+        # a batch's retries stay well inside the hang limit of a call (runtime.timeout_s)
+        budget = 0.75 * self.cfg.runtime.timeout_s
+        return open_reward(reward, budget_s=budget) if reward is not None and reward.fn else None
 
     @cached_property
     def process_reward(self):
@@ -220,7 +223,8 @@ class Worker:
 
         r = self.cfg.reward
         return ProcessReward(r.prm, refine_mode=r.prm_refine, eta=r.prm_eta, sep=r.prm_sep, coef=r.prm_coef,
-                             load_model=load_reward_model, load_fn=lambda spec: open_reward(r, spec, "process"))
+                             load_model=load_reward_model,
+                             load_fn=lambda spec: open_reward(r, spec, "process", budget_s=0.75 * self.cfg.runtime.timeout_s))
 
     # ------------------------------------------------------------------ roles and their weights
     def role_config(self, role: str):
@@ -390,7 +394,7 @@ class Worker:
             if role.parked is not None:
                 role.parked.reload()
             save_role(role, role.engine if optimizer else None, self.tokenizer, Path(ckpt))
-            failpoint(f"save.{role.name}.r{self.rank}.{Path(ckpt).name}")
+            failpoint(f"save.{role.name}.r{self.rank}.{Path(ckpt).name.strip('.').removesuffix('.partial')}")
             if role.ema is not None:
                 save_role(role, None, self.tokenizer, Path(ckpt), ema=True)
             if role.parked is not None:

@@ -74,7 +74,7 @@ def commit_checkpoint(tmp: Path) -> Path:
         raise CheckpointError(f"checkpoint '{tmp}' has no trainer_state.pt; it is incomplete and was not committed")
     final = tmp.parent / tmp.name[1:-len(".partial")]
     if final.exists():  # the same step written again (a run resumed from an earlier checkpoint)
-        _discard(final)
+        discard(final)
     tmp.rename(final)
     _fsync_dir(final.parent)
     return final
@@ -88,7 +88,7 @@ def clean_partial(output_dir: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _discard(p: Path) -> None:
+def discard(p: Path) -> None:
     """Delete a checkpoint folder so that an interruption never leaves it half there under its own name."""
     trash = p.parent / f".{p.name}.trash"
     shutil.rmtree(trash, ignore_errors=True)
@@ -126,7 +126,7 @@ def prune(output_dir: str | Path, keep: int) -> None:
     if keep <= 0:
         return
     for _, p in list_checkpoints(output_dir)[:-keep]:
-        _discard(p)
+        discard(p)
 
 
 def rng_state() -> dict:

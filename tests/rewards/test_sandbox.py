@@ -277,3 +277,14 @@ def test_code_exec_in_the_sandbox_gives_the_same_rewards_one_sample_per_call():
             program = f"import socket\nsocket.create_connection(('127.0.0.1', {listener.getsockname()[1]}))"
             assert sb.score(["p"], [program], [None]) == ([0.0], 0)
             listener.close()
+
+
+def test_a_batch_that_hangs_everywhere_ends_within_its_budget_with_every_sample_at_on_error(tmp_path):
+    path = tmp_path / "hang.py"
+    path.write_text("def reward(prompts, responses, answers):\n    while True:\n        pass\n")
+    with RewardSandbox(f"{path}:reward", timeout_s=0.5, on_error=-1.0, workers=1, budget_s=3.0) as sb:
+        t0 = time.monotonic()
+        rewards, errors = sb.score(["p"] * 8, [f"r{i}" for i in range(8)], [None] * 8)
+        elapsed = time.monotonic() - t0
+    assert rewards == [-1.0] * 8 and errors == 8
+    assert elapsed < 3.0  # without the budget: the chunk, then 8 retries of 0.5 s each

@@ -163,6 +163,7 @@ def test_sft_with_lora_trains_adapters_and_writes_a_merged_final_folder(debug_mo
 
     cfg = supervised_config(SFTConfig, tmp_path / "sft", debug_model, addition_data, 0, train="sft.jsonl")
     cfg.model.lora.rank = 4
+    cfg.data.eval = str(addition_data / "test.jsonl")  # not the config's default path, absent from a fresh clone
     rows = run(SFTExperiment, cfg)
     assert len(rows) == 2 and all(r["grad_norm"] > 0 for r in rows)
     assert (tmp_path / "sft" / "final" / "adapter" / "adapter_model.safetensors").is_file()

@@ -134,7 +134,7 @@ def test_a_multi_turn_run_gives_the_same_metrics_in_process_and_on_two_workers(r
     ray = run(RLExperiment, multi_turn_config(tmp_path / "ray", debug_model, addition_data, 2, VARIED_ENV))
     assert_same_steps(local, ray)
     for rows in (local, ray):
-        assert all(r["env/turns"] > 1 and 0 < r["env/tool_fraction"] < 1 and r["reward/std"] > 0 for r in rows)
+        assert all(r["env/turns"] > 1 and 0 < r["time/env_tool_fraction"] < 1 and r["reward/std"] > 0 for r in rows)
     evals = [[r for r in read_metrics(tmp_path / side / "metrics.jsonl") if "eval/turns" in r] for side in ("local", "ray")]
     assert len(evals[0]) == len(evals[1]) == 2
     for a, b in zip(*evals):

@@ -103,6 +103,17 @@ def test_an_interrupted_checkpoint_is_never_resumed_and_is_cleaned_up(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002"]
 
 
+def test_resuming_from_an_earlier_checkpoint_discards_the_later_ones_at_its_first_save(
+        debug_model, addition_data, tmp_path):
+    out = tmp_path / "run"
+    assert main(args(debug_model, addition_data, out, "trainer.steps=6", "trainer.keep_checkpoints=3")) == 0
+    assert [s for s, _ in ckpt_lib.list_checkpoints(out)] == [2, 4, 6]
+    assert main(args(debug_model, addition_data, out, "trainer.steps=4", "trainer.keep_checkpoints=3",
+                     "--resume", str(out / "checkpoints" / "step_000002"))) == 0
+    # step 6 was the abandoned run's: left in place, `--resume` would continue that run instead of this one
+    assert [s for s, _ in ckpt_lib.list_checkpoints(out)] == [2, 4]
+
+
 # ---------------------------------------------------------------------------------------------- Ray workers
 
 
@@ -124,7 +135,7 @@ def test_a_worker_killed_while_writing_a_checkpoint_is_restarted_from_the_previo
         ray_session, whole, debug_model, addition_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     # worker 0 dies after writing the actor folder of checkpoint 4: max_restarts=1 resumes from checkpoint 2
-    monkeypatch.setenv("REFLOW_FAILPOINT", "save.actor.r0..step_000004.partial=kill")
+    monkeypatch.setenv("REFLOW_FAILPOINT", "save.actor.r0.step_000004=kill")
     monkeypatch.setenv("REFLOW_FAILPOINT_ONCE", str(tmp_path / "fired"))
     assert main(args(debug_model, addition_data, out, "runtime.workers=2", "runtime.plan=colocate",
                      "runtime.timeout_s=60", "runtime.max_restarts=1")) == 0

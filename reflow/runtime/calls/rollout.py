@@ -72,7 +72,7 @@ def generate_episodes(cc: CallContext, batch: SampleBatch | None) -> SampleBatch
     """Multi-turn rollouts against rollout.env (reflow/engines/multiturn.py): the step's P x n episodes, this
     replica's contiguous share, turn k of sample s keyed by (run seed, step, k) and s. Writes the rollout
     fields plus EPISODE_FIELDS, and `score` = 0 when the graph asks it to (no reward.fn or reward.model: the
-    env's rewards are the whole reward). Reports env/tool_fraction: the share of the rollout's wall time spent
+    env's rewards are the whole reward). Reports time/env_tool_fraction: the share of the rollout's wall time spent
     in env.step rounds."""
     cfg, step, tok, r = cc.cfg, cc.step, cc.tokenizer, cc.cfg.rollout
     examples, groups, ids = _samples(cc, r.n)
@@ -92,7 +92,7 @@ def generate_episodes(cc: CallContext, batch: SampleBatch | None) -> SampleBatch
         part.with_samples(score=torch.zeros(len(part)))
     tp_first = cc.ctx is None or cc.ctx.tp_rank == 0
     if tp_first:  # partial sums over replicas: the share of rollout wall time spent waiting on env.step
-        cc.metrics["env/tool_fraction"] = [times.tool_s, times.tool_s + times.generate_s]
+        cc.metrics["time/env_tool_fraction"] = [times.tool_s, times.tool_s + times.generate_s]
     return part if tp_first and len(part) else None
 
 
