@@ -99,7 +99,7 @@ def supervised(cls_name: str, overrides: list[str]):
         exp.run()
 
 
-def ppo(name: str, sft: Path, files: dict, steps: int, extra: list[str]) -> list[dict]:
+def ppo(name: str, sft: Path, files: dict, steps: int, extra: list[str], lr: float = 2e-5) -> list[dict]:
     from reflow.config.loader import load_config
     from reflow.config.schema import RLConfig
     from reflow.experiments.rl import RLExperiment
@@ -107,7 +107,7 @@ def ppo(name: str, sft: Path, files: dict, steps: int, extra: list[str]) -> list
 
     out = WORK / "ppo" / name
     cfg = load_config(RLConfig, None, [
-        f"output_dir={out}", f"actor.path={sft}", "actor.optim.lr=2e-5", "critic.optim.lr=1e-4",
+        f"output_dir={out}", f"actor.path={sft}", f"actor.optim.lr={lr}", "critic.optim.lr=1e-4",
         f"data.train={files['addition_train']}", f"data.eval={files['addition_test']}", "data.eval_size=100",
         "data.max_prompt_len=32", "rollout.prompts_per_step=16", "rollout.n=4", "rollout.max_new_tokens=8",
         "algo.name=ppo", "algo.kl_coef=0.01", f"trainer.steps={steps}", "trainer.eval_every=0",
@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--rm-steps", type=int, default=40)
     ap.add_argument("--ppo-steps", type=int, default=25)
+    ap.add_argument("--ppo-lr", type=float, default=2e-5, help="the actor's LR in PPO")
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--rehearse-prompts", type=int, default=600, help="prompts (both tasks) clustered and ranked")
     ap.add_argument("--reuse-sft", action="store_true")
@@ -180,7 +181,7 @@ def main() -> None:
     for name, extra in runs.items():
         t = time.perf_counter()
         slug = "".join(c if c.isalnum() or c == "." else "_" for c in name)
-        metrics = ppo(slug, sft, files, args.ppo_steps, extra)
+        metrics = ppo(slug, sft, files, args.ppo_steps, extra, args.ppo_lr)
         final = WORK / "ppo" / slug / "final"
         after = {task: accuracy(final, test) for task, test in tests.items()}
         train = [m for m in metrics if "accuracy" in m and "eval/accuracy" not in m]
@@ -215,7 +216,7 @@ def main() -> None:
           f"torch {torch.__version__}; load average at the start {load_start}, at the end {load_avg()}; "
           f"total {time.perf_counter() - t_start:.0f} s (SFT {times['sft']:.0f} s, RM {times['rm']:.0f} s, "
           f"AM {times['am']:.0f} s, rehearse {times['rehearse']:.0f} s).", "",
-          f"tiny-llama SFT'd {args.sft_steps} steps on addition + reversal; PPO {args.ppo_steps} steps x 16 prompts "
+          f"tiny-llama SFT'd {args.sft_steps} steps on addition + reversal; PPO {args.ppo_steps} steps (actor LR {args.ppo_lr:g}) x 16 prompts "
           f"x 4 samples on addition prompts; held-out exact match on 100 prompts per task (greedy). Rehearsal set: "
           f"{rehearse['rehearsal_rows']} rows from {len(rehearse['clusters'])} clusters of "
           f"{rehearse['prompts']} prompts.", "",
