@@ -59,8 +59,9 @@ def answer_reward(message: str, answer: str | None) -> tuple[str, float, bool] |
     return "", float(answer is not None and given == str(answer).strip()), True
 
 
-class CalculatorEnv:
-    """`CALC expr` -> "=value\\n"; `ANSWER x` ends the episode with reward 1 if x is the row's answer."""
+class AnswerToolEnv:
+    """An episode with one tool: `ANSWER x` ends it (reward 1 if x is the row's answer); any other message
+    goes to `tool(text)`, whose output is the observation. Subclasses implement `tool`."""
 
     def reset(self, row: dict) -> str | None:
         self.answer = row.get("answer")
@@ -70,10 +71,19 @@ class CalculatorEnv:
         done = answer_reward(message, self.answer)
         if done is not None:
             return done
-        text = message.strip()
+        return self.tool(message.strip()), 0.0, False
+
+    def tool(self, text: str) -> str:
+        raise NotImplementedError
+
+
+class CalculatorEnv(AnswerToolEnv):
+    """`CALC expr` -> "=value\\n"; `ANSWER x` ends the episode with reward 1 if x is the row's answer."""
+
+    def tool(self, text: str) -> str:
         if text.startswith("CALC"):
             try:
-                return f"={format_number(evaluate(text[len('CALC'):]))}\n", 0.0, False
+                return f"={format_number(evaluate(text[len('CALC'):]))}\n"
             except ValueError:
-                return "=error\n", 0.0, False
-        return "?\n", 0.0, False
+                return "=error\n"
+        return "?\n"

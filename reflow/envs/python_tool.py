@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from reflow.envs.calculator import answer_reward
+from reflow.envs.calculator import AnswerToolEnv
 from reflow.rewards.code_exec import extract_program
 
 
@@ -54,24 +54,16 @@ def run_python(source: str, timeout_s: float = 5.0, memory_mb: int = 1024, max_o
     return text if len(text) <= max_output else text[:max_output] + "...\n"
 
 
-class PythonEnv:
+class PythonEnv(AnswerToolEnv):
     """A ```python block (or `RUN code`) -> its output; `ANSWER x` ends the episode (reward 1 if correct)."""
 
     timeout_s, memory_mb, max_output = 5.0, 1024, 512
 
-    def reset(self, row: dict) -> str | None:
-        self.answer = row.get("answer")
-        return None
-
-    def step(self, message: str) -> tuple[str, float, bool]:
-        done = answer_reward(message, self.answer)
-        if done is not None:
-            return done
-        text = message.strip()
+    def tool(self, text: str) -> str:
         if text.startswith("RUN "):
             source = text[len("RUN "):]
         elif "```" in text:
             source = extract_program(text)
         else:
-            return "?\n", 0.0, False
-        return run_python(source, self.timeout_s, self.memory_mb, self.max_output), 0.0, False
+            return "?\n"
+        return run_python(source, self.timeout_s, self.memory_mb, self.max_output)

@@ -197,7 +197,7 @@ class StepLoop:
         """Write the checkpoint of this step into a temporary folder and rename it when complete (a kill at
         any moment leaves the previous checkpoints and no half-written one), then keep the newest K."""
         tmp = ckpt_lib.begin_checkpoint(self.out, self.step)
-        tag = tmp.name[1:-len(".partial")]
+        tag = ckpt_lib.checkpoint_name(tmp)
         self.executor.save(tmp)
         failpoint(f"checkpoint.models.{tag}")
         ckpt_lib.save_state(tmp, {"step": self.step, "plan": self.plan.to_dict(), "metrics_rows": self.logged_rows,

@@ -53,6 +53,7 @@ from reflow.runtime.data import WorkerData
 from reflow.runtime.graph import Call, Graph
 from reflow.runtime.plan import Placement, Plan, needs_copy, placements
 from reflow.runtime.roles import config_key, loader, role_config
+from reflow.utils.checkpoint import checkpoint_name
 from reflow.utils.failpoint import failpoint
 
 
@@ -394,7 +395,7 @@ class Worker:
             if role.parked is not None:
                 role.parked.reload()
             save_role(role, role.engine if optimizer else None, self.tokenizer, Path(ckpt))
-            failpoint(f"save.{role.name}.r{self.rank}.{Path(ckpt).name.strip('.').removesuffix('.partial')}")
+            failpoint(f"save.{role.name}.r{self.rank}.{checkpoint_name(Path(ckpt))}")
             if role.ema is not None:
                 save_role(role, None, self.tokenizer, Path(ckpt), ema=True)
             if role.parked is not None:

@@ -68,11 +68,16 @@ def begin_checkpoint(output_dir: str | Path, step: int) -> Path:
     return tmp
 
 
+def checkpoint_name(folder: Path) -> str:
+    """`step_N` for a checkpoint folder, whether it is still the temporary `.step_N.partial` or committed."""
+    return folder.name.removeprefix(".").removesuffix(".partial")
+
+
 def commit_checkpoint(tmp: Path) -> Path:
     """Rename a complete checkpoint written by begin_checkpoint() to its name -> the checkpoint folder."""
     if not (tmp / "trainer_state.pt").is_file():
         raise CheckpointError(f"checkpoint '{tmp}' has no trainer_state.pt; it is incomplete and was not committed")
-    final = tmp.parent / tmp.name[1:-len(".partial")]
+    final = tmp.parent / checkpoint_name(tmp)
     if final.exists():  # the same step written again (a run resumed from an earlier checkpoint)
         discard(final)
     tmp.rename(final)
