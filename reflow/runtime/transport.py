@@ -179,10 +179,13 @@ class RayTransport:
     def start(self) -> list[dict]:
         import ray
 
-        # (starting actors imports torch and transformers in each: slow on a loaded machine, not a hang)
-        addr, port = ray.get(self.workers[0].endpoint.remote(), timeout=max(300.0, self.rt.timeout_s))
+        # starting actors imports torch and transformers in each, and `start` loads the weights and forms the
+        # process group: slow on a loaded machine or for a big model, not a hang, so start-up gets the same
+        # floor as the placement group instead of the per-call runtime.timeout_s
+        budget = max(300.0, self.rt.timeout_s)
+        addr, port = ray.get(self.workers[0].endpoint.remote(), timeout=budget)
         return self.wait([(w.start.remote(addr, port, self.nodes), ("start", r)) for r, w in enumerate(self.workers)],
-                         self.rt.timeout_s)
+                         budget)
 
     def run(self, rank: int, *args):
         return self.workers[rank].run.options(num_returns=2).remote(*args)
