@@ -25,6 +25,19 @@ prefill forward is shared by several prompts instead of costing one extra forwar
 `refill=False` admits new prompts only when the batch is empty: static chunks of `batch_size` prompts whose
 finished rows still leave early (a baseline for benchmarks).
 
+Shared prompts (share_prefill, on by default): rows of a call with the same prompt tokens -- the n samples of a
+GRPO group, however the caller numbers them -- are prefilled once per admission: the admission's distinct
+prompts go through the [d, P] forward and each new slot gets its prompt's K/V copied in (an index_select per
+layer), and its last logits. Prefill then costs d instead of k prompt rows (2 x params x P FLOPs per row
+saved). A prompt whose rows do not all fit in the free slots keeps its prefix ([1, H_kv, P, D] per layer)
+until its last row is admitted, so a group split across refills is prefilled once too. The K/V are copied,
+not shared: the model's attention reads one dense [rows, H_kv, L, D] K/V view of the slot cache, and rows of
+a group diverge after the prompt, so reading one prompt copy for several rows needs an attention kernel that
+splits the prefix from the rows' own tokens (cascade / paged attention), which the HF forward does not take.
+The copy moves rows x P x 2 x layers x H_kv x D elements once per admission, far less than the prefill
+FLOPs it saves. Each row's result equals prefilling it on its own, up to float rounding (the prefill's batch
+is smaller).
+
 Log-probs are those of the temperature-scaled full distribution, log softmax(logits / T)[token]
 (before top-k/top-p filtering, as the inference engine computes them for the same tokens), so
 sampled log-probs agree with `token_logprobs(..., temperature=T)` up to float rounding.
@@ -46,7 +59,7 @@ Sampling has two sources of randomness:
 from __future__ import annotations
 
 import inspect
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -249,17 +262,22 @@ class _SlotCache(Cache):
         if self.end >= self.cap:
             self._window(self.end - self.start)
 
-    def admit(self, prefill: DynamicCache, width: int) -> None:
-        """Append the rows of a prefill cache ([k, H, width, D] per layer, left-padded) as slots [rows, rows + k)."""
-        k = prefill.layers[0].keys.shape[0]
+    def admit(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int,
+              rows: torch.Tensor | None = None) -> None:
+        """Append new slots [self.rows, self.rows + k) from per-layer prefill K/V `kv` ([d, H, width, D] each,
+        left-padded): new slot j gets source row rows[j] (rows: [k] indices into d, repeated when several slots
+        share a prompt's prefix; None = the d rows in order, k = d)."""
+        k = kv[0][0].shape[0] if rows is None else len(rows)
         if not self.layers[0].is_initialized:
-            for mine, theirs in zip(self.layers, prefill.layers):
-                mine.allocate(theirs.keys, self.max_rows, self.cap)
+            for mine, (keys, _) in zip(self.layers, kv):
+                mine.allocate(keys, self.max_rows, self.cap)
         self._window(max(self.end - self.start if self.rows else 0, width))
         lo, hi = self.rows, self.rows + k
-        for mine, theirs in zip(self.layers, prefill.layers):
-            mine.keys[lo:hi, :, self.end - width:self.end] = theirs.keys
-            mine.values[lo:hi, :, self.end - width:self.end] = theirs.values
+        for mine, (keys, values) in zip(self.layers, kv):
+            if rows is not None:
+                keys, values = keys.index_select(0, rows), values.index_select(0, rows)
+            mine.keys[lo:hi, :, self.end - width:self.end] = keys
+            mine.values[lo:hi, :, self.end - width:self.end] = values
         self.rows = hi
 
     def retire(self, done: list[int]) -> list[tuple[int, int]]:
@@ -282,16 +300,29 @@ class _SlotCache(Cache):
         self.start = self.end - longest
 
 
+class _SharedPrefixes:
+    """Rows of one call with the same prompt tokens (a GRPO group's n samples): `waiting` counts each prompt's
+    rows not yet admitted; `saved` holds the prefix of a prompt whose rows did not all fit in one admission,
+    per layer (K, V) [1, H_kv, P, D] and its last-position logits [1, V], until its last row is admitted. When a
+    group's rows are consecutive in the call (as the rollout call builds them) that is at most the one group
+    straddling an admission; a prompt repeated far apart in the call keeps its prefix in between."""
+
+    def __init__(self, waiting: Sequence[tuple[int, ...]]):
+        self.waiting = Counter(waiting)
+        self.saved: dict[tuple[int, ...], tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]] = {}
+
+
 class GenerationEngine:
     """Decodes prompts with a (one-process) HF causal LM. Stateless between calls but for the model.
 
     batch_size: live rows at most; refill: refill freed slots from the waiting prompts (continuous batching)
     or only start new prompts once the batch is empty (static chunks); refill_min: freed slots that trigger
-    a refill (default batch_size // 8, at least 1).
+    a refill (default batch_size // 8, at least 1); share_prefill: rows with the same prompt tokens share one
+    prefill (see the module docstring; False prefills every row on its own, the baseline of the benchmark).
     """
 
     def __init__(self, model: torch.nn.Module, eos_token_ids: Sequence[int], pad_token_id: int, batch_size: int = 256,
-                 *, refill: bool = True, refill_min: int | None = None):
+                 *, refill: bool = True, refill_min: int | None = None, share_prefill: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model = model
@@ -300,6 +331,7 @@ class GenerationEngine:
         self.batch_size = batch_size
         self.refill = refill
         self.refill_min = max(1, batch_size // 8) if refill_min is None else max(1, int(refill_min))
+        self.share_prefill = share_prefill
         # The KV cache goes in under the name the model's forward takes: `cache` in recent transformers
         # (where `past_key_values` is deprecated and warns on every forward), `past_key_values` before.
         forward_args = inspect.signature(model.forward).parameters
@@ -371,14 +403,14 @@ class GenerationEngine:
                 tok = torch.multinomial(filtered.softmax(-1), 1, generator=generator)[:, 0]
         return tok, logp.gather(-1, tok[:, None])[:, 0]
 
-    def _prefill(self, idx: list[int], prompts, device) -> tuple[DynamicCache, torch.Tensor, int]:
-        """Left-padded forward of prompts `idx`: (their cache, last-position logits [k, V], padded width)."""
-        lens = [len(prompts[i]) for i in idx]
+    def _prefill(self, prompts: Sequence[Sequence[int]], device) -> tuple[DynamicCache, torch.Tensor, int]:
+        """Left-padded forward of `prompts` (k of them): (their cache, last-position logits [k, V], padded width)."""
+        lens = [len(p) for p in prompts]
         P = max(lens)
-        ids = torch.full((len(idx), P), self.pad, dtype=torch.long)
-        attn = torch.zeros((len(idx), P), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, P - lens[r]:] = torch.as_tensor(prompts[i])
+        ids = torch.full((len(prompts), P), self.pad, dtype=torch.long)
+        attn = torch.zeros((len(prompts), P), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, P - lens[r]:] = torch.as_tensor(p)
             attn[r, P - lens[r]:] = 1
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
@@ -388,6 +420,59 @@ class GenerationEngine:
             raise ValueError("the generation engine supports full-attention models only (no sliding-window, "
                              "linear-attention or shared-KV cache layers)")
         return cache, logits, P
+
+    def _admit(self, cache: "_SlotCache", idx: list[int], prompts, device,
+               shared: "_SharedPrefixes | None") -> torch.Tensor:
+        """Prefill prompts `idx` into new slots of `cache`; returns their next-token logits [k, V].
+
+        shared (None = every row prefilled on its own): rows with the same prompt tokens get one prefill, its
+        K/V copied into each of their slots (`_SlotCache.admit` with repeated source rows); a prompt kept from
+        an earlier admission (`shared.saved`) is not prefilled again.
+        """
+        if shared is None:
+            pre, logits, width = self._prefill([prompts[i] for i in idx], device)
+            cache.admit([(layer.keys, layer.values) for layer in pre.layers], width)
+            return logits
+        toks = [tuple(prompts[i]) for i in idx]
+        distinct = list(dict.fromkeys(toks))
+        fresh = [p for p in distinct if p not in shared.saved]
+        width = max(len(p) for p in distinct)
+        if fresh:
+            pre, fresh_logits, _ = self._prefill(fresh, device)
+            fresh_kv = [(layer.keys, layer.values) for layer in pre.layers]
+        if len(fresh) == len(distinct):  # the prefill's rows are the sources as they are
+            kv, src_logits = fresh_kv, fresh_logits
+        else:  # some prefixes come from an earlier admission: right-align every source to `width` columns
+            at = {p: j for j, p in enumerate(fresh)}
+            parts = [shared.saved[p] if p in shared.saved else
+                     ([(k[at[p]:at[p] + 1, :, k.shape[2] - len(p):], v[at[p]:at[p] + 1, :, v.shape[2] - len(p):])
+                       for k, v in fresh_kv], fresh_logits[at[p]:at[p] + 1]) for p in distinct]
+            kv = []
+            for layer in range(len(parts[0][0])):
+                like = parts[0][0][layer][0]
+                keys = like.new_zeros(len(distinct), like.shape[1], width, like.shape[3])
+                values = torch.zeros_like(keys)
+                for j, (p, (pkv, _)) in enumerate(zip(distinct, parts)):
+                    keys[j, :, width - len(p):] = pkv[layer][0][0]
+                    values[j, :, width - len(p):] = pkv[layer][1][0]
+                kv.append((keys, values))
+            src_logits = torch.cat([lg for _, lg in parts])
+        rows = None
+        if len(distinct) < len(toks):
+            at = {p: j for j, p in enumerate(distinct)}
+            rows = torch.tensor([at[p] for p in toks], device=device)
+        cache.admit(kv, width, rows)
+        # keep the prefix of a prompt with rows still waiting (a group split across refills), drop it with its last
+        for p in toks:
+            shared.waiting[p] -= 1
+        for j, p in enumerate(distinct):
+            if shared.waiting[p] <= 0:
+                shared.saved.pop(p, None)
+                del shared.waiting[p]
+            elif p not in shared.saved:
+                shared.saved[p] = ([(k[j:j + 1, :, width - len(p):].clone(), v[j:j + 1, :, width - len(p):].clone())
+                                    for k, v in kv], src_logits[j:j + 1].clone())
+        return src_logits if rows is None else src_logits.index_select(0, rows)
 
     def _run(self, prompts, budgets: list[int], params: SamplingParams, generator,
              keys: list[int] | None = None, seed: int = 0) -> Iterator[Generation]:
@@ -402,6 +487,7 @@ class GenerationEngine:
         max_len = max(len(prompts[i]) + budgets[i] for i in queue)
         cache = _SlotCache(self.model.config.get_text_config(decoder=True).num_hidden_layers,
                            min(self.batch_size, len(queue)), max_len)
+        shared = _SharedPrefixes([tuple(prompts[i]) for i in queue]) if self.share_prefill else None
         slot: list[int] = []  # slot -> prompt index
         lens = torch.zeros(0, dtype=torch.long, device=device)  # slot -> tokens in the cache
         logits = None  # slot -> next-token logits [rows, V]
@@ -411,9 +497,7 @@ class GenerationEngine:
             free = cache.max_rows - len(slot)
             if queue and free and (not slot or (self.refill and free >= min(self.refill_min, len(queue)))):
                 idx = [queue.popleft() for _ in range(min(free, len(queue)))]
-                pre, new_logits, width = self._prefill(idx, prompts, device)
-                cache.admit(pre, width)
-                del pre
+                new_logits = self._admit(cache, idx, prompts, device, shared)
                 slot += idx
                 new_lens = torch.tensor([len(prompts[i]) for i in idx], device=device)
                 lens = torch.cat([lens, new_lens])
