@@ -11,7 +11,8 @@ e2e_vs_trl, hence .venv-bench):
     mfu             bench/mfu.py              TrainEngine MFU on three model sizes -> mfu.md
     grpovi_vs_grpo  bench/grpovi_vs_grpo.py   GRPOVI vs GRPO learning curves       -> grpovi_vs_grpo.{md,png}
     grpovi_scaling  bench/grpovi_scaling.py   GRPOVI O(n log n) micro-benchmark    -> grpovi_scaling.md (its output)
-    generation      bench/generation.py       generation throughput (when the script exists) -> generation.md
+    generation      bench/generation.py       generation throughput (when the script exists), shared vs unshared
+                                          prompt prefill on a GRPO-shaped call -> generation.md
     realloc         bench/realloc.py          planned vs naive parameter reallocation, 4 gloo processes -> realloc.md
     planner         bench/planner.py          plan search: predicted vs measured PPO iteration time, 4 Ray workers -> planner.md
     gpu_smoke       bench/gpu_smoke.py        the demo's SFT + GRPO on CUDA (skipped without one) -> gpu_smoke.md
@@ -217,9 +218,11 @@ def fig_generation(r: dict) -> str:
     if r["summary"]:
         return json.dumps(r["summary"])[:400]
     lines = r["out"].splitlines()
+    shared = next((ln.split(";")[0] for ln in lines if ln.startswith("unshared / shared:")), None)
+    shared = f"; shared prompt prefill, {shared}" if shared else ""
     head = next((i for i, ln in enumerate(lines) if "reflow/hf" in ln and "|" in ln), None)
     if head is None:
-        return "see the result file"
+        return shared[2:] if shared else "see the result file"
     cols = [c.strip() for c in lines[head].split("|")]
     out = []
     for ln in lines[head + 1:]:
@@ -228,7 +231,7 @@ def fig_generation(r: dict) -> str:
             continue
         row = dict(zip(cols, cells))
         out.append(f"{row.get('model', '?')} batch {row.get('batch', '?')} {row['reflow/hf']}")
-    return "reflow / `model.generate` tokens/s: " + ", ".join(out) if out else "see the result file"
+    return ("reflow / `model.generate` tokens/s: " + ", ".join(out) if out else "see the result file") + shared
 
 
 def fig_realloc(r: dict) -> str:
