@@ -280,6 +280,11 @@ class _SlotCache(Cache):
             mine.values[lo:hi, :, self.end - width:self.end] = values
         self.rows = hi
 
+    def row_kv(self, slot: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of slot `slot`'s last n cached columns, per layer (K, V) [1, H_kv, n, D]."""
+        return [(layer.keys[slot:slot + 1, :, self.end - n:self.end].clone(),
+                 layer.values[slot:slot + 1, :, self.end - n:self.end].clone()) for layer in self.layers]
+
     def retire(self, done: list[int]) -> list[tuple[int, int]]:
         """Free slots `done`; live slots past the new end fill the holes. Returns the (from, to) moves."""
         n = self.rows - len(done)
@@ -312,6 +317,33 @@ class _SharedPrefixes:
         self.saved: dict[tuple[int, ...], tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]] = {}
 
 
+class KVStore:
+    """K/V of finished rows that a later call continues (the next turn of a multi-turn episode), by the rows'
+    sampling keys: key -> (the tokens they cover, per layer (K, V) [1, H_kv, L, D]).
+
+    A generate call given a store saves each finished row's K/V under its key: the prompt and the response
+    but its last token (sampled, never fed), L = prompt + response - 1 tokens. A later call admits a row whose
+    prompt extends its key's entry by feeding only the tokens after it (`GenerationEngine._extend`). The caller
+    drops the entries it will not continue; an entry that is no prefix of the row's prompt is ignored.
+    """
+
+    def __init__(self):
+        self.entries: dict[int, tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    def drop(self, key: int) -> None:
+        self.entries.pop(_i64(int(key)), None)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def continues(self, key: int, prompt: Sequence[int]):
+        """The entry of `key` if `prompt` extends it by at least one token, else None."""
+        entry = self.entries.get(key)
+        if entry is None or not 0 < len(entry[0]) < len(prompt) or tuple(prompt[:len(entry[0])]) != entry[0]:
+            return None
+        return entry
+
+
 class GenerationEngine:
     """Decodes prompts with a (one-process) HF causal LM. Stateless between calls but for the model.
 
@@ -341,14 +373,15 @@ class GenerationEngine:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  generator: torch.Generator | None = None,
                  max_new_tokens: Sequence[int] | None = None, *,
-                 keys: Sequence[int] | None = None, seed: int = 0) -> list[Generation]:
+                 keys: Sequence[int] | None = None, seed: int = 0, kv_store: KVStore | None = None) -> list[Generation]:
         """All generations, in prompt order. `max_new_tokens`: a budget per prompt (default params.max_new_tokens).
 
         Sampling randomness comes from `generator` (shared by the batch), or, batch-invariant, from
         `keys` (one distinct integer per prompt, e.g. its sample id) and `seed`: prompt key k's draw at
         response position j is a pure function of (seed, k, j), whatever else is in the call.
+        kv_store (needs keys): continue rows from their key's K/V and keep every finished row's (see KVStore).
         """
-        out = sorted(self.stream(prompts, params, generator, max_new_tokens, keys=keys, seed=seed),
+        out = sorted(self.stream(prompts, params, generator, max_new_tokens, keys=keys, seed=seed, kv_store=kv_store),
                      key=lambda g: g.index)
         return out
 
@@ -356,10 +389,13 @@ class GenerationEngine:
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                generator: torch.Generator | None = None,
                max_new_tokens: Sequence[int] | None = None, *,
-               keys: Sequence[int] | None = None, seed: int = 0) -> Iterator[Generation]:
+               keys: Sequence[int] | None = None, seed: int = 0,
+               kv_store: KVStore | None = None) -> Iterator[Generation]:
         """Yield each generation as soon as it finishes (finish order, not prompt order). Arguments as `generate`."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("cannot generate from an empty prompt")
+        if kv_store is not None and keys is None:
+            raise ValueError("a kv_store keeps rows by their keys: pass keys too")
         if keys is not None:
             if generator is not None:
                 raise ValueError("pass either a generator or keys (keyed sampling), not both")
@@ -379,7 +415,7 @@ class GenerationEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            yield from self._run(prompts, budgets, params, generator, keys, seed)
+            yield from self._run(prompts, budgets, params, generator, keys, seed, kv_store)
         finally:
             self.model.train(was_training)
 
@@ -474,8 +510,46 @@ class GenerationEngine:
                                     for k, v in kv], src_logits[j:j + 1].clone())
         return src_logits if rows is None else src_logits.index_select(0, rows)
 
+    def _extend(self, cache: "_SlotCache", idx: list[int], prompts, device,
+                past: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+        """Admit rows `idx` whose prompts extend stored K/V past[r] ([1, H_kv, L_r, D] per layer, the first L_r
+        tokens of the prompt): one forward of the tokens after the reused ones; their next-token logits [k, V].
+
+        With n_r = |prompt_r| and Q = max_r (n_r - L_r) (the longest extension), row r reuses R_r = max(0, n_r - Q)
+        stored columns and feeds its last n_r - R_r <= Q tokens (left-padded to Q; a row with a shorter extension
+        recomputes a few stored tokens so that every row's valid columns stay one contiguous suffix):
+
+            cache [k, H_kv, max R + Q, D]:  pad | past (R_r) | fed (n_r - R_r)      attention mask: last n_r columns
+        """
+        lens = [len(prompts[i]) for i in idx]
+        Q = max(n - kv[0][0].shape[2] for n, kv in zip(lens, past))
+        R = [max(0, n - Q) for n in lens]
+        Rm, k = max(R), len(idx)
+        pre = DynamicCache(config=self.model.config)
+        if Rm:
+            for layer in range(len(past[0])):
+                like = past[0][layer][0]
+                keys = like.new_zeros(k, like.shape[1], Rm, like.shape[3])
+                values = torch.zeros_like(keys)
+                for r, kv in enumerate(past):
+                    keys[r, :, Rm - R[r]:] = kv[layer][0][0, :, :R[r]]
+                    values[r, :, Rm - R[r]:] = kv[layer][1][0, :, :R[r]]
+                pre.update(keys, values, layer)
+        ids = torch.full((k, Q), self.pad, dtype=torch.long)
+        pos = torch.zeros((k, Q), dtype=torch.long)
+        attn = torch.zeros((k, Rm + Q), dtype=torch.long)
+        for r, (i, n) in enumerate(zip(idx, lens)):
+            fed = n - R[r]
+            ids[r, Q - fed:] = torch.as_tensor(prompts[i][R[r]:])
+            pos[r, Q - fed:] = torch.arange(R[r], n)
+            attn[r, Rm + Q - n:] = 1
+        logits = self.model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
+                            use_cache=True, logits_to_keep=1, **{self._cache_arg: pre}).logits[:, -1]
+        cache.admit([(layer.keys, layer.values) for layer in pre.layers], Rm + Q)
+        return logits
+
     def _run(self, prompts, budgets: list[int], params: SamplingParams, generator,
-             keys: list[int] | None = None, seed: int = 0) -> Iterator[Generation]:
+             keys: list[int] | None = None, seed: int = 0, store: KVStore | None = None) -> Iterator[Generation]:
         device = next(self.model.parameters()).device
         eos = self.eos.to(device)
         for i, m in enumerate(budgets):  # nothing to decode: done before anything runs
@@ -487,7 +561,9 @@ class GenerationEngine:
         max_len = max(len(prompts[i]) + budgets[i] for i in queue)
         cache = _SlotCache(self.model.config.get_text_config(decoder=True).num_hidden_layers,
                            min(self.batch_size, len(queue)), max_len)
-        shared = _SharedPrefixes([tuple(prompts[i]) for i in queue]) if self.share_prefill else None
+        # rows that continue a stored entry (keys are distinct, so entries saved during this call continue none)
+        past = {} if store is None else {i: e[1] for i in queue if (e := store.continues(keys[i], prompts[i]))}
+        shared = _SharedPrefixes([tuple(prompts[i]) for i in queue if i not in past]) if self.share_prefill else None
         slot: list[int] = []  # slot -> prompt index
         lens = torch.zeros(0, dtype=torch.long, device=device)  # slot -> tokens in the cache
         logits = None  # slot -> next-token logits [rows, V]
@@ -496,8 +572,15 @@ class GenerationEngine:
         while queue or slot:
             free = cache.max_rows - len(slot)
             if queue and free and (not slot or (self.refill and free >= min(self.refill_min, len(queue)))):
-                idx = [queue.popleft() for _ in range(min(free, len(queue)))]
-                new_logits = self._admit(cache, idx, prompts, device, shared)
+                taken = [queue.popleft() for _ in range(min(free, len(queue)))]
+                fresh, cont = [i for i in taken if i not in past], [i for i in taken if i in past]
+                parts = []
+                if fresh:
+                    parts.append(self._admit(cache, fresh, prompts, device, shared))
+                if cont:
+                    parts.append(self._extend(cache, cont, prompts, device, [past.pop(i) for i in cont]))
+                new_logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+                idx = fresh + cont
                 slot += idx
                 new_lens = torch.tensor([len(prompts[i]) for i in idx], device=device)
                 lens = torch.cat([lens, new_lens])
@@ -518,6 +601,8 @@ class GenerationEngine:
                     done.append(s)
             for s in done:
                 i = slot[s]
+                if store is not None:  # its K/V: the prompt and the response but the last (sampled) token
+                    store.entries[keys[i]] = (tuple(prompts[i]) + tuple(tokens[i][:-1]), cache.row_kv(s, int(lens[s])))
                 yield Generation(i, list(prompts[i]), tokens.pop(i), logps.pop(i), bool(ended[s]))
             if done:
                 moves = cache.retire(done)

@@ -559,3 +559,30 @@ def test_shared_prefill_gives_the_tokens_and_logprobs_of_prefilling_each_row_acr
     if mode != "greedy":  # the samples of a group differ
         assert len({tuple(g.tokens) for g in run[True][:5]}) > 1
     assert_same_samples(run[True], run[False])
+
+
+# ---------------------------------------------------------------- continuing rows from stored K/V (next turns)
+from reflow.engines.generate import KVStore  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", ["greedy", "keyed"])
+def test_rows_continued_from_a_kv_store_equal_prefilling_their_whole_prompt(model, monkeypatch, mode):
+    params = SamplingParams(max_new_tokens=8, greedy=True) if mode == "greedy" else KEYED
+    eng = GenerationEngine(model, MANY_EOS, PAD, batch_size=3, refill_min=1)
+    store = KVStore()
+    first = eng.generate(MANY_PROMPTS, params, keys=KEYS, seed=3, kv_store=store)
+    assert len(store) == len(MANY_PROMPTS)
+    # next turn: 10 rows go on with observations of 0-4 tokens, one key's prompt no longer extends its entry,
+    # and two new rows (fresh prefill in the same admissions as continued ones)
+    nxt = [g.prompt_ids + g.tokens + [60 + j] * (j % 5) for j, g in enumerate(first[:10])]
+    nxt[4] = [7] + nxt[4]
+    nxt += [MANY_PROMPTS[0], MANY_PROMPTS[5]]
+    keys = KEYS[:10] + [1, 2]
+    fed = _prefilled_rows(eng, monkeypatch)  # fresh prefills only: the continued rows go through _extend
+    cont = eng.generate(nxt, params, keys=keys, seed=4, kv_store=store)
+    assert sum(fed) == 3  # the row whose prompt changed and the two new ones
+    whole = GenerationEngine(model, MANY_EOS, PAD, batch_size=3, refill_min=1).generate(nxt, params, keys=keys, seed=4)
+    assert len({len(g.tokens) for g in cont}) > 2, "rows should end at different steps (refills)"
+    assert_same_samples(cont, whole)
+    with pytest.raises(ValueError, match="pass keys too"):
+        eng.generate(nxt, params, kv_store=store)
