@@ -21,7 +21,8 @@ e2e_vs_trl, hence .venv-bench):
     stability       bench/stability.py        advantage model + selective rehearsal: forgetting, hacking -> stability.{md,png}
     lora            bench/lora.py             LoRA vs full fine-tuning on the demo task -> lora.{md,png}
     chaos           bench/chaos.py            SIGKILL at random moments + --resume, in-process and 2 workers; hostile rewards -> chaos.md
-    multiturn       bench/multiturn.py        multi-turn rollouts: batched turns vs one episode at a time, tool latency -> multiturn.md
+    multiturn       bench/multiturn.py        multi-turn rollouts: batched turns vs one episode at a time, tool latency,
+                                          kept K/V across turns vs re-prefill -> multiturn.md
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
@@ -194,9 +195,11 @@ def fig_chaos(r: dict) -> str:
 
 
 def fig_multiturn(r: dict) -> str:
-    rows = (r["summary"] or {}).get("rows", [])
+    s = r["summary"] or {}
+    kv = f"; kept K/V across turns: {s['kv_ratio']:.2f}x over re-prefilling" if "kv_ratio" in s else ""
     return "; ".join(f"{x['tool']}, {x['mode']}: {x['episodes_per_s']:.1f} episodes/s, {x['tool_fraction']:.0%} "
-                     f"waiting on tools" for x in rows if x["mode"] in ("batched", "serial")) or "no summary"
+                     f"waiting on tools" for x in s.get("rows", []) if x["mode"] in ("batched", "serial")) + kv \
+        or "no summary"
 
 
 def fig_scaling(r: dict) -> str:
