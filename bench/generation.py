@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/generation.py [--models tiny-llama small-llama] [--batches 8 32 128]
                                          [--prompts-per-batch 4] [--threads 2] [--out bench/results/generation.md]
+                                         [--cases throughput shared] [--shared-model small-llama]
+                                         [--shared-prompts 8] [--shared-n 8] [--shared-prompt-len 128 256]
 
 Workload (the same on every side): N = prompts-per-batch x batch random byte-token prompts (lengths uniform in
 [8, 48]), sampled at temperature 1.0, top-p 1.0, no top-k. Random-init presets almost never end on their own,
@@ -16,6 +18,14 @@ sum(m_i) tokens. tokens/s = sum(m_i) / wall time.
   static  : reflow's engine with refill=False: static chunks of `batch` prompts, per-prompt budgets, rows
             leave the batch when done (the engine before continuous batching).
   reflow  : reflow's engine (continuous batching): up to `batch` live rows, freed slots refilled from the queue.
+
+Shared prompts (case `shared`): a GRPO-shaped call, --shared-prompts distinct random prompts with lengths
+uniform in --shared-prompt-len, each repeated --shared-n times (a group), keyed sampling (key = sample id) at
+temperature 1.0, budgets m_i from the same lognormal clipped to [4, 64], EOS disabled, all rows live at once
+(batch = prompts x n). `unshared` prefills every row (GenerationEngine(share_prefill=False)); `shared` prefills
+each distinct prompt once and copies its K/V into the group's slots. Both give the same tokens (keyed
+sampling; a sample that differs through float rounding is counted and printed); the ratio unshared / shared
+wall time is printed with each side's forwards and token slots (prefill rows x width + decode rows).
 
 Every side runs once untimed on a small workload first (warm-up); then the sides run --repeats times each,
 interleaved with the order rotating, and the best wall time of each side counts (the machine may be shared:
@@ -92,6 +102,58 @@ def run_hf(model, prompts, budgets, batch: int, seed: int) -> tuple[float, int]:
     return time.perf_counter() - t0, computed
 
 
+def shared_workload(n_prompts: int, n: int, lo: int, hi: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    """n_prompts random prompts (lengths uniform in [lo, hi]) each repeated n times, and a budget per row."""
+    g = torch.Generator().manual_seed(seed)
+    distinct = [torch.randint(5, 261, (int(k),), generator=g).tolist()
+                for k in torch.randint(lo, hi + 1, (n_prompts,), generator=g)]
+    prompts = [p for p in distinct for _ in range(n)]
+    raw = torch.exp(math.log(24.0) + torch.randn(len(prompts), generator=g, dtype=torch.float64))
+    return prompts, raw.round().clamp(4, 64).long().tolist()
+
+
+def run_shared(model, prompts, budgets, share: bool, seed: int) -> tuple[float, list]:
+    """Wall time and generations of one keyed-sampling call with all rows live at once."""
+    eng = GenerationEngine(model, [], PAD, batch_size=len(prompts), share_prefill=share)
+    params = SamplingParams(max_new_tokens=max(budgets), temperature=1.0)
+    t0 = time.perf_counter()
+    outs = eng.generate(prompts, params, max_new_tokens=budgets, keys=range(len(prompts)), seed=seed)
+    return time.perf_counter() - t0, outs
+
+
+def shared_case(args, tmp) -> str:
+    """Shared vs unshared prefill on a GRPO-shaped call, interleaved; returns the report's lines."""
+    model = load_policy(init_model(args.shared_model, Path(tmp) / args.shared_model, seed=0)).eval()
+    counter = CallCounter(model)
+    prompts, budgets = shared_workload(args.shared_prompts, args.shared_n, *args.shared_prompt_len, args.seed)
+    warm_p, warm_m = shared_workload(2, 2, 8, 16, args.seed + 1)
+    for share in (True, False):
+        run_shared(model, warm_p, warm_m, share, 0)
+    best, work, outs = {True: float("inf"), False: float("inf")}, {}, {}
+    load0 = os.getloadavg()[0]
+    for rep in range(args.repeats):  # interleaved, the order alternating, best of the repeats
+        for share in ((True, False) if rep % 2 == 0 else (False, True)):
+            counter.take()
+            t, outs[share] = run_shared(model, prompts, budgets, share, args.seed)
+            best[share] = min(best[share], t)
+            work[share] = counter.take()
+    counter.handle.remove()
+    differ = sum(a.tokens != b.tokens for a, b in zip(outs[True], outs[False]))
+    P = [len(p) for p in prompts[::args.shared_n]]
+    params = sum(p.numel() for p in model.parameters())
+    lines = [f"shared prompts: {args.shared_model} ({params / 1e6:.1f}M params), {args.shared_prompts} prompts x "
+             f"{args.shared_n} samples, prompt tokens {min(P)}-{max(P)} (mean {sum(P) / len(P):.0f}), "
+             f"response tokens {sum(budgets)} (mean {sum(budgets) / len(budgets):.1f}, max {max(budgets)}), "
+             f"best of {args.repeats} interleaved runs, load {load0:.2f} -> {os.getloadavg()[0]:.2f}"]
+    for share, name in ((False, "unshared"), (True, "shared")):
+        calls, slots = work[share]
+        lines.append(f"{name:>9}: {best[share]:6.2f} s  ({sum(budgets) / best[share]:6.0f} tok/s), "
+                     f"{calls} forwards, {slots} token slots")
+    lines.append(f"unshared / shared: {best[False] / best[True]:.2f}x; samples whose tokens differ: {differ} of "
+                 f"{len(prompts)}")
+    return "\n".join(lines)
+
+
 def run_reflow(model, prompts, budgets, batch: int, seed: int, refill: bool) -> float:
     eng = GenerationEngine(model, [], PAD, batch_size=batch, refill=refill)
     params = SamplingParams(max_new_tokens=max(budgets), temperature=1.0, top_p=1.0, top_k=0)
@@ -116,12 +178,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per side (interleaved); the best counts")
     ap.add_argument("--no-static", action="store_true", help="skip the reflow static-chunk column")
     ap.add_argument("--out", default=None, help="write a markdown report here (e.g. bench/results/generation.md)")
+    ap.add_argument("--cases", nargs="+", default=["throughput", "shared"], choices=["throughput", "shared"],
+                    help="throughput: reflow vs model.generate; shared: shared vs unshared prompt prefill")
+    ap.add_argument("--shared-model", default="small-llama")
+    ap.add_argument("--shared-prompts", type=int, default=8)
+    ap.add_argument("--shared-n", type=int, default=8, help="samples per prompt")
+    ap.add_argument("--shared-prompt-len", type=int, nargs=2, default=[128, 256], metavar=("LO", "HI"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    rows = []
+    rows, shared = [], ""
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
+        if "shared" in args.cases:
+            shared = shared_case(args, tmp)
+            print(shared, flush=True)
+        for name in (args.models if "throughput" in args.cases else []):
             model = load_policy(init_model(name, Path(tmp) / name, seed=0)).eval()
             counter = CallCounter(model)
             warm_p, warm_m = workload(16, args.seed + 99, 4, 16, 8, 0.5)
@@ -178,7 +249,9 @@ def main() -> None:
     for r in rows:
         lines.append(f"{r['model']:>11} batch {r['batch']:>3}: " + ", ".join(
             f"{k} {c} ({t})" for k, (c, t) in r["work"].items()))
-    table = "\n".join(lines)
+    table = "\n".join(lines) if rows else ""
+    if shared:
+        table += ("\n\n" if table else "") + shared
     print()
     print(table)
     if args.out:
@@ -198,7 +271,10 @@ def main() -> None:
             "`tokens` = sum m_i (useful tokens, the same on all sides), tok/s = tokens / wall. `hf` = "
             "`model.generate` on consecutive batches (each runs to the batch's largest m_i; `hf util` = useful / "
             "computed row-steps); `static` = reflow engine with refill=False (static chunks, early retirement); "
-            "`reflow` = continuous batching.\n\n```\n" + table + "\n```\n")
+            "`reflow` = continuous batching. Shared prompts: a GRPO-shaped call (groups of identical prompts, keyed "
+            "sampling, all rows live at once), every row prefilled (`unshared`) against one prefill per distinct "
+            "prompt with its K/V copied into the group's slots (`shared`, the engine's default).\n\n```\n"
+            + table + "\n```\n")
         print(f"wrote {args.out}")
 
 

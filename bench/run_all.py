@@ -11,7 +11,8 @@ e2e_vs_trl, hence .venv-bench):
     mfu             bench/mfu.py              TrainEngine MFU on three model sizes -> mfu.md
     grpovi_vs_grpo  bench/grpovi_vs_grpo.py   GRPOVI vs GRPO learning curves       -> grpovi_vs_grpo.{md,png}
     grpovi_scaling  bench/grpovi_scaling.py   GRPOVI O(n log n) micro-benchmark    -> grpovi_scaling.md (its output)
-    generation      bench/generation.py       generation throughput (when the script exists) -> generation.md
+    generation      bench/generation.py       generation throughput (when the script exists), shared vs unshared
+                                          prompt prefill on a GRPO-shaped call -> generation.md
     realloc         bench/realloc.py          planned vs naive parameter reallocation, 4 gloo processes -> realloc.md
     planner         bench/planner.py          plan search: predicted vs measured PPO iteration time, 4 Ray workers -> planner.md
     gpu_smoke       bench/gpu_smoke.py        the demo's SFT + GRPO on CUDA (skipped without one) -> gpu_smoke.md
@@ -20,7 +21,8 @@ e2e_vs_trl, hence .venv-bench):
     stability       bench/stability.py        advantage model + selective rehearsal: forgetting, hacking -> stability.{md,png}
     lora            bench/lora.py             LoRA vs full fine-tuning on the demo task -> lora.{md,png}
     chaos           bench/chaos.py            SIGKILL at random moments + --resume, in-process and 2 workers; hostile rewards -> chaos.md
-    multiturn       bench/multiturn.py        multi-turn rollouts: batched turns vs one episode at a time, tool latency -> multiturn.md
+    multiturn       bench/multiturn.py        multi-turn rollouts: batched turns vs one episode at a time, tool latency,
+                                          kept K/V across turns vs re-prefill -> multiturn.md
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
@@ -193,9 +195,11 @@ def fig_chaos(r: dict) -> str:
 
 
 def fig_multiturn(r: dict) -> str:
-    rows = (r["summary"] or {}).get("rows", [])
+    s = r["summary"] or {}
+    kv = f"; kept K/V across turns: {s['kv_ratio']:.2f}x over re-prefilling" if "kv_ratio" in s else ""
     return "; ".join(f"{x['tool']}, {x['mode']}: {x['episodes_per_s']:.1f} episodes/s, {x['tool_fraction']:.0%} "
-                     f"waiting on tools" for x in rows if x["mode"] in ("batched", "serial")) or "no summary"
+                     f"waiting on tools" for x in s.get("rows", []) if x["mode"] in ("batched", "serial")) + kv \
+        or "no summary"
 
 
 def fig_scaling(r: dict) -> str:
@@ -217,9 +221,11 @@ def fig_generation(r: dict) -> str:
     if r["summary"]:
         return json.dumps(r["summary"])[:400]
     lines = r["out"].splitlines()
+    shared = next((ln.split(";")[0] for ln in lines if ln.startswith("unshared / shared:")), None)
+    shared = f"; shared prompt prefill, {shared}" if shared else ""
     head = next((i for i, ln in enumerate(lines) if "reflow/hf" in ln and "|" in ln), None)
     if head is None:
-        return "see the result file"
+        return shared[2:] if shared else "see the result file"
     cols = [c.strip() for c in lines[head].split("|")]
     out = []
     for ln in lines[head + 1:]:
@@ -228,7 +234,7 @@ def fig_generation(r: dict) -> str:
             continue
         row = dict(zip(cols, cells))
         out.append(f"{row.get('model', '?')} batch {row.get('batch', '?')} {row['reflow/hf']}")
-    return "reflow / `model.generate` tokens/s: " + ", ".join(out) if out else "see the result file"
+    return ("reflow / `model.generate` tokens/s: " + ", ".join(out) if out else "see the result file") + shared
 
 
 def fig_realloc(r: dict) -> str:

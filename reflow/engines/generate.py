@@ -25,6 +25,19 @@ prefill forward is shared by several prompts instead of costing one extra forwar
 `refill=False` admits new prompts only when the batch is empty: static chunks of `batch_size` prompts whose
 finished rows still leave early (a baseline for benchmarks).
 
+Shared prompts (share_prefill, on by default): rows of a call with the same prompt tokens -- the n samples of a
+GRPO group, however the caller numbers them -- are prefilled once per admission: the admission's distinct
+prompts go through the [d, P] forward and each new slot gets its prompt's K/V copied in (an index_select per
+layer), and its last logits. Prefill then costs d instead of k prompt rows (2 x params x P FLOPs per row
+saved). A prompt whose rows do not all fit in the free slots keeps its prefix ([1, H_kv, P, D] per layer)
+until its last row is admitted, so a group split across refills is prefilled once too. The K/V are copied,
+not shared: the model's attention reads one dense [rows, H_kv, L, D] K/V view of the slot cache, and rows of
+a group diverge after the prompt, so reading one prompt copy for several rows needs an attention kernel that
+splits the prefix from the rows' own tokens (cascade / paged attention), which the HF forward does not take.
+The copy moves rows x P x 2 x layers x H_kv x D elements once per admission, far less than the prefill
+FLOPs it saves. Each row's result equals prefilling it on its own, up to float rounding (the prefill's batch
+is smaller).
+
 Log-probs are those of the temperature-scaled full distribution, log softmax(logits / T)[token]
 (before top-k/top-p filtering, as the inference engine computes them for the same tokens), so
 sampled log-probs agree with `token_logprobs(..., temperature=T)` up to float rounding.
@@ -46,7 +59,7 @@ Sampling has two sources of randomness:
 from __future__ import annotations
 
 import inspect
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -249,18 +262,28 @@ class _SlotCache(Cache):
         if self.end >= self.cap:
             self._window(self.end - self.start)
 
-    def admit(self, prefill: DynamicCache, width: int) -> None:
-        """Append the rows of a prefill cache ([k, H, width, D] per layer, left-padded) as slots [rows, rows + k)."""
-        k = prefill.layers[0].keys.shape[0]
+    def admit(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int,
+              rows: torch.Tensor | None = None) -> None:
+        """Append new slots [self.rows, self.rows + k) from per-layer prefill K/V `kv` ([d, H, width, D] each,
+        left-padded): new slot j gets source row rows[j] (rows: [k] indices into d, repeated when several slots
+        share a prompt's prefix; None = the d rows in order, k = d)."""
+        k = kv[0][0].shape[0] if rows is None else len(rows)
         if not self.layers[0].is_initialized:
-            for mine, theirs in zip(self.layers, prefill.layers):
-                mine.allocate(theirs.keys, self.max_rows, self.cap)
+            for mine, (keys, _) in zip(self.layers, kv):
+                mine.allocate(keys, self.max_rows, self.cap)
         self._window(max(self.end - self.start if self.rows else 0, width))
         lo, hi = self.rows, self.rows + k
-        for mine, theirs in zip(self.layers, prefill.layers):
-            mine.keys[lo:hi, :, self.end - width:self.end] = theirs.keys
-            mine.values[lo:hi, :, self.end - width:self.end] = theirs.values
+        for mine, (keys, values) in zip(self.layers, kv):
+            if rows is not None:
+                keys, values = keys.index_select(0, rows), values.index_select(0, rows)
+            mine.keys[lo:hi, :, self.end - width:self.end] = keys
+            mine.values[lo:hi, :, self.end - width:self.end] = values
         self.rows = hi
+
+    def row_kv(self, slot: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of slot `slot`'s last n cached columns, per layer (K, V) [1, H_kv, n, D]."""
+        return [(layer.keys[slot:slot + 1, :, self.end - n:self.end].clone(),
+                 layer.values[slot:slot + 1, :, self.end - n:self.end].clone()) for layer in self.layers]
 
     def retire(self, done: list[int]) -> list[tuple[int, int]]:
         """Free slots `done`; live slots past the new end fill the holes. Returns the (from, to) moves."""
@@ -282,16 +305,56 @@ class _SlotCache(Cache):
         self.start = self.end - longest
 
 
+class _SharedPrefixes:
+    """Rows of one call with the same prompt tokens (a GRPO group's n samples): `waiting` counts each prompt's
+    rows not yet admitted; `saved` holds the prefix of a prompt whose rows did not all fit in one admission,
+    per layer (K, V) [1, H_kv, P, D] and its last-position logits [1, V], until its last row is admitted. When a
+    group's rows are consecutive in the call (as the rollout call builds them) that is at most the one group
+    straddling an admission; a prompt repeated far apart in the call keeps its prefix in between."""
+
+    def __init__(self, waiting: Sequence[tuple[int, ...]]):
+        self.waiting = Counter(waiting)
+        self.saved: dict[tuple[int, ...], tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]] = {}
+
+
+class KVStore:
+    """K/V of finished rows that a later call continues (the next turn of a multi-turn episode), by the rows'
+    sampling keys: key -> (the tokens they cover, per layer (K, V) [1, H_kv, L, D]).
+
+    A generate call given a store saves each finished row's K/V under its key: the prompt and the response
+    but its last token (sampled, never fed), L = prompt + response - 1 tokens. A later call admits a row whose
+    prompt extends its key's entry by feeding only the tokens after it (`GenerationEngine._extend`). The caller
+    drops the entries it will not continue; an entry that is no prefix of the row's prompt is ignored.
+    """
+
+    def __init__(self):
+        self.entries: dict[int, tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    def drop(self, key: int) -> None:
+        self.entries.pop(_i64(int(key)), None)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def continues(self, key: int, prompt: Sequence[int]):
+        """The entry of `key` if `prompt` extends it by at least one token, else None."""
+        entry = self.entries.get(key)
+        if entry is None or not 0 < len(entry[0]) < len(prompt) or tuple(prompt[:len(entry[0])]) != entry[0]:
+            return None
+        return entry
+
+
 class GenerationEngine:
     """Decodes prompts with a (one-process) HF causal LM. Stateless between calls but for the model.
 
     batch_size: live rows at most; refill: refill freed slots from the waiting prompts (continuous batching)
     or only start new prompts once the batch is empty (static chunks); refill_min: freed slots that trigger
-    a refill (default batch_size // 8, at least 1).
+    a refill (default batch_size // 8, at least 1); share_prefill: rows with the same prompt tokens share one
+    prefill (see the module docstring; False prefills every row on its own, the baseline of the benchmark).
     """
 
     def __init__(self, model: torch.nn.Module, eos_token_ids: Sequence[int], pad_token_id: int, batch_size: int = 256,
-                 *, refill: bool = True, refill_min: int | None = None):
+                 *, refill: bool = True, refill_min: int | None = None, share_prefill: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model = model
@@ -300,6 +363,7 @@ class GenerationEngine:
         self.batch_size = batch_size
         self.refill = refill
         self.refill_min = max(1, batch_size // 8) if refill_min is None else max(1, int(refill_min))
+        self.share_prefill = share_prefill
         # The KV cache goes in under the name the model's forward takes: `cache` in recent transformers
         # (where `past_key_values` is deprecated and warns on every forward), `past_key_values` before.
         forward_args = inspect.signature(model.forward).parameters
@@ -309,14 +373,15 @@ class GenerationEngine:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  generator: torch.Generator | None = None,
                  max_new_tokens: Sequence[int] | None = None, *,
-                 keys: Sequence[int] | None = None, seed: int = 0) -> list[Generation]:
+                 keys: Sequence[int] | None = None, seed: int = 0, kv_store: KVStore | None = None) -> list[Generation]:
         """All generations, in prompt order. `max_new_tokens`: a budget per prompt (default params.max_new_tokens).
 
         Sampling randomness comes from `generator` (shared by the batch), or, batch-invariant, from
         `keys` (one distinct integer per prompt, e.g. its sample id) and `seed`: prompt key k's draw at
         response position j is a pure function of (seed, k, j), whatever else is in the call.
+        kv_store (needs keys): continue rows from their key's K/V and keep every finished row's (see KVStore).
         """
-        out = sorted(self.stream(prompts, params, generator, max_new_tokens, keys=keys, seed=seed),
+        out = sorted(self.stream(prompts, params, generator, max_new_tokens, keys=keys, seed=seed, kv_store=kv_store),
                      key=lambda g: g.index)
         return out
 
@@ -324,10 +389,13 @@ class GenerationEngine:
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                generator: torch.Generator | None = None,
                max_new_tokens: Sequence[int] | None = None, *,
-               keys: Sequence[int] | None = None, seed: int = 0) -> Iterator[Generation]:
+               keys: Sequence[int] | None = None, seed: int = 0,
+               kv_store: KVStore | None = None) -> Iterator[Generation]:
         """Yield each generation as soon as it finishes (finish order, not prompt order). Arguments as `generate`."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("cannot generate from an empty prompt")
+        if kv_store is not None and keys is None:
+            raise ValueError("a kv_store keeps rows by their keys: pass keys too")
         if keys is not None:
             if generator is not None:
                 raise ValueError("pass either a generator or keys (keyed sampling), not both")
@@ -347,7 +415,7 @@ class GenerationEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            yield from self._run(prompts, budgets, params, generator, keys, seed)
+            yield from self._run(prompts, budgets, params, generator, keys, seed, kv_store)
         finally:
             self.model.train(was_training)
 
@@ -371,14 +439,14 @@ class GenerationEngine:
                 tok = torch.multinomial(filtered.softmax(-1), 1, generator=generator)[:, 0]
         return tok, logp.gather(-1, tok[:, None])[:, 0]
 
-    def _prefill(self, idx: list[int], prompts, device) -> tuple[DynamicCache, torch.Tensor, int]:
-        """Left-padded forward of prompts `idx`: (their cache, last-position logits [k, V], padded width)."""
-        lens = [len(prompts[i]) for i in idx]
+    def _prefill(self, prompts: Sequence[Sequence[int]], device) -> tuple[DynamicCache, torch.Tensor, int]:
+        """Left-padded forward of `prompts` (k of them): (their cache, last-position logits [k, V], padded width)."""
+        lens = [len(p) for p in prompts]
         P = max(lens)
-        ids = torch.full((len(idx), P), self.pad, dtype=torch.long)
-        attn = torch.zeros((len(idx), P), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, P - lens[r]:] = torch.as_tensor(prompts[i])
+        ids = torch.full((len(prompts), P), self.pad, dtype=torch.long)
+        attn = torch.zeros((len(prompts), P), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, P - lens[r]:] = torch.as_tensor(p)
             attn[r, P - lens[r]:] = 1
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
@@ -389,8 +457,99 @@ class GenerationEngine:
                              "linear-attention or shared-KV cache layers)")
         return cache, logits, P
 
+    def _admit(self, cache: "_SlotCache", idx: list[int], prompts, device,
+               shared: "_SharedPrefixes | None") -> torch.Tensor:
+        """Prefill prompts `idx` into new slots of `cache`; returns their next-token logits [k, V].
+
+        shared (None = every row prefilled on its own): rows with the same prompt tokens get one prefill, its
+        K/V copied into each of their slots (`_SlotCache.admit` with repeated source rows); a prompt kept from
+        an earlier admission (`shared.saved`) is not prefilled again.
+        """
+        if shared is None:
+            pre, logits, width = self._prefill([prompts[i] for i in idx], device)
+            cache.admit([(layer.keys, layer.values) for layer in pre.layers], width)
+            return logits
+        toks = [tuple(prompts[i]) for i in idx]
+        distinct = list(dict.fromkeys(toks))
+        fresh = [p for p in distinct if p not in shared.saved]
+        width = max(len(p) for p in distinct)
+        if fresh:
+            pre, fresh_logits, _ = self._prefill(fresh, device)
+            fresh_kv = [(layer.keys, layer.values) for layer in pre.layers]
+        if len(fresh) == len(distinct):  # the prefill's rows are the sources as they are
+            kv, src_logits = fresh_kv, fresh_logits
+        else:  # some prefixes come from an earlier admission: right-align every source to `width` columns
+            at = {p: j for j, p in enumerate(fresh)}
+            parts = [shared.saved[p] if p in shared.saved else
+                     ([(k[at[p]:at[p] + 1, :, k.shape[2] - len(p):], v[at[p]:at[p] + 1, :, v.shape[2] - len(p):])
+                       for k, v in fresh_kv], fresh_logits[at[p]:at[p] + 1]) for p in distinct]
+            kv = []
+            for layer in range(len(parts[0][0])):
+                like = parts[0][0][layer][0]
+                keys = like.new_zeros(len(distinct), like.shape[1], width, like.shape[3])
+                values = torch.zeros_like(keys)
+                for j, (p, (pkv, _)) in enumerate(zip(distinct, parts)):
+                    keys[j, :, width - len(p):] = pkv[layer][0][0]
+                    values[j, :, width - len(p):] = pkv[layer][1][0]
+                kv.append((keys, values))
+            src_logits = torch.cat([lg for _, lg in parts])
+        rows = None
+        if len(distinct) < len(toks):
+            at = {p: j for j, p in enumerate(distinct)}
+            rows = torch.tensor([at[p] for p in toks], device=device)
+        cache.admit(kv, width, rows)
+        # keep the prefix of a prompt with rows still waiting (a group split across refills), drop it with its last
+        for p in toks:
+            shared.waiting[p] -= 1
+        for j, p in enumerate(distinct):
+            if shared.waiting[p] <= 0:
+                shared.saved.pop(p, None)
+                del shared.waiting[p]
+            elif p not in shared.saved:
+                shared.saved[p] = ([(k[j:j + 1, :, width - len(p):].clone(), v[j:j + 1, :, width - len(p):].clone())
+                                    for k, v in kv], src_logits[j:j + 1].clone())
+        return src_logits if rows is None else src_logits.index_select(0, rows)
+
+    def _extend(self, cache: "_SlotCache", idx: list[int], prompts, device,
+                past: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+        """Admit rows `idx` whose prompts extend stored K/V past[r] ([1, H_kv, L_r, D] per layer, the first L_r
+        tokens of the prompt): one forward of the tokens after the reused ones; their next-token logits [k, V].
+
+        With n_r = |prompt_r| and Q = max_r (n_r - L_r) (the longest extension), row r reuses R_r = max(0, n_r - Q)
+        stored columns and feeds its last n_r - R_r <= Q tokens (left-padded to Q; a row with a shorter extension
+        recomputes a few stored tokens so that every row's valid columns stay one contiguous suffix):
+
+            cache [k, H_kv, max R + Q, D]:  pad | past (R_r) | fed (n_r - R_r)      attention mask: last n_r columns
+        """
+        lens = [len(prompts[i]) for i in idx]
+        Q = max(n - kv[0][0].shape[2] for n, kv in zip(lens, past))
+        R = [max(0, n - Q) for n in lens]
+        Rm, k = max(R), len(idx)
+        pre = DynamicCache(config=self.model.config)
+        if Rm:
+            for layer in range(len(past[0])):
+                like = past[0][layer][0]
+                keys = like.new_zeros(k, like.shape[1], Rm, like.shape[3])
+                values = torch.zeros_like(keys)
+                for r, kv in enumerate(past):
+                    keys[r, :, Rm - R[r]:] = kv[layer][0][0, :, :R[r]]
+                    values[r, :, Rm - R[r]:] = kv[layer][1][0, :, :R[r]]
+                pre.update(keys, values, layer)
+        ids = torch.full((k, Q), self.pad, dtype=torch.long)
+        pos = torch.zeros((k, Q), dtype=torch.long)
+        attn = torch.zeros((k, Rm + Q), dtype=torch.long)
+        for r, (i, n) in enumerate(zip(idx, lens)):
+            fed = n - R[r]
+            ids[r, Q - fed:] = torch.as_tensor(prompts[i][R[r]:])
+            pos[r, Q - fed:] = torch.arange(R[r], n)
+            attn[r, Rm + Q - n:] = 1
+        logits = self.model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
+                            use_cache=True, logits_to_keep=1, **{self._cache_arg: pre}).logits[:, -1]
+        cache.admit([(layer.keys, layer.values) for layer in pre.layers], Rm + Q)
+        return logits
+
     def _run(self, prompts, budgets: list[int], params: SamplingParams, generator,
-             keys: list[int] | None = None, seed: int = 0) -> Iterator[Generation]:
+             keys: list[int] | None = None, seed: int = 0, store: KVStore | None = None) -> Iterator[Generation]:
         device = next(self.model.parameters()).device
         eos = self.eos.to(device)
         for i, m in enumerate(budgets):  # nothing to decode: done before anything runs
@@ -402,6 +561,9 @@ class GenerationEngine:
         max_len = max(len(prompts[i]) + budgets[i] for i in queue)
         cache = _SlotCache(self.model.config.get_text_config(decoder=True).num_hidden_layers,
                            min(self.batch_size, len(queue)), max_len)
+        # rows that continue a stored entry (keys are distinct, so entries saved during this call continue none)
+        past = {} if store is None else {i: e[1] for i in queue if (e := store.continues(keys[i], prompts[i]))}
+        shared = _SharedPrefixes([tuple(prompts[i]) for i in queue if i not in past]) if self.share_prefill else None
         slot: list[int] = []  # slot -> prompt index
         lens = torch.zeros(0, dtype=torch.long, device=device)  # slot -> tokens in the cache
         logits = None  # slot -> next-token logits [rows, V]
@@ -410,10 +572,15 @@ class GenerationEngine:
         while queue or slot:
             free = cache.max_rows - len(slot)
             if queue and free and (not slot or (self.refill and free >= min(self.refill_min, len(queue)))):
-                idx = [queue.popleft() for _ in range(min(free, len(queue)))]
-                pre, new_logits, width = self._prefill(idx, prompts, device)
-                cache.admit(pre, width)
-                del pre
+                taken = [queue.popleft() for _ in range(min(free, len(queue)))]
+                fresh, cont = [i for i in taken if i not in past], [i for i in taken if i in past]
+                parts = []
+                if fresh:
+                    parts.append(self._admit(cache, fresh, prompts, device, shared))
+                if cont:
+                    parts.append(self._extend(cache, cont, prompts, device, [past.pop(i) for i in cont]))
+                new_logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+                idx = fresh + cont
                 slot += idx
                 new_lens = torch.tensor([len(prompts[i]) for i in idx], device=device)
                 lens = torch.cat([lens, new_lens])
@@ -434,6 +601,8 @@ class GenerationEngine:
                     done.append(s)
             for s in done:
                 i = slot[s]
+                if store is not None:  # its K/V: the prompt and the response but the last (sampled) token
+                    store.entries[keys[i]] = (tuple(prompts[i]) + tuple(tokens[i][:-1]), cache.row_kv(s, int(lens[s])))
                 yield Generation(i, list(prompts[i]), tokens.pop(i), logps.pop(i), bool(ended[s]))
             if done:
                 moves = cache.retire(done)

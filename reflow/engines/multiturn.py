@@ -11,6 +11,10 @@ not the sum of them. `batched=False` runs one episode at a time instead (the bas
     step is called on every message, the last one included (its observation is then dropped, so a sample
     always ends with a model token, where the score lands)
 
+An episode's K/V is kept from one turn to the next (`KVStore`, keep_kv=True): a turn feeds only its new
+tokens (the previous turn's last token and the observation) on top of them instead of prefilling the whole
+context again; memory holds every running episode's context K/V between rounds.
+
 Sampling is keyed: turn k of sample id s draws its noise from (seed_of(k), s, position in the turn), where
 the caller's seed_of(k) mixes the run seed, the step and k; the tokens of an episode therefore do not depend
 on which episodes share a round, in which order, on how many replicas split them, or on `batched`.
@@ -33,7 +37,7 @@ import torch
 
 from reflow.data.batch import SampleBatch
 from reflow.envs.base import EnvError, check_step_result, describe_episode
-from reflow.engines.generate import GenerationEngine, SamplingParams
+from reflow.engines.generate import GenerationEngine, KVStore, SamplingParams
 
 
 @dataclass
@@ -109,14 +113,17 @@ def start_episodes(envs: Sequence[object], rows: Sequence[dict], prompt_ids: Seq
 
 
 def run_round(engine: GenerationEngine, eps: list[Episode], params: SamplingParams, limits: Limits, tokenizer,
-              seed: int, spec: str, pool: ThreadPoolExecutor | None, times: RolloutTimes) -> None:
+              seed: int, spec: str, pool: ThreadPoolExecutor | None, times: RolloutTimes,
+              store: KVStore | None = None) -> None:
     """One turn of every running episode of `eps` (all of the same turn number): a batched decode, then the
-    env steps concurrently; finished episodes are marked, the others get their observation."""
+    env steps concurrently; finished episodes are marked, the others get their observation. store: the
+    episodes' K/V from their previous turn (continued, then replaced by this turn's; finished episodes' dropped)."""
     if not eps:
         return
     budgets = [min(limits.max_turn_tokens, limits.max_new_tokens - ep.generated) for ep in eps]
     t0 = time.perf_counter()
-    gens = engine.generate([ep.context for ep in eps], params, None, budgets, keys=[ep.key for ep in eps], seed=seed)
+    gens = engine.generate([ep.context for ep in eps], params, None, budgets, keys=[ep.key for ep in eps], seed=seed,
+                           kv_store=store)
     t1 = time.perf_counter()
     messages = []
     for ep, g in zip(eps, gens):
@@ -148,6 +155,8 @@ def run_round(engine: GenerationEngine, eps: list[Episode], params: SamplingPara
         ep.done = done
         if done or ep.turns >= limits.max_turns or ep.generated >= limits.max_new_tokens:
             ep.finished = True
+            if store is not None:
+                store.drop(ep.key)
             continue
         obs_ids = tokenizer.encode(obs, add_special_tokens=False)[: limits.max_obs_tokens] if obs else []
         ep.tokens += obs_ids
@@ -157,10 +166,13 @@ def run_round(engine: GenerationEngine, eps: list[Episode], params: SamplingPara
 
 def run_episodes(engine: GenerationEngine, eps: list[Episode], params: SamplingParams, limits: Limits, tokenizer,
                  seed_of: Callable[[int], int], spec: str, *, batched: bool = True,
-                 threads: int = 16) -> RolloutTimes:
+                 threads: int = 16, keep_kv: bool = True) -> RolloutTimes:
     """Play every episode to its end (in place). seed_of(k): the sampling seed of turn k (0-based).
-    batched: every running episode's turn k in one round; else one episode after another."""
+    batched: every running episode's turn k in one round; else one episode after another.
+    keep_kv: a turn continues from the K/V of the episode's previous turn, feeding only its new tokens (the
+    last sampled token and the observation); else each turn prefills the whole context again."""
     times = RolloutTimes()
+    store = KVStore() if keep_kv else None
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         groups = [eps] if batched else [[ep] for ep in eps]
         for group in groups:
@@ -169,7 +181,7 @@ def run_episodes(engine: GenerationEngine, eps: list[Episode], params: SamplingP
                 live = [ep for ep in group if not ep.finished]
                 if not live:
                     break
-                run_round(engine, live, params, limits, tokenizer, seed_of(turn), spec, pool, times)
+                run_round(engine, live, params, limits, tokenizer, seed_of(turn), spec, pool, times, store)
                 turn += 1
     return times
 

@@ -527,3 +527,62 @@ def test_gumbel_sample_rows_are_independent_of_the_batch(monkeypatch):
                        whole)
     monkeypatch.setattr(generate_mod, "_NOISE_ELEMENTS", 700)  # noise made two rows at a time
     assert torch.equal(gumbel_sample(logits, 9, keys, pos), whole)
+
+
+# ---------------------------------------------------------------- shared prompts (one prefill per distinct prompt)
+# GRPO-shaped: groups of identical prompts (of different lengths), one group bigger than the slots, and a prompt
+# that comes back later in the call (its earlier rows have all been admitted by then)
+GROUPED = [MANY_PROMPTS[i] for i in [1] * 5 + [0] * 3 + [4] * 4 + [2] * 2 + [1] * 2 + [3]]
+
+
+def _prefilled_rows(eng, monkeypatch):
+    """Number of prompt rows each prefill forward of `eng` runs, appended to the returned list."""
+    rows, real = [], eng._prefill
+    monkeypatch.setattr(eng, "_prefill", lambda prompts, device: (rows.append(len(prompts)), real(prompts, device))[1])
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["greedy", "keyed", "generator"])
+def test_shared_prefill_gives_the_tokens_and_logprobs_of_prefilling_each_row_across_refills(model, monkeypatch, mode):
+    params = SamplingParams(max_new_tokens=9, greedy=True) if mode == "greedy" else KEYED
+    keys = list(range(500, 500 + len(GROUPED))) if mode == "keyed" else None
+    run = {}
+    for share in (True, False):  # 3 slots: the first group of 5 is split over admissions; rows end at many steps
+        eng = GenerationEngine(model, MANY_EOS, PAD, batch_size=3, refill_min=1, share_prefill=share)
+        prefilled = _prefilled_rows(eng, monkeypatch)
+        run[share] = eng.generate(GROUPED, params, gen(4) if mode == "generator" else None, keys=keys, seed=9)
+        if share:  # each distinct prompt once, also the one that comes back later in the call
+            assert sum(prefilled) == 5 and len(prefilled) > 3, prefilled
+        else:
+            assert sum(prefilled) == len(GROUPED)
+    assert len({len(g.tokens) for g in run[True]}) > 2, "rows should end at different steps (refills)"
+    if mode != "greedy":  # the samples of a group differ
+        assert len({tuple(g.tokens) for g in run[True][:5]}) > 1
+    assert_same_samples(run[True], run[False])
+
+
+# ---------------------------------------------------------------- continuing rows from stored K/V (next turns)
+from reflow.engines.generate import KVStore  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", ["greedy", "keyed"])
+def test_rows_continued_from_a_kv_store_equal_prefilling_their_whole_prompt(model, monkeypatch, mode):
+    params = SamplingParams(max_new_tokens=8, greedy=True) if mode == "greedy" else KEYED
+    eng = GenerationEngine(model, MANY_EOS, PAD, batch_size=3, refill_min=1)
+    store = KVStore()
+    first = eng.generate(MANY_PROMPTS, params, keys=KEYS, seed=3, kv_store=store)
+    assert len(store) == len(MANY_PROMPTS)
+    # next turn: 10 rows go on with observations of 0-4 tokens, one key's prompt no longer extends its entry,
+    # and two new rows (fresh prefill in the same admissions as continued ones)
+    nxt = [g.prompt_ids + g.tokens + [60 + j] * (j % 5) for j, g in enumerate(first[:10])]
+    nxt[4] = [7] + nxt[4]
+    nxt += [MANY_PROMPTS[0], MANY_PROMPTS[5]]
+    keys = KEYS[:10] + [1, 2]
+    fed = _prefilled_rows(eng, monkeypatch)  # fresh prefills only: the continued rows go through _extend
+    cont = eng.generate(nxt, params, keys=keys, seed=4, kv_store=store)
+    assert sum(fed) == 3  # the row whose prompt changed and the two new ones
+    whole = GenerationEngine(model, MANY_EOS, PAD, batch_size=3, refill_min=1).generate(nxt, params, keys=keys, seed=4)
+    assert len({len(g.tokens) for g in cont}) > 2, "rows should end at different steps (refills)"
+    assert_same_samples(cont, whole)
+    with pytest.raises(ValueError, match="pass keys too"):
+        eng.generate(nxt, params, kv_store=store)

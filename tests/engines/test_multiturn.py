@@ -49,13 +49,13 @@ ROWS = [{"prompt": f"{a}*{b}=", "answer": str(a * b)} for a, b in [(12, 34), (5,
 
 
 def play(model_and_tok, env_cls=EchoEnv, rows=ROWS, keys=None, limits=Limits(4, 5, 12, 64), batched=True,
-         seed=3, threads=8, spec="test:EchoEnv"):
+         seed=3, threads=8, spec="test:EchoEnv", share_prefill=True, keep_kv=True):
     model, tok = model_and_tok
     keys = list(range(100, 100 + len(rows))) if keys is None else keys
     eps = start_episodes([env_cls() for _ in rows], rows, [tok.encode(r["prompt"]) for r in rows], keys, tok, spec)
-    engine = GenerationEngine(model, [tok.eos_token_id, *TURN_END], tok.pad_token_id, 4)
+    engine = GenerationEngine(model, [tok.eos_token_id, *TURN_END], tok.pad_token_id, 4, share_prefill=share_prefill)
     times = run_episodes(engine, eps, PARAMS, limits, tok, lambda k: sample_seed(seed, k), spec, batched=batched,
-                         threads=threads)
+                         threads=threads, keep_kv=keep_kv)
     return eps, times
 
 
@@ -133,6 +133,35 @@ def test_episodes_are_the_same_batched_one_at_a_time_in_any_order_or_split(model
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
     other_seed, _ = play(model_and_tok, seed=4)
     assert [e.tokens for e in other_seed] != [e.tokens for e in whole]
+
+
+def test_groups_of_episodes_are_the_same_with_and_without_shared_prefill(model_and_tok):
+    rows = [r for r in ROWS[:3] for _ in range(3)]  # 3 prompts x 3 samples: a group's first turns share a prompt
+    keys = list(range(200, 209))
+    shared, _ = play(model_and_tok, rows=rows, keys=keys)
+    alone, _ = play(model_and_tok, rows=rows, keys=keys, share_prefill=False)
+    assert len({tuple(e.tokens) for e in shared}) == len(rows)
+    assert [(e.tokens, e.action, e.turns) for e in shared] == [(e.tokens, e.action, e.turns) for e in alone]
+    for x, y in zip(shared, alone):
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+
+
+def test_kept_kv_gives_the_episodes_of_reprefilling_each_turn_and_feeds_only_new_tokens(model_and_tok):
+    fed = []  # tokens of each prefill forward (more than one column)
+    hook = model_and_tok[0].register_forward_pre_hook(
+        lambda m, a, kw: fed.append(kw["input_ids"].numel()) if kw["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    try:
+        kept, _ = play(model_and_tok, limits=Limits(4, 5, 20, 64))
+        kept_fed, fed[:] = sum(fed), []
+        again, _ = play(model_and_tok, limits=Limits(4, 5, 20, 64), keep_kv=False)
+        again_fed = sum(fed)
+    finally:
+        hook.remove()
+    assert max(e.turns for e in kept) >= 3
+    assert [(e.tokens, e.action, e.turns) for e in kept] == [(e.tokens, e.action, e.turns) for e in again]
+    for x, y in zip(kept, again):
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+    assert kept_fed < again_fed / 2, (kept_fed, again_fed)
 
 
 def test_the_env_steps_of_a_round_run_at_the_same_time(model_and_tok):

@@ -3,7 +3,9 @@
 Sample ids: step s with P prompts x n samples numbers its samples s*P*n .. (s+1)*P*n - 1, and the samples
 of prompt j form group s*P*n + j. Data-parallel replicas take contiguous shares of the samples; keyed
 sampling makes every sample's tokens a pure function of (run seed, step, sample id), so the share a replica
-gets changes nothing. samples["policy_version"]: the number of updates the generating weights had seen. With `options["greedy"]` one greedy response per prompt is decoded instead, keyed
+gets changes nothing. A group's n samples are n rows with the same prompt tokens, which the engine prefills once
+(GenerationEngine share_prefill: it matches rows by token content, so a group split over replicas or refills
+is still right, and prompts repeated across groups share too). samples["policy_version"]: the number of updates the generating weights had seen. With `options["greedy"]` one greedy response per prompt is decoded instead, keyed
 by its group (`ids` = the group ids): ReMax's baseline, spread over the group's samples by the consumer.
 
 generate_episodes: the same samples as multi-turn episodes against rollout.env (reflow/engines/multiturn.py),
