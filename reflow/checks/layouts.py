@@ -18,7 +18,7 @@ from reflow.engines.infer import InferenceEngine
 from reflow.engines.train import TrainEngine
 from reflow.models.load import load_policy
 from reflow.models.packing import token_logprobs
-from reflow.parallel.context import ParallelContext
+from reflow.parallel.context import ParallelContext, equal_micro_batches
 from reflow.parallel.layout import Layout, validate_layout
 
 # Adam's first step is lr * g / (|g| + eps); with eps far above |g| the update is proportional to g,
@@ -74,12 +74,15 @@ def compare_generation(ref, model, tok, prompts: list[list[int]], params: Sampli
 def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], micro_batch_tokens: int = 40) -> dict:
     """{layout: {"loss": |dloss|, "grad_norm": |dnorm|, "weights": max |dw|, "logprobs": max |dlogp|,
     "replica_logprobs": max |dlogp| with data-parallel replicas (`shard_data=False`), "replica_sharded":
-    whether that copy holds any FSDP2 module (it must not), "moved": max |w1 - w0|}}."""
+    whether that copy holds any FSDP2 module (it must not), "moved": max |w1 - w0|}}.
+    A layout may name its pipeline schedule, "d1t1p2:gpipe" (default 1f1b); pipeline layouts also report
+    "in_flight": {"peak": micro-batches this stage held at once, "micro_batches": M, "stage": s}."""
     torch.manual_seed(0)
     batch = sample_batch()
     out = {}
     for text in layouts:
-        layout = Layout.parse(text)
+        layout_text, _, schedule = text.partition(":")
+        layout = Layout.parse(layout_text)
         ref_model = load_policy(model_dir)
         validate_layout(layout, ref_model.config, list(range(world)), world)
         before = full_params(ref_model)
@@ -90,7 +93,8 @@ def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], mic
 
         ctx = ParallelContext.build(layout)
         model = load_policy(model_dir)
-        engine = TrainEngine(model, lr=LR, eps=EPS, grad_clip=1.0, micro_batch_tokens=micro_batch_tokens, parallel=ctx)
+        engine = TrainEngine(model, lr=LR, eps=EPS, grad_clip=1.0, micro_batch_tokens=micro_batch_tokens, parallel=ctx,
+                             pipeline_schedule=schedule or "1f1b")
         logp, _ = InferenceEngine(engine.model, micro_batch_tokens, parallel=ctx).logprobs(batch)
         stats = engine.step(batch, nll_loss)
         after = full_params(engine.model)
@@ -107,6 +111,11 @@ def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], mic
             "replica_sharded": any(isinstance(m, FSDPModule) for m in replica.model.modules()),
             "moved": max(float((ref_after[n] - before[n]).abs().max()) for n in before),
         }
+        stage = getattr(engine.model, "_reflow_stage", None)
+        if stage is not None:
+            micro_batches = len(equal_micro_batches(ctx, ctx.local_part(batch), micro_batch_tokens))
+            out[text]["in_flight"] = {"peak": stage.peak_in_flight, "micro_batches": micro_batches,
+                                      "stage": stage.stage}
     return out
 
 

@@ -24,6 +24,7 @@ from reflow.parallel.device import place
 from reflow.parallel.grad_norm import clip_grad_norm_
 from reflow.models.packing import Attention, hidden_states
 from reflow.parallel.parallelize import parallelize
+from reflow.parallel.schedules import SCHEDULES, stage_order
 
 log = logging.getLogger("reflow")
 
@@ -55,13 +56,19 @@ class TrainEngine:
                  eps: float = 1e-8, grad_clip: float = 1.0, warmup_steps: int = 0, total_steps: int = 1,
                  schedule: str = "constant", min_lr_ratio: float = 0.0, micro_batch_tokens: int = 4096,
                  attention: Attention = "padded", gradient_checkpointing: bool = False, parallel=None,
-                 precision: str = "fp32", on_nonfinite: str = "skip"):
+                 precision: str = "fp32", on_nonfinite: str = "skip", pipeline_schedule: str = "1f1b"):
         """`parallel`: a ParallelContext; the model (a plain HF model) is then parallelized here under its layout.
         `precision`: "fp32", or "bf16" = mixed precision (forward and backward under bf16 autocast, fp32
         master weights, gradients and optimizer state).
         `on_nonfinite`: a NaN / inf loss statistic or gradient norm never reaches the weights: "skip" drops
         the update (no optimizer or LR-schedule step; reported as nonfinite_skipped = 1), "stop" raises
-        NonFiniteError."""
+        NonFiniteError.
+        `pipeline_schedule`: "1f1b" or "gpipe", the order of micro-batch forwards and backwards under a layout
+        with p > 1 (parallel/schedules.py): the same gradients, 1F1B holds at most p micro-batches'
+        activations instead of all of them."""
+        if pipeline_schedule not in SCHEDULES:
+            raise ValueError(f"pipeline schedule must be one of {', '.join(SCHEDULES)}, got {pipeline_schedule!r}")
+        self.pipeline_schedule = pipeline_schedule
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
@@ -176,26 +183,29 @@ class TrainEngine:
         return torch.autocast(device, dtype=torch.bfloat16)
 
     def _accumulate_pipeline(self, stage, part, loss_fn, norm, group_key, totals, loss_name) -> None:
-        """GPipe: every micro-batch forward (the last stage computes the loss), then all backward."""
-        losses = []
+        """The micro-batches' forwards and backwards in the order of `self.pipeline_schedule` (the last stage
+        computes the loss; schedules.stage_order)."""
         # the same count on every data-parallel rank (FSDP2 collectives); each stage of a data-parallel
         # rank holds the same part, so its stages agree on the micro-batches too
-        for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key):
+        mbs = equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key)
+
+        def forward(j: int) -> torch.Tensor | None:
+            mb, real = mbs[j]
             mb = self._on_device(mb)
-            if stage.is_last:
-                with self._autocast():
-                    loss, stats = loss_fn(self.model, mb, norm)
-                if not real:  # padding micro-batch: runs the collectives, contributes nothing
-                    losses.append(loss * 0.0)
-                    continue
-                losses.append(loss)
-                items = {loss_name: loss, **stats} if loss_name else stats
-                for k, v in items.items():
-                    totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            else:  # runs this stage's layers and sends the activation on
+            if not stage.is_last:  # runs this stage's layers and sends the activation on
                 with self._autocast():
                     hidden_states(self.model, mb, self.attention)
-        stage.backward(losses)
+                return None
+            with self._autocast():
+                loss, stats = loss_fn(self.model, mb, norm)
+            if not real:  # padding micro-batch: runs the collectives, contributes nothing
+                return loss * 0.0
+            items = {loss_name: loss, **stats} if loss_name else stats
+            for k, v in items.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            return loss
+
+        stage.run(stage_order(self.pipeline_schedule, stage.stage, stage.p, len(mbs)), forward)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

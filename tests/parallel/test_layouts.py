@@ -49,8 +49,17 @@ def _assert_equivalent(results: list[dict]):
             assert not diff["replica_sharded"], layout
 
 
-def test_two_process_layouts_match_one_process(debug_model):
-    _assert_equivalent(launch(check_layouts, 2, args=(str(debug_model), ["d2t1p1", "d1t2p1", "d1t1p2"])))
+def test_two_process_layouts_match_one_process_and_1f1b_holds_at_most_p_minus_s_micro_batches(debug_model):
+    # d1t1p2 under both schedules, 12-token micro-batches cut the batch into more than p of them
+    results = launch(check_layouts, 2, args=(str(debug_model), ["d2t1p1", "d1t2p1", "d1t1p2:1f1b", "d1t1p2:gpipe"],
+                                             12))
+    _assert_equivalent(results)
+    for r in results:
+        one_f_one_b, gpipe = r["d1t1p2:1f1b"]["in_flight"], r["d1t1p2:gpipe"]["in_flight"]
+        m, s = gpipe["micro_batches"], gpipe["stage"]
+        assert m > 2
+        assert gpipe["peak"] == m  # GPipe holds every micro-batch's activations before the first backward
+        assert one_f_one_b["peak"] == 2 - s  # 1F1B: at most p - s on stage s of p = 2
 
 
 def test_four_process_layouts_match_one_process(debug_model):
