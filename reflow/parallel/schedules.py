@@ -11,7 +11,7 @@ p - s under 1F1B (`peak_in_flight`).
 
 With sends that do not wait for the receiver (the stages' `isend`) and blocking receives, every order here is
 deadlock-free: stage s's F(j) waits only for stage s-1's F(j) and its B(j) for stage s+1's B(j), which
-each stage reaches without waiting on s (`check_orders` proves it for any given orders).
+each stage reaches without waiting on s (`fused.check_schedule` proves it for given orders).
 """
 
 from __future__ import annotations
