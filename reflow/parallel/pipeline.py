@@ -35,6 +35,8 @@ data-parallel coordinate holds the same shard).
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
@@ -53,13 +55,14 @@ def stage_bounds(num_layers: int, p: int, stage: int) -> tuple[int, int]:
 class Outbox:
     """Sends that do not wait for the receiver (`isend`); each tensor is kept alive until its send completes."""
 
-    def __init__(self):
+    def __init__(self, tag: int = 0):
+        self.tag = tag
         self.pending: list[tuple[dist.Work, torch.Tensor]] = []
 
     def send(self, x: torch.Tensor, dst: int, group) -> None:
         x = x.detach().contiguous()
         self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
-        self.pending.append((dist.isend(x, dst=dst, group=group), x))
+        self.pending.append((dist.isend(x, dst=dst, group=group, tag=self.tag), x))
 
     def wait(self) -> None:
         for work, _ in self.pending:
@@ -73,12 +76,12 @@ def send_activation(x: torch.Tensor, dst: int, group, outbox: Outbox) -> None:
     outbox.send(x, dst, group)
 
 
-def recv_activation(like: torch.Tensor, src: int, group) -> torch.Tensor:
+def recv_activation(like: torch.Tensor, src: int, group, tag: int = 0) -> torch.Tensor:
     header = torch.empty(4, dtype=torch.long)
-    dist.recv(header, src=src, group=group)
+    dist.recv(header, src=src, group=group, tag=tag)
     shape = tuple(int(v) for v in header[: like.dim()])
     buf = torch.empty(shape, dtype=like.dtype, device=like.device)
-    dist.recv(buf, src=src, group=group)
+    dist.recv(buf, src=src, group=group, tag=tag)
     if shape != tuple(like.shape):
         raise ValueError(f"pipeline stage received activations of shape {shape} from rank {src} but its own forward "
                          f"has shape {tuple(like.shape)}: every stage must use the same micro-batches and attention "
@@ -105,13 +108,13 @@ class PassThrough(torch.nn.Module):
 class Recv(torch.nn.Module):
     """Swaps in the activation of the previous stage (and remembers it for backward)."""
 
-    def __init__(self, layer: torch.nn.Module, src: int, group):
+    def __init__(self, layer: torch.nn.Module, src: int, group, tag: int = 0):
         super().__init__()
-        self.layer, self.src, self.group = layer, src, group
+        self.layer, self.src, self.group, self.tag = layer, src, group, tag
         self.received: list[torch.Tensor] = []
 
     def forward(self, hidden_states, *args, **kwargs):
-        buf = recv_activation(hidden_states, self.src, self.group)
+        buf = recv_activation(hidden_states, self.src, self.group, self.tag)
         buf.requires_grad_(torch.is_grad_enabled())
         self.received.append(buf)
         return self.layer(buf, *args, **kwargs)
@@ -142,7 +145,10 @@ class PipelineStage:
         n = len(layers)
         self.a, self.b = stage_bounds(n, p, stage)
         self.recv = self.send = None
-        self.outbox = Outbox()
+        # the pipeline's own message tag: two pipelines over the same ranks in different orders (a fused
+        # actor and critic) interleave their messages between the same two ranks
+        self.tag = zlib.crc32(repr(list(ranks)).encode()) % (1 << 24)
+        self.outbox = Outbox(self.tag)
         # micro-batch -> (Recv leaf, sent activation, loss): what its backward needs, dropped by that backward
         self.held: dict[int, tuple] = {}
         self.peak_in_flight = 0  # most micro-batches held at once during the last step
@@ -150,7 +156,7 @@ class PipelineStage:
             if not self.a <= i < self.b:
                 layers[i] = PassThrough()
         if stage > 0:
-            self.recv = layers[self.a] = Recv(layers[self.a], ranks[stage - 1], group)
+            self.recv = layers[self.a] = Recv(layers[self.a], ranks[stage - 1], group, self.tag)
         if stage < p - 1:
             last = layers[self.b - 1]
             self.send = layers[self.b - 1] = Send(last, ranks[stage + 1], group, self.outbox) \
@@ -199,7 +205,7 @@ class PipelineStage:
             loss.backward()
         else:
             grad = torch.empty_like(out)
-            dist.recv(grad, src=self.ranks[self.stage + 1], group=self.group)
+            dist.recv(grad, src=self.ranks[self.stage + 1], group=self.group, tag=self.tag)
             torch.autograd.backward(out, grad)
         if self.stage > 0:
             self.outbox.send(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf),

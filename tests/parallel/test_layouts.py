@@ -119,3 +119,16 @@ def test_peers_of_a_failed_worker_are_stopped_not_left_hanging(monkeypatch):
     assert "rank 0: stopped 1 s after rank 1 failed" in str(e.value)
     assert time.monotonic() - t0 < 60  # bounded by the grace period, not the 300 s collective timeout
     sys.modules.pop("crash_worker", None)
+
+
+def test_fused_actor_critic_training_on_two_ranks_matches_each_models_one_process_step(debug_model):
+    from reflow.checks.layouts import check_fused
+
+    for r in launch(check_fused, 2, args=(str(debug_model),)):
+        for name in ("actor", "critic"):
+            diff = r[name]
+            assert diff["moved"] > 1e-3, name
+            assert diff["loss"] < 1e-5 and diff["grad_norm"] < 1e-4 and diff["weights"] < 1e-5, (name, diff)
+        sched = r["schedule"]
+        assert sched["micro_batches"] > 2 and sched["span"] < sched["sequential"]
+        assert max(sched["peak"].values()) <= 2
