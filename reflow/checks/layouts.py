@@ -147,7 +147,7 @@ def value_mse(model, mb, norm):
     return ((values - 1.0) ** 2 * mb.tokens["action_mask"]).sum() / norm.tokens, {}
 
 
-def _critic(model_dir: str):
+def critic_with_random_head(model_dir: str):
     critic = load_critic(model_dir)
     torch.manual_seed(5)  # a random head (a fresh one is zero), the same on every rank: the backbone gets gradients
     with torch.no_grad():
@@ -164,7 +164,7 @@ def check_fused(rank: int, world: int, model_dir: str, micro_batch_tokens: int =
 
     torch.manual_seed(0)
     batch = sample_batch()
-    jobs = {"actor": (lambda: load_policy(model_dir), nll_loss), "critic": (lambda: _critic(model_dir), value_mse)}
+    jobs = {"actor": (lambda: load_policy(model_dir), nll_loss), "critic": (lambda: critic_with_random_head(model_dir), value_mse)}
     ref = {}
     for name, (load, loss_fn) in jobs.items():
         model = load()

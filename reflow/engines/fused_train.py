@@ -45,7 +45,7 @@ def fused_train_step(jobs: dict[str, tuple[TrainEngine, SampleBatch, Callable]],
                 raise ValueError(f"fused training: stage {s} of '{name}' runs on rank {stage.ranks[s]}, the schedule "
                                  f"puts it with rank {where[r]}; build the critic's layout on the reversed rank list")
         stages[name] = stage
-        stage.peak_in_flight = 0
+        stage.start_step()
     me = next(r for r, g in where.items() if g == dist.get_rank())
     order = rank_orders(schedule, spec.p)[me]
     last_b = {op.model: i for i, op in enumerate(order) if op.kind == "B"}

@@ -293,3 +293,16 @@ def bubble_fractions(schedule: list[Slot], spec: FusedSpec) -> list[float]:
     for s in schedule:
         busy[s.rank] += spec.duration(s.op)
     return [1 - b / span for b in busy]
+
+
+def picture(schedule: list[Slot], spec: FusedSpec) -> str:
+    """The schedule as text, one line per rank, two characters per time unit: the first model's forward /
+    backward of micro-batch j as Fj / Bj, the second's as fj / bj, idle as '..'."""
+    span = max(s.slot + spec.duration(s.op) for s in schedule)
+    first = next(iter(spec.ranks))
+    rows = [[".."] * span for _ in range(spec.p)]
+    for s in schedule:
+        cell = f"{s.op.kind if s.op.model == first else s.op.kind.lower()}{s.op.mb % 10}"
+        for t in range(s.slot, s.slot + spec.duration(s.op)):
+            rows[s.rank][t] = cell
+    return "\n".join(f"rank {r}: {' '.join(row)}" for r, row in enumerate(rows))

@@ -35,6 +35,7 @@ data-parallel coordinate holds the same shard).
 
 from __future__ import annotations
 
+import time
 import zlib
 
 import torch
@@ -112,9 +113,12 @@ class Recv(torch.nn.Module):
         super().__init__()
         self.layer, self.src, self.group, self.tag = layer, src, group, tag
         self.received: list[torch.Tensor] = []
+        self.waited_s = 0.0  # time blocked in receives (the stage's idle time: its bubble)
 
     def forward(self, hidden_states, *args, **kwargs):
+        t0 = time.perf_counter()
         buf = recv_activation(hidden_states, self.src, self.group, self.tag)
+        self.waited_s += time.perf_counter() - t0
         buf.requires_grad_(torch.is_grad_enabled())
         self.received.append(buf)
         return self.layer(buf, *args, **kwargs)
@@ -152,6 +156,7 @@ class PipelineStage:
         # micro-batch -> (Recv leaf, sent activation, loss): what its backward needs, dropped by that backward
         self.held: dict[int, tuple] = {}
         self.peak_in_flight = 0  # most micro-batches held at once during the last step
+        self.grad_wait_s = 0.0  # time blocked receiving gradients during the last step
         for i in range(n):
             if not self.a <= i < self.b:
                 layers[i] = PassThrough()
@@ -181,6 +186,19 @@ class PipelineStage:
         self.held.clear()
         self.outbox.wait()
 
+    def start_step(self) -> None:
+        """Zero the step's measurements: micro-batches held at once, time blocked in receives."""
+        self.peak_in_flight = 0
+        self.grad_wait_s = 0.0
+        if self.recv is not None:
+            (self.recv.recv_mod if isinstance(self.recv, _RecvSend) else self.recv).waited_s = 0.0
+
+    @property
+    def wait_s(self) -> float:
+        """Seconds this stage spent blocked in receives since `start_step` (activations and gradients)."""
+        recv = self.recv.recv_mod if isinstance(self.recv, _RecvSend) else self.recv
+        return self.grad_wait_s + (recv.waited_s if recv is not None else 0.0)
+
     def hold(self, mb: int, loss: torch.Tensor | None) -> None:
         """Keep what micro-batch `mb`'s forward (just run) leaves for its backward: the Recv leaf (stage > 0),
         the sent activation (stage < p-1), the loss (last stage)."""
@@ -205,7 +223,9 @@ class PipelineStage:
             loss.backward()
         else:
             grad = torch.empty_like(out)
+            t0 = time.perf_counter()
             dist.recv(grad, src=self.ranks[self.stage + 1], group=self.group, tag=self.tag)
+            self.grad_wait_s += time.perf_counter() - t0
             torch.autograd.backward(out, grad)
         if self.stage > 0:
             self.outbox.send(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf),
@@ -214,7 +234,7 @@ class PipelineStage:
     def run(self, order: list[tuple[str, int]], forward) -> None:
         """Run a schedule's `order` ([("F" | "B", micro_batch)], schedules.stage_order); forward(mb) runs
         micro-batch mb's forward and returns its loss on the last stage (None elsewhere)."""
-        self.peak_in_flight = 0
+        self.start_step()
         last_b = max(i for i, (kind, _) in enumerate(order) if kind == "B") if order else -1
         for i, (kind, mb) in enumerate(order):
             if kind == "F":
