@@ -109,48 +109,54 @@ def rank_orders(schedule: list[Slot], p: int) -> list[list[Op]]:
 
 
 def _run_orders(orders: list[list[Op]], spec: FusedSpec, memory_limit: float | None,
-                slots: dict[Op, int] | None = None) -> None:
-    """Execute the per-rank orders under the message rules; raise ScheduleError on a deadlock, a receive of
-    the wrong micro-batch or a memory overflow (naming the slot from `slots`, else the position)."""
-    where = (lambda op: f"slot {slots[op]}") if slots else None
-    pos = [0] * spec.p
-    done: set[Op] = set()
+                slots: dict[Op, int] | None = None) -> tuple[list[Slot], int]:
+    """Execute the per-rank orders under the message rules, each op as soon as its rank is free and its inputs
+    have ended: (schedule, makespan). Raise ScheduleError on a deadlock, a receive of the wrong micro-batch
+    or a memory overflow (naming the slot from `slots`, else the position in the rank's order)."""
+    pos, free = [0] * spec.p, [0] * spec.p
+    end: dict[Op, int] = {}
     channels: dict[tuple, list[int]] = {}  # (src, dst, model, kind) -> micro-batches sent, not yet received
     live = [0.0] * spec.p
+    out: list[Slot] = []
+
+    def at(r: int) -> str:
+        return f"slot {slots[orders[r][pos[r]]]}" if slots else f"position {pos[r]}"
+
     total = sum(len(o) for o in orders)
-    while len(done) < total:
+    while len(out) < total:
         progressed = False
         for r in range(spec.p):
             while pos[r] < len(orders[r]):
                 op = orders[r][pos[r]]
-                at = where(op) if where else f"position {pos[r]}"
-                if op.kind == "B" and Op(op.model, op.mb, "F", op.stage) not in done:
-                    raise ScheduleError(f"{at}: rank {r} runs {op} before its forward")
+                if op.kind == "B" and Op(op.model, op.mb, "F", op.stage) not in end:
+                    raise ScheduleError(f"{at(r)}: rank {r} runs {op} before its forward")
                 src_stage = op.stage - 1 if op.kind == "F" else op.stage + 1
                 if 0 <= src_stage < spec.p:  # receives an activation (F) or a gradient (B)
                     queue = channels.get((spec.ranks[op.model][src_stage], r, op.model, op.kind), [])
                     if not queue:
                         break  # blocks until the sender gets there
                     if queue[0] != op.mb:
-                        raise ScheduleError(f"{at}: rank {r} runs {op} but the next {op.model} "
+                        raise ScheduleError(f"{at(r)}: rank {r} runs {op} but the next {op.model} "
                                             f"{'activation' if op.kind == 'F' else 'gradient'} from rank "
                                             f"{spec.ranks[op.model][src_stage]} is micro-batch {queue[0]}'s")
                     queue.pop(0)
                 live[r] += spec.act.get(op.model, 1.0) * (1 if op.kind == "F" else -1)
                 if memory_limit is not None and live[r] > memory_limit + 1e-9:
-                    raise ScheduleError(f"{at}: rank {r} runs {op} and would hold {live[r]:g} of activations, "
+                    raise ScheduleError(f"{at(r)}: rank {r} runs {op} and would hold {live[r]:g} of activations, "
                                         f"over the limit {memory_limit:g}")
                 dst_stage = op.stage + 1 if op.kind == "F" else op.stage - 1
                 if 0 <= dst_stage < spec.p:  # sends never wait
                     channels.setdefault((r, spec.ranks[op.model][dst_stage], op.model, op.kind), []).append(op.mb)
-                done.add(op)
+                start = max([free[r]] + [end[n] for n in spec.needs(op)])
+                end[op] = free[r] = start + spec.duration(op)
+                out.append(Slot(start, r, op))
                 pos[r] += 1
                 progressed = True
         if not progressed:
             stuck = [r for r in range(spec.p) if pos[r] < len(orders[r])]
-            waits = "; ".join(f"rank {r} at {where(orders[r][pos[r]]) if where else f'position {pos[r]}'} waits "
-                              f"to run {orders[r][pos[r]]}" for r in stuck)
-            raise ScheduleError(f"deadlock: {waits}")
+            raise ScheduleError("deadlock: " + "; ".join(f"rank {r} at {at(r)} waits to run {orders[r][pos[r]]}"
+                                                         for r in stuck))
+    return sorted(out, key=lambda s: (s.slot, s.rank)), max(end.values(), default=0)
 
 
 def check_schedule(schedule: list[Slot], spec: FusedSpec, memory_limit: float | None = None) -> None:
@@ -182,28 +188,9 @@ def check_schedule(schedule: list[Slot], spec: FusedSpec, memory_limit: float | 
 
 
 def timeline(orders: list[list[Op]], spec: FusedSpec) -> tuple[list[Slot], int]:
-    """(schedule, makespan): every op of the per-rank `orders` as soon as its rank is free and its inputs
-    have ended. The orders must run (see `_run_orders`); this only times them."""
-    end: dict[Op, int] = {}
-    free, pos = [0] * spec.p, [0] * spec.p
-    out: list[Slot] = []
-    total = sum(len(o) for o in orders)
-    while len(out) < total:
-        progressed = False
-        for r in range(spec.p):
-            while pos[r] < len(orders[r]):
-                op = orders[r][pos[r]]
-                needs = spec.needs(op)
-                if any(n not in end for n in needs):
-                    break
-                start = max([free[r]] + [end[n] for n in needs])
-                end[op] = free[r] = start + spec.duration(op)
-                out.append(Slot(start, r, op))
-                pos[r] += 1
-                progressed = True
-        if not progressed:
-            raise ScheduleError("deadlock: the rank orders cannot all run")
-    return sorted(out, key=lambda s: (s.slot, s.rank)), max(end.values(), default=0)
+    """(schedule, makespan): every op of the per-rank `orders` as soon as its rank is free and its inputs have
+    ended (ScheduleError if the orders cannot run)."""
+    return _run_orders(orders, spec, None)
 
 
 def sequential_1f1b(spec: FusedSpec) -> tuple[list[Slot], int]:
@@ -273,10 +260,9 @@ def search_fused(spec: FusedSpec, memory_limit: float | None = None, iters: int 
         trial = [list(o) for o in cur]
         trial[r].insert(j, trial[r].pop(i))
         try:
-            _run_orders(trial, spec, memory_limit)
+            sched, cost = _run_orders(trial, spec, memory_limit)
         except ScheduleError:
             continue
-        sched, cost = timeline(trial, spec)
         temp = temp0 * (1 - k / iters) + 1e-9
         if cost <= cur_cost or rng.random() < math.exp((cur_cost - cost) / temp):
             cur, cur_cost = trial, cost

@@ -26,7 +26,7 @@ pipeline sub-mesh (the ranks sharing its data- and tensor-parallel coordinates, 
 and FSDP2 apply to the stage's own layers (unwrapped from Recv/Send: `unwrap_layer`) and the root, as
 without pipeline (parallelize.py). Activations between stages are plain tensors, replicated over the
 tensor-parallel ranks. Data-parallel peers run the same number of micro-batches (the engines pad with
-zero-weighted ones), as every stage's FSDP2 collectives need. Under FSDP2 the GPipe backward keeps the
+zero-weighted ones), as every stage's FSDP2 collectives need. Under FSDP2 the backwards (either schedule) keep the
 parameters unsharded and the gradients unreduced until the last micro-batch, whose backward
 reduce-scatters their sum; the shared parameters' gradients are then data-parallel shards (DTensors),
 and `sync_shared_grads` sums the local shards over the pipeline group (every stage's rank with the same
