@@ -132,3 +132,21 @@ def test_fused_actor_critic_training_on_two_ranks_matches_each_models_one_proces
         sched = r["schedule"]
         assert sched["micro_batches"] > 2 and sched["span"] < sched["sequential"]
         assert max(sched["peak"].values()) <= 2
+
+
+@pytest.mark.skipif(not os.environ.get("REFLOW_TEST_8_PROCESSES"),
+                    reason="two 4-process runs (~90 s on 2 cores); set REFLOW_TEST_8_PROCESSES=1 to run")
+def test_four_stage_1f1b_gpipe_and_fused_actor_critic_match_one_process(tmp_path):
+    from reflow.checks.layouts import check_fused
+    from reflow.models.presets import init_model
+
+    model = str(init_model("tiny-llama", tmp_path / "tiny-llama"))  # 4 layers: one per stage
+    results = launch(check_layouts, 4, args=(model, ["d1t1p4:1f1b", "d1t1p4:gpipe"], 12))
+    _assert_equivalent(results)
+    for r in results:
+        one_f_one_b, gpipe = r["d1t1p4:1f1b"]["in_flight"], r["d1t1p4:gpipe"]["in_flight"]
+        assert gpipe["peak"] == gpipe["micro_batches"] > 4 and one_f_one_b["peak"] == 4 - gpipe["stage"]
+    for r in launch(check_fused, 4, args=(model, 40)):
+        for name in ("actor", "critic"):
+            assert r[name]["moved"] > 1e-3 and r[name]["weights"] < 1e-5 and r[name]["loss"] < 1e-5, (name, r[name])
+        assert r["schedule"]["span"] < r["schedule"]["sequential"]
