@@ -164,12 +164,14 @@ def check_fused(rank: int, world: int, model_dir: str, micro_batch_tokens: int =
 
     torch.manual_seed(0)
     batch = sample_batch()
-    jobs = {"actor": (lambda: load_policy(model_dir), nll_loss), "critic": (lambda: critic_with_random_head(model_dir), value_mse)}
+    jobs = {"actor": (lambda: load_policy(model_dir), nll_loss),
+            "critic": (lambda: critic_with_random_head(model_dir), value_mse)}
     ref = {}
     for name, (load, loss_fn) in jobs.items():
         model = load()
         before = full_params(model)
-        stats = TrainEngine(model, lr=LR, eps=EPS, grad_clip=1.0, micro_batch_tokens=micro_batch_tokens).step(batch, loss_fn)
+        engine = TrainEngine(model, lr=LR, eps=EPS, grad_clip=1.0, micro_batch_tokens=micro_batch_tokens)
+        stats = engine.step(batch, loss_fn)
         ref[name] = (stats, full_params(model), before)
     layout, ranks = Layout(1, 1, world), list(range(world))
     engines = {name: TrainEngine(load(), lr=LR, eps=EPS, grad_clip=1.0, micro_batch_tokens=micro_batch_tokens,
