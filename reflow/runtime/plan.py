@@ -142,6 +142,10 @@ class Plan:
             if len(places) > 1:
                 raise PlanError(f"plan: the train calls of role '{role}' must share one placement (the owner copy), "
                                 f"got {', '.join(map(str, places))}")
+            schedules = {self.calls[c].schedule for c in graph.roles[role] if graph.call(c).kind == "train"}
+            if len(schedules) > 1:
+                raise PlanError(f"plan: the train calls of role '{role}' share one engine, so one pipeline schedule; "
+                                f"got {', '.join(sorted(schedules))}: give them the same schedule")
         return self
 
     def table(self, graph: Graph) -> str:
