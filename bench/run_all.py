@@ -23,6 +23,7 @@ e2e_vs_trl, hence .venv-bench):
     chaos           bench/chaos.py            SIGKILL at random moments + --resume, in-process and 2 workers; hostile rewards -> chaos.md
     multiturn       bench/multiturn.py        multi-turn rollouts: batched turns vs one episode at a time, tool latency,
                                           kept K/V across turns vs re-prefill -> multiturn.md
+    pipeline        bench/pipeline.py         GPipe vs 1F1B vs fused actor+critic pipelines, 2 gloo workers -> pipeline.md
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
@@ -281,6 +282,14 @@ def fig_planner(r: dict) -> str:
             f"{'yes' if s['searched_no_slower'] else '**no**'}")
 
 
+def fig_pipeline(r: dict) -> str:
+    """Per M: each mode's time relative to 1F1B and to the lower bound, and 1F1B's peak activations / GPipe's."""
+    rows = (r["summary"] or {}).get("rows", [])
+    parts = [f"M={x['m']} {x['mode']}: {x['vs_1f1b']:.2f}x 1F1B, {x['vs_bound']:.2f}x bound, peak activations "
+             f"{x['peak_vs_gpipe']:.2f}x GPipe" for x in rows if x["mode"] != "bound"]
+    return "; ".join(parts) or "no summary"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps and seeds (about half the time)")
@@ -329,6 +338,8 @@ def main() -> None:
                                                 "--hostile-steps", "1"] if q else [])], ["chaos.md"], fig_chaos))
     jobs.append(("multiturn", ["bench/multiturn.py", *(["--latency-ms", "0", "20"] if q else [])], ["multiturn.md"],
                  fig_multiturn))
+    jobs.append(("pipeline", ["bench/pipeline.py", *(["--micro-batches", "4", "--repeats", "1"] if q else [])],
+                 ["pipeline.md"], fig_pipeline))
     if (ROOT / "bench" / "gpu_smoke.py").is_file():
         jobs.append(("gpu_smoke", ["bench/gpu_smoke.py", *(["--sft-steps", "50", "--grpo-steps", "10"] if q else [])],
                      ["gpu_smoke.md"], lambda r: "; ".join(f"{x['run']}: {x['accuracy'] or 0:.1%}, {x['time_s']:.0f} s"

@@ -16,9 +16,9 @@ from reflow.data.batch import SampleBatch
 from reflow.engines.generate import GenerationEngine, SamplingParams
 from reflow.engines.infer import InferenceEngine
 from reflow.engines.train import TrainEngine
-from reflow.models.load import load_policy
-from reflow.models.packing import token_logprobs
-from reflow.parallel.context import ParallelContext
+from reflow.models.load import load_critic, load_policy
+from reflow.models.packing import token_logprobs, token_values
+from reflow.parallel.context import ParallelContext, equal_micro_batches
 from reflow.parallel.layout import Layout, validate_layout
 
 # Adam's first step is lr * g / (|g| + eps); with eps far above |g| the update is proportional to g,
@@ -74,12 +74,15 @@ def compare_generation(ref, model, tok, prompts: list[list[int]], params: Sampli
 def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], micro_batch_tokens: int = 40) -> dict:
     """{layout: {"loss": |dloss|, "grad_norm": |dnorm|, "weights": max |dw|, "logprobs": max |dlogp|,
     "replica_logprobs": max |dlogp| with data-parallel replicas (`shard_data=False`), "replica_sharded":
-    whether that copy holds any FSDP2 module (it must not), "moved": max |w1 - w0|}}."""
+    whether that copy holds any FSDP2 module (it must not), "moved": max |w1 - w0|}}.
+    A layout may name its pipeline schedule, "d1t1p2:gpipe" (default 1f1b); pipeline layouts also report
+    "in_flight": {"peak": micro-batches this stage held at once, "micro_batches": M, "stage": s}."""
     torch.manual_seed(0)
     batch = sample_batch()
     out = {}
     for text in layouts:
-        layout = Layout.parse(text)
+        layout_text, _, schedule = text.partition(":")
+        layout = Layout.parse(layout_text)
         ref_model = load_policy(model_dir)
         validate_layout(layout, ref_model.config, list(range(world)), world)
         before = full_params(ref_model)
@@ -90,7 +93,8 @@ def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], mic
 
         ctx = ParallelContext.build(layout)
         model = load_policy(model_dir)
-        engine = TrainEngine(model, lr=LR, eps=EPS, grad_clip=1.0, micro_batch_tokens=micro_batch_tokens, parallel=ctx)
+        engine = TrainEngine(model, lr=LR, eps=EPS, grad_clip=1.0, micro_batch_tokens=micro_batch_tokens, parallel=ctx,
+                             pipeline_schedule=schedule or "1f1b")
         logp, _ = InferenceEngine(engine.model, micro_batch_tokens, parallel=ctx).logprobs(batch)
         stats = engine.step(batch, nll_loss)
         after = full_params(engine.model)
@@ -107,6 +111,11 @@ def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], mic
             "replica_sharded": any(isinstance(m, FSDPModule) for m in replica.model.modules()),
             "moved": max(float((ref_after[n] - before[n]).abs().max()) for n in before),
         }
+        stage = getattr(engine.model, "_reflow_stage", None)
+        if stage is not None:
+            micro_batches = len(equal_micro_batches(ctx, ctx.local_part(batch), micro_batch_tokens))
+            out[text]["in_flight"] = {"peak": stage.peak_in_flight, "micro_batches": micro_batches,
+                                      "stage": stage.stage}
     return out
 
 
@@ -129,4 +138,55 @@ def check_generation(rank: int, world: int, model_dir: str, layout: str = "d1t2p
         apply_tp(tp_model, ctx.sub_mesh("tp"))
         same, diff = compare_generation(ref, tp_model, tok, prompts, params)
         out[name] = {"same_tokens": same, "logprob_diff": diff}
+    return out
+
+
+def value_mse(model, mb, norm):
+    """Squared error of the critic's values to 1 at action positions, a sum over the mini-batch's tokens."""
+    values = token_values(model, mb, attention="padded")
+    return ((values - 1.0) ** 2 * mb.tokens["action_mask"]).sum() / norm.tokens, {}
+
+
+def critic_with_random_head(model_dir: str):
+    critic = load_critic(model_dir)
+    torch.manual_seed(5)  # a random head (a fresh one is zero), the same on every rank: the backbone gets gradients
+    with torch.no_grad():
+        critic.score.weight.normal_(0.0, 0.3)
+    return critic
+
+
+def check_fused(rank: int, world: int, model_dir: str, micro_batch_tokens: int = 12) -> dict:
+    """Fused actor + critic training on p = world ranks (actor stages on ranks 0..p-1, critic stages reversed)
+    vs each model's one-process step: {"actor" | "critic": {"loss", "grad_norm", "weights", "moved"}} as in
+    `check_layouts`, and {"schedule": {"span", "sequential", "micro_batches", "peak": {model: held at once}}}."""
+    from reflow.engines.fused_train import fused_train_step
+    from reflow.parallel.fused import FusedSpec, search_fused, sequential_1f1b
+
+    torch.manual_seed(0)
+    batch = sample_batch()
+    jobs = {"actor": (lambda: load_policy(model_dir), nll_loss),
+            "critic": (lambda: critic_with_random_head(model_dir), value_mse)}
+    ref = {}
+    for name, (load, loss_fn) in jobs.items():
+        model = load()
+        before = full_params(model)
+        engine = TrainEngine(model, lr=LR, eps=EPS, grad_clip=1.0, micro_batch_tokens=micro_batch_tokens)
+        stats = engine.step(batch, loss_fn)
+        ref[name] = (stats, full_params(model), before)
+    layout, ranks = Layout(1, 1, world), list(range(world))
+    engines = {name: TrainEngine(load(), lr=LR, eps=EPS, grad_clip=1.0, micro_batch_tokens=micro_batch_tokens,
+                                 parallel=ParallelContext.build(layout, ranks if name == "actor" else ranks[::-1]))
+               for name, (load, _) in jobs.items()}
+    spec = FusedSpec.actor_critic(world, len(equal_micro_batches(None, batch, micro_batch_tokens)))
+    schedule, span = search_fused(spec, memory_limit=world, iters=300)
+    stats = fused_train_step({n: (engines[n], batch, jobs[n][1]) for n in jobs}, spec, schedule, memory_limit=world)
+    out = {"schedule": {"span": span, "sequential": sequential_1f1b(spec)[1], "micro_batches": spec.m,
+                        "peak": {n: e.model._reflow_stage.peak_in_flight for n, e in engines.items()}}}
+    for name in jobs:
+        ref_stats, ref_after, before = ref[name]
+        after = full_params(engines[name].model)
+        out[name] = {"loss": abs(stats[name]["loss"] - ref_stats["loss"]),
+                     "grad_norm": abs(stats[name]["grad_norm"] - ref_stats["grad_norm"]),
+                     "weights": max(float((after[n] - ref_after[n]).abs().max()) for n in after),
+                     "moved": max(float((ref_after[n] - before[n]).abs().max()) for n in before)}
     return out

@@ -24,6 +24,7 @@ from reflow.parallel.device import place
 from reflow.parallel.grad_norm import clip_grad_norm_
 from reflow.models.packing import Attention, hidden_states
 from reflow.parallel.parallelize import parallelize
+from reflow.parallel.schedules import SCHEDULES, stage_order
 
 log = logging.getLogger("reflow")
 
@@ -55,13 +56,19 @@ class TrainEngine:
                  eps: float = 1e-8, grad_clip: float = 1.0, warmup_steps: int = 0, total_steps: int = 1,
                  schedule: str = "constant", min_lr_ratio: float = 0.0, micro_batch_tokens: int = 4096,
                  attention: Attention = "padded", gradient_checkpointing: bool = False, parallel=None,
-                 precision: str = "fp32", on_nonfinite: str = "skip"):
+                 precision: str = "fp32", on_nonfinite: str = "skip", pipeline_schedule: str = "1f1b"):
         """`parallel`: a ParallelContext; the model (a plain HF model) is then parallelized here under its layout.
         `precision`: "fp32", or "bf16" = mixed precision (forward and backward under bf16 autocast, fp32
         master weights, gradients and optimizer state).
         `on_nonfinite`: a NaN / inf loss statistic or gradient norm never reaches the weights: "skip" drops
         the update (no optimizer or LR-schedule step; reported as nonfinite_skipped = 1), "stop" raises
-        NonFiniteError."""
+        NonFiniteError.
+        `pipeline_schedule`: "1f1b" or "gpipe", the order of micro-batch forwards and backwards under a layout
+        with p > 1 (parallel/schedules.py): the same gradients, 1F1B holds at most p micro-batches'
+        activations instead of all of them."""
+        if pipeline_schedule not in SCHEDULES:
+            raise ValueError(f"pipeline schedule must be one of {', '.join(SCHEDULES)}, got {pipeline_schedule!r}")
+        self.pipeline_schedule = pipeline_schedule
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
@@ -106,6 +113,10 @@ class TrainEngine:
         self._accumulate(batch, loss_fn, norm, group_key, totals, "loss", local)
         for b, fn, n in extra:
             self._accumulate(b, fn, n, None, totals, None, local)
+        return self.finish_step(totals)
+
+    def finish_step(self, totals: dict[str, float]) -> dict[str, float]:
+        """After the backwards of a step: gradients synced and clipped, the optimizer step; returns the stats."""
         stage = getattr(self.model, "_reflow_stage", None)
         if stage is not None:  # shared parameters' gradients summed over stages; stats live on the last stage
             stage.sync_shared_grads()
@@ -139,18 +150,11 @@ class TrainEngine:
     def _accumulate(self, batch: SampleBatch, loss_fn, norm: Norm | None, group_key, totals: dict, loss_name,
                     local: bool = False) -> None:
         """Backward over the micro-batches of this rank's part of `batch` (gradients add up in .grad)."""
-        if norm is None:
-            mask = batch.tokens.get("action_mask")
-            counts = torch.tensor([float(mask.sum()) if mask is not None else float(batch.num_tokens), float(len(batch))])
-            if local and self.ctx is not None and self.ctx.layout.d > 1:
-                self.ctx.all_reduce(counts, dim="dp")
-            norm = Norm(tokens=float(counts[0]), samples=float(counts[1]))
-        # an empty mask must not divide by zero; every other field (max_tokens, ...) is kept as given
-        norm = dataclasses.replace(norm, tokens=max(norm.tokens, 1.0), samples=max(norm.samples, 1.0))
-        part = batch if (local or self.ctx is None) else self.ctx.local_part(batch, group_key)
+        norm, part = self.norm_and_part(batch, norm, group_key, local)
         stage = getattr(self.model, "_reflow_stage", None)
         if stage is not None:
-            self._accumulate_pipeline(stage, part, loss_fn, norm, group_key, totals, loss_name)
+            mbs, forward = self.pipeline_forward(stage, part, loss_fn, norm, group_key, totals, loss_name)
+            stage.run(stage_order(self.pipeline_schedule, stage.stage, stage.p, len(mbs)), forward)
             return
         for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key):
             mb = self._on_device(mb)
@@ -164,6 +168,19 @@ class TrainEngine:
             for k, v in items.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
 
+    def norm_and_part(self, batch: SampleBatch, norm: Norm | None, group_key, local: bool):
+        """The loss normaliser of the whole mini-batch, and this rank's part of the batch."""
+        if norm is None:
+            mask = batch.tokens.get("action_mask")
+            counts = torch.tensor([float(mask.sum()) if mask is not None else float(batch.num_tokens), float(len(batch))])
+            if local and self.ctx is not None and self.ctx.layout.d > 1:
+                self.ctx.all_reduce(counts, dim="dp")
+            norm = Norm(tokens=float(counts[0]), samples=float(counts[1]))
+        # an empty mask must not divide by zero; every other field (max_tokens, ...) is kept as given
+        norm = dataclasses.replace(norm, tokens=max(norm.tokens, 1.0), samples=max(norm.samples, 1.0))
+        part = batch if (local or self.ctx is None) else self.ctx.local_part(batch, group_key)
+        return norm, part
+
     def _on_device(self, mb: SampleBatch) -> SampleBatch:
         """A micro-batch on the device of the weights (a no-op on CPU), so losses mix no devices."""
         device = next(self.model.parameters()).device
@@ -175,27 +192,31 @@ class TrainEngine:
         device = "cuda" if next(self.model.parameters()).is_cuda else "cpu"
         return torch.autocast(device, dtype=torch.bfloat16)
 
-    def _accumulate_pipeline(self, stage, part, loss_fn, norm, group_key, totals, loss_name) -> None:
-        """GPipe: every micro-batch forward (the last stage computes the loss), then all backward."""
-        losses = []
+    def pipeline_forward(self, stage, part, loss_fn, norm, group_key, totals, loss_name):
+        """(micro-batches, forward): forward(j) runs micro-batch j's forward on this stage and returns its loss
+        on the last stage (None elsewhere), adding its stats to `totals`; the stage's `run` (or a fused
+        schedule) calls it in its order."""
         # the same count on every data-parallel rank (FSDP2 collectives); each stage of a data-parallel
         # rank holds the same part, so its stages agree on the micro-batches too
-        for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key):
+        mbs = equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key)
+
+        def forward(j: int) -> torch.Tensor | None:
+            mb, real = mbs[j]
             mb = self._on_device(mb)
-            if stage.is_last:
-                with self._autocast():
-                    loss, stats = loss_fn(self.model, mb, norm)
-                if not real:  # padding micro-batch: runs the collectives, contributes nothing
-                    losses.append(loss * 0.0)
-                    continue
-                losses.append(loss)
-                items = {loss_name: loss, **stats} if loss_name else stats
-                for k, v in items.items():
-                    totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            else:  # runs this stage's layers and sends the activation on
+            if not stage.is_last:  # runs this stage's layers and sends the activation on
                 with self._autocast():
                     hidden_states(self.model, mb, self.attention)
-        stage.backward(losses)
+                return None
+            with self._autocast():
+                loss, stats = loss_fn(self.model, mb, norm)
+            if not real:  # padding micro-batch: runs the collectives, contributes nothing
+                return loss * 0.0
+            items = {loss_name: loss, **stats} if loss_name else stats
+            for k, v in items.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            return loss
+
+        return mbs, forward
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

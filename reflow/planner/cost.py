@@ -17,7 +17,7 @@ and after the MLP; 4 forward + backward; 6 with activation checkpointing, which 
 infer (forward: log-probs, values, rewards), per data-parallel replica, B/d sequences, T = (B/d) S tokens
 cut into m micro-batches (m = ceil(T / micro_tokens), at least p when pipelined), c = S/2 (causal):
 
-    time = (m + p - 1) * max_s [stage_s(T/m) + send(T/m h b)]         GPipe: bubble (p-1)/(m+p-1)
+    time = (m + p - 1) * max_s [stage_s(T/m) + send(T/m h b)]         bubble (p-1)/(m+p-1)
 
 train (one optimizer step per mini-batch, `epochs` passes): T = B S / (d * mini_batches) tokens per
 replica per step, m micro-batches; backward = 2 forward FLOPs (3 x, or 4 x with checkpointing);
@@ -25,7 +25,8 @@ FSDP over the d ranks of each (pp, tp) group gathers the stage's weights twice (
 reduce-scatters its gradients: per micro-batch without pipeline (reflow's engine syncs every micro-batch),
 once per step with one (the pipeline keeps weights gathered until the last micro-batch):
 
-    pipe   = (m + p - 1) * max_s train_stage_s(T/m)
+    pipe   = (m + p - 1) * max_s train_stage_s(T/m)           GPipe and 1F1B alike (schedules.py); they
+                                                             differ in activation memory (memory.py)
     fsdp   = k_sync (2 AG_d(W_s b) + RS_d(W_s b))            W_s: the stage's weights on one tp rank
     step   = max(pipe, fsdp) + fsdp / (k_sync n_s)           (prefetch hides the gathers behind compute,
                                                              except the first layer's)
@@ -71,6 +72,7 @@ from functools import lru_cache
 
 from reflow.parallel.layout import Layout
 from reflow.parallel.pipeline import stage_bounds
+from reflow.parallel.schedules import bubble_fraction
 from reflow.planner.hardware import Hardware
 from reflow.planner.models import ModelShape
 from reflow.runtime.plan import Placement
@@ -164,7 +166,7 @@ def _micro_batches(tokens: float, seqs: int, wl: Workload, p: int) -> int:
 
 def _pipeline(m: ModelShape, hw: Hardware, pl: Placement, tokens: float, context: float, micro: int,
               **kw) -> tuple[float, dict]:
-    """(micro + p - 1) x the slowest stage's per-micro-batch time (GPipe), with activation sends."""
+    """(micro + p - 1) x the slowest stage's per-micro-batch time (GPipe or 1F1B), with activation sends."""
     L = pl.layout
     g = groups(pl)
     tp = _worst_group(hw, g["tp"])
@@ -215,7 +217,7 @@ def infer_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, owner_s
         fixed = micro * _fsdp_units(m, L.p) * hw.fsdp_overhead
         parts["fsdp"] = micro * ag + fixed
         total = max(total, micro * ag) + ag / max(1, max(stage_layers(m, L.p))) + fixed
-    parts["micro_batches"] = micro
+    parts.update(micro_batches=micro, pp_bubble_fraction=bubble_fraction(L.p, micro))
     return CallCost(total, parts)
 
 
@@ -242,7 +244,8 @@ def train_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload) -> Call
     adam = hw.train_scale * (w_stage / L.d * 28 / hw.eff_mem_bw + hw.optimizer_overhead)
     steps = wl.epochs * wl.mini_batches
     parts = {k: v * steps for k, v in parts.items()}
-    parts.update(fsdp=fsdp * steps, optimizer=adam * steps, micro_batches=micro, steps=steps)
+    parts.update(fsdp=fsdp * steps, optimizer=adam * steps, micro_batches=micro, steps=steps,
+                 pp_bubble_fraction=bubble_fraction(L.p, micro))
     return CallCost(steps * (step + adam), parts)
 
 

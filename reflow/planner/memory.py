@@ -14,8 +14,8 @@ weights of the rank's pipeline stage on one tensor-parallel rank: n_s (P_split/t
                                            flash attention: no s^2 term)
                         checkpointing:     tokens x n_s x h b + T_micro h (10 + 24/t) b/2  (layer inputs
                                            kept, one layer recomputed at a time)
-                        tokens = T_micro (p = 1: one micro-batch at a time) or m T_micro (GPipe keeps all
-                        micro-batches' activations until the backward)
+                        tokens = T_micro k, k = micro-batches in flight on the rank's stage s:
+                        1 (p = 1), m (GPipe keeps all until the backward), min(p - s, m) (1F1B)
       logits            T_micro V 4 * 2 on the last stage (fp32 logits and their gradient; lm head only)
     during a generate / infer call that runs on a reallocated copy (reflow.runtime.plan.needs_copy)
       the copy          W * b           (temporary: built by reallocation, dropped after the call)
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from reflow.parallel.pipeline import stage_bounds
+from reflow.parallel.schedules import peak_in_flight, stage_order
 from reflow.planner.cost import Workload, _micro_batches
 from reflow.planner.hardware import GB, Hardware
 from reflow.planner.models import ModelShape
@@ -64,6 +65,13 @@ def _act_per_token_layer(m: ModelShape, t: int) -> float:
     return m.hidden * (10 + 24 / t) * m.dtype_bytes / 2
 
 
+def micro_batches_in_flight(pl: Placement, stage: int, micro: int) -> int:
+    """Micro-batches whose activations stage `stage` holds at once in a train call (schedules.peak_in_flight)."""
+    if pl.layout.p == 1:
+        return 1
+    return peak_in_flight(stage_order(pl.schedule, stage, pl.layout.p, micro))
+
+
 def train_transient(m: ModelShape, pl: Placement, rank: int, wl: Workload) -> dict[str, float]:
     L = pl.layout
     pp, _, _ = stage_of(pl, rank)
@@ -73,7 +81,7 @@ def train_transient(m: ModelShape, pl: Placement, rank: int, wl: Workload) -> di
     tokens = seqs * wl.seq_len
     micro = _micro_batches(tokens, seqs, wl, L.p)
     t_micro = tokens / micro
-    in_flight = t_micro * (micro if L.p > 1 else 1)
+    in_flight = t_micro * micro_batches_in_flight(pl, pp, micro)
     full = _act_per_token_layer(m, L.t)
     if wl.checkpointing:
         act = in_flight * n * m.hidden * m.dtype_bytes + t_micro * full

@@ -3,8 +3,11 @@ table, saved and loaded as YAML, validated before any worker starts, searched (r
 
     calls:                                   # a YAML file, passed as runtime.plan=<path>
       actor_gen:   {ranks: 0-3, layout: d4t1p1}
-      actor_train: {ranks: [0, 1, 2, 3], layout: d2t1p2}
+      actor_train: {ranks: [0, 1, 2, 3], layout: d2t1p2, schedule: 1f1b}
       ...
+
+`schedule` (train calls with p > 1): the pipeline schedule, 1f1b (default: activations of at most p
+micro-batches held) or gpipe (all M); both give the same gradients and the same bubble (parallel/schedules.py).
 
 Meaning of a layout per kind: train = FSDP2 over d (the role's owner copy, with its optimizer);
 generate / infer = d replicas (each holds its tensor/pipeline slice whole), the batch split over them.
@@ -14,12 +17,13 @@ Built-in plans: "colocate" (every call on every device: DeepSpeed-Chat / verl st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from reflow.parallel.layout import Layout, LayoutError, validate_layout
+from reflow.parallel.schedules import SCHEDULES
 from reflow.runtime.graph import Graph
 
 
@@ -50,6 +54,9 @@ def format_ranks(ranks: tuple[int, ...]) -> str:
 class Placement:
     ranks: tuple[int, ...]
     layout: Layout
+    # how a pipelined train call orders its micro-batches; not where weights live, so placements that
+    # differ only in it hold the same weights (no reallocation between them)
+    schedule: str = field(default="1f1b", compare=False)
 
     def __str__(self) -> str:
         return f"{self.layout} on {format_ranks(self.ranks)}"
@@ -68,8 +75,11 @@ class Plan:
         for call, spec in (data.get("calls") or {}).items():
             if not isinstance(spec, dict) or "ranks" not in spec or "layout" not in spec:
                 raise PlanError(f"plan call '{call}': give {{ranks: ..., layout: dXtYpZ}}, got {spec!r}")
+            schedule = str(spec.get("schedule", "1f1b"))
+            if schedule not in SCHEDULES:
+                raise PlanError(f"plan call '{call}': schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
             try:
-                calls[call] = Placement(parse_ranks(spec["ranks"]), Layout.parse(str(spec["layout"])))
+                calls[call] = Placement(parse_ranks(spec["ranks"]), Layout.parse(str(spec["layout"])), schedule)
             except (ValueError, LayoutError) as e:
                 raise PlanError(f"plan call '{call}': {e}") from None
         return cls(data.get("name", name), int(data.get("world_size", world_size)), calls)
@@ -83,7 +93,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "world_size": self.world_size,
-                "calls": {c: {"ranks": format_ranks(p.ranks), "layout": str(p.layout)} for c, p in self.calls.items()}}
+                "calls": {c: {"ranks": format_ranks(p.ranks), "layout": str(p.layout),
+                              **({"schedule": p.schedule} if p.layout.p > 1 else {})} for c, p in self.calls.items()}}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -131,6 +142,10 @@ class Plan:
             if len(places) > 1:
                 raise PlanError(f"plan: the train calls of role '{role}' must share one placement (the owner copy), "
                                 f"got {', '.join(map(str, places))}")
+            schedules = {self.calls[c].schedule for c in graph.roles[role] if graph.call(c).kind == "train"}
+            if len(schedules) > 1:
+                raise PlanError(f"plan: the train calls of role '{role}' share one engine, so one pipeline schedule; "
+                                f"got {', '.join(sorted(schedules))}: give them the same schedule")
         return self
 
     def table(self, graph: Graph) -> str:

@@ -265,7 +265,8 @@ class Worker:
                                    schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
                                    micro_batch_tokens=mcfg.micro_batch_tokens, attention=mcfg.attention,
                                    gradient_checkpointing=mcfg.gradient_checkpointing, precision=mcfg.precision,
-                                   parallel=ctx, on_nonfinite=getattr(self.cfg, "trainer", self.cfg).on_nonfinite)
+                                   parallel=ctx, on_nonfinite=getattr(self.cfg, "trainer", self.cfg).on_nonfinite,
+                                   pipeline_schedule=r.owner.schedule)
             r.model = r.engine.model
             if self.resume is not None:
                 load_optimizer(r, r.engine, self.resume)

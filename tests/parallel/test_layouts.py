@@ -49,8 +49,17 @@ def _assert_equivalent(results: list[dict]):
             assert not diff["replica_sharded"], layout
 
 
-def test_two_process_layouts_match_one_process(debug_model):
-    _assert_equivalent(launch(check_layouts, 2, args=(str(debug_model), ["d2t1p1", "d1t2p1", "d1t1p2"])))
+def test_two_process_layouts_match_one_process_and_1f1b_holds_at_most_p_minus_s_micro_batches(debug_model):
+    # d1t1p2 under both schedules, 12-token micro-batches cut the batch into more than p of them
+    results = launch(check_layouts, 2, args=(str(debug_model), ["d2t1p1", "d1t2p1", "d1t1p2:1f1b", "d1t1p2:gpipe"],
+                                             12))
+    _assert_equivalent(results)
+    for r in results:
+        one_f_one_b, gpipe = r["d1t1p2:1f1b"]["in_flight"], r["d1t1p2:gpipe"]["in_flight"]
+        m, s = gpipe["micro_batches"], gpipe["stage"]
+        assert m > 2
+        assert gpipe["peak"] == m  # GPipe holds every micro-batch's activations before the first backward
+        assert one_f_one_b["peak"] == 2 - s  # 1F1B: at most p - s on stage s of p = 2
 
 
 def test_four_process_layouts_match_one_process(debug_model):
@@ -110,3 +119,34 @@ def test_peers_of_a_failed_worker_are_stopped_not_left_hanging(monkeypatch):
     assert "rank 0: stopped 1 s after rank 1 failed" in str(e.value)
     assert time.monotonic() - t0 < 60  # bounded by the grace period, not the 300 s collective timeout
     sys.modules.pop("crash_worker", None)
+
+
+def test_fused_actor_critic_training_on_two_ranks_matches_each_models_one_process_step(debug_model):
+    from reflow.checks.layouts import check_fused
+
+    for r in launch(check_fused, 2, args=(str(debug_model),)):
+        for name in ("actor", "critic"):
+            diff = r[name]
+            assert diff["moved"] > 1e-3, name
+            assert diff["loss"] < 1e-5 and diff["grad_norm"] < 1e-4 and diff["weights"] < 1e-5, (name, diff)
+        sched = r["schedule"]
+        assert sched["micro_batches"] > 2 and sched["span"] < sched["sequential"]
+        assert max(sched["peak"].values()) <= 2
+
+
+@pytest.mark.skipif(not os.environ.get("REFLOW_TEST_8_PROCESSES"),
+                    reason="two 4-process runs (~90 s on 2 cores); set REFLOW_TEST_8_PROCESSES=1 to run")
+def test_four_stage_1f1b_gpipe_and_fused_actor_critic_match_one_process(tmp_path):
+    from reflow.checks.layouts import check_fused
+    from reflow.models.presets import init_model
+
+    model = str(init_model("tiny-llama", tmp_path / "tiny-llama"))  # 4 layers: one per stage
+    results = launch(check_layouts, 4, args=(model, ["d1t1p4:1f1b", "d1t1p4:gpipe"], 12))
+    _assert_equivalent(results)
+    for r in results:
+        one_f_one_b, gpipe = r["d1t1p4:1f1b"]["in_flight"], r["d1t1p4:gpipe"]["in_flight"]
+        assert gpipe["peak"] == gpipe["micro_batches"] > 4 and one_f_one_b["peak"] == 4 - gpipe["stage"]
+    for r in launch(check_fused, 4, args=(model, 40)):
+        for name in ("actor", "critic"):
+            assert r[name]["moved"] > 1e-3 and r[name]["weights"] < 1e-5 and r[name]["loss"] < 1e-5, (name, r[name])
+        assert r["schedule"]["span"] < r["schedule"]["sequential"]

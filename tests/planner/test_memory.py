@@ -83,3 +83,22 @@ def test_the_planner_counts_loras_trainable_parameters_as_peft_does_and_charges_
     assert b.realloc["actor_gen"].time > 0
     assert a.realloc["actor_gen"].time == pytest.approx(b.realloc["actor_gen"].time * f)
     assert dataclasses.replace(lora.models["actor"], lora_rank=0).trainable_fraction == 1.0
+
+
+def test_1f1b_holds_p_minus_s_micro_batches_of_activations_where_gpipe_holds_all_m_at_the_same_time_cost():
+    import dataclasses
+
+    from reflow.planner.cost import call_cost
+    from reflow.planner.memory import train_transient
+
+    m = ModelShape.of(llama_config("7b"))
+    wl = Workload(batch=64, micro_tokens=4096, checkpointing=False)  # 64 x 512 tokens: m = 8 micro-batches
+    one_f_one_b = placement("d1t1p4", range(4))
+    gpipe = dataclasses.replace(one_f_one_b, schedule="gpipe")
+    assert one_f_one_b.schedule == "1f1b"  # the default
+    for stage in range(4):
+        a = train_transient(m, one_f_one_b, stage, wl)["activations"]
+        g = train_transient(m, gpipe, stage, wl)["activations"]
+        assert abs(g / a - 8 / (4 - stage)) < 1e-9, stage
+    c1, cg = call_cost("train", m, one_f_one_b, HW, wl), call_cost("train", m, gpipe, HW, wl)
+    assert c1.time == cg.time and c1.parts["pp_bubble_fraction"] == cg.parts["pp_bubble_fraction"] == 3 / 11

@@ -99,6 +99,25 @@ def test_bad_plans_fail_up_front_with_the_call(debug_model):
         Plan.from_dict({"calls": {**base, "reward": "0-1"}}, 2)
     with pytest.raises(PlanError, match="does not exist; give a path, or 'colocate'"):
         resolve_plan("nope.yaml", g, 2)
+    with pytest.raises(PlanError, match="plan call 'actor_train': schedule must be one of gpipe, 1f1b, got 'zb'"):
+        Plan.from_dict({"calls": {**base, "actor_train": {"ranks": "0-1", "layout": "d1t1p2", "schedule": "zb"}}}, 2)
+
+
+def test_a_pipeline_schedule_defaults_to_1f1b_and_round_trips_through_yaml(tmp_path):
+    g = graphs.grpo()
+    base = {c: {"ranks": "0-1", "layout": "d2t1p1"} for c in g.order}
+    plan = Plan.from_dict({"calls": {**base, "actor_train": {"ranks": "0-1", "layout": "d1t1p2", "schedule": "gpipe"},
+                                     "ref_inf": {"ranks": "0-1", "layout": "d1t1p2"}}}, 2)
+    assert plan.calls["actor_train"].schedule == "gpipe" and plan.calls["ref_inf"].schedule == "1f1b"
+    plan.save(tmp_path / "p.yaml")
+    assert Plan.load(tmp_path / "p.yaml", 2).calls["actor_train"].schedule == "gpipe"
+    # two train calls of one role share its engine, so they must agree on the schedule
+    two = Graph("two", [Call("sft_a", "actor", "train", "train_sft", ("prompts",)),
+                        Call("sft_b", "actor", "train", "train_sft", ("prompts",))])
+    spec = {"ranks": "0-1", "layout": "d1t1p2"}
+    with pytest.raises(PlanError, match="train calls of role 'actor' share one engine, so one pipeline schedule; "
+                                        "got 1f1b, gpipe"):
+        Plan.from_dict({"calls": {"sft_a": spec, "sft_b": {**spec, "schedule": "gpipe"}}}, 2).validate(two)
 
 
 def test_an_update_call_must_run_where_its_role_lives():

@@ -1,0 +1,60 @@
+"""Fused training of two pipelined models on the same ranks (RLHFuse intra-stage fusion): one optimizer step of
+each, their micro-batches' forwards and backwards interleaved by a checked schedule (parallel/fused.py).
+
+    jobs = {"actor": (actor_engine, actor_batch, actor_loss), "critic": (critic_engine, critic_batch, critic_loss)}
+    stats = fused_train_step(jobs, spec, schedule)          # {"actor": {...}, "critic": {...}}
+
+The actor's layout has stage s on rank ranks[s], the critic's stage s on ranks[p - 1 - s] (its layout built
+on the reversed rank list), so each rank runs one stage of each. Each model's gradients, and so its
+update and stats, equal those of its own `TrainEngine.step`: its micro-batches, normaliser and backwards
+are the same, only their order interleaves with the other model's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.distributed as dist
+
+from reflow.data.batch import SampleBatch
+from reflow.engines.train import TrainEngine
+from reflow.parallel.fused import FusedSpec, Slot, check_schedule, rank_orders
+
+
+def fused_train_step(jobs: dict[str, tuple[TrainEngine, SampleBatch, Callable]], spec: FusedSpec,
+                     schedule: list[Slot], memory_limit: float | None = None) -> dict[str, dict[str, float]]:
+    """One optimizer step of every model in `jobs` (its whole mini-batch on every rank, as `step` takes it),
+    run in `schedule`'s order on this rank; returns each model's stats."""
+    check_schedule(schedule, spec, memory_limit)  # before any compute: deadlock, message order, memory
+    if set(jobs) != set(spec.ranks):
+        raise ValueError(f"fused schedule is for models {sorted(spec.ranks)}, got jobs for {sorted(jobs)}")
+    stages, forwards, totals, where = {}, {}, {}, {}
+    for name, (engine, batch, loss_fn) in jobs.items():
+        stage = getattr(engine.model, "_reflow_stage", None)
+        if stage is None or stage.p != spec.p:
+            raise ValueError(f"fused training: model '{name}' must be pipelined with p={spec.p} (layout dXtYp{spec.p})")
+        engine.model.train()
+        norm, part = engine.norm_and_part(batch, None, None, False)
+        totals[name] = {}
+        mbs, forwards[name] = engine.pipeline_forward(stage, part, loss_fn, norm, None, totals[name], "loss")
+        if len(mbs) != spec.m:
+            raise ValueError(f"fused schedule is for M={spec.m} micro-batches but model '{name}' cut its batch into "
+                             f"{len(mbs)}; build the schedule for M={len(mbs)} or change micro_batch_tokens")
+        for s, r in enumerate(spec.ranks[name]):  # schedule rank r -> global rank
+            if where.setdefault(r, stage.ranks[s]) != stage.ranks[s]:
+                raise ValueError(f"fused training: stage {s} of '{name}' runs on rank {stage.ranks[s]}, the schedule "
+                                 f"puts it with rank {where[r]}; build the critic's layout on the reversed rank list")
+        stages[name] = stage
+        stage.start_step()
+    me = next(r for r, g in where.items() if g == dist.get_rank())
+    order = rank_orders(schedule, spec.p)[me]
+    last_b = {op.model: i for i, op in enumerate(order) if op.kind == "B"}
+    for i, op in enumerate(order):
+        stage = stages[op.model]
+        if op.kind == "F":
+            stage.hold(op.mb, forwards[op.model](op.mb))
+        else:
+            stage.backward_one(op.mb, last=i == last_b[op.model])
+    for stage in stages.values():
+        stage.outbox.wait()
+    return {name: jobs[name][0].finish_step(totals[name]) for name in jobs}
