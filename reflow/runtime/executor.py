@@ -29,6 +29,23 @@ from reflow.runtime.transport import LocalTransport, RayTransport, WorkerFailed 
 from reflow.runtime.worker import Worker
 
 
+def streamed(graph: Graph, names: list[str]) -> dict[str, list[str]]:
+    """Inter-stage fusion: {generate call: the calls among `names` that run on its chunks}. A call runs on chunks
+    when it is an infer call whose implementation works per sample and it reads that generate call's output
+    only (train calls and group-level calls wait for the whole batch); a generate call streams when it has a
+    streaming implementation and such consumers."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        call = graph.call(name)
+        if call.kind != "generate" or get_stream(call.impl) is None:
+            continue
+        users = [n for n in names if graph.deps[n] == [name] and graph.call(n).kind == "infer"
+                 and is_per_sample(graph.call(n).impl) and not graph.call(n).options.get("every")]
+        if users:
+            out[name] = users
+    return out
+
+
 class Executor:
     def __init__(self, cfg, graph: Graph, plan: Plan, optimizer_steps: int, resume_dir: Path | None = None):
         """optimizer_steps: of the whole run per trained role (the LR schedules' length)."""
@@ -64,24 +81,6 @@ class Executor:
         """Every call of `graph` once -> {"metrics": merged metrics of its calls, "times": {call: seconds}}."""
         return self.collect(self.submit(graph, graph.order, step, meta, {}))
 
-    def streamed(self, graph: Graph, names: list[str]) -> dict[str, list[str]]:
-        """Under fusion.inter_stage: {generate call: the calls among `names` that run on its chunks}. A call runs
-        on chunks when its implementation works per sample and it reads the generate call's output only; the
-        generate call streams when it has a streaming implementation and such consumers."""
-        fusion = getattr(self.cfg, "fusion", None)
-        if fusion is None or not fusion.inter_stage:
-            return {}
-        out: dict[str, list[str]] = {}
-        for name in names:
-            call = graph.call(name)
-            if call.kind != "generate" or get_stream(call.impl) is None:
-                continue
-            users = [n for n in names if graph.deps[n] == [name] and graph.call(n).kind == "infer"
-                     and is_per_sample(graph.call(n).impl) and not graph.call(n).options.get("every")]
-            if users:
-                out[name] = users
-        return out
-
     def _submit_call(self, graph: Graph, name: str, step: int, meta: dict, refs: list, parts: list,
                      pending: list, send: bool = True) -> list:
         """Submit one call (or one chunk of it) on every rank of its mesh -> its data handles, one per rank."""
@@ -104,8 +103,9 @@ class Executor:
         its chunks as they finish and submits each chunk to the consumers at once, so they run while the long
         tail still generates; their outputs are then the handles of all their chunks."""
         pending: list = []  # (info handle, (what, rank)), in submission order
-        streamed = self.streamed(graph, names)
-        chunked = {n for users in streamed.values() for n in users}
+        fusion = getattr(self.cfg, "fusion", None)
+        streams = streamed(graph, names) if fusion is not None and fusion.inter_stage else {}
+        chunked = {n for users in streams.values() for n in users}
         for name in names:
             call = graph.call(name)
             every = call.options.get("every")
@@ -114,8 +114,8 @@ class Executor:
             deps = graph.deps[name]
             refs = [ref for d in deps for ref in outputs[d]]
             parts = [(graph.call(d).prefix if i else "", len(outputs[d])) for i, d in enumerate(deps)]
-            if name in streamed:
-                self._stream(graph, name, step, {**meta, "parts": parts}, refs, streamed[name], outputs, pending)
+            if name in streams:
+                self._stream(graph, name, step, {**meta, "parts": parts}, refs, streams[name], outputs, pending)
             else:
                 outputs[name] = self._submit_call(graph, name, step, meta, refs, parts, pending)
         return pending

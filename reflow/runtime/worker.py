@@ -62,7 +62,7 @@ def merge(parts: list[tuple[str, list[SampleBatch | None]]]) -> SampleBatch | No
     from ranks that return nothing, several when data-parallel replicas each returned theirs), producers in
     the graph's declaration order.
 
-    The first producer's parts, concatenated in id order, are the batch the call works on, its fields under
+    The first producer's parts, concatenated in sample-id order, are the batch the call works on, its fields under
     their own names (so `reward_greedy`, whose first producer is the greedy rollout, reads `response`); every
     other producer adds its fields by sample id under its prefix (`greedy_score`). A part keyed by group (its
     ids are group ids of the batch, one row each: ReMax's greedy baseline) is spread over the samples of each
@@ -70,8 +70,13 @@ def merge(parts: list[tuple[str, list[SampleBatch | None]]]) -> SampleBatch | No
     keyed = []
     for prefix, ps in parts:
         ps = sorted((p for p in ps if p is not None), key=lambda p: p.ids[0])
+        if len(ps) > 1:
+            # chunks of a streamed call hold samples in finish order: the batch is in id order whatever the
+            # chunking, so a fused step computes on the same batch as an unfused one
+            whole = SampleBatch.concat(ps)
+            ps = [whole if whole.ids == sorted(whole.ids) else whole.select(sorted(whole.ids))]
         if ps:
-            keyed.append((prefix, ps[0] if len(ps) == 1 else SampleBatch.concat(ps)))
+            keyed.append((prefix, ps[0]))
     if not keyed:
         return None
     _, base = keyed[0]
