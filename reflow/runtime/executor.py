@@ -129,19 +129,42 @@ class Executor:
         streams = [self.transport.run_stream(r, step, name, {**meta, "chunk_size": self.cfg.fusion.chunk}, *refs)
                    for r in ranks]
         outputs[name] = []
+        # a consumer's chunk holds at least as many samples as it has data-parallel replicas (each gets one or
+        # more): chunks wait in `held` until then, and until the samples still to come (`left`, per rank, known
+        # once each rank has said how many it returns) can make the consumer's last chunk as big
+        need = {n: self.placements[n].layout.d for n in users}
+        held: dict[str, list] = {n: [] for n in users}  # (data handle, samples) not yet submitted
+        done = {n: 0 for n in users}  # chunks submitted per consumer
+        left: list = [None] * len(streams)
+
+        def submit_held(n: str) -> None:
+            refs = [ref for ref, _ in held[n]]
+            outputs[n] += self._submit_call(graph, n, step, {**meta, "chunk": done[n]}, refs, [("", len(refs))],
+                                            pending, send=done[n] == 0)
+            held[n], done[n] = [], done[n] + 1
+
         for n in users:
             outputs[n] = []
-        k = 0
-        for i, data, info in self.transport.stream(streams, [(name, r) for r in ranks], pending,
-                                                   self.cfg.runtime.timeout_s):
-            if data is None:  # the stream has ended: its info
-                pending.append((info, (name, ranks[i])))
-                continue
-            outputs[name].append(data)
+        for i, kind, value in self.transport.stream(streams, [(name, r) for r in ranks], pending,
+                                                    self.cfg.runtime.timeout_s):
+            if kind == "total":
+                left[i] = value
+            elif kind == "end":
+                pending.append((value, (name, ranks[i])))
+                left[i] = 0
+            else:
+                marker, data = value
+                left[i] -= marker["samples"]
+                outputs[name].append(data)
+                for n in users:
+                    held[n].append((data, marker["samples"]))
+            coming = None if None in left else sum(left)
             for n in users:
-                outputs[n] += self._submit_call(graph, n, step, {**meta, "chunk": k}, [data], [("", 1)], pending,
-                                                send=k == 0)
-            k += 1
+                if sum(c for _, c in held[n]) >= need[n] and coming is not None and (coming == 0 or coming >= need[n]):
+                    submit_held(n)
+        for n in users:
+            if held[n]:
+                submit_held(n)
         for n in users:  # the copies of weights the chunks shared go
             pending += [(self.transport.call(r, "end_stream", n), (f"{n}:end_stream", r))
                         for r in self.placements[n].ranks]

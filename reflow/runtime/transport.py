@@ -25,6 +25,15 @@ from reflow.config.loader import ConfigError
 from reflow.utils.failpoint import ENV as FAILPOINT_ENV, ONCE_ENV as FAILPOINT_ONCE_ENV
 
 
+def _event(i: int, marker: dict, data, info) -> tuple:
+    """A streamed call's event from a marker its worker yielded (Worker.run_stream); data(): the next handle."""
+    if "total" in marker:
+        return i, "total", marker["total"]
+    if "chunk" in marker:
+        return i, "chunk", (marker, data())
+    return i, "end", info
+
+
 class WorkerFailed(RuntimeError):
     """A worker raised or died; the message carries its rank, the call and its traceback."""
 
@@ -122,12 +131,13 @@ class LocalTransport:
         return self.watch(f"call '{name}' of step {step}", lambda: list(self.worker.run_stream(step, name, *args)))
 
     def stream(self, streams: list, whats: list, pending: list, timeout_s: float):
-        """streams: what run_stream returned per rank -> (stream index, data handle, None) per chunk, then
-        (stream index, None, info handle) at its end."""
+        """streams: what run_stream returned per rank -> (stream index, "total", samples it returns in all)
+        first, then (stream index, "chunk", (marker, data handle)) per chunk and (stream index, "end", info
+        handle) at its end."""
         for i, items in enumerate(streams):
             it = iter(items)
             for marker in it:
-                yield (i, next(it), None) if "chunk" in marker else (i, None, marker)
+                yield _event(i, marker, lambda: next(it), marker)
 
     def call(self, rank: int, method: str, *args):
         return self.watch(f"'{method}'", getattr(self.worker, method), *args)
@@ -211,9 +221,8 @@ class RayTransport:
         return self.workers[rank].run_stream.options(num_returns="streaming").remote(*args)
 
     def stream(self, streams: list, whats: list, pending: list, timeout_s: float):
-        """streams: Ray streaming generators, one per rank; whats: their (call, rank). Yields (stream index,
-        data handle, None) for each chunk as soon as a rank has yielded it, and (stream index, None, info
-        handle) when a rank's stream ends. A failing rank ends the run with its error (as `wait`); `timeout_s`
+        """streams: Ray streaming generators, one per rank; whats: their (call, rank). Yields the events of
+        LocalTransport.stream, each chunk as soon as a rank has yielded it. A failing rank ends the run with its error (as `wait`); `timeout_s`
         without a chunk from any rank ends it as a hang."""
         import ray
 
@@ -232,11 +241,9 @@ class RayTransport:
             except Exception:  # noqa: BLE001 - RayTaskError / ActorDiedError carry the worker's traceback
                 every = [*pending, (ref, whats[i])]
                 raise self._failure(every, {h: k for k, (h, _) in enumerate(every)}) from None
-            if "chunk" in marker:
-                yield i, next(streams[i]), None  # yielded right after its marker
-            else:
+            if "chunk" not in marker and "total" not in marker:
                 live.remove(i)
-                yield i, None, ref
+            yield _event(i, marker, lambda: next(streams[i]), ref)  # a chunk's data comes right after its marker
 
     def call(self, rank: int, method: str, *args):
         return getattr(self.workers[rank], method).remote(*args)

@@ -417,13 +417,15 @@ class Worker:
 
     def run_stream(self, step: int, name: str, meta: dict, *refs):
         """Run the streaming version of call `name` (a generate call, under fusion.inter_stage) on this rank:
-        yields, for each part of `meta["chunk_size"]` finished samples this rank returns, a small marker
-        {"chunk": k, "samples": n} and then the part itself, and at the end the call's info. The controller
+        yields {"total": the samples this rank will return}, then, for each part of `meta["chunk_size"]` finished
+        samples, a small marker {"chunk": k, "samples": n} and the part itself, and at the end the call's info. The controller
         fetches the markers and the info only; the parts go on to the consumers' workers."""
         cc, batch, adapters, temporary, t0, t1 = self._setup(step, name, {**meta, "chunk": None}, refs)
         call, ctx, k, since = cc.call, cc.ctx, 0, t1
         with adapters:
-            for part in get_stream(call.impl)(cc, batch, meta["chunk_size"]):
+            total, parts = get_stream(call.impl)(cc, batch, meta["chunk_size"])
+            yield {"total": total}
+            for part in parts:
                 part, _ = self._output(part, call, ctx, {})
                 if part is not None:
                     self._record(step, name, since, chunk=k)

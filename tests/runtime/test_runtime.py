@@ -74,7 +74,7 @@ def test_grpo_gives_the_same_numbers_under_any_plan_fused_or_not(ray_session, tm
         trace = json.loads((Path(cfg.output_dir) / "timeline.json").read_text())["traceEvents"]
         chunks: dict = {}  # (call, rank, step) -> its chunks' indices
         for e in trace:
-            if "args" in e:
+            if e["ph"] == "X" and "args" in e:
                 chunks.setdefault((e["name"], e["tid"], e["cat"]), []).append(e["args"]["chunk"])
         if name == "disjoint":  # 8 samples from one tensor-parallel replica in chunks of 3: 3 + 3 + 2
             assert {(n, r) for n, r, _ in chunks} == {("actor_gen", 2), ("reward", 0), ("ref_inf", 1)}

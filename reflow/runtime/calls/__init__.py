@@ -17,8 +17,9 @@ Inter-stage fusion (fusion.inter_stage) needs two more facts about an implementa
     @register_call("logprobs", per_sample=True)    each sample's output depends on that sample alone, so the
                                                    call may run on any chunk of the batch; the scalar metrics
                                                    it reports are counts (summed over chunks)
-    @register_stream("generate")                   a generator version of the call "generate": it yields
-                                                   parts of its output (SampleBatch chunks) as they finish
+    @register_stream("generate")                   the call "generate", streamed: returns (the number of
+                                                   samples this rank returns, an iterator of its parts:
+                                                   SampleBatch chunks as they finish, None on other ranks)
 
 Implementations live beside this file, one per concern (rollout, score, forward, policy, supervised,
 advantage, evaluate, ema). A user registers their own in the file of their graph (`algo.graph=my_file.py:my_graph`):
@@ -46,8 +47,8 @@ def register_call(name: str, per_sample: bool = False):
 
 
 def register_stream(name: str):
-    """Register the streaming version of the call `name` (a generator of SampleBatch parts, or of None on
-    ranks that return nothing)."""
+    """Register the streaming version of the call `name`: fn(cc, batch, chunk) -> (samples this rank returns in
+    all, an iterator of its parts)."""
     def wrap(fn):
         STREAMS[name] = fn
         return fn

@@ -82,19 +82,25 @@ def generate(cc: CallContext, batch: SampleBatch | None) -> SampleBatch | None:
 
 @register_stream("generate")
 def generate_chunks(cc: CallContext, batch: SampleBatch | None, chunk: int):
-    """`generate`, streamed: yields this replica's samples in parts of `chunk` as they finish (the last part may
-    be smaller), each in sample-id order. Keyed sampling makes every sample the same as under `generate`."""
+    """`generate`, streamed -> (the number of samples this rank returns, an iterator of its parts): parts of
+    `chunk` samples in the order they finish (the last may be smaller), each in sample-id order. Keyed sampling
+    makes every sample the same as under `generate`."""
     examples, groups, ids, params, engine = _generation(cc)
-    done = []
-    stream = engine.stream([e.prompt_ids for e in examples], params, None, keys=ids,
-                           seed=sample_seed(cc.cfg.seed, cc.step)) if examples else iter(())
-    for g in stream:
-        done.append(g)
-        if len(done) == chunk:
+    tp_first = cc.ctx is None or cc.ctx.tp_rank == 0
+
+    def parts():
+        done = []
+        stream = engine.stream([e.prompt_ids for e in examples], params, None, keys=ids,
+                               seed=sample_seed(cc.cfg.seed, cc.step)) if examples else iter(())
+        for g in stream:
+            done.append(g)
+            if len(done) == chunk:
+                yield _part(cc, done, examples, groups, ids)
+                done = []
+        if done:
             yield _part(cc, done, examples, groups, ids)
-            done = []
-    if done:
-        yield _part(cc, done, examples, groups, ids)
+
+    return (len(examples) if tp_first else 0), parts()
 
 
 @register_call("generate_episodes")
