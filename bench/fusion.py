@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--sft-steps", type=int, default=80)
     ap.add_argument("--out", default=str(ROOT / "bench/results/fusion.md"))
     args = ap.parse_args()
     model = long_tailed_model(args.sft_steps)

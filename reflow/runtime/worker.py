@@ -432,6 +432,7 @@ class Worker:
                     since = time.time()
                     yield {"chunk": k, "samples": len(part)}
                     yield part
+                    failpoint(f"stream.{name}.r{self.rank}.s{step}.c{k}")  # after handing on chunk k
                     k += 1
         self._after(cc, temporary)
         metrics = cc.metrics

@@ -22,6 +22,10 @@ def plot_curves(rows: list[dict], keys: list[str], out: str | Path, title: str =
         ax.set_title(k)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    return _save(fig, out, title)
+
+
+def _save(fig, out: str | Path, title: str) -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -76,9 +80,4 @@ def plot_timeline(events: list[dict], out: str | Path, title: str = "") -> Path:
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in calls], labels=calls,
               loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(ranks) < 4 else -0.2), ncol=min(len(calls), 8),
               fontsize=8, frameon=False)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out, title)
