@@ -13,6 +13,11 @@ time. A call's inputs are the data handles of its producers: in one process the 
 Ray object references that workers resolve from each other. The executor fetches only the small info dict
 every task returns (rank, seconds, metrics), never a batch.
 
+Inter-stage fusion (fusion.inter_stage): a generate call with per-sample consumers (`streamed`) runs as a
+stream; the controller follows its chunks and submits each to the consumers as soon as it is complete, so on
+workers the consumers run while the long tail still generates (the transports say where the overlap comes
+from). The consumers' chunks merge back into the whole batch, in sample-id order, for the train calls.
+
 Transports (runtime.workers): 0 = one local worker in this process (the plan is every call d1t1p1 on
 rank 0), N = N Ray workers (an embedded Ray, or a cluster at runtime.ray_address).
 """
