@@ -192,6 +192,17 @@ def main() -> None:
                       f"{idle} | {'yes' if same else 'NO'} |")
             summary.append({"workers": w, "fused": r["fused"], "median_step_s": r["median_step_s"],
                             "ratio": ratio, "same_metrics": same, "idle": r["idle"]})
+    md += ["", "Fused / unfused: the median step time of each run, rows relative to the median of the unfused runs. "
+           "Pooled over the repetitions, and the spread between runs of one configuration (the noise):", ""]
+    for w in args.workers:
+        mine = [r for r in results if r["workers"] == w]
+        fused = [r["median_step_s"] for r in mine if r["fused"]]
+        unfused = [r["median_step_s"] for r in mine if not r["fused"]]
+        spread = max((max(x) - min(x)) / min(x) for x in (fused, unfused))
+        md.append(f"- {w} workers: fused / unfused {statistics.median(fused) / statistics.median(unfused):.2f}x "
+                  f"({len(fused)} + {len(unfused)} runs); runs of one configuration differ by up to {spread:.0%}")
+        summary.append({"workers": w, "pooled_ratio": statistics.median(fused) / statistics.median(unfused),
+                        "spread": spread})
     md += ["", f"Timeline of the last fused run: {png.name} (`reflow timeline PATH --png`)."]
     Path(args.out).write_text("\n".join(md) + "\n")
     print("\n".join(md))

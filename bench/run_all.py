@@ -201,10 +201,12 @@ def fig_multiturn(r: dict) -> str:
 
 def fig_fusion(r: dict) -> str:
     s = r["summary"] or {}
-    rows = [x for x in s.get("rows", []) if x["fused"]]
+    rows = [x for x in s.get("rows", []) if "pooled_ratio" in x]
+    differ = any(not x["same_metrics"] for x in s.get("rows", []) if "same_metrics" in x)
     lens = s.get("lengths", {})
-    return ("; ".join(f"{x['workers']} workers: fused {x['ratio']:.2f}x the unfused step"
-                      f"{'' if x['same_metrics'] else ' (METRICS DIFFER)'}" for x in rows)
+    return ("; ".join(f"{x['workers']} workers: fused {x['pooled_ratio']:.2f}x the unfused step (runs of one "
+                      f"configuration differ by up to {x['spread']:.0%})" for x in rows)
+            + (" (METRICS DIFFER)" if differ else "")
             + (f"; lengths p50 {lens['p50']}, p90 {lens['p90']}, max {lens['max']}" if lens else "")) or "no summary"
 
 
