@@ -24,6 +24,7 @@ e2e_vs_trl, hence .venv-bench):
     multiturn       bench/multiturn.py        multi-turn rollouts: batched turns vs one episode at a time, tool latency,
                                           kept K/V across turns vs re-prefill -> multiturn.md
     pipeline        bench/pipeline.py         GPipe vs 1F1B vs fused actor+critic pipelines, 2 gloo workers -> pipeline.md
+    fusion          bench/fusion.py           inter-stage fusion vs unfused PPO, long-tailed lengths, 2 and 4 workers -> fusion.{md,png}
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
@@ -203,6 +204,17 @@ def fig_multiturn(r: dict) -> str:
         or "no summary"
 
 
+def fig_fusion(r: dict) -> str:
+    s = r["summary"] or {}
+    rows = [x for x in s.get("rows", []) if "pooled_ratio" in x]
+    differ = any(not x["same_metrics"] for x in s.get("rows", []) if "same_metrics" in x)
+    lens = s.get("lengths", {})
+    return ("; ".join(f"{x['workers']} workers: fused {x['pooled_ratio']:.2f}x the unfused step (runs of one "
+                      f"configuration differ by up to {x['spread']:.0%})" for x in rows)
+            + (" (METRICS DIFFER)" if differ else "")
+            + (f"; lengths p50 {lens['p50']}, p90 {lens['p90']}, max {lens['max']}" if lens else "")) or "no summary"
+
+
 def fig_scaling(r: dict) -> str:
     rows = [ln for ln in r["out"].splitlines() if re.match(r"^\s*\d+ \|", ln)]
     if not rows:
@@ -340,6 +352,8 @@ def main() -> None:
                  fig_multiturn))
     jobs.append(("pipeline", ["bench/pipeline.py", *(["--micro-batches", "4", "--repeats", "1"] if q else [])],
                  ["pipeline.md"], fig_pipeline))
+    jobs.append(("fusion", ["bench/fusion.py", *(["--steps", "3", "--workers", "2"] if q else [])],
+                 ["fusion.md", "fusion.png"], fig_fusion))
     if (ROOT / "bench" / "gpu_smoke.py").is_file():
         jobs.append(("gpu_smoke", ["bench/gpu_smoke.py", *(["--sft-steps", "50", "--grpo-steps", "10"] if q else [])],
                      ["gpu_smoke.md"], lambda r: "; ".join(f"{x['run']}: {x['accuracy'] or 0:.1%}, {x['time_s']:.0f} s"
@@ -413,6 +427,9 @@ def main() -> None:
         "- **grpovi_vs_grpo**: held-out accuracy and training reward of GRPOVI and GRPO from the same SFT model.",
         "- **grpovi_scaling**: the O(n log n) GRPOVI variance-increase pass against the O(n^2) brute force.",
     ]
+    if any(r["name"] == "fusion" for r in results):
+        md.append("- **fusion**: PPO step time with inter-stage fusion (fusion.inter_stage) against without, on a "
+                  "model with long-tailed response lengths, 2 and 4 Ray CPU workers (bench/fusion.py).")
     if any(r["name"] == "generation" for r in results):
         md.append("- **generation**: reflow's generation engine against transformers `model.generate` "
                   "(bench/generation.py).")

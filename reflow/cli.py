@@ -211,6 +211,26 @@ def cmd_generate(args) -> None:
                           "finished": g.finished}))
 
 
+def cmd_timeline(args) -> None:
+    from reflow.utils.plot import busy_by_rank, plot_timeline, read_timeline
+
+    events = read_timeline(args.path)
+    if not events:
+        raise ValueError(f"{args.path} holds no call slices; is it the timeline.json of a run with runtime.timeline=true?")
+    for rank, (busy, idle) in busy_by_rank(events).items():
+        print(f"rank {rank}: busy {busy:.2f} s, idle {idle:.2f} s ({idle / max(busy + idle, 1e-9):.0%})")
+    chunks: dict[str, set] = {}
+    for e in events:
+        if e["chunk"] is not None:
+            chunks.setdefault(e["name"], set()).add((e["step"], e["rank"], e["chunk"]))
+    for name, seen in chunks.items():
+        print(f"{name}: {len(seen)} chunk(s)")
+    if args.png is not None:
+        out = Path(args.png or Path(args.path).with_suffix(".png"))
+        plot_timeline(events, out, title=str(args.path))
+        print(f"wrote {out}")
+
+
 def cmd_layout(args) -> None:
     """Validate layouts for a model; with --check, run them on local processes against one process."""
     from transformers import AutoConfig
@@ -462,6 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("timeline", help="summarise a run's timeline.json (runtime.timeline=true): busy and idle "
+                                        "seconds per rank, chunks per call; --png draws it")
+    s.add_argument("path", help="timeline.json of a run")
+    s.add_argument("--png", nargs="?", const="", default=None,
+                   help="draw it: one row per rank, one colour per call (default file: PATH with .png)")
+    s.set_defaults(fn=cmd_timeline)
 
     s = sub.add_parser("generate", help="sample responses from a model")
     s.add_argument("--model", required=True)

@@ -349,6 +349,22 @@ class RuntimeConfig:
 
 
 @dataclass
+class FusionConfig:
+    """RLHFuse's inter-stage fusion: a generation call hands on its finished samples in chunks of `chunk`, and
+    the calls that work per sample (reward, ref_inf, critic_inf, actor_inf) start on each chunk while the long
+    tail still generates; train calls wait for the whole batch. The numbers do not change, only the timing:
+    the overlap comes from consumers on ranks that do not generate (on ranks that do, a chunk waits for the
+    generation to end; in one process, runtime.workers=0, every chunk runs after it)."""
+
+    inter_stage: bool = False
+    chunk: int = 8  # samples per chunk (per generation replica)
+
+    def validate(self):
+        if self.chunk < 1:
+            raise ConfigError(f"fusion.chunk must be >= 1 samples per chunk, got {self.chunk}")
+
+
+@dataclass
 class RLConfig:
     """`reflow train`: RL from a reward (GRPO, PPO)."""
 
@@ -364,6 +380,7 @@ class RLConfig:
     rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
     def validate(self):
         if self.actor.path is None:
@@ -388,6 +405,9 @@ class RLConfig:
         if self.algo.dynamic_sampling and self.rollout.max_staleness > 0:
             raise ConfigError("algo.dynamic_sampling waits for each round's rewards before it generates more, so it "
                               "cannot run ahead: use it with rollout.max_staleness=0")
+        if self.fusion.inter_stage and self.rollout.max_staleness > 0:
+            raise ConfigError("fusion.inter_stage streams samples within a step, and rollout.max_staleness > 0 runs "
+                              "rollouts ahead of training: set one of them off (fusion.inter_stage=false)")
         if self.algo.dynamic_sampling and self.algo.uses_critic:
             raise ConfigError("algo.dynamic_sampling filters groups of samples: use a group estimator "
                               "(grpo, drgrpo, rloo, ...), not gae")

@@ -21,7 +21,7 @@ def decode_response(tokenizer, tokens: Sequence[int]) -> str:
 
 
 def batch_from_generations(gens: list[Generation], examples: list[PromptExample], group_ids: list[int],
-                           first_id: int, tokenizer) -> SampleBatch:
+                           ids: Sequence[int], tokenizer) -> SampleBatch:
     """Pack generations (prompt + response) into a SampleBatch with the rollout keys.
 
     tokens : input_ids, action_mask (response), gen_logprobs (sampler's log-probs at action positions)
@@ -35,7 +35,7 @@ def batch_from_generations(gens: list[Generation], examples: list[PromptExample]
         action_mask.append(torch.tensor([0] * p + [1] * r, dtype=torch.long))
         gen_lp.append(torch.tensor([0.0] * p + g.logprobs, dtype=torch.float))
     return SampleBatch.from_sequences(
-        range(first_id, first_id + len(gens)),
+        ids,
         {"input_ids": input_ids, "action_mask": action_mask, "gen_logprobs": gen_lp},
         samples={
             "group_id": torch.tensor(group_ids, dtype=torch.long),

@@ -8,6 +8,12 @@
 Both return *handles*: `run` gives (data handle, info handle); the executor passes data handles on to the
 consumers and only ever fetches info handles (`wait`): small dicts of rank, seconds and metrics. Sample data
 never passes through the controller.
+
+A streamed call (fusion.inter_stage) is `run_stream` on each rank, followed with `stream`, which yields
+each finished chunk's data handle as it comes (the controller reads only a small marker before each) and
+then each rank's info handle. On Ray the chunks come while the call runs (a Ray streaming generator); in
+one process the worker is the controller's own thread, so the call runs to its end first and its chunks
+follow (nothing else could run meanwhile: interleaving would only reorder the same work).
 """
 
 from __future__ import annotations
@@ -17,6 +23,15 @@ import os
 
 from reflow.config.loader import ConfigError
 from reflow.utils.failpoint import ENV as FAILPOINT_ENV, ONCE_ENV as FAILPOINT_ONCE_ENV
+
+
+def _event(i: int, marker: dict, data, info) -> tuple:
+    """A streamed call's event from a marker its worker yielded (Worker.run_stream); data(): the next handle."""
+    if "total" in marker:
+        return i, "total", marker["total"]
+    if "chunk" in marker:
+        return i, "chunk", (marker, data())
+    return i, "end", info
 
 
 class WorkerFailed(RuntimeError):
@@ -112,6 +127,18 @@ class LocalTransport:
     def send_weights(self, rank: int, *args):
         return self.worker.send_weights(*args)
 
+    def run_stream(self, rank: int, step: int, name: str, *args) -> list:
+        return self.watch(f"call '{name}' of step {step}", lambda: list(self.worker.run_stream(step, name, *args)))
+
+    def stream(self, streams: list, whats: list, pending: list, timeout_s: float):
+        """streams: what run_stream returned per rank -> (stream index, "total", samples it returns in all)
+        first, then (stream index, "chunk", (marker, data handle)) per chunk and (stream index, "end", info
+        handle) at its end."""
+        for i, items in enumerate(streams):
+            it = iter(items)
+            for marker in it:
+                yield _event(i, marker, lambda: next(it), marker)
+
     def call(self, rank: int, method: str, *args):
         return self.watch(f"'{method}'", getattr(self.worker, method), *args)
 
@@ -192,6 +219,34 @@ class RayTransport:
 
     def send_weights(self, rank: int, *args):
         return self.workers[rank].send_weights.remote(*args)
+
+    def run_stream(self, rank: int, *args):
+        return self.workers[rank].run_stream.options(num_returns="streaming").remote(*args)
+
+    def stream(self, streams: list, whats: list, pending: list, timeout_s: float):
+        """streams: Ray streaming generators, one per rank; whats: their (call, rank). Yields the events of
+        LocalTransport.stream, each chunk as soon as a rank has yielded it. A failing rank ends the run with its error (as `wait`); `timeout_s`
+        without a chunk from any rank ends it as a hang."""
+        import ray
+
+        live = list(range(len(streams)))
+        while live:
+            ready, _ = ray.wait([streams[i] for i in live], num_returns=1, timeout=timeout_s, fetch_local=False)
+            if not ready:
+                self.shutdown()
+                running = ", ".join(f"rank {rank} in '{what}'" for what, rank in (whats[i] for i in live))
+                raise WorkerFailed(f"hang: no chunk came for {timeout_s:.0f} s (runtime.timeout_s) from {running}; "
+                                   "raise runtime.timeout_s if a call legitimately takes longer")
+            i = next(j for j in live if streams[j] is ready[0])
+            ref = next(streams[i])
+            try:
+                marker = ray.get(ref)  # a few numbers: the chunk's index and size, or the rank's info at the end
+            except Exception:  # noqa: BLE001 - RayTaskError / ActorDiedError carry the worker's traceback
+                every = [*pending, (ref, whats[i])]
+                raise self._failure(every, {h: k for k, (h, _) in enumerate(every)}) from None
+            if "chunk" not in marker and "total" not in marker:
+                live.remove(i)
+            yield _event(i, marker, lambda: next(streams[i]), ref)  # a chunk's data comes right after its marker
 
     def call(self, rank: int, method: str, *args):
         return getattr(self.workers[rank], method).remote(*args)

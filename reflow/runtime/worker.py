@@ -47,7 +47,7 @@ from reflow.realloc.model import Offloaded, build_destination, reallocate_model
 from reflow.realloc.plan import ReallocPlan, plan_reallocation
 from reflow.rewards.registry import compute_rewards
 from reflow.rewards.sandbox import RewardSandbox, open_reward
-from reflow.runtime.calls import CallContext, get_call
+from reflow.runtime.calls import CallContext, get_call, get_stream
 from reflow.runtime.checkpoint import load_ema, load_optimizer, save_role
 from reflow.runtime.data import WorkerData
 from reflow.runtime.graph import Call, Graph
@@ -62,7 +62,7 @@ def merge(parts: list[tuple[str, list[SampleBatch | None]]]) -> SampleBatch | No
     from ranks that return nothing, several when data-parallel replicas each returned theirs), producers in
     the graph's declaration order.
 
-    The first producer's parts, concatenated in id order, are the batch the call works on, its fields under
+    The first producer's parts, concatenated in sample-id order, are the batch the call works on, its fields under
     their own names (so `reward_greedy`, whose first producer is the greedy rollout, reads `response`); every
     other producer adds its fields by sample id under its prefix (`greedy_score`). A part keyed by group (its
     ids are group ids of the batch, one row each: ReMax's greedy baseline) is spread over the samples of each
@@ -70,8 +70,13 @@ def merge(parts: list[tuple[str, list[SampleBatch | None]]]) -> SampleBatch | No
     keyed = []
     for prefix, ps in parts:
         ps = sorted((p for p in ps if p is not None), key=lambda p: p.ids[0])
+        if len(ps) > 1:
+            # chunks of a streamed call hold samples in finish order: the batch is in id order whatever the
+            # chunking, so a fused step computes on the same batch as an unfused one
+            whole = SampleBatch.concat(ps)
+            ps = [whole if whole.ids == sorted(whole.ids) else whole.select(sorted(whole.ids))]
         if ps:
-            keyed.append((prefix, ps[0] if len(ps) == 1 else SampleBatch.concat(ps)))
+            keyed.append((prefix, ps[0]))
     if not keyed:
         return None
     _, base = keyed[0]
@@ -199,6 +204,7 @@ class Worker:
                         if len(receivers) > 1:
                             group_for(tuple(sorted((sender, *receivers))))
         self.kept: dict[tuple[str, Placement], torch.nn.Module | None] = {}
+        self.streaming: dict[str, tuple] = {}  # call -> (weights, temporary) its chunks share (see _setup)
         self.timeline: list[dict] = []
         node = None
         if self.distributed:
@@ -338,14 +344,23 @@ class Worker:
         self._record(step, f"{name}:send_weights", t0)
         return {"rank": self.rank, "time": time.time() - t0}
 
-    def run(self, step: int, name: str, meta: dict, *refs):
-        """Run call `name` of step `step` on this rank -> (output, info). refs: the parts returned by the call's
-        producers, in the order of meta["parts"] = [(prefix, count), ...] (Ray resolves them into batches)."""
+    def _setup(self, step: int, name: str, meta: dict, refs) -> tuple:
+        """What running call `name` on this rank needs: (call context, the adapters' context, whether the weights
+        are a temporary copy, when the weights were ready). A chunk of a streamed call (meta["chunk"]) reuses the
+        copy its first chunk built, until `end_stream`."""
         t0 = time.time()
         call = self.calls[name]
         ctx = self.ctx[self.placements[name]]
-        model, temporary = self._weights(name)
+        chunk = meta.get("chunk")
+        if chunk is not None and chunk > 0 and name in self.streaming:
+            model, temporary = self.streaming[name]
+        else:
+            model, temporary = self._weights(name)
+            if chunk is not None:
+                self.streaming[name] = (model, temporary)
         t1 = time.time()
+        if temporary and not chunk:
+            self._record(step, f"{name}:reallocate", t0, t1)
         inputs, at = [], 0
         for prefix, n in meta.get("parts", []):
             inputs.append((prefix, list(refs[at:at + n])))
@@ -360,29 +375,77 @@ class Worker:
             model = merged_copy(model)  # the call's copy: W + alpha/r B A, dropped after the call
         cc = CallContext(call, step, meta, model, ctx, self)
         adapters = adapters_off(model) if call.options.get("adapters") == "off" else contextlib.nullcontext()
+        return cc, batch, adapters, temporary, t0, t1
+
+    def _after(self, cc: CallContext, temporary: bool) -> None:
+        """A frozen owner copy parked in host memory goes back there after its call."""
+        role = self.roles.get(cc.call.weights)
+        if not temporary and role is not None and role.parked is not None:
+            role.parked.offload()
+
+    def _nonfinite(self, e: NonFiniteError, step: int, name: str, batch) -> NonFiniteError:
+        return NonFiniteError(f"step {step}, call '{name}': {e}; {nonfinite_samples(batch)}; "
+                              "trainer.on_nonfinite=skip skips such updates")
+
+    def run(self, step: int, name: str, meta: dict, *refs):
+        """Run call `name` of step `step` on this rank -> (output, info). refs: the parts returned by the call's
+        producers, in the order of meta["parts"] = [(prefix, count), ...] (Ray resolves them into batches)."""
+        cc, batch, adapters, temporary, t0, t1 = self._setup(step, name, meta, refs)
+        call, ctx = cc.call, cc.ctx
         try:
             with adapters:
                 out = get_call(call.impl)(cc, batch)
         except NonFiniteError as e:
-            raise NonFiniteError(f"step {step}, call '{name}': {e}; {nonfinite_samples(batch)}; "
-                                 "trainer.on_nonfinite=skip skips such updates") from None
-        del model  # a temporary copy lives for its call only (the owner copy stays referenced by its role)
-        if temporary:
-            self._record(step, f"{name}:reallocate", t0, t1)
-        elif (role := self.roles.get(call.weights)) is not None and role.parked is not None:
-            role.parked.offload()
-        self._record(step, name, t1)
+            raise self._nonfinite(e, step, name, batch) from None
+        self._after(cc, temporary)
+        metrics = cc.metrics
+        del cc  # a temporary copy lives for its call only (the owner copy stays referenced by its role)
+        self._record(step, name, t1, chunk=meta.get("chunk"))
         info = {"rank": self.rank, "time": time.time() - t0}
         if isinstance(out, dict):
-            info["metrics"] = {**cc.metrics, **out}
+            info["metrics"] = {**metrics, **out}
             return None, info
-        if cc.metrics:
-            info["metrics"] = cc.metrics
+        return self._output(out, call, ctx, info, metrics)
+
+    def _output(self, out, call: Call, ctx, info: dict, metrics: dict | None = None):
+        if metrics:
+            info["metrics"] = metrics
         if out is not None and (call.kind == "generate" or ctx is None or ctx.index == 0):
             out = only_outputs(out, call)
             info["samples"] = len(out)
             return out, info
         return None, info
+
+    def run_stream(self, step: int, name: str, meta: dict, *refs):
+        """Run the streaming version of call `name` (a generate call, under fusion.inter_stage) on this rank:
+        yields {"total": the samples this rank will return}, then, for each part of `meta["chunk_size"]` finished
+        samples, a small marker {"chunk": k, "samples": n} and the part itself, and at the end the call's info. The controller
+        fetches the markers and the info only; the parts go on to the consumers' workers."""
+        cc, batch, adapters, temporary, t0, t1 = self._setup(step, name, {**meta, "chunk": None}, refs)
+        call, ctx, k, since = cc.call, cc.ctx, 0, t1
+        with adapters:
+            total, parts = get_stream(call.impl)(cc, batch, meta["chunk_size"])
+            yield {"total": total}
+            for part in parts:
+                part, _ = self._output(part, call, ctx, {})
+                if part is not None:
+                    self._record(step, name, since, chunk=k)
+                    since = time.time()
+                    yield {"chunk": k, "samples": len(part)}
+                    yield part
+                    failpoint(f"stream.{name}.r{self.rank}.s{step}.c{k}")  # after handing on chunk k
+                    k += 1
+        self._after(cc, temporary)
+        metrics = cc.metrics
+        del cc
+        if k == 0:  # a rank that returned no part (a tensor-parallel peer): the call as one slice
+            self._record(step, name, since)
+        yield self._output(None, call, ctx, {"rank": self.rank, "time": time.time() - t0}, metrics)[1]
+
+    def end_stream(self, name: str) -> dict:
+        """The last chunk of the streamed call `name` has run: drop the weights copy its chunks shared."""
+        self.streaming.pop(name, None)
+        return {"rank": self.rank, "time": 0.0}
 
     def save(self, ckpt: str, optimizer: bool = True, roles: list[str] | None = None) -> dict:
         """Write the saved roles whole (any plan, either transport, resumes from them); the owner ranks of each
@@ -416,6 +479,10 @@ class Worker:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    def _record(self, step: int, name: str, t0: float, t1: float | None = None) -> None:
-        self.timeline.append({"step": step, "name": name, "rank": self.rank, "start": t0, "end": t1 or time.time()})
+    def _record(self, step: int, name: str, t0: float, t1: float | None = None, chunk: int | None = None) -> None:
+        """One slice of the timeline; `chunk`: the part of a streamed call it is (fusion.inter_stage)."""
+        event = {"step": step, "name": name, "rank": self.rank, "start": t0, "end": t1 or time.time()}
+        if chunk is not None:
+            event["chunk"] = chunk
+        self.timeline.append(event)
 

@@ -145,15 +145,21 @@ def test_a_worker_killed_while_writing_a_checkpoint_is_restarted_from_the_previo
     assert_same_rows(whole, rows(out), rel=1e-4)
 
 
+@pytest.mark.parametrize("point,extra,needle", [
+    ("call.reward.r0.s1", [], "hang: no call finished for 4 s (runtime.timeout_s); still running: rank 0 in 'reward'"),
+    # a generation replica that stops mid-stream, after handing on its first chunk (fusion.inter_stage)
+    ("stream.actor_gen.r1.s1.c0", ["fusion.inter_stage=true", "fusion.chunk=1"],
+     "hang: no chunk came for 4 s (runtime.timeout_s) from rank 1 in 'actor_gen'"),
+])
 def test_a_hung_worker_ends_the_run_within_the_timeout_naming_rank_and_call(
-        ray_session, debug_model, addition_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("REFLOW_FAILPOINT", "call.reward.r0.s1=hang")
+        ray_session, debug_model, addition_data, tmp_path, monkeypatch, capsys, point, extra, needle):
+    monkeypatch.setenv("REFLOW_FAILPOINT", f"{point}=hang")
     t0 = time.perf_counter()
     assert main(args(debug_model, addition_data, tmp_path / "run", "runtime.workers=2", "runtime.plan=colocate",
-                     "runtime.timeout_s=4")) == 1
+                     "runtime.timeout_s=4", *extra)) == 1
     elapsed = time.perf_counter() - t0
     err = capsys.readouterr().err
-    assert "hang: no call finished for 4 s (runtime.timeout_s); still running: rank 0 in 'reward'" in err
+    assert needle in err
     assert elapsed < 60  # start-up included; without the limit the run would never end
 
 

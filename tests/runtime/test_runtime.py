@@ -27,7 +27,7 @@ PLANS = {
 }
 
 
-def config(tmp_path, model, data, algo="grpo", workers=1, plan="colocate", reward="varied", **runtime):
+def config(tmp_path, model, data, algo="grpo", workers=1, plan="colocate", reward="varied", fusion=None, **runtime):
     if isinstance(plan, dict):
         from reflow.runtime.plan import Plan
 
@@ -42,7 +42,8 @@ def config(tmp_path, model, data, algo="grpo", workers=1, plan="colocate", rewar
         "rollout": {"prompts_per_step": 4, "n": 2, "max_new_tokens": 4},
         "reward": {"fn": f"{REWARDS}:{reward}"}, "algo": {"name": algo, "kl_coef": 0.01},
         "trainer": {"steps": 2, "progress": False},
-        "runtime": {"workers": workers, "plan": plan, "timeout_s": 30, **runtime}})
+        "runtime": {"workers": workers, "plan": plan, "timeout_s": 30, **runtime},
+        "fusion": {"inter_stage": fusion is not None, "chunk": fusion or 8}})
 
 
 def run(cfg, resume=None) -> list[dict]:
@@ -61,23 +62,36 @@ def assert_same(a: list[dict], b: list[dict]):
     assert a[-1]["actor/kl"] > 1e-6 and a[0]["actor/grad_norm"] > 0.1  # the steps really trained
 
 
-def test_grpo_gives_the_same_numbers_under_any_plan(ray_session, tmp_path, debug_model, addition_data):
+def test_grpo_gives_the_same_numbers_under_any_plan_fused_or_not(ray_session, tmp_path, debug_model, addition_data):
+    """The in-process unfused run against: in process fused, and fused on 4 workers (disjoint: reward and ref on
+    ranks that do not generate, so chunks overlap generation; pipeline: 4 generation replicas streaming to a
+    pipelined reference on ranks that also generate)."""
     one = run(config(tmp_path / "one", debug_model, addition_data))
+    assert_same(one, run(config(tmp_path / "one-fused", debug_model, addition_data, workers=0, fusion=3)))
     for name, plan in PLANS.items():
-        cfg = config(tmp_path / name, debug_model, addition_data, workers=4, plan=plan, timeline=True)
+        cfg = config(tmp_path / name, debug_model, addition_data, workers=4, plan=plan, timeline=True, fusion=3)
         assert_same(one, run(cfg))
-    trace = json.loads((Path(cfg.output_dir) / "timeline.json").read_text())["traceEvents"]
+        trace = json.loads((Path(cfg.output_dir) / "timeline.json").read_text())["traceEvents"]
+        chunks: dict = {}  # (call, rank, step) -> its chunks' indices
+        for e in trace:
+            if e["ph"] == "X" and "args" in e:
+                chunks.setdefault((e["name"], e["tid"], e["cat"]), []).append(e["args"]["chunk"])
+        if name == "disjoint":  # 8 samples from one tensor-parallel replica in chunks of 3: 3 + 3 + 2
+            assert {(n, r) for n, r, _ in chunks} == {("actor_gen", 2), ("reward", 0), ("ref_inf", 1)}
+            assert all(sorted(k) == [0, 1, 2] for k in chunks.values())
     names = {e["name"] for e in trace if e["ph"] == "X"}
     assert {"actor_gen", "actor_gen:reallocate", "ref_inf", "actor_train"} <= names
     assert {e["tid"] for e in trace if e["name"] == "actor_gen"} == {0, 1, 2, 3}
 
 
-def test_ppo_gives_the_same_numbers_under_builtin_plans(ray_session, tmp_path, debug_model, addition_data):
+def test_ppo_gives_the_same_numbers_under_builtin_plans_fused(ray_session, tmp_path, debug_model, addition_data):
     one = run(config(tmp_path / "one", debug_model, addition_data, algo="ppo"))
+    assert_same(one, run(config(tmp_path / "one-fused", debug_model, addition_data, algo="ppo", workers=0, fusion=3)))
     # separate: each role on its own worker; colocate: every call on all 4 (actor and critic FSDP2 over 4,
-    # generation and critic inference on 4 replicas reallocated from the shards every step)
+    # generation and critic inference on 4 replicas reallocated from the shards every step: under fusion each
+    # chunk of critic_inf runs on the copy its first chunk built)
     for plan in ("separate", "colocate"):
-        four = run(config(tmp_path / plan, debug_model, addition_data, algo="ppo", workers=4, plan=plan))
+        four = run(config(tmp_path / plan, debug_model, addition_data, algo="ppo", workers=4, plan=plan, fusion=1))
         assert_same(one, four)
         assert "critic/loss" in four[0]
 
@@ -91,7 +105,8 @@ def test_a_failing_worker_ends_the_run_with_its_error(ray_session, tmp_path, deb
                                                       needle):
     plan = {"actor_gen": ("0-1", "d2t1p1"), "reward": ("0", "d1t1p1"), "ref_inf": ("1", "d1t1p1"),
             "actor_train": ("0-1", "d2t1p1")}
-    cfg = config(tmp_path, debug_model, addition_data, workers=2, plan=plan, reward=reward)
+    # fused: the reward runs on chunks, and the chunk that fails ends the run with its call's error
+    cfg = config(tmp_path, debug_model, addition_data, workers=2, plan=plan, reward=reward, fusion=2)
     cfg.reward.sandbox = False
     t0 = time.monotonic()
     with pytest.raises(error, match=needle):

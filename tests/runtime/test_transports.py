@@ -123,8 +123,9 @@ def test_a_checkpoint_resumes_in_the_other_transport_and_continues_exactly(ray_s
     assert abs(whole[2]["critic/loss"] - resumed[0]["critic/loss"]) <= 1e-5
 
 
+@pytest.mark.parametrize("chunk", [None, 2])  # None: unfused; 2: samples stream in chunks of 2 (fusion)
 def test_the_controller_fetches_no_sample_data_during_a_multi_worker_step(ray_session, tmp_path, debug_model,
-                                                                        addition_data, monkeypatch):
+                                                                        addition_data, monkeypatch, chunk):
     import ray
 
     fetched = []
@@ -136,6 +137,7 @@ def test_the_controller_fetches_no_sample_data_during_a_multi_worker_step(ray_se
         return out
 
     cfg = rl_config(tmp_path, debug_model, addition_data, 2, adv_estimator="gae")
+    cfg.fusion.inter_stage, cfg.fusion.chunk = chunk is not None, chunk or 8
     with RLExperiment(cfg) as exp:
         monkeypatch.setattr(ray, "get", recording_get)
         exp.run_step()
@@ -143,7 +145,8 @@ def test_the_controller_fetches_no_sample_data_during_a_multi_worker_step(ray_se
     assert fetched  # the step's infos were fetched ...
     assert all(isinstance(x, dict) for x in fetched)  # ... and nothing else: no batch, no tensor
     assert not any(isinstance(v, SampleBatch) for x in fetched for v in x.values())
-    assert {x.get("samples") for x in fetched if "samples" in x} == {6}  # generate / infer outputs: counts only
+    # generate / infer outputs (or a streamed call's chunks): counts only
+    assert {x.get("samples") for x in fetched if "samples" in x} == {chunk or 6}
 
 
 def test_graph_keys_are_the_batch_fields_the_calls_read_and_write(debug_model, addition_data, tmp_path):

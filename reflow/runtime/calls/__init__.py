@@ -12,6 +12,15 @@ of the call's mesh and passes on what it returns:
     a dict          metrics of train calls ({name: float}) or, from evaluations, partial sums
                     ({name: [numerator, denominator]}) that the executor adds up over replicas and divides
 
+Inter-stage fusion (fusion.inter_stage) needs two more facts about an implementation:
+
+    @register_call("logprobs", per_sample=True)    each sample's output depends on that sample alone, so the
+                                                   call may run on any chunk of the batch; the scalar metrics
+                                                   it reports are counts (summed over chunks)
+    @register_stream("generate")                   the call "generate", streamed: returns (the number of
+                                                   samples this rank returns, an iterator of its parts:
+                                                   SampleBatch chunks as they finish, None on other ranks)
+
 Implementations live beside this file, one per concern (rollout, score, forward, policy, supervised,
 advantage, evaluate, ema). A user registers their own in the file of their graph (`algo.graph=my_file.py:my_graph`):
 the workers import that file too.
@@ -23,14 +32,38 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 CALLS: dict[str, Callable] = {}
+PER_SAMPLE: set[str] = set()
+STREAMS: dict[str, Callable] = {}
 
 
-def register_call(name: str):
+def register_call(name: str, per_sample: bool = False):
     def wrap(fn):
         CALLS[name] = fn
+        if per_sample:
+            PER_SAMPLE.add(name)
         return fn
 
     return wrap
+
+
+def register_stream(name: str):
+    """Register the streaming version of the call `name`: fn(cc, batch, chunk) -> (samples this rank returns in
+    all, an iterator of its parts)."""
+    def wrap(fn):
+        STREAMS[name] = fn
+        return fn
+
+    return wrap
+
+
+def is_per_sample(name: str) -> bool:
+    _register_builtins()
+    return name in PER_SAMPLE
+
+
+def get_stream(name: str) -> Callable | None:
+    _register_builtins()
+    return STREAMS.get(name)
 
 
 def get_call(name: str) -> Callable:

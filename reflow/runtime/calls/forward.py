@@ -17,13 +17,13 @@ def engine(cc: CallContext) -> InferenceEngine:
     return InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx)
 
 
-@register_call("logprobs")
+@register_call("logprobs", per_sample=True)
 def logprobs(cc: CallContext, batch: SampleBatch) -> SampleBatch:
     temperature = cc.cfg.rollout.temperature if hasattr(cc.cfg, "rollout") else 1.0
     return batch.with_tokens(**{cc.output_key(): engine(cc).logprobs(batch, temperature)[0]})
 
 
-@register_call("values")
+@register_call("values", per_sample=True)
 def values(cc: CallContext, batch: SampleBatch) -> SampleBatch:
     tok, last = engine(cc).values(batch)
     return batch.with_tokens(**{cc.output_key(0): tok}).with_samples(**{cc.output_key(1): last})

@@ -21,7 +21,7 @@ from reflow.engines.generate import GenerationEngine, SamplingParams, sample_see
 from reflow.engines.multiturn import Limits, episodes_to_batch, run_episodes, start_episodes
 from reflow.engines.rollout import batch_from_generations
 from reflow.envs import load_env
-from reflow.runtime.calls import CallContext, register_call
+from reflow.runtime.calls import CallContext, register_call, register_stream
 
 ROLLOUT_FIELDS = ("input_ids", "action_mask", "gen_logprobs", "group_id", "prompt_len", "response_len", "truncated",
                   "policy_version", "prompt", "response", "answer")
@@ -48,25 +48,61 @@ def _samples(cc: CallContext, n: int) -> tuple[list, list[int], list[int]]:
     return examples, groups, list(range(first_id, first_id + len(examples)))
 
 
-@register_call("generate")
-def generate(cc: CallContext, batch: SampleBatch | None) -> SampleBatch | None:
-    cfg, step, tok = cc.cfg, cc.step, cc.tokenizer
-    r = cfg.rollout
+def _generation(cc: CallContext):
+    """What this replica decodes: (its examples, group ids and sample ids, sampling params, engine)."""
+    cfg, r = cc.cfg, cc.cfg.rollout
     greedy = bool(cc.call.options.get("greedy"))
     examples, groups, ids = _samples(cc, 1 if greedy else r.n)
     ids = groups if greedy else ids
     a, b = replica_share(len(examples), cc.ctx)
     params = SamplingParams(r.max_new_tokens, greedy=True) if greedy else \
         SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
-    engine = GenerationEngine(cc.model, [tok.eos_token_id], tok.pad_token_id, r.batch_size)
-    gens = engine.generate([e.prompt_ids for e in examples[a:b]], params, None, keys=ids[a:b],
-                           seed=sample_seed(cfg.seed, step)) if b > a else []
-    # ids are consecutive in both cases (samples, or greedy rows keyed by their group)
-    part = batch_from_generations(gens, examples[a:b], groups[a:b], ids[a] if b > a else 0, tok)
-    # the policy version (updates applied to the weights) that produced the samples, given by the executor
-    part.with_samples(policy_version=torch.full((len(part),), cc.meta.get("version", step), dtype=torch.long))
+    engine = GenerationEngine(cc.model, [cc.tokenizer.eos_token_id], cc.tokenizer.pad_token_id, r.batch_size)
+    return examples[a:b], groups[a:b], ids[a:b], params, engine
+
+
+def _part(cc: CallContext, gens: list, examples: list, groups: list[int], ids: list[int]) -> SampleBatch | None:
+    """Generations (gens[i] of examples[g.index]) -> this replica's part, in sample-id order, with the policy
+    version (updates applied to the weights) that produced them, given by the executor; None on ranks that
+    return nothing (all but the first tensor-parallel rank of a replica)."""
+    gens = sorted(gens, key=lambda g: ids[g.index])
+    at = [g.index for g in gens]
+    part = batch_from_generations(gens, [examples[i] for i in at], [groups[i] for i in at], [ids[i] for i in at],
+                                  cc.tokenizer)
+    part.with_samples(policy_version=torch.full((len(part),), cc.meta.get("version", cc.step), dtype=torch.long))
     tp_first = cc.ctx is None or cc.ctx.tp_rank == 0
-    return part if tp_first and len(part) else None  # one part per replica
+    return part if tp_first and len(part) else None
+
+
+@register_call("generate")
+def generate(cc: CallContext, batch: SampleBatch | None) -> SampleBatch | None:
+    examples, groups, ids, params, engine = _generation(cc)
+    gens = engine.generate([e.prompt_ids for e in examples], params, None, keys=ids,
+                           seed=sample_seed(cc.cfg.seed, cc.step)) if examples else []
+    return _part(cc, gens, examples, groups, ids)  # one part per replica
+
+
+@register_stream("generate")
+def generate_chunks(cc: CallContext, batch: SampleBatch | None, chunk: int):
+    """`generate`, streamed -> (the number of samples this rank returns, an iterator of its parts): parts of
+    `chunk` samples in the order they finish (the last may be smaller), each in sample-id order. Keyed sampling
+    makes every sample the same as under `generate`."""
+    examples, groups, ids, params, engine = _generation(cc)
+    tp_first = cc.ctx is None or cc.ctx.tp_rank == 0
+
+    def parts():
+        done = []
+        stream = engine.stream([e.prompt_ids for e in examples], params, None, keys=ids,
+                               seed=sample_seed(cc.cfg.seed, cc.step)) if examples else iter(())
+        for g in stream:
+            done.append(g)
+            if len(done) == chunk:
+                yield _part(cc, done, examples, groups, ids)
+                done = []
+        if done:
+            yield _part(cc, done, examples, groups, ids)
+
+    return (len(examples) if tp_first else 0), parts()
 
 
 @register_call("generate_episodes")

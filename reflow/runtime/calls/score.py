@@ -32,7 +32,7 @@ def _clip(cc: CallContext, scores: torch.Tensor, batch: SampleBatch) -> torch.Te
     return scores
 
 
-@register_call("score_fn")
+@register_call("score_fn", per_sample=True)
 def score_fn(cc: CallContext, batch: SampleBatch) -> SampleBatch:
     if not cc.first:  # a reward function is computed once per call, on its first rank
         return None
@@ -45,14 +45,14 @@ def score_fn(cc: CallContext, batch: SampleBatch) -> SampleBatch:
     return batch.with_samples(**{cc.output_key(): _clip(cc, scores, batch)})
 
 
-@register_call("score_model")
+@register_call("score_model", per_sample=True)
 def score_model(cc: CallContext, batch: SampleBatch) -> SampleBatch:
     mcfg = cc.worker.role_config(cc.call.weights)
     scores = InferenceEngine(cc.model, mcfg.micro_batch_tokens, parallel=cc.ctx).scores(batch)
     return batch.with_samples(**{cc.output_key(): _clip(cc, scores, batch)})
 
 
-@register_call("process_reward")
+@register_call("process_reward", per_sample=True)
 def process_reward(cc: CallContext, batch: SampleBatch) -> SampleBatch:
     if not cc.first:
         return None

@@ -1,0 +1,213 @@
+"""Inter-stage fusion (fusion.inter_stage) against the unfused step, on a workload with long-tailed lengths.
+
+    .venv/bin/python bench/fusion.py [--steps 6] [--workers 2 4] [--reps 1] [--chunk 8] [--out bench/results/fusion.md]
+
+Workload: PPO (actor, critic, reference, the `format` reward function) from a tiny-llama model fine-tuned
+(`reflow sft`, cached in runs/bench/fusion/) on replies of random letters whose lengths are geometric (mean 10,
+at most 90 letters): a model whose response lengths are long-tailed by training, not by a rule in the
+generator. `--prompts` prompts x 4 samples per step, rollout.max_new_tokens 96. Ray CPU workers, one thread
+each, generation and the per-sample inference on different ranks:
+
+    2 workers: actor_gen, actor_train on rank 0; reward, ref_inf, critic_inf, critic_train on rank 1
+    4 workers: actor_gen, actor_train d2 on ranks 0-1; reward and ref_inf on rank 2; critic_inf, critic_train on 3
+
+Each configuration runs unfused and fused (fusion.chunk samples per chunk), `--reps` times, the order
+alternating between repetitions, all in one Ray session; every run starts from the same model and seed.
+Reported: median step time after one warm-up step, the fused / unfused ratio, busy and idle seconds per rank
+from the runs' timelines, whether every logged metric (samples, rewards, losses, KL) is identical, and the
+measured length distribution (p50, p90, max of the rollouts' samples). The machine is shared: timings move by
+several percent between runs of the same configuration, which the repetitions show. Writes --out and the
+timeline PNG of the last fused run beside it, and prints `BENCH_SUMMARY {json}` last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "runs/bench/fusion"
+
+PLANS = {
+    2: {"actor_gen": ("0", "d1t1p1"), "actor_train": ("0", "d1t1p1"), "reward": ("1", "d1t1p1"),
+        "ref_inf": ("1", "d1t1p1"), "critic_inf": ("1", "d1t1p1"), "critic_train": ("1", "d1t1p1")},
+    4: {"actor_gen": ("0-1", "d2t1p1"), "actor_train": ("0-1", "d2t1p1"), "reward": ("2", "d1t1p1"),
+        "ref_inf": ("2", "d1t1p1"), "critic_inf": ("3", "d1t1p1"), "critic_train": ("3", "d1t1p1")},
+}
+
+
+def letters(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
+
+
+def long_tailed_model(sft_steps: int) -> Path:
+    """tiny-llama fine-tuned on prompts 'abc:' -> random letters, length 1 + Geometric(1/10) capped at 90."""
+    final = CACHE / f"sft-{sft_steps}" / "final"
+    if (final / "config.json").is_file():
+        return final
+    CACHE.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    rows = []
+    for _ in range(4000):
+        n = 1
+        while rng.random() > 0.1 and n < 90:
+            n += 1
+        rows.append({"prompt": letters(rng, 3) + ":", "response": letters(rng, n)})
+    (CACHE / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli = [sys.executable, "-m", "reflow.cli"]
+    if not (CACHE / "init/config.json").is_file():
+        subprocess.run([*cli, "init-model", "--preset", "tiny-llama", "--out", str(CACHE / "init")], cwd=ROOT, check=True)
+    subprocess.run([*cli, "sft", f"model.path={CACHE / 'init'}", f"data.train={CACHE / 'sft.jsonl'}",
+                    f"output_dir={final.parent}", "batch_size=32", f"max_steps={sft_steps}", "model.optim.lr=3e-3",
+                    "progress=false", "eval_every=0", "data.eval=null"], cwd=ROOT, check=True)
+    return final
+
+
+def prompts_file(work: Path) -> Path:
+    rng = random.Random(1)
+    path = work / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": letters(rng, 3) + ":", "answer": ""}) + "\n" for _ in range(512)))
+    return path
+
+
+def lengths(model: Path, prompts: Path, n: int) -> list[int]:
+    """Response lengths of n samples from the model (the rollouts' sampling: temperature 1, 96 new tokens)."""
+    from reflow.data.datasets import load_prompts
+    from reflow.engines.generate import GenerationEngine, SamplingParams
+    from reflow.models.load import load_policy, load_tokenizer
+
+    tok = load_tokenizer(str(model))
+    rows, _ = load_prompts(str(prompts), tok, max_prompt_len=64)
+    engine = GenerationEngine(load_policy(str(model)), [tok.eos_token_id], tok.pad_token_id, 64)
+    gens = engine.generate([rows[i % len(rows)].prompt_ids for i in range(n)], SamplingParams(96), keys=list(range(n)))
+    return sorted(len(g.tokens) for g in gens)
+
+
+def run(workers: int, fused: bool, args, model: Path, prompts: Path, work: Path) -> dict:
+    from reflow.config.loader import from_dict
+    from reflow.config.schema import RLConfig
+    from reflow.experiments.rl import RLExperiment
+    from reflow.runtime.plan import Plan
+    from reflow.utils.plot import busy_by_rank, read_timeline
+
+    out = work / f"w{workers}-{'fused' if fused else 'unfused'}-{len(list(work.glob(f'w{workers}-*')))}"
+    out.mkdir(parents=True)
+    plan = out / "plan.yaml"
+    Plan.from_dict({"calls": {c: {"ranks": r, "layout": lay} for c, (r, lay) in PLANS[workers].items()}},
+                   workers).save(plan)
+    role = {"path": str(model), "micro_batch_tokens": 4096}
+    cfg = from_dict(RLConfig, {
+        "output_dir": str(out), "actor": role, "critic": {**role, "path": None},
+        "data": {"train": str(prompts), "eval": None},
+        "rollout": {"prompts_per_step": args.prompts, "n": 4, "max_new_tokens": 96, "batch_size": 256},
+        "reward": {"fn": "format"}, "algo": {"name": "ppo", "kl_coef": 0.01},
+        "trainer": {"steps": args.steps, "progress": False, "eval_every": 0, "save_every": 0},
+        "runtime": {"workers": workers, "plan": str(plan), "timeline": True, "timeout_s": 300},
+        "fusion": {"inter_stage": fused, "chunk": args.chunk}})
+    with RLExperiment(cfg) as exp:
+        exp.run()
+        rows = exp.history
+    busy = busy_by_rank(read_timeline(out / "timeline.json"))
+    return {"workers": workers, "fused": fused, "dir": str(out),
+            "median_step_s": statistics.median(r["time/step"] for r in rows[1:]),
+            "step_s": [r["time/step"] for r in rows],
+            "idle": {r: round(i / (b + i), 3) for r, (b, i) in busy.items()},
+            "busy_s": {r: round(b, 2) for r, (b, _) in busy.items()},
+            "metrics": [{k: v for k, v in r.items() if not k.startswith(("time", "throughput"))} for r in rows]}
+
+
+def differing(a: list[dict], b: list[dict]) -> list[str]:
+    """Metrics two runs log differently: |x - y| > 1e-5 + 1e-4 |x| (the tests' float tolerance), or other keys."""
+    if len(a) != len(b):
+        return ["steps"]
+    out = []
+    for step, (x, y) in enumerate(zip(a, b)):
+        if x.keys() != y.keys():
+            return [f"keys at step {step}"]
+        out += [f"{k} at step {step}: {x[k]} vs {y[k]}" for k in x if x[k] is not None and y[k] is not None
+                and abs(x[k] - y[k]) > 1e-5 + 1e-4 * abs(x[k])]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--sft-steps", type=int, default=80)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/fusion.md"))
+    args = ap.parse_args()
+    model = long_tailed_model(args.sft_steps)
+    import ray
+
+    ray.init(num_cpus=max(args.workers), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="reflow-fusion-") as tmp:
+        work = Path(tmp)
+        prompts = prompts_file(work)
+        lens = lengths(model, prompts, 256)
+        for w in args.workers:
+            for rep in range(args.reps):
+                for fused in ((False, True) if rep % 2 == 0 else (True, False)):
+                    r = run(w, fused, args, model, prompts, work)
+                    results.append(r)
+                    print(f"workers {w} {'fused' if fused else 'unfused'}: {r['median_step_s']:.3f} s/step "
+                          f"(steps {[round(x, 2) for x in r['step_s']]}), idle {r['idle']}", flush=True)
+        last = [r for r in results if r["fused"]][-1]
+        png = Path(args.out).with_suffix(".png")
+        subprocess.run([sys.executable, "-m", "reflow.cli", "timeline", str(Path(last["dir"]) / "timeline.json"),
+                        "--png", str(png)], cwd=ROOT, check=True)
+    ray.shutdown()
+    p = lambda q: lens[min(len(lens) - 1, int(q * len(lens)))]  # noqa: E731
+    md = ["# Inter-stage fusion (bench/fusion.py)", "",
+          f"Command: `.venv/bin/python bench/fusion.py --steps {args.steps} --workers "
+          f"{' '.join(map(str, args.workers))} --reps {args.reps} --chunk {args.chunk} --prompts {args.prompts}`. "
+          f"PPO on Ray CPU workers (1 thread each), {args.prompts} prompts x 4 samples per step, generation and the "
+          "per-sample inference on different ranks (module docstring); median step time after one warm-up step.",
+          "", f"Response lengths (256 samples of the model): p50 {p(0.5)}, p90 {p(0.9)}, max {lens[-1]} tokens "
+          f"(mean {statistics.mean(lens):.1f}).", "",
+          "| workers | fusion | s/step (median) | fused / unfused | idle per rank | same metrics as unfused (float tolerance of the tests) |",
+          "|---|---|---|---|---|---|"]
+    summary = []
+    for w in args.workers:
+        mine = [r for r in results if r["workers"] == w]
+        base = statistics.median(r["median_step_s"] for r in mine if not r["fused"])
+        ref = next(r for r in mine if not r["fused"])["metrics"]
+        for r in mine:
+            diff = differing(ref, r["metrics"])
+            same = not diff
+            if diff:
+                print(f"workers {w} {'fused' if r['fused'] else 'unfused'}: differs: {diff[:5]}")
+            ratio = r["median_step_s"] / base
+            idle = ", ".join(f"{k}: {v:.0%}" for k, v in r["idle"].items())
+            md.append(f"| {w} | {'fused' if r['fused'] else 'unfused'} | {r['median_step_s']:.3f} | {ratio:.2f}x | "
+                      f"{idle} | {'yes' if same else 'NO'} |")
+            summary.append({"workers": w, "fused": r["fused"], "median_step_s": r["median_step_s"],
+                            "ratio": ratio, "same_metrics": same, "idle": r["idle"]})
+    md += ["", "Fused / unfused: the median step time of each run, rows relative to the median of the unfused runs. "
+           "Pooled over the repetitions, and the spread between runs of one configuration (the noise):", ""]
+    for w in args.workers:
+        mine = [r for r in results if r["workers"] == w]
+        fused = [r["median_step_s"] for r in mine if r["fused"]]
+        unfused = [r["median_step_s"] for r in mine if not r["fused"]]
+        spread = max((max(x) - min(x)) / min(x) for x in (fused, unfused))
+        md.append(f"- {w} workers: fused / unfused {statistics.median(fused) / statistics.median(unfused):.2f}x "
+                  f"({len(fused)} + {len(unfused)} runs); runs of one configuration differ by up to {spread:.0%}")
+        summary.append({"workers": w, "pooled_ratio": statistics.median(fused) / statistics.median(unfused),
+                        "spread": spread})
+    md += ["", f"Timeline of the last fused run: {png.name} (`reflow timeline PATH --png`)."]
+    Path(args.out).write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    print("BENCH_SUMMARY " + json.dumps({"rows": summary, "lengths": {"p50": p(0.5), "p90": p(0.9), "max": lens[-1]}}))
+
+
+if __name__ == "__main__":
+    main()
