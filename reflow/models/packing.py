@@ -10,13 +10,32 @@ Two attention choices for the same computation, equal up to float rounding:
               so micro-batches must be bounded in tokens (the engines do that).
     "padded": right-padded [B, Lmax] with a 2-D mask — cheaper attention when many short samples.
 
+Prefix sharing (`AttentionSpec.share_prefix`): the samples of a group (`samples["group_id"]`, the n
+responses of one prompt) that begin with the same P tokens are laid out as that prefix once, followed by
+every sample's own tokens, in one packed row:
+
+    row      = [prefix (P) | own_1 (L_1 - P) | own_2 (L_2 - P) | ... ]     T' = P + sum_i (L_i - P)
+    position = 0..P-1, then P..L_i-1 for every own_i      (rotary positions continue from the prefix)
+    mask     : own_i attends the prefix and itself (causally), never another own_j
+
+Causal attention makes the prefix's hidden states independent of what follows, so this is the same
+computation as n separate sequences with the prefix done once. The [T', H] row states are gathered
+back into the batch's flat [T, H] order (`PackedRow.gather`); a prefix state used by n samples then
+receives the sum of their gradients in backward, exactly as n separate forwards would give it.
+
+The mask is built either dense ([1, 1, T', T'] additive, through the model's own sdpa attention) or as
+a flex_attention BlockMask (`kernel="flex"`: no T' x T' tensor; the model runs transformers'
+"flex_attention" implementation for that forward).
+
 Per-token outputs follow the batch convention: position t holds the quantity for *emitting* token t,
 computed from the hidden state at t-1; position 0 of each sample holds 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,7 +43,45 @@ import torch.nn.functional as F
 
 from reflow.data.batch import SampleBatch
 
-Attention = Literal["packed", "padded"]
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How a batch is attended: `layout` "packed" | "padded"; `share_prefix`: a group's common prefix is
+    computed once (its micro-batches run as one packed row); `kernel`: "dense" mask or "flex" BlockMask
+    for packed rows."""
+
+    layout: Literal["packed", "padded"] = "padded"
+    share_prefix: bool = False
+    kernel: Literal["dense", "flex"] = "dense"
+    group_key: str = "group_id"
+
+    def __post_init__(self):
+        if self.layout not in ("packed", "padded"):
+            raise ValueError(f"unknown attention '{self.layout}'; use 'packed' or 'padded'")
+        if self.kernel not in ("dense", "flex"):
+            raise ValueError(f"unknown attention kernel '{self.kernel}'; use 'dense' or 'flex'")
+
+
+Attention = Literal["packed", "padded"] | AttentionSpec
+
+
+def attention_spec(attention) -> AttentionSpec:
+    """An AttentionSpec from a layout name ("packed" / "padded"), a spec, or a role's ModelConfig
+    (`attention`, `prefix_sharing`, `attention_kernel`)."""
+    if isinstance(attention, AttentionSpec):
+        return attention
+    if isinstance(attention, str):
+        return AttentionSpec(attention)
+    return AttentionSpec(attention.attention, share_prefix=bool(attention.prefix_sharing),
+                         kernel=attention.attention_kernel)
+
+
+def sharing_group_key(attention, batch: SampleBatch) -> str | None:
+    """The key that keeps a group's samples in one micro-batch (and one data-parallel part) when its prefix
+    is shared, else None."""
+    spec = attention_spec(attention)
+    return spec.group_key if spec.share_prefix and spec.group_key in batch.samples else None
 
 
 def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -37,14 +94,97 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     raise TypeError(f"{type(model).__name__} has neither an lm_head nor a score head")
 
 
-def block_causal_mask(seqlens: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:
-    """[1, 1, T, T] additive mask: 0 where token i may attend token j (same sample, j <= i), else -inf-ish."""
-    seg = torch.repeat_interleave(torch.arange(len(seqlens), device=device), seqlens.to(device))
-    pos = torch.arange(len(seg), device=device)
-    allowed = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])
+@dataclass
+class PackedRow:
+    """One row of T' tokens the model attends, and how it maps back to the batch's T flat tokens.
+
+        input_ids, position_ids : [T']
+        segment                 : [T'] segment of each row token (a sample's own tokens, or a shared prefix)
+        sees                    : [T'] the prefix segment a token also attends (its own segment if none)
+        gather                  : [T]  row index of every flat batch token (prefix tokens repeat)
+    Row token q may attend row token k iff k <= q and segment[k] in {segment[q], sees[q]}.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment: torch.Tensor
+    sees: torch.Tensor
+    gather: torch.Tensor
+
+    @property
+    def shared(self) -> bool:
+        return len(self.input_ids) < len(self.gather)
+
+
+def common_prefix_len(seqs: list[torch.Tensor]) -> int:
+    """Length of the longest prefix every sequence of `seqs` starts with."""
+    m = min(len(s) for s in seqs)
+    same = (torch.stack([s[:m] for s in seqs]) == seqs[0][:m]).all(0)
+    return m if bool(same.all()) else int((~same).nonzero()[0, 0])
+
+
+def packed_row(batch: SampleBatch, key: str = "input_ids", group_key: str | None = None) -> PackedRow:
+    """The batch as one packed row; with `group_key`, the common prefix of each group's samples appears once.
+
+    Without sharing this is the plain block-diagonal packing (T' = T, gather = arange(T))."""
+    ids, offs, lens = batch.tokens[key], batch.offsets.tolist(), batch.seqlens.tolist()
+    units = batch.groups(group_key) if group_key else [[p] for p in range(len(batch))]
+    seqs = [ids[offs[p]:offs[p + 1]] for p in range(len(batch))]
+    row, pos, seg, sees = [], [], [], []
+    gather = torch.empty(batch.num_tokens, dtype=torch.long)
+    cursor = 0
+
+    def put(tokens: torch.Tensor, start: int, segment: int, prefix: int) -> torch.Tensor:
+        nonlocal cursor
+        n = len(tokens)
+        row.append(tokens)
+        pos.append(torch.arange(start, start + n))
+        seg.append(torch.full((n,), segment, dtype=torch.long))
+        sees.append(torch.full((n,), prefix, dtype=torch.long))
+        cursor += n
+        return torch.arange(cursor - n, cursor)
+
+    for unit in units:
+        # a one-token prefix saves nothing but still cuts the row into more segments
+        P = common_prefix_len([seqs[p] for p in unit]) if len(unit) > 1 else 0
+        P = P if P > 1 else 0
+        prefix_seg = len(seg)
+        prefix_rows = put(seqs[unit[0]][:P], 0, prefix_seg, prefix_seg) if P else None
+        for p in unit:
+            s = len(seg)
+            own = put(seqs[p][P:], P, s, prefix_seg if P else s)
+            gather[offs[p]:offs[p + 1]] = torch.cat([prefix_rows, own]) if P else own
+    cat = (lambda xs, dt: torch.cat(xs) if xs else torch.empty(0, dtype=dt))
+    return PackedRow(cat(row, ids.dtype), cat(pos, torch.long), cat(seg, torch.long), cat(sees, torch.long), gather)
+
+
+def row_mask(row: PackedRow, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """[1, 1, T', T'] additive mask of a packed row: 0 where q may attend k, else the dtype's minimum."""
+    seg, sees = row.segment.to(device), row.sees.to(device)
+    idx = torch.arange(len(seg), device=device)
+    allowed = (idx[:, None] >= idx[None, :]) & ((seg[None, :] == seg[:, None]) | (seg[None, :] == sees[:, None]))
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def row_block_mask(row: PackedRow, device=None):
+    """The same mask as `row_mask`, as a flex_attention BlockMask (no T' x T' tensor is kept)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg, sees = row.segment.to(device), row.sees.to(device)
+
+    def mask_mod(b, h, q, k):
+        return (k <= q) & ((seg[k] == seg[q]) | (seg[k] == sees[q]))
+
+    n = len(seg)
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device or "cpu")
+
+
+def block_causal_mask(seqlens: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """[1, 1, T, T] additive mask: 0 where token i may attend token j (same sample, j <= i), else -inf-ish."""
+    seg = torch.repeat_interleave(torch.arange(len(seqlens)), seqlens)
+    return row_mask(PackedRow(seg, seg, seg, seg, torch.arange(len(seg))), dtype, device)
 
 
 def _final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
@@ -64,16 +204,40 @@ def _param(model: torch.nn.Module) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
+@contextlib.contextmanager
+def _attn_implementation(model: torch.nn.Module, name: str):
+    """Run `model` (and its submodules' configs) under attention implementation `name` for one forward."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()
+    before = [(c, c._attn_implementation) for c in configs]
+    for c, _ in before:
+        c._attn_implementation = name
+    try:
+        yield
+    finally:
+        for c, old in before:
+            c._attn_implementation = old
+
+
 def hidden_states(model: torch.nn.Module, batch: SampleBatch, attention: Attention = "packed",
                   key: str = "input_ids") -> torch.Tensor:
     """[T, H] last hidden states of every token of the packed batch."""
+    spec = attention_spec(attention)
     device, dtype = _param(model).device, _param(model).dtype
-    if attention == "packed":
-        ids = batch.tokens[key].to(device)[None]
-        pos = batch.position_in_sample().to(device)[None]
-        mask = block_causal_mask(batch.seqlens, dtype, device)
-        return _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=mask)[0]
-    if attention == "padded":
+    row = None
+    if spec.share_prefix:
+        row = packed_row(batch, key, sharing_group_key(spec, batch))
+        row = row if row.shared else None  # nothing shared: the configured layout
+    if row is None and spec.layout == "packed":
+        row = packed_row(batch, key)
+    if row is not None:
+        ids, pos = row.input_ids.to(device)[None], row.position_ids.to(device)[None]
+        if spec.kernel == "flex":
+            with _attn_implementation(model, "flex_attention"):
+                h = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=row_block_mask(row, device))
+        else:
+            h = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=row_mask(row, dtype, device))
+        return h[0] if not row.shared else h[0][row.gather.to(device)]
+    if spec.layout == "padded":
         ids, real = batch.padded(key)
         ids, real = ids.to(device), real.to(device)
         pos = (real.long().cumsum(-1) - 1).clamp(min=0)
