@@ -70,6 +70,11 @@ class ModelConfig:
     micro_batch_tokens: int = 4096  # token budget of one forward/backward
     gradient_checkpointing: bool = False
     attention: Literal["padded", "packed"] = "padded"  # how a packed batch is attended, see models/packing.py
+    # the samples of a group (one prompt's n responses, a preference pair) that start with the same tokens
+    # run that prefix once: one packed row per micro-batch, groups kept whole in micro-batches
+    prefix_sharing: bool = False
+    # packed rows' attention mask: "dense" [T, T] through sdpa, or "flex" (flex_attention BlockMask, compiled)
+    attention_kernel: Literal["dense", "flex"] = "dense"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 

@@ -22,7 +22,7 @@ from reflow.data.batch import SampleBatch
 from reflow.parallel.context import equal_micro_batches
 from reflow.parallel.device import place
 from reflow.parallel.grad_norm import clip_grad_norm_
-from reflow.models.packing import Attention, hidden_states
+from reflow.models.packing import Attention, attention_spec, hidden_states, sharing_group_key
 from reflow.parallel.parallelize import parallelize
 
 log = logging.getLogger("reflow")
@@ -71,7 +71,7 @@ class TrainEngine:
         self.ctx = parallel
         self.model = parallelize(model, parallel)
         self.micro_batch_tokens = micro_batch_tokens
-        self.attention = attention
+        self.attention = attention_spec(attention)
         self.grad_clip = grad_clip
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -147,6 +147,8 @@ class TrainEngine:
             norm = Norm(tokens=float(counts[0]), samples=float(counts[1]))
         # an empty mask must not divide by zero; every other field (max_tokens, ...) is kept as given
         norm = dataclasses.replace(norm, tokens=max(norm.tokens, 1.0), samples=max(norm.samples, 1.0))
+        parts = 1 if (local or self.ctx is None) else self.ctx.layout.d
+        group_key = group_key or sharing_group_key(self.attention, batch, parts)
         part = batch if (local or self.ctx is None) else self.ctx.local_part(batch, group_key)
         stage = getattr(self.model, "_reflow_stage", None)
         if stage is not None:

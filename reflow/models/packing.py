@@ -77,11 +77,13 @@ def attention_spec(attention) -> AttentionSpec:
                          kernel=attention.attention_kernel)
 
 
-def sharing_group_key(attention, batch: SampleBatch) -> str | None:
-    """The key that keeps a group's samples in one micro-batch (and one data-parallel part) when its prefix
-    is shared, else None."""
+def sharing_group_key(attention, batch: SampleBatch, parts: int = 1) -> str | None:
+    """The key that keeps a group's samples in one micro-batch (and one of `parts` data-parallel parts) when
+    its prefix is shared; None when sharing is off, or with fewer groups than parts (samples then spread)."""
     spec = attention_spec(attention)
-    return spec.group_key if spec.share_prefix and spec.group_key in batch.samples else None
+    if not spec.share_prefix or spec.group_key not in batch.samples:
+        return None
+    return spec.group_key if len(batch.groups(spec.group_key)) >= parts else None
 
 
 def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -220,30 +222,27 @@ def _attn_implementation(model: torch.nn.Module, name: str):
 
 def hidden_states(model: torch.nn.Module, batch: SampleBatch, attention: Attention = "packed",
                   key: str = "input_ids") -> torch.Tensor:
-    """[T, H] last hidden states of every token of the packed batch."""
+    """[T, H] last hidden states of every token of the packed batch (in the batch's flat order)."""
     spec = attention_spec(attention)
     device, dtype = _param(model).device, _param(model).dtype
     row = None
-    if spec.share_prefix:
+    if spec.share_prefix or spec.layout == "packed":
         row = packed_row(batch, key, sharing_group_key(spec, batch))
-        row = row if row.shared else None  # nothing shared: the configured layout
-    if row is None and spec.layout == "packed":
-        row = packed_row(batch, key)
-    if row is not None:
-        ids, pos = row.input_ids.to(device)[None], row.position_ids.to(device)[None]
-        if spec.kernel == "flex":
-            with _attn_implementation(model, "flex_attention"):
-                h = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=row_block_mask(row, device))
-        else:
-            h = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=row_mask(row, dtype, device))
-        return h[0] if not row.shared else h[0][row.gather.to(device)]
-    if spec.layout == "padded":
+        if spec.layout == "padded" and not row.shared:  # nothing shared: the configured layout
+            row = None
+    if row is None:
         ids, real = batch.padded(key)
         ids, real = ids.to(device), real.to(device)
         pos = (real.long().cumsum(-1) - 1).clamp(min=0)
         hidden = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=real.long())
         return hidden[real]  # row-major order == the packed flat order
-    raise ValueError(f"unknown attention '{attention}'; use 'packed' or 'padded'")
+    ids, pos = row.input_ids.to(device)[None], row.position_ids.to(device)[None]
+    if spec.kernel == "flex":
+        with _attn_implementation(model, "flex_attention"):
+            h = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=row_block_mask(row, device))
+    else:
+        h = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=row_mask(row, dtype, device))
+    return h[0][row.gather.to(device)] if row.shared else h[0]
 
 
 def _action_positions(batch: SampleBatch) -> torch.Tensor:

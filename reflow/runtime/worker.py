@@ -35,6 +35,7 @@ import torch.distributed as dist
 from reflow.data.batch import SampleBatch, nonfinite_samples
 from reflow.data.sampler import seed_everything
 from reflow.engines.train import NonFiniteError, TrainEngine
+from reflow.models.packing import attention_spec
 from reflow.models.ema import EMAWeights
 from reflow.models.load import load_tokenizer
 from reflow.models.lora import adapters_off, add_adapters, inject, merged_copy, trainable_names
@@ -263,7 +264,7 @@ class Worker:
             r.engine = TrainEngine(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
                                    grad_clip=o.grad_clip, warmup_steps=o.warmup_steps, total_steps=self.optimizer_steps,
                                    schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
-                                   micro_batch_tokens=mcfg.micro_batch_tokens, attention=mcfg.attention,
+                                   micro_batch_tokens=mcfg.micro_batch_tokens, attention=attention_spec(mcfg),
                                    gradient_checkpointing=mcfg.gradient_checkpointing, precision=mcfg.precision,
                                    parallel=ctx, on_nonfinite=getattr(self.cfg, "trainer", self.cfg).on_nonfinite)
             r.model = r.engine.model
