@@ -240,3 +240,45 @@ def test_bf16_mixed_precision_keeps_fp32_weights_and_tracks_fp32(model_dir):
     assert s16["loss"] != s32["loss"]  # autocast really ran the matmuls in bf16
     with pytest.raises(ValueError, match="precision"):
         TrainEngine(load_policy(model_dir), lr=1e-3, precision="fp8")
+
+
+def group_batch(prompt_lens=(6, 4, 5), n=3, seed=1) -> SampleBatch:
+    """n responses of 2, 3, ... tokens after each prompt; group_id = the prompt's index."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, masks, gids = [], [], []
+    for gid, p in enumerate(prompt_lens):
+        prompt = torch.randint(5, 261, (p,), generator=g)
+        for r in range(n):
+            seqs.append(torch.cat([prompt, torch.randint(5, 261, (2 + r,), generator=g)]))
+            masks.append((torch.arange(len(seqs[-1])) >= p).long())
+            gids.append(gid)
+    return SampleBatch.from_sequences(range(len(seqs)), {"input_ids": seqs, "action_mask": masks},
+                                      {"group_id": gids})
+
+
+def test_prefix_sharing_step_and_logprobs_equal_unshared_with_groups_whole_per_micro_batch(model_dir):
+    from reflow.models.packing import AttentionSpec
+
+    batch = group_batch()
+    shared = AttentionSpec("padded", share_prefix=True)
+    rows, results = [], {}
+    for name, attention, mbt in (("unshared", "padded", 10_000), ("shared", shared, 30)):
+        model = load_policy(model_dir)
+        hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
+
+        def loss_fn(m, mb, norm, attention=attention):
+            logp, _ = token_logprobs(m, mb, attention=attention)
+            return sequence_nll(logp, mb.tokens["action_mask"], norm.tokens), {}
+
+        before = params(model)
+        stats = TrainEngine(model, lr=LR, eps=EPS, grad_clip=0.0, micro_batch_tokens=mbt,
+                            attention=attention).step(batch, loss_fn)
+        logp, _ = InferenceEngine(model, mbt, attention).logprobs(batch)
+        hook.remove()
+        results[name] = (stats["loss"], delta(before, model), logp)
+    # a 30-token budget: groups of 27, 21 and 24 tokens go one per micro-batch, each run as one shared row:
+    # 6 + 9, 4 + 9, 5 + 9 row tokens (train, then inference)
+    assert rows[2:] == [15, 13, 14] * 2
+    assert abs(results["shared"][0] - results["unshared"][0]) < 1e-5
+    torch.testing.assert_close(results["shared"][1], results["unshared"][1], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(results["shared"][2], results["unshared"][2], atol=1e-5, rtol=0)

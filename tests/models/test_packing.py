@@ -192,3 +192,69 @@ def test_saved_scalar_head_model_loads_back_with_plain_transformers(model_dirs, 
     # reflow's own loader keeps a trained head instead of zeroing it again
     again = loader(out)
     assert torch.equal(again.score.weight, model.score.weight)
+
+
+# ----------------------------------------------------------------- prefix sharing
+SHARED = packing.AttentionSpec("padded", share_prefix=True)
+
+
+def group_batch(prompt_lens=(7, 4), n=3, seed=0) -> SampleBatch:
+    """GRPO-shaped: n responses (lengths 3, 4, ...) after each prompt, group_id = prompt index."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, masks, gids = [], [], []
+    for gid, p in enumerate(prompt_lens):
+        prompt = torch.randint(5, 261, (p,), generator=g)
+        for r in range(n):
+            seqs.append(torch.cat([prompt, torch.randint(5, 261, (3 + r,), generator=g)]))
+            masks.append((torch.arange(len(seqs[-1])) >= p).long())
+            gids.append(gid)
+    return SampleBatch.from_sequences(range(len(seqs)), {"input_ids": seqs, "action_mask": masks},
+                                      {"group_id": gids})
+
+
+def test_packed_row_holds_each_group_prefix_once_with_positions_continuing_after_it():
+    batch = group_batch(prompt_lens=(7, 4), n=3)
+    row = packing.packed_row(batch, group_key="group_id")
+    # 7 + (3 + 4 + 5) and 4 + (3 + 4 + 5) row tokens instead of 3 * 7 + 12 + 3 * 4 + 12
+    assert len(row.input_ids) == 7 + 12 + 4 + 12 and row.shared
+    torch.testing.assert_close(row.input_ids[row.gather], batch.tokens["input_ids"], atol=0, rtol=0)
+    torch.testing.assert_close(row.position_ids[row.gather], batch.position_in_sample(), atol=0, rtol=0)
+    # every response of group 0 reads the same 7 prefix rows
+    starts = batch.offsets[:3].tolist()
+    assert all(row.gather[s:s + 7].tolist() == list(range(7)) for s in starts)
+    mask = packing.row_mask(row, torch.float32)[0, 0] == 0
+    own1, own2 = slice(7 + 3, 7 + 7), slice(7 + 7, 7 + 12)  # the second and third responses of group 0
+    assert mask[own2, :7].all() and not mask[own2, own1].any() and not mask[own2, 19:].any()
+    # without a group key (or a one-token common prefix) it is the plain block-diagonal packing
+    plain = packing.packed_row(batch)
+    assert not plain.shared and torch.equal(plain.gather, torch.arange(batch.num_tokens))
+    assert torch.equal(packing.row_mask(plain, torch.float32), packing.block_causal_mask(batch.seqlens, torch.float32))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_logprobs_values_and_scores_equal_separate_sequences(policies, model_dirs, family):
+    batch = group_batch()
+    with torch.no_grad():
+        logp, ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention=SHARED)
+        ref_logp, ref_ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention="padded")
+        critic = _randomise_head(load_critic(model_dirs[family]).eval(), seed=3)
+        tok, seq = packing.token_and_sequence_values(critic, batch, SHARED)
+        ref_tok, ref_seq = packing.token_and_sequence_values(critic, batch, "padded")
+    mask = batch.tokens["action_mask"].bool()
+    assert (logp[mask] < 0).all()  # the first response token's log-prob comes from the prompt's last state
+    for got, ref in ((logp, ref_logp), (ent, ref_ent), (tok, ref_tok), (seq, ref_seq)):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_gradients_equal_separate_sequences(model_dirs, family):
+    batch = group_batch()
+    grads = {}
+    for name, attention in (("separate", "padded"), ("shared", SHARED)):
+        model = load_policy(model_dirs[family])
+        logp, _ = packing.token_logprobs(model, batch, attention=attention)
+        (logp * torch.linspace(-1, 1, batch.num_tokens)).sum().backward()  # a different weight per token
+        grads[name] = {n: p.grad for n, p in model.named_parameters()}
+    for n, g in grads["separate"].items():
+        torch.testing.assert_close(grads["shared"][n], g, atol=1e-5, rtol=1e-4)
+    assert max(float(g.abs().max()) for g in grads["shared"].values()) > 1e-3
