@@ -17,7 +17,7 @@ from reflow.engines.generate import GenerationEngine, SamplingParams
 from reflow.engines.infer import InferenceEngine
 from reflow.engines.train import TrainEngine
 from reflow.models.load import load_policy
-from reflow.models.packing import token_logprobs
+from reflow.models.packing import AttentionSpec, token_logprobs
 from reflow.parallel.context import ParallelContext
 from reflow.parallel.layout import Layout, validate_layout
 
@@ -36,9 +36,30 @@ def sample_batch(n: int = 8, seed: int = 0) -> SampleBatch:
     return SampleBatch.from_sequences(range(n), {"input_ids": seqs, "action_mask": masks})
 
 
-def nll_loss(model, mb, norm):
-    logp, _ = token_logprobs(model, mb, attention="padded")  # the engines' default attention
-    return sequence_nll(logp, mb.tokens["action_mask"], norm.tokens), {}
+def group_batch(groups: int = 2, n: int = 4, seed: int = 0) -> SampleBatch:
+    """`groups` prompts of 4-7 tokens, each followed by n responses of 2-6 tokens (group_id = prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, gids = [], []
+    for gid in range(groups):
+        prompt = torch.randint(5, 261, (int(torch.randint(4, 8, (1,), generator=g)),), generator=g)
+        for _ in range(n):
+            response = torch.randint(5, 261, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g)
+            seqs.append(torch.cat([prompt, response]))
+            gids.append(gid)
+    masks = [(torch.arange(len(s)) >= 3).long() for s in seqs]
+    return SampleBatch.from_sequences(range(len(seqs)), {"input_ids": seqs, "action_mask": masks},
+                                      {"group_id": gids})
+
+
+def nll_loss_under(attention):
+    def nll_loss(model, mb, norm):
+        logp, _ = token_logprobs(model, mb, attention=attention)
+        return sequence_nll(logp, mb.tokens["action_mask"], norm.tokens), {}
+
+    return nll_loss
+
+
+nll_loss = nll_loss_under("padded")  # the engines' default attention
 
 
 def full_params(model) -> dict[str, torch.Tensor]:
@@ -71,12 +92,16 @@ def compare_generation(ref, model, tok, prompts: list[list[int]], params: Sampli
             max(max(abs(u - v) for u, v in zip(x.logprobs, y.logprobs)) for x, y in zip(a, b)))
 
 
-def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], micro_batch_tokens: int = 40) -> dict:
+def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], micro_batch_tokens: int = 40,
+                  share_prefix: bool = False) -> dict:
     """{layout: {"loss": |dloss|, "grad_norm": |dnorm|, "weights": max |dw|, "logprobs": max |dlogp|,
     "replica_logprobs": max |dlogp| with data-parallel replicas (`shard_data=False`), "replica_sharded":
-    whether that copy holds any FSDP2 module (it must not), "moved": max |w1 - w0|}}."""
+    whether that copy holds any FSDP2 module (it must not), "moved": max |w1 - w0|}}.
+    With `share_prefix`, a batch of groups sharing prompts runs shared under the layout, against the
+    one-process engines without sharing."""
     torch.manual_seed(0)
-    batch = sample_batch()
+    batch = group_batch() if share_prefix else sample_batch()
+    attention = AttentionSpec("padded", share_prefix=share_prefix)
     out = {}
     for text in layouts:
         layout = Layout.parse(text)
@@ -90,13 +115,14 @@ def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], mic
 
         ctx = ParallelContext.build(layout)
         model = load_policy(model_dir)
-        engine = TrainEngine(model, lr=LR, eps=EPS, grad_clip=1.0, micro_batch_tokens=micro_batch_tokens, parallel=ctx)
-        logp, _ = InferenceEngine(engine.model, micro_batch_tokens, parallel=ctx).logprobs(batch)
-        stats = engine.step(batch, nll_loss)
+        engine = TrainEngine(model, lr=LR, eps=EPS, grad_clip=1.0, micro_batch_tokens=micro_batch_tokens,
+                             attention=attention, parallel=ctx)
+        logp, _ = InferenceEngine(engine.model, micro_batch_tokens, attention, parallel=ctx).logprobs(batch)
+        stats = engine.step(batch, nll_loss_under(attention))
         after = full_params(engine.model)
         # the same layout with data-parallel replicas instead of FSDP2 shards (generation/inference copies)
-        replica = InferenceEngine(load_policy(model_dir), micro_batch_tokens, parallel=ctx, parallelize=True,
-                                  shard_data=False)
+        replica = InferenceEngine(load_policy(model_dir), micro_batch_tokens, attention, parallel=ctx,
+                                  parallelize=True, shard_data=False)
         replica_logp, _ = replica.logprobs(batch)
         out[text] = {
             "loss": abs(stats["loss"] - ref_stats["loss"]),

@@ -49,8 +49,12 @@ def _assert_equivalent(results: list[dict]):
             assert not diff["replica_sharded"], layout
 
 
-def test_two_process_layouts_match_one_process(debug_model):
-    _assert_equivalent(launch(check_layouts, 2, args=(str(debug_model), ["d2t1p1", "d1t2p1", "d1t1p2"])))
+@pytest.mark.parametrize("share_prefix,layouts", [(False, ["d2t1p1", "d1t2p1", "d1t1p2"]),
+                                                   (True, ["d2t1p1"])])
+def test_two_process_layouts_match_one_process(debug_model, share_prefix, layouts):
+    """With share_prefix: groups' prompts computed once, whole groups per data-parallel part and pipeline
+    micro-batch, against the unshared one-process engines."""
+    _assert_equivalent(launch(check_layouts, 2, args=(str(debug_model), layouts, 40, share_prefix)))
 
 
 def test_four_process_layouts_match_one_process(debug_model):
