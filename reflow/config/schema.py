@@ -73,7 +73,8 @@ class ModelConfig:
     # the samples of a group (one prompt's n responses, a preference pair) that start with the same tokens
     # run that prefix once: one packed row per micro-batch, groups kept whole in micro-batches
     prefix_sharing: bool = False
-    # packed rows' attention mask: "dense" [T, T] through sdpa, or "flex" (flex_attention BlockMask, compiled)
+    # packed rows' attention mask: "dense" [T, T] through sdpa, or "flex" (flex_attention BlockMask, compiled
+    # on first use; on CPU only forward-only calls use it, training falls back to dense)
     attention_kernel: Literal["dense", "flex"] = "dense"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 

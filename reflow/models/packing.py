@@ -25,7 +25,8 @@ receives the sum of their gradients in backward, exactly as n separate forwards 
 
 The mask is built either dense ([1, 1, T', T'] additive, through the model's own sdpa attention) or as
 a flex_attention BlockMask (`kernel="flex"`: no T' x T' tensor; the model runs transformers'
-"flex_attention" implementation for that forward).
+"flex_attention" implementation, compiled by transformers, for that forward). torch has no flex_attention
+backward on CPU: there, forwards under autograd fall back to the dense mask.
 
 Per-token outputs follow the batch convention: position t holds the quantity for *emitting* token t,
 computed from the hidden state at t-1; position 0 of each sample holds 0.
@@ -220,6 +221,13 @@ def _attn_implementation(model: torch.nn.Module, name: str):
             c._attn_implementation = old
 
 
+def use_flex(attention, device) -> bool:
+    """Whether a packed row runs flex_attention: asked for, and supported (torch has no flex_attention
+    backward on CPU, so CPU training falls back to the dense mask; forward-only calls keep flex)."""
+    return attention_spec(attention).kernel == "flex" and (torch.device(device).type != "cpu"
+                                                          or not torch.is_grad_enabled())
+
+
 def hidden_states(model: torch.nn.Module, batch: SampleBatch, attention: Attention = "packed",
                   key: str = "input_ids") -> torch.Tensor:
     """[T, H] last hidden states of every token of the packed batch (in the batch's flat order)."""
@@ -237,7 +245,7 @@ def hidden_states(model: torch.nn.Module, batch: SampleBatch, attention: Attenti
         hidden = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=real.long())
         return hidden[real]  # row-major order == the packed flat order
     ids, pos = row.input_ids.to(device)[None], row.position_ids.to(device)[None]
-    if spec.kernel == "flex":
+    if use_flex(spec, device):
         with _attn_implementation(model, "flex_attention"):
             h = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=row_block_mask(row, device))
     else:
