@@ -1,5 +1,7 @@
 """Packed and padded forwards equal per-sample forwards; log-probs, values and scores are what they claim."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -258,3 +260,48 @@ def test_shared_prefix_gradients_equal_separate_sequences(model_dirs, family):
     for n, g in grads["separate"].items():
         torch.testing.assert_close(grads["shared"][n], g, atol=1e-5, rtol=1e-4)
     assert max(float(g.abs().max()) for g in grads["shared"].values()) > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_block_mask_attends_exactly_as_the_dense_row_mask():
+    """flex_attention under the row's BlockMask (eager: torch's reference implementation) equals sdpa under
+    the dense [T', T'] mask, for a row with shared prefixes and one with none."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    batch = group_batch(prompt_lens=(7, 4), n=3)
+    g = torch.Generator().manual_seed(0)
+    for row in (packing.packed_row(batch, group_key="group_id"), packing.packed_row(batch)):
+        q, k, v = (torch.randn(1, 2, len(row.input_ids), 8, generator=g) for _ in range(3))
+        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.row_mask(row, torch.float32))
+        flex = flex_attention(q, k, v, block_mask=packing.row_block_mask(row))
+        torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
+
+
+def test_flex_kernel_under_autograd_on_cpu_runs_the_dense_mask_with_equal_gradients(model_dirs):
+    flex = packing.AttentionSpec("padded", share_prefix=True, kernel="flex")
+    assert packing.use_flex(flex, "cuda") and not packing.use_flex(flex, "cpu")  # autograd is on here
+    with torch.no_grad():
+        assert packing.use_flex(flex, "cpu") and not packing.use_flex(SHARED, "cpu")
+    # flex_attention itself raises on a CPU backward, so equal gradients mean the dense mask ran
+    batch = group_batch()
+    grads = []
+    for attention in (SHARED, flex):
+        model = load_policy(model_dirs["debug-llama"])
+        logp, _ = packing.token_logprobs(model, batch, attention=attention)
+        logp.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not os.environ.get("REFLOW_TEST_FLEX"),
+                    reason="compiles flex_attention (15-45 s on a 2-core CPU); set REFLOW_TEST_FLEX=1")
+def test_flex_kernel_forward_equals_the_dense_mask(policies):
+    batch = group_batch()
+    flex = packing.AttentionSpec("packed", share_prefix=True, kernel="flex")
+    with torch.no_grad():
+        got, _ = packing.token_logprobs(policies["debug-llama"], batch, attention=flex)
+        ref, _ = packing.token_logprobs(policies["debug-llama"], batch, attention="padded")
+        plain, _ = packing.token_logprobs(policies["debug-llama"], batch, attention=packing.AttentionSpec(
+            "packed", kernel="flex"))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain, ref, atol=1e-5, rtol=0)
