@@ -37,26 +37,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
-from machine import cpu_name, python_cmd  # noqa: E402
+from machine import cpu_name, load_avg, python_cmd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
 MODELS = ROOT / "runs" / "bench" / "packing"
-
-
-def group_batch(groups: int, n: int, prompt: int, response: int, vocab: int):
-    from reflow.data.batch import SampleBatch
-
-    g = torch.Generator().manual_seed(0)
-    seqs, gids = [], []
-    for gid in range(groups):
-        p = torch.randint(5, vocab, (prompt,), generator=g)
-        for _ in range(n):
-            seqs.append(torch.cat([p, torch.randint(5, vocab, (response,), generator=g)]))
-            gids.append(gid)
-    masks = [(torch.arange(prompt + response) >= prompt).long() for _ in seqs]
-    return SampleBatch.from_sequences(range(len(seqs)), {"input_ids": seqs, "action_mask": masks},
-                                      {"group_id": gids})
 
 
 def main() -> None:
@@ -74,6 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from reflow.algorithms.losses import sequence_nll
+    from reflow.checks.layouts import group_batch
     from reflow.models.load import load_policy, quiet_transformers
     from reflow.models.packing import AttentionSpec, packed_row, token_logprobs, use_flex
     from reflow.models.presets import init_model
@@ -83,7 +69,7 @@ def main() -> None:
     if not (path / "config.json").is_file():
         init_model(args.model, path, seed=0)
     model = load_policy(path)
-    batch = group_batch(args.groups, args.n, args.prompt, args.response, model.config.vocab_size)
+    batch = group_batch([args.prompt] * args.groups, [args.response] * args.n, vocab=model.config.vocab_size)
     mask = batch.tokens["action_mask"]
     specs = {"unshared padded": AttentionSpec("padded"), "unshared packed": AttentionSpec("packed"),
              "shared dense": AttentionSpec("packed", share_prefix=True),
@@ -104,7 +90,7 @@ def main() -> None:
                 sequence_nll(logp, mask, float(mask.sum())).backward()
         return time.perf_counter() - t
 
-    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load_before = load_avg()
     first = {c: step(*c) for c in cases}  # flex: includes its compile
     for _ in range(args.warmup):
         for c in cases:
@@ -113,7 +99,7 @@ def main() -> None:
     for _ in range(args.steps):
         for c in cases:
             times[c].append(step(*c))
-    load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load_after = load_avg()
 
     med = {c: statistics.median(v) for c, v in times.items()}
     shared_tokens = len(packed_row(batch, group_key="group_id").input_ids)

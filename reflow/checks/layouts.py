@@ -36,17 +36,17 @@ def sample_batch(n: int = 8, seed: int = 0) -> SampleBatch:
     return SampleBatch.from_sequences(range(n), {"input_ids": seqs, "action_mask": masks})
 
 
-def group_batch(groups: int = 2, n: int = 4, seed: int = 0) -> SampleBatch:
-    """`groups` prompts of 4-7 tokens, each followed by n responses of 2-6 tokens (group_id = prompt)."""
+def group_batch(prompt_lens=(5, 7), response_lens=(2, 6, 3, 4), seed: int = 0, vocab: int = 261) -> SampleBatch:
+    """GRPO-shaped: a prompt of each length in `prompt_lens`, each followed by responses of `response_lens`
+    (random ids in [5, vocab)); group_id = the prompt's index, actions = the response tokens."""
     g = torch.Generator().manual_seed(seed)
-    seqs, gids = [], []
-    for gid in range(groups):
-        prompt = torch.randint(5, 261, (int(torch.randint(4, 8, (1,), generator=g)),), generator=g)
-        for _ in range(n):
-            response = torch.randint(5, 261, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g)
-            seqs.append(torch.cat([prompt, response]))
+    seqs, masks, gids = [], [], []
+    for gid, p in enumerate(prompt_lens):
+        prompt = torch.randint(5, vocab, (p,), generator=g)
+        for r in response_lens:
+            seqs.append(torch.cat([prompt, torch.randint(5, vocab, (r,), generator=g)]))
+            masks.append((torch.arange(p + r) >= p).long())
             gids.append(gid)
-    masks = [(torch.arange(len(s)) >= 3).long() for s in seqs]
     return SampleBatch.from_sequences(range(len(seqs)), {"input_ids": seqs, "action_mask": masks},
                                       {"group_id": gids})
 

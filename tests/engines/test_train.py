@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from reflow.algorithms.losses import sequence_nll
+from reflow.checks.layouts import group_batch
 from reflow.data.batch import SampleBatch
 from reflow.engines.infer import InferenceEngine
 from reflow.engines.train import Norm, TrainEngine, lr_lambda
@@ -242,24 +243,10 @@ def test_bf16_mixed_precision_keeps_fp32_weights_and_tracks_fp32(model_dir):
         TrainEngine(load_policy(model_dir), lr=1e-3, precision="fp8")
 
 
-def group_batch(prompt_lens=(6, 4, 5), n=3, seed=1) -> SampleBatch:
-    """n responses of 2, 3, ... tokens after each prompt; group_id = the prompt's index."""
-    g = torch.Generator().manual_seed(seed)
-    seqs, masks, gids = [], [], []
-    for gid, p in enumerate(prompt_lens):
-        prompt = torch.randint(5, 261, (p,), generator=g)
-        for r in range(n):
-            seqs.append(torch.cat([prompt, torch.randint(5, 261, (2 + r,), generator=g)]))
-            masks.append((torch.arange(len(seqs[-1])) >= p).long())
-            gids.append(gid)
-    return SampleBatch.from_sequences(range(len(seqs)), {"input_ids": seqs, "action_mask": masks},
-                                      {"group_id": gids})
-
-
 def test_prefix_sharing_step_and_logprobs_equal_unshared_with_groups_whole_per_micro_batch(model_dir):
     from reflow.models.packing import AttentionSpec
 
-    batch = group_batch()
+    batch = group_batch((6, 4, 5), (2, 3, 4), seed=1)
     shared = AttentionSpec("padded", share_prefix=True)
     rows, results = [], {}
     for name, attention, mbt in (("unshared", "padded", 10_000), ("shared", shared, 30)):

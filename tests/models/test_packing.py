@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+from reflow.checks.layouts import group_batch
 from reflow.data.batch import SampleBatch
 from reflow.models import packing
 from reflow.models.load import load_critic, load_policy, load_reward_model, load_tokenizer, save_model
@@ -200,22 +201,8 @@ def test_saved_scalar_head_model_loads_back_with_plain_transformers(model_dirs, 
 SHARED = packing.AttentionSpec("padded", share_prefix=True)
 
 
-def group_batch(prompt_lens=(7, 4), n=3, seed=0) -> SampleBatch:
-    """GRPO-shaped: n responses (lengths 3, 4, ...) after each prompt, group_id = prompt index."""
-    g = torch.Generator().manual_seed(seed)
-    seqs, masks, gids = [], [], []
-    for gid, p in enumerate(prompt_lens):
-        prompt = torch.randint(5, 261, (p,), generator=g)
-        for r in range(n):
-            seqs.append(torch.cat([prompt, torch.randint(5, 261, (3 + r,), generator=g)]))
-            masks.append((torch.arange(len(seqs[-1])) >= p).long())
-            gids.append(gid)
-    return SampleBatch.from_sequences(range(len(seqs)), {"input_ids": seqs, "action_mask": masks},
-                                      {"group_id": gids})
-
-
 def test_packed_row_holds_each_group_prefix_once_with_positions_continuing_after_it():
-    batch = group_batch(prompt_lens=(7, 4), n=3)
+    batch = group_batch((7, 4), (3, 4, 5))
     row = packing.packed_row(batch, group_key="group_id")
     # 7 + (3 + 4 + 5) and 4 + (3 + 4 + 5) row tokens instead of 3 * 7 + 12 + 3 * 4 + 12
     assert len(row.input_ids) == 7 + 12 + 4 + 12 and row.shared
@@ -235,7 +222,7 @@ def test_packed_row_holds_each_group_prefix_once_with_positions_continuing_after
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_prefix_logprobs_values_and_scores_equal_separate_sequences(policies, model_dirs, family):
-    batch = group_batch()
+    batch = group_batch((7, 4), (3, 4, 5))
     with torch.no_grad():
         logp, ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention=SHARED)
         ref_logp, ref_ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention="padded")
@@ -250,7 +237,7 @@ def test_shared_prefix_logprobs_values_and_scores_equal_separate_sequences(polic
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_prefix_gradients_equal_separate_sequences(model_dirs, family):
-    batch = group_batch()
+    batch = group_batch((7, 4), (3, 4, 5))
     grads = {}
     for name, attention in (("separate", "padded"), ("shared", SHARED)):
         model = load_policy(model_dirs[family])
@@ -268,7 +255,7 @@ def test_flex_block_mask_attends_exactly_as_the_dense_row_mask():
     the dense [T', T'] mask, for a row with shared prefixes and one with none."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    batch = group_batch(prompt_lens=(7, 4), n=3)
+    batch = group_batch((7, 4), (3, 4, 5))
     g = torch.Generator().manual_seed(0)
     for row in (packing.packed_row(batch, group_key="group_id"), packing.packed_row(batch)):
         q, k, v = (torch.randn(1, 2, len(row.input_ids), 8, generator=g) for _ in range(3))
@@ -283,7 +270,7 @@ def test_flex_kernel_under_autograd_on_cpu_runs_the_dense_mask_with_equal_gradie
     with torch.no_grad():
         assert packing.use_flex(flex, "cpu") and not packing.use_flex(SHARED, "cpu")
     # flex_attention itself raises on a CPU backward, so equal gradients mean the dense mask ran
-    batch = group_batch()
+    batch = group_batch((7, 4), (3, 4, 5))
     grads = []
     for attention in (SHARED, flex):
         model = load_policy(model_dirs["debug-llama"])
@@ -296,7 +283,7 @@ def test_flex_kernel_under_autograd_on_cpu_runs_the_dense_mask_with_equal_gradie
 @pytest.mark.skipif(not os.environ.get("REFLOW_TEST_FLEX"),
                     reason="compiles flex_attention (15-45 s on a 2-core CPU); set REFLOW_TEST_FLEX=1")
 def test_flex_kernel_forward_equals_the_dense_mask(policies):
-    batch = group_batch()
+    batch = group_batch((7, 4), (3, 4, 5))
     flex = packing.AttentionSpec("packed", share_prefix=True, kernel="flex")
     with torch.no_grad():
         got, _ = packing.token_logprobs(policies["debug-llama"], batch, attention=flex)
