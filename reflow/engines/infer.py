@@ -34,7 +34,8 @@ class InferenceEngine:
         self.model.eval()
         try:
             with torch.no_grad():
-                out = [(fn(mb), real) for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, key)]
+                mbs = equal_micro_batches(self.ctx, part, self.micro_batch_tokens, key, share_prefix=key is not None)
+                out = [(fn(mb), real) for mb, real in mbs]
                 return [o for o, real in out if real], part
         finally:
             self.model.train(was_training)

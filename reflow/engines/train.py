@@ -148,13 +148,15 @@ class TrainEngine:
         # an empty mask must not divide by zero; every other field (max_tokens, ...) is kept as given
         norm = dataclasses.replace(norm, tokens=max(norm.tokens, 1.0), samples=max(norm.samples, 1.0))
         parts = 1 if (local or self.ctx is None) else self.ctx.layout.d
-        group_key = group_key or sharing_group_key(self.attention, batch, parts)
+        share = sharing_group_key(self.attention, batch, parts)
+        group_key = group_key or share
+        shared = share is not None and group_key == share  # the token budget counts a shared prefix once
         part = batch if (local or self.ctx is None) else self.ctx.local_part(batch, group_key)
         stage = getattr(self.model, "_reflow_stage", None)
         if stage is not None:
-            self._accumulate_pipeline(stage, part, loss_fn, norm, group_key, totals, loss_name)
+            self._accumulate_pipeline(stage, part, loss_fn, norm, group_key, totals, loss_name, shared)
             return
-        for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key):
+        for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key, shared):
             mb = self._on_device(mb)
             with self._autocast():
                 loss, stats = loss_fn(self.model, mb, norm)
@@ -177,12 +179,13 @@ class TrainEngine:
         device = "cuda" if next(self.model.parameters()).is_cuda else "cpu"
         return torch.autocast(device, dtype=torch.bfloat16)
 
-    def _accumulate_pipeline(self, stage, part, loss_fn, norm, group_key, totals, loss_name) -> None:
+    def _accumulate_pipeline(self, stage, part, loss_fn, norm, group_key, totals, loss_name,
+                             shared: bool = False) -> None:
         """GPipe: every micro-batch forward (the last stage computes the loss), then all backward."""
         losses = []
         # the same count on every data-parallel rank (FSDP2 collectives); each stage of a data-parallel
         # rank holds the same part, so its stages agree on the micro-batches too
-        for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key):
+        for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key, shared):
             mb = self._on_device(mb)
             if stage.is_last:
                 with self._autocast():

@@ -119,13 +119,6 @@ class PackedRow:
         return len(self.input_ids) < len(self.gather)
 
 
-def common_prefix_len(seqs: list[torch.Tensor]) -> int:
-    """Length of the longest prefix every sequence of `seqs` starts with."""
-    m = min(len(s) for s in seqs)
-    same = (torch.stack([s[:m] for s in seqs]) == seqs[0][:m]).all(0)
-    return m if bool(same.all()) else int((~same).nonzero()[0, 0])
-
-
 def packed_row(batch: SampleBatch, key: str = "input_ids", group_key: str | None = None) -> PackedRow:
     """The batch as one packed row; with `group_key`, the common prefix of each group's samples appears once.
 
@@ -148,9 +141,7 @@ def packed_row(batch: SampleBatch, key: str = "input_ids", group_key: str | None
         return torch.arange(cursor - n, cursor)
 
     for unit in units:
-        # a one-token prefix saves nothing but still cuts the row into more segments
-        P = common_prefix_len([seqs[p] for p in unit]) if len(unit) > 1 else 0
-        P = P if P > 1 else 0
+        P = batch.shared_prefix_len(unit, key)
         prefix_seg = len(seg)
         prefix_rows = put(seqs[unit[0]][:P], 0, prefix_seg, prefix_seg) if P else None
         for p in unit:

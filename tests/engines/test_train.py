@@ -263,9 +263,9 @@ def test_prefix_sharing_step_and_logprobs_equal_unshared_with_groups_whole_per_m
         logp, _ = InferenceEngine(model, mbt, attention).logprobs(batch)
         hook.remove()
         results[name] = (stats["loss"], delta(before, model), logp)
-    # a 30-token budget: groups of 27, 21 and 24 tokens go one per micro-batch, each run as one shared row:
-    # 6 + 9, 4 + 9, 5 + 9 row tokens (train, then inference)
-    assert rows[2:] == [15, 13, 14] * 2
+    # groups of 27, 21 and 24 tokens are shared rows of 6 + 9, 4 + 9 and 5 + 9 tokens; the 30-token budget
+    # counts those, so the first two groups share a micro-batch and the third goes alone (train, then inference)
+    assert rows[2:] == [15 + 13, 14] * 2
     assert abs(results["shared"][0] - results["unshared"][0]) < 1e-5
     torch.testing.assert_close(results["shared"][1], results["unshared"][1], atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(results["shared"][2], results["unshared"][2], atol=1e-5, rtol=0)
