@@ -21,6 +21,7 @@ e2e_vs_trl, hence .venv-bench):
     lora            bench/lora.py             LoRA vs full fine-tuning on the demo task -> lora.{md,png}
     chaos           bench/chaos.py            SIGKILL at random moments + --resume, in-process and 2 workers; hostile rewards -> chaos.md
     multiturn       bench/multiturn.py        multi-turn rollouts: batched turns vs one episode at a time, tool latency -> multiturn.md
+    packing         bench/packing.py          prefix sharing and flex attention vs unshared, GRPO-shaped micro-batch -> packing.md
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
@@ -198,6 +199,14 @@ def fig_multiturn(r: dict) -> str:
                      f"waiting on tools" for x in rows if x["mode"] in ("batched", "serial")) or "no summary"
 
 
+def fig_packing(r: dict) -> str:
+    s = r["summary"]
+    if not s:
+        return "no summary (see the log)"
+    return ", ".join(f"{k} {v:.2f}x" for k, v in s["speedup"].items() if not k.startswith("unshared padded")) \
+        + " vs unshared padded (median)"
+
+
 def fig_scaling(r: dict) -> str:
     rows = [ln for ln in r["out"].splitlines() if re.match(r"^\s*\d+ \|", ln)]
     if not rows:
@@ -323,6 +332,7 @@ def main() -> None:
                                                 "--hostile-steps", "1"] if q else [])], ["chaos.md"], fig_chaos))
     jobs.append(("multiturn", ["bench/multiturn.py", *(["--latency-ms", "0", "20"] if q else [])], ["multiturn.md"],
                  fig_multiturn))
+    jobs.append(("packing", ["bench/packing.py", *(["--steps", "3"] if q else [])], ["packing.md"], fig_packing))
     if (ROOT / "bench" / "gpu_smoke.py").is_file():
         jobs.append(("gpu_smoke", ["bench/gpu_smoke.py", *(["--sft-steps", "50", "--grpo-steps", "10"] if q else [])],
                      ["gpu_smoke.md"], lambda r: "; ".join(f"{x['run']}: {x['accuracy'] or 0:.1%}, {x['time_s']:.0f} s"
@@ -414,6 +424,10 @@ def main() -> None:
         md.append("- **async**: asynchronous training (rollout.max_staleness 1, 2) against synchronous on 2 and 4 Ray "
                   "CPU workers, generation and training on different ranks: samples/s and reward per step "
                   "(bench/async.py).")
+    if any(r["name"] == "packing" for r in results):
+        md.append("- **packing**: forward + backward and forward-only time of one GRPO-shaped micro-batch (a 192-token "
+                  "prompt and 8 responses of 64 tokens) without prefix sharing (padded, packed) and with it (dense "
+                  "mask, flex_attention), interleaved in one process (bench/packing.py).")
     if any(r["name"] == "stability" for r in results):
         md.append("- **stability**: selective rehearsal against forgetting (the second task's accuracy after PPO on the "
                   "first) and the advantage model against a length-biased reward model (accuracy, response length, "

@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from reflow.data.batch import SampleBatch
 
 
-
 @dataclass(frozen=True)
 class AttentionSpec:
     """How a batch is attended: `layout` "packed" | "padded"; `share_prefix`: a group's common prefix is
@@ -123,7 +122,7 @@ def packed_row(batch: SampleBatch, key: str = "input_ids", group_key: str | None
     """The batch as one packed row; with `group_key`, the common prefix of each group's samples appears once.
 
     Without sharing this is the plain block-diagonal packing (T' = T, gather = arange(T))."""
-    ids, offs, lens = batch.tokens[key], batch.offsets.tolist(), batch.seqlens.tolist()
+    ids, offs = batch.tokens[key], batch.offsets.tolist()
     units = batch.groups(group_key) if group_key else [[p] for p in range(len(batch))]
     seqs = [ids[offs[p]:offs[p + 1]] for p in range(len(batch))]
     row, pos, seg, sees = [], [], [], []
@@ -152,27 +151,34 @@ def packed_row(batch: SampleBatch, key: str = "input_ids", group_key: str | None
     return PackedRow(cat(row, ids.dtype), cat(pos, torch.long), cat(seg, torch.long), cat(sees, torch.long), gather)
 
 
+def row_mask_mod(row: PackedRow, device=None):
+    """mask_mod(b, h, q, k) -> whether row token q may attend row token k (flex_attention's signature;
+    q and k broadcast, so the same function builds the dense mask)."""
+    seg, sees = row.segment.to(device), row.sees.to(device)
+
+    def mask_mod(b, h, q, k):
+        return (k <= q) & ((seg[k] == seg[q]) | (seg[k] == sees[q]))
+
+    return mask_mod
+
+
 def row_mask(row: PackedRow, dtype: torch.dtype, device=None) -> torch.Tensor:
     """[1, 1, T', T'] additive mask of a packed row: 0 where q may attend k, else the dtype's minimum."""
-    seg, sees = row.segment.to(device), row.sees.to(device)
-    idx = torch.arange(len(seg), device=device)
-    allowed = (idx[:, None] >= idx[None, :]) & ((seg[None, :] == seg[:, None]) | (seg[None, :] == sees[:, None]))
+    idx = torch.arange(len(row.segment), device=device)
+    allowed = row_mask_mod(row, device)(None, None, idx[:, None], idx[None, :])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
 
 
 def row_block_mask(row: PackedRow, device=None):
-    """The same mask as `row_mask`, as a flex_attention BlockMask (no T' x T' tensor is kept)."""
+    """The same mask as `row_mask`, as a flex_attention BlockMask: per 128 x 128 block, whether it is empty,
+    full or partial, with `mask_mod` evaluated inside partial blocks; no T' x T' tensor is kept for the
+    forward (building it evaluates mask_mod once on a transient [T', T'] bool grid)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    seg, sees = row.segment.to(device), row.sees.to(device)
-
-    def mask_mod(b, h, q, k):
-        return (k <= q) & ((seg[k] == seg[q]) | (seg[k] == sees[q]))
-
-    n = len(seg)
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device or "cpu")
+    n = len(row.segment)
+    return create_block_mask(row_mask_mod(row, device), B=None, H=None, Q_LEN=n, KV_LEN=n, device=device or "cpu")
 
 
 def block_causal_mask(seqlens: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:

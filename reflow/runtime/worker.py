@@ -35,10 +35,10 @@ import torch.distributed as dist
 from reflow.data.batch import SampleBatch, nonfinite_samples
 from reflow.data.sampler import seed_everything
 from reflow.engines.train import NonFiniteError, TrainEngine
-from reflow.models.packing import attention_spec
 from reflow.models.ema import EMAWeights
 from reflow.models.load import load_tokenizer
 from reflow.models.lora import adapters_off, add_adapters, inject, merged_copy, trainable_names
+from reflow.models.packing import attention_spec
 from reflow.parallel.context import ParallelContext
 from reflow.parallel.device import backend_for, place, resolve_device
 from reflow.parallel.parallelize import parallelize

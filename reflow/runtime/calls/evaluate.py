@@ -14,8 +14,8 @@ from __future__ import annotations
 from reflow.algorithms.losses import pair_accuracy
 from reflow.engines.generate import GenerationEngine, SamplingParams
 from reflow.engines.infer import InferenceEngine
-from reflow.models.packing import attention_spec
 from reflow.engines.rollout import decode_response
+from reflow.models.packing import attention_spec
 from reflow.rewards.registry import compute_rewards
 from reflow.runtime.calls import CallContext, register_call
 from reflow.engines.multiturn import run_episodes, start_episodes
