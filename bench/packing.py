@@ -1,7 +1,7 @@
 """Prefix sharing and packed-attention kernels: forward + backward of a GRPO-shaped micro-batch.
 
     .venv/bin/python bench/packing.py [--model small-llama] [--prompt 192] [--n 8] [--response 64]
-                                      [--groups 1] [--steps 5] [--threads 2] [--no-flex]
+                                      [--groups 2] [--steps 5] [--threads 1] [--no-flex]
 
 One micro-batch: --groups prompts of --prompt tokens, each followed by --n responses of --response tokens
 (group_id = the prompt), random token ids. Timed: `token_logprobs` over the micro-batch, then backward of
@@ -9,18 +9,19 @@ the token-mean NLL of the response tokens (what a policy-loss step computes), gr
 steps; no optimizer step (it costs the same in every variant). Variants, interleaved step by step in the
 same process (the same model and batch):
 
-    unshared padded   every sequence on its own row of a right-padded [B, Lmax] batch (reflow's default)
+    unshared padded   every sequence on its own row of a right-padded [B, Lmax] batch
     unshared packed   one row of T = B (P + R) tokens, dense [T, T] block-diagonal mask
-    shared dense      one row of T' = P + B R tokens per group, dense [T', T'] prefix-sharing mask
-    shared flex       the same row, flex_attention BlockMask (torch.compile'd by transformers: the first
+    shared padded     a row of P + n R tokens per group, dense prefix-sharing masks (reflow's default)
+    shared packed     all groups in one row of T' = G (P + n R) tokens, dense [T', T'] mask
+    shared flex       that one row, flex_attention BlockMask (torch.compile'd by transformers: the first
                       call compiles, reported apart and not timed); torch has no flex backward on CPU, so
                       on CPU it is timed forward-only (the inference calls: reference log-probs, values)
 
-each forward + backward, and forward only (under no_grad) for padded, shared dense and shared flex.
+each forward + backward, and forward only (under no_grad) for unshared padded and the shared variants.
 
-Token work per group: unshared n (P + R), shared P + n R. Prints the median step time of each variant and
-its ratio to "unshared padded"; writes bench/results/packing.md; the last line printed is
-`BENCH_SUMMARY {json}` (read by bench/run_all.py).
+Token work per group: unshared n (P + R), shared P + n R; attention per row: length^2. Prints the median
+step time of each variant and its ratio to "unshared padded"; writes bench/results/packing.md; the last
+line printed is `BENCH_SUMMARY {json}` (read by bench/run_all.py).
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=192)
     ap.add_argument("--n", type=int, default=8, help="responses per prompt")
     ap.add_argument("--response", type=int, default=64)
-    ap.add_argument("--groups", type=int, default=1)
+    ap.add_argument("--groups", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="1: on a shared 2-core machine, 2 threads made the timings swing 3x")
     ap.add_argument("--no-flex", action="store_true", help="skip the flex_attention variant (its compile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,7 +63,7 @@ def main() -> None:
     from reflow.algorithms.losses import sequence_nll
     from reflow.checks.layouts import group_batch
     from reflow.models.load import load_policy, quiet_transformers
-    from reflow.models.packing import AttentionSpec, packed_row, token_logprobs, use_flex
+    from reflow.models.packing import AttentionSpec, packed_rows, token_logprobs, use_flex
     from reflow.models.presets import init_model
 
     quiet_transformers()
@@ -72,12 +74,13 @@ def main() -> None:
     batch = group_batch([args.prompt] * args.groups, [args.response] * args.n, vocab=model.config.vocab_size)
     mask = batch.tokens["action_mask"]
     specs = {"unshared padded": AttentionSpec("padded"), "unshared packed": AttentionSpec("packed"),
-             "shared dense": AttentionSpec("packed", share_prefix=True),
+             "shared padded": AttentionSpec("padded", share_prefix=True),
+             "shared packed": AttentionSpec("packed", share_prefix=True),
              "shared flex": AttentionSpec("packed", share_prefix=True, kernel="flex")}
     # (variant, backward): forward + backward (train calls) and forward only (inference calls); flex has no
     # backward on CPU (reflow falls back to dense there), so it is timed forward-only on CPU
     cases = [(k, True) for k in specs if k != "shared flex" or use_flex(specs[k], next(model.parameters()).device)]
-    cases += [(k, False) for k in ("unshared padded", "shared dense", "shared flex")]
+    cases += [(k, False) for k in ("unshared padded", "shared padded", "shared packed", "shared flex")]
     if args.no_flex:
         cases = [c for c in cases if c[0] != "shared flex"]
 
@@ -102,9 +105,9 @@ def main() -> None:
     load_after = load_avg()
 
     med = {c: statistics.median(v) for c, v in times.items()}
-    shared_tokens = len(packed_row(batch, group_key="group_id").input_ids)
-    row_tokens = {"unshared padded": len(batch) * int(batch.seqlens.max()), "unshared packed": batch.num_tokens,
-                  "shared dense": shared_tokens, "shared flex": shared_tokens}
+    rows = {k: packed_rows(batch, group_key="group_id" if specs[k].share_prefix else None,
+                           one_row=specs[k].layout == "packed").input_ids.shape for k in specs}
+    rows["unshared padded"] = (len(batch), int(batch.seqlens.max()))
     import transformers
 
     cmd = (f"{python_cmd()} bench/packing.py --model {args.model} --prompt {args.prompt} --n {args.n} "
@@ -122,12 +125,12 @@ def main() -> None:
         f"model {args.model}; `token_logprobs` (+ backward of the response NLL); median of {args.steps} "
         f"interleaved steps after {args.warmup} warm-up round(s). First call: untimed, flex compiles there.",
         "",
-        "| pass | variant | tokens in the forward | time median / min (s) | first call (s) | speed-up vs unshared padded |",
+        "| pass | variant | rows x length | time median / min (s) | first call (s) | speed-up vs unshared padded |",
         "|---|---|---|---|---|---|",
     ]
     for (name, backward) in cases:
         base = med[("unshared padded", backward)]
-        lines.append(f"| {'forward + backward' if backward else 'forward only'} | {name} | {row_tokens[name]} "
+        lines.append(f"| {'forward + backward' if backward else 'forward only'} | {name} | {rows[name][0]} x {rows[name][1]} "
                      f"| {med[(name, backward)]:.3f} / {min(times[(name, backward)]):.3f} | {first[(name, backward)]:.1f} "
                      f"| {base / med[(name, backward)]:.2f}x |")
     OUT.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,11 @@ every sample's own tokens, in one packed row:
     mask     : own_i attends the prefix and itself (causally), never another own_j
 
 Causal attention makes the prefix's hidden states independent of what follows, so this is the same
-computation as n separate sequences with the prefix done once. The [T', H] row states are gathered
-back into the batch's flat [T, H] order (`PackedRow.gather`); a prefix state used by n samples then
-receives the sum of their gradients in backward, exactly as n separate forwards would give it.
+computation as n separate sequences with the prefix done once. Under "packed" every group of the
+micro-batch goes into one row; under "padded" each group (and each lone sample) gets its own row, the
+rows right-padded to the longest (attention then costs sum_g T'_g^2, not (sum_g T'_g)^2). The row states
+are gathered back into the batch's flat [T, H] order (`PackedRows.gather`); a prefix state used by n
+samples then receives the sum of their gradients in backward, exactly as n separate forwards give it.
 
 The mask is built either dense ([1, 1, T', T'] additive, through the model's own sdpa attention) or as
 a flex_attention BlockMask (`kernel="flex"`: no T' x T' tensor; the model runs transformers'
@@ -97,14 +99,17 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
 
 
 @dataclass
-class PackedRow:
-    """One row of T' tokens the model attends, and how it maps back to the batch's T flat tokens.
+class PackedRows:
+    """The R rows of length L the model attends, and how they map back to the batch's T flat tokens.
 
-        input_ids, position_ids : [T']
-        segment                 : [T'] segment of each row token (a sample's own tokens, or a shared prefix)
-        sees                    : [T'] the prefix segment a token also attends (its own segment if none)
-        gather                  : [T]  row index of every flat batch token (prefix tokens repeat)
-    Row token q may attend row token k iff k <= q and segment[k] in {segment[q], sees[q]}.
+        input_ids, position_ids : [R, L]  (right-padded rows: padding has id 0, position 0)
+        segment                 : [R, L]  segment of each row token (a sample's own tokens, a shared
+                                          prefix; -1 on padding)
+        sees                    : [R, L]  the prefix segment a token also attends (its own segment if none)
+        gather                  : [T]     index into the flattened [R * L] rows of every flat batch token
+                                          (a shared prefix's tokens are gathered once per sample)
+        shared                  : whether any prefix is shared (else this is plain packing or padding)
+    Row token q may attend token k of its row iff k <= q and segment[k] in {segment[q], sees[q]}.
     """
 
     input_ids: torch.Tensor
@@ -112,79 +117,95 @@ class PackedRow:
     segment: torch.Tensor
     sees: torch.Tensor
     gather: torch.Tensor
+    shared: bool
 
     @property
-    def shared(self) -> bool:
-        return len(self.input_ids) < len(self.gather)
+    def num_tokens(self) -> int:
+        """Row tokens that are not padding (T' = T - sum over shared groups of (n - 1) P)."""
+        return int((self.segment >= 0).sum())
 
 
-def packed_row(batch: SampleBatch, key: str = "input_ids", group_key: str | None = None) -> PackedRow:
-    """The batch as one packed row; with `group_key`, the common prefix of each group's samples appears once.
+def packed_rows(batch: SampleBatch, key: str = "input_ids", group_key: str | None = None,
+                one_row: bool = True) -> PackedRows:
+    """The batch as rows: with `group_key`, each group's common prefix appears once, followed by every
+    sample's own tokens. `one_row`: all units (groups, lone samples) in one row [1, T'], else one row per
+    unit right-padded to the longest [U, L] (attention then costs sum_u L_u^2 instead of T'^2).
 
-    Without sharing this is the plain block-diagonal packing (T' = T, gather = arange(T))."""
+    Without `group_key` and with one_row this is the plain block-diagonal packing (gather = arange(T))."""
     ids, offs = batch.tokens[key], batch.offsets.tolist()
     units = batch.groups(group_key) if group_key else [[p] for p in range(len(batch))]
-    seqs = [ids[offs[p]:offs[p + 1]] for p in range(len(batch))]
-    row, pos, seg, sees = [], [], [], []
-    gather = torch.empty(batch.num_tokens, dtype=torch.long)
-    cursor = 0
-
-    def put(tokens: torch.Tensor, start: int, segment: int, prefix: int) -> torch.Tensor:
-        nonlocal cursor
-        n = len(tokens)
-        row.append(tokens)
-        pos.append(torch.arange(start, start + n))
-        seg.append(torch.full((n,), segment, dtype=torch.long))
-        sees.append(torch.full((n,), prefix, dtype=torch.long))
-        cursor += n
-        return torch.arange(cursor - n, cursor)
-
+    built, shared = [], False  # per unit: (ids, pos, seg, sees, [(flat start, flat end, row indices)])
+    nseg = 0
     for unit in units:
         P = batch.shared_prefix_len(unit, key)
-        prefix_seg = len(seg)
-        prefix_rows = put(seqs[unit[0]][:P], 0, prefix_seg, prefix_seg) if P else None
+        shared |= P > 0
+        parts, where, length = [], [], 0
+
+        def put(tokens: torch.Tensor, start: int, segment: int, prefix: int) -> torch.Tensor:
+            nonlocal length
+            n = len(tokens)
+            parts.append((tokens, torch.arange(start, start + n), torch.full((n,), segment), torch.full((n,), prefix)))
+            length += n
+            return torch.arange(length - n, length)
+
+        prefix_seg = nseg
+        prefix_idx = put(ids[offs[unit[0]]:offs[unit[0]] + P], 0, nseg, nseg) if P else None
+        nseg += 1 if P else 0
         for p in unit:
-            s = len(seg)
-            own = put(seqs[p][P:], P, s, prefix_seg if P else s)
-            gather[offs[p]:offs[p + 1]] = torch.cat([prefix_rows, own]) if P else own
-    cat = (lambda xs, dt: torch.cat(xs) if xs else torch.empty(0, dtype=dt))
-    return PackedRow(cat(row, ids.dtype), cat(pos, torch.long), cat(seg, torch.long), cat(sees, torch.long), gather)
+            own = put(ids[offs[p] + P:offs[p + 1]], P, nseg, prefix_seg if P else nseg)
+            nseg += 1
+            where.append((offs[p], offs[p + 1], torch.cat([prefix_idx, own]) if P else own))
+        built.append(([torch.cat(x) if x else torch.empty(0, dtype=torch.long) for x in zip(*parts)], where))
+    if one_row and built:  # every unit one after the other in a single row
+        starts = torch.tensor([0] + [len(cols[0]) for cols, _ in built]).cumsum(0).tolist()
+        built = [([torch.cat(c) for c in zip(*(cols for cols, _ in built))],
+                  [(a, b, idx + start) for (_, where), start in zip(built, starts) for a, b, idx in where])]
+    L = max((len(b[0][0]) for b in built), default=0)
+    out = [torch.full((len(built), L), fill, dtype=torch.long) for fill in (0, 0, -1, -1)]
+    gather = torch.empty(batch.num_tokens, dtype=torch.long)
+    for r, (cols, where) in enumerate(built):
+        for t, c in zip(out, cols):
+            t[r, :len(c)] = c
+        for a, b, idx in where:
+            gather[a:b] = r * L + idx
+    return PackedRows(out[0].to(ids.dtype), out[1], out[2], out[3], gather, shared)
 
 
-def row_mask_mod(row: PackedRow, device=None):
-    """mask_mod(b, h, q, k) -> whether row token q may attend row token k (flex_attention's signature;
-    q and k broadcast, so the same function builds the dense mask)."""
-    seg, sees = row.segment.to(device), row.sees.to(device)
+def row_mask_mod(rows: PackedRows, device=None):
+    """mask_mod(b, h, q, k) -> whether token q of row b may attend token k of row b (flex_attention's
+    signature; b, q and k broadcast, so the same function builds the dense mask)."""
+    seg, sees = rows.segment.to(device), rows.sees.to(device)
 
     def mask_mod(b, h, q, k):
-        return (k <= q) & ((seg[k] == seg[q]) | (seg[k] == sees[q]))
+        return (k <= q) & ((seg[b, k] == seg[b, q]) | (seg[b, k] == sees[b, q]))
 
     return mask_mod
 
 
-def row_mask(row: PackedRow, dtype: torch.dtype, device=None) -> torch.Tensor:
-    """[1, 1, T', T'] additive mask of a packed row: 0 where q may attend k, else the dtype's minimum."""
-    idx = torch.arange(len(row.segment), device=device)
-    allowed = row_mask_mod(row, device)(None, None, idx[:, None], idx[None, :])
+def row_mask(rows: PackedRows, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """[R, 1, L, L] additive mask of the rows: 0 where q may attend k, else the dtype's minimum."""
+    R, L = rows.segment.shape
+    b, idx = torch.arange(R, device=device), torch.arange(L, device=device)
+    allowed = row_mask_mod(rows, device)(b[:, None, None], None, idx[None, :, None], idx[None, None, :])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+    return mask[:, None]
 
 
-def row_block_mask(row: PackedRow, device=None):
+def row_block_mask(rows: PackedRows, device=None):
     """The same mask as `row_mask`, as a flex_attention BlockMask: per 128 x 128 block, whether it is empty,
-    full or partial, with `mask_mod` evaluated inside partial blocks; no T' x T' tensor is kept for the
-    forward (building it evaluates mask_mod once on a transient [T', T'] bool grid)."""
+    full or partial, with `mask_mod` evaluated inside partial blocks; no L x L tensor is kept for the
+    forward (building it evaluates mask_mod once on a transient [R, L, L] bool grid)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    n = len(row.segment)
-    return create_block_mask(row_mask_mod(row, device), B=None, H=None, Q_LEN=n, KV_LEN=n, device=device or "cpu")
+    R, L = rows.segment.shape
+    return create_block_mask(row_mask_mod(rows, device), B=R, H=None, Q_LEN=L, KV_LEN=L, device=device or "cpu")
 
 
 def block_causal_mask(seqlens: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:
     """[1, 1, T, T] additive mask: 0 where token i may attend token j (same sample, j <= i), else -inf-ish."""
-    seg = torch.repeat_interleave(torch.arange(len(seqlens)), seqlens)
-    return row_mask(PackedRow(seg, seg, seg, seg, torch.arange(len(seg))), dtype, device)
+    seg = torch.repeat_interleave(torch.arange(len(seqlens)), seqlens)[None]
+    return row_mask(PackedRows(seg, seg, seg, seg, torch.arange(seg.shape[1]), False), dtype, device)
 
 
 def _final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
@@ -230,24 +251,24 @@ def hidden_states(model: torch.nn.Module, batch: SampleBatch, attention: Attenti
     """[T, H] last hidden states of every token of the packed batch (in the batch's flat order)."""
     spec = attention_spec(attention)
     device, dtype = _param(model).device, _param(model).dtype
-    row = None
+    rows = None
     if spec.share_prefix or spec.layout == "packed":
-        row = packed_row(batch, key, sharing_group_key(spec, batch))
-        if spec.layout == "padded" and not row.shared:  # nothing shared: the configured layout
-            row = None
-    if row is None:
+        rows = packed_rows(batch, key, sharing_group_key(spec, batch), one_row=spec.layout == "packed")
+        if spec.layout == "padded" and not rows.shared:  # nothing shared: plain padding
+            rows = None
+    if rows is None:
         ids, real = batch.padded(key)
         ids, real = ids.to(device), real.to(device)
         pos = (real.long().cumsum(-1) - 1).clamp(min=0)
         hidden = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=real.long())
         return hidden[real]  # row-major order == the packed flat order
-    ids, pos = row.input_ids.to(device)[None], row.position_ids.to(device)[None]
+    ids, pos = rows.input_ids.to(device), rows.position_ids.to(device)
     if use_flex(spec, device):
         with _attn_implementation(model, "flex_attention"):
-            h = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=row_block_mask(row, device))
+            h = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=row_block_mask(rows, device))
     else:
-        h = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=row_mask(row, dtype, device))
-    return h[0][row.gather.to(device)] if row.shared else h[0]
+        h = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=row_mask(rows, dtype, device))
+    return h.flatten(0, 1)[rows.gather.to(device)]
 
 
 def _action_positions(batch: SampleBatch) -> torch.Tensor:

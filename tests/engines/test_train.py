@@ -251,7 +251,7 @@ def test_prefix_sharing_step_and_logprobs_equal_unshared_with_groups_whole_per_m
     rows, results = [], {}
     for name, attention, mbt in (("unshared", "padded", 10_000), ("shared", shared, 30)):
         model = load_policy(model_dir)
-        hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
+        hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(tuple(i[0].shape)))
 
         def loss_fn(m, mb, norm, attention=attention):
             logp, _ = token_logprobs(m, mb, attention=attention)
@@ -264,8 +264,9 @@ def test_prefix_sharing_step_and_logprobs_equal_unshared_with_groups_whole_per_m
         hook.remove()
         results[name] = (stats["loss"], delta(before, model), logp)
     # groups of 27, 21 and 24 tokens are shared rows of 6 + 9, 4 + 9 and 5 + 9 tokens; the 30-token budget
-    # counts those, so the first two groups share a micro-batch and the third goes alone (train, then inference)
-    assert rows[2:] == [15 + 13, 14] * 2
+    # counts those, so the first two groups share a micro-batch (a row each, padded to 15) and the third goes
+    # alone (train, then inference)
+    assert rows[2:] == [(2, 15), (1, 14)] * 2
     assert abs(results["shared"][0] - results["unshared"][0]) < 1e-5
     torch.testing.assert_close(results["shared"][1], results["unshared"][1], atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(results["shared"][2], results["unshared"][2], atol=1e-5, rtol=0)

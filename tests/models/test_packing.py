@@ -198,36 +198,42 @@ def test_saved_scalar_head_model_loads_back_with_plain_transformers(model_dirs, 
 
 
 # ----------------------------------------------------------------- prefix sharing
-SHARED = packing.AttentionSpec("padded", share_prefix=True)
+SHARED = packing.AttentionSpec("padded", share_prefix=True)  # a row per group
+SHARED_SPECS = [SHARED, packing.AttentionSpec("packed", share_prefix=True)]  # ... or one row for all
 
 
-def test_packed_row_holds_each_group_prefix_once_with_positions_continuing_after_it():
+def test_packed_rows_hold_each_group_prefix_once_with_positions_continuing_after_it():
     batch = group_batch((7, 4), (3, 4, 5))
-    row = packing.packed_row(batch, group_key="group_id")
+    one = packing.packed_rows(batch, group_key="group_id")
+    per_group = packing.packed_rows(batch, group_key="group_id", one_row=False)
     # 7 + (3 + 4 + 5) and 4 + (3 + 4 + 5) row tokens instead of 3 * 7 + 12 + 3 * 4 + 12
-    assert len(row.input_ids) == 7 + 12 + 4 + 12 and row.shared
-    torch.testing.assert_close(row.input_ids[row.gather], batch.tokens["input_ids"], atol=0, rtol=0)
-    torch.testing.assert_close(row.position_ids[row.gather], batch.position_in_sample(), atol=0, rtol=0)
-    # every response of group 0 reads the same 7 prefix rows
-    starts = batch.offsets[:3].tolist()
-    assert all(row.gather[s:s + 7].tolist() == list(range(7)) for s in starts)
-    mask = packing.row_mask(row, torch.float32)[0, 0] == 0
-    own1, own2 = slice(7 + 3, 7 + 7), slice(7 + 7, 7 + 12)  # the second and third responses of group 0
-    assert mask[own2, :7].all() and not mask[own2, own1].any() and not mask[own2, 19:].any()
+    assert one.input_ids.shape == (1, 7 + 12 + 4 + 12) and per_group.input_ids.shape == (2, 7 + 12)
+    assert one.shared and per_group.shared and one.num_tokens == per_group.num_tokens == 35
+    for rows in (one, per_group):
+        ids, pos = rows.input_ids.flatten()[rows.gather], rows.position_ids.flatten()[rows.gather]
+        torch.testing.assert_close(ids, batch.tokens["input_ids"], atol=0, rtol=0)
+        torch.testing.assert_close(pos, batch.position_in_sample(), atol=0, rtol=0)
+        # every response of group 0 reads the same 7 prefix tokens of row 0
+        assert all(rows.gather[s:s + 7].tolist() == list(range(7)) for s in batch.offsets[:3].tolist())
+        mask = packing.row_mask(rows, torch.float32)[0, 0] == 0
+        own1, own2 = slice(7 + 3, 7 + 7), slice(7 + 7, 7 + 12)  # the second and third responses of group 0
+        assert mask[own2, :7].all() and not mask[own2, own1].any() and not mask[own2, 19:].any()
+    assert (per_group.segment[1, 16:] == -1).all()  # group 1's row is padded from 16 to 19 tokens
     # without a group key (or a one-token common prefix) it is the plain block-diagonal packing
-    plain = packing.packed_row(batch)
+    plain = packing.packed_rows(batch)
     assert not plain.shared and torch.equal(plain.gather, torch.arange(batch.num_tokens))
     assert torch.equal(packing.row_mask(plain, torch.float32), packing.block_causal_mask(batch.seqlens, torch.float32))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_shared_prefix_logprobs_values_and_scores_equal_separate_sequences(policies, model_dirs, family):
+@pytest.mark.parametrize("shared", SHARED_SPECS, ids=["row-per-group", "one-row"])
+def test_shared_prefix_logprobs_values_and_scores_equal_separate_sequences(policies, model_dirs, family, shared):
     batch = group_batch((7, 4), (3, 4, 5))
     with torch.no_grad():
-        logp, ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention=SHARED)
+        logp, ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention=shared)
         ref_logp, ref_ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention="padded")
         critic = _randomise_head(load_critic(model_dirs[family]).eval(), seed=3)
-        tok, seq = packing.token_and_sequence_values(critic, batch, SHARED)
+        tok, seq = packing.token_and_sequence_values(critic, batch, shared)
         ref_tok, ref_seq = packing.token_and_sequence_values(critic, batch, "padded")
     mask = batch.tokens["action_mask"].bool()
     assert (logp[mask] < 0).all()  # the first response token's log-prob comes from the prompt's last state
@@ -236,10 +242,11 @@ def test_shared_prefix_logprobs_values_and_scores_equal_separate_sequences(polic
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_shared_prefix_gradients_equal_separate_sequences(model_dirs, family):
+@pytest.mark.parametrize("shared", SHARED_SPECS, ids=["row-per-group", "one-row"])
+def test_shared_prefix_gradients_equal_separate_sequences(model_dirs, family, shared):
     batch = group_batch((7, 4), (3, 4, 5))
     grads = {}
-    for name, attention in (("separate", "padded"), ("shared", SHARED)):
+    for name, attention in (("separate", "padded"), ("shared", shared)):
         model = load_policy(model_dirs[family])
         logp, _ = packing.token_logprobs(model, batch, attention=attention)
         (logp * torch.linspace(-1, 1, batch.num_tokens)).sum().backward()  # a different weight per token
@@ -251,16 +258,17 @@ def test_shared_prefix_gradients_equal_separate_sequences(model_dirs, family):
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_block_mask_attends_exactly_as_the_dense_row_mask():
-    """flex_attention under the row's BlockMask (eager: torch's reference implementation) equals sdpa under
-    the dense [T', T'] mask, for a row with shared prefixes and one with none."""
+    """flex_attention under the rows' BlockMask (eager: torch's reference implementation) equals sdpa under
+    the dense mask: one row with shared prefixes, one without, and a padded row per group."""
     from torch.nn.attention.flex_attention import flex_attention
 
     batch = group_batch((7, 4), (3, 4, 5))
     g = torch.Generator().manual_seed(0)
-    for row in (packing.packed_row(batch, group_key="group_id"), packing.packed_row(batch)):
-        q, k, v = (torch.randn(1, 2, len(row.input_ids), 8, generator=g) for _ in range(3))
-        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.row_mask(row, torch.float32))
-        flex = flex_attention(q, k, v, block_mask=packing.row_block_mask(row))
+    for rows in (packing.packed_rows(batch, group_key="group_id"), packing.packed_rows(batch),
+                 packing.packed_rows(batch, group_key="group_id", one_row=False)):
+        q, k, v = (torch.randn(*rows.input_ids.shape[:1], 2, rows.input_ids.shape[1], 8, generator=g) for _ in range(3))
+        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.row_mask(rows, torch.float32))
+        flex = flex_attention(q, k, v, block_mask=packing.row_block_mask(rows))
         torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
 
 
