@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -38,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
-from machine import cpu_name, load_avg, python_cmd  # noqa: E402
+from machine import device_line, load_avg, python_cmd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
@@ -108,7 +106,6 @@ def main() -> None:
     rows = {k: packed_rows(batch, group_key="group_id" if specs[k].share_prefix else None,
                            one_row=specs[k].layout == "packed").input_ids.shape for k in specs}
     rows["unshared padded"] = (len(batch), int(batch.seqlens.max()))
-    import transformers
 
     cmd = (f"{python_cmd()} bench/packing.py --model {args.model} --prompt {args.prompt} --n {args.n} "
            f"--response {args.response} --groups {args.groups} --steps {args.steps} --threads {args.threads}"
@@ -116,8 +113,7 @@ def main() -> None:
     lines = [
         "# Prefix sharing and packed attention (bench/packing.py)",
         "",
-        f"device: CPU, {cpu_name()}, {os.cpu_count()} cores, {args.threads} torch threads; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, python {platform.python_version()}; fp32",
+        device_line(args.threads),
         f"command: `{cmd}`",
         f"load average (1/5/15 min) before: {load_before}; after: {load_after}",
         "",
