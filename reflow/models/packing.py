@@ -12,7 +12,7 @@ Two attention choices for the same computation, equal up to float rounding:
 
 Prefix sharing (`AttentionSpec.share_prefix`): the samples of a group (`samples["group_id"]`, the n
 responses of one prompt) that begin with the same P tokens are laid out as that prefix once, followed by
-every sample's own tokens, in one packed row:
+every sample's own tokens:
 
     row      = [prefix (P) | own_1 (L_1 - P) | own_2 (L_2 - P) | ... ]     T' = P + sum_i (L_i - P)
     position = 0..P-1, then P..L_i-1 for every own_i      (rotary positions continue from the prefix)
@@ -25,9 +25,9 @@ rows right-padded to the longest (attention then costs sum_g T'_g^2, not (sum_g 
 are gathered back into the batch's flat [T, H] order (`PackedRows.gather`); a prefix state used by n
 samples then receives the sum of their gradients in backward, exactly as n separate forwards give it.
 
-The mask is built either dense ([1, 1, T', T'] additive, through the model's own sdpa attention) or as
-a flex_attention BlockMask (`kernel="flex"`: no T' x T' tensor; the model runs transformers'
-"flex_attention" implementation, compiled by transformers, for that forward). torch has no flex_attention
+The mask of R rows of length L is built either dense ([R, 1, L, L] additive, through the model's own sdpa
+attention) or as a flex_attention BlockMask (`kernel="flex"`: no L x L tensor is kept; the model runs
+transformers' "flex_attention" implementation, compiled by transformers, for that forward). torch has no flex_attention
 backward on CPU: there, forwards under autograd fall back to the dense mask.
 
 Per-token outputs follow the batch convention: position t holds the quantity for *emitting* token t,
@@ -49,9 +49,9 @@ from reflow.data.batch import SampleBatch
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """How a batch is attended: `layout` "packed" | "padded"; `share_prefix`: a group's common prefix is
-    computed once (its micro-batches run as one packed row); `kernel`: "dense" mask or "flex" BlockMask
-    for packed rows."""
+    """How a batch is attended: `layout` "packed" | "padded"; `share_prefix`: the common prefix of the
+    samples of a group (`samples[group_key]`) is computed once; `kernel`: "dense" mask or "flex" BlockMask
+    for the rows built by `packed_rows`."""
 
     layout: Literal["packed", "padded"] = "padded"
     share_prefix: bool = False
