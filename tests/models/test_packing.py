@@ -300,3 +300,14 @@ def test_flex_kernel_forward_equals_the_dense_mask(policies):
             "packed", kernel="flex"))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(plain, ref, atol=1e-5, rtol=0)
+
+
+def test_attention_spec_of_a_role_config_shares_prefixes_by_default_and_reads_its_keys():
+    from reflow.config.schema import ModelConfig
+
+    assert packing.attention_spec(ModelConfig()) == packing.AttentionSpec("padded", share_prefix=True)
+    cfg = ModelConfig(attention="packed", prefix_sharing=False, attention_kernel="flex")
+    assert packing.attention_spec(cfg) == packing.AttentionSpec("packed", share_prefix=False, kernel="flex")
+    assert packing.attention_spec("packed") == packing.AttentionSpec("packed")  # a bare layout: no sharing
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
+        packing.AttentionSpec("packed", kernel="flash")
