@@ -28,3 +28,12 @@ def python_cmd() -> str:
     """The interpreter as a command relative to the repository (e.g. .venv-bench/bin/python)."""
     exe = Path(sys.executable)
     return str(exe.relative_to(ROOT)) if exe.is_relative_to(ROOT) else exe.name
+
+
+def device_line(threads: int) -> str:
+    """"device: CPU, <cpu>, <n> cores, <threads> torch threads; torch, transformers and python versions; fp32"."""
+    import torch
+    import transformers
+
+    return (f"device: CPU, {cpu_name()}, {os.cpu_count()} cores, {threads} torch threads; torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, python {platform.python_version()}; fp32")

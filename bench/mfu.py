@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
-from machine import cpu_name, python_cmd  # noqa: E402
+from machine import device_line, python_cmd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
@@ -153,15 +152,12 @@ def main() -> None:
     peak = max(peak, peak_after)
     load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
-    import transformers
-
     cmd = (f"{python_cmd()} bench/mfu.py --threads {args.threads} --tokens {args.tokens} --seq-len {args.seq_len} "
            f"--steps {args.steps} --attention {args.attention}")
     lines = [
         "# MFU of reflow's TrainEngine (bench/mfu.py)",
         "",
-        f"device: CPU, {cpu_name()}, {os.cpu_count()} cores, {args.threads} torch threads; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, python {platform.python_version()}; fp32",
+        device_line(args.threads),
         f"command: `{cmd}`",
         f"load average (1/5/15 min) before: {load_before}; after: {load_after}",
         "",

@@ -25,6 +25,7 @@ e2e_vs_trl, hence .venv-bench):
                                           kept K/V across turns vs re-prefill -> multiturn.md
     pipeline        bench/pipeline.py         GPipe vs 1F1B vs fused actor+critic pipelines, 2 gloo workers -> pipeline.md
     fusion          bench/fusion.py           inter-stage fusion vs unfused PPO, long-tailed lengths, 2 and 4 workers -> fusion.{md,png}
+    packing         bench/packing.py          prefix sharing and flex attention vs unshared, GRPO-shaped micro-batch -> packing.md
 
 and writes bench/results/README.md: device, versions, git state, load average, and per benchmark its command,
 key figures, wall time and result file. Each run's output and record are kept in runs/bench/logs/, so
@@ -215,6 +216,14 @@ def fig_fusion(r: dict) -> str:
             + (f"; lengths p50 {lens['p50']}, p90 {lens['p90']}, max {lens['max']}" if lens else "")) or "no summary"
 
 
+def fig_packing(r: dict) -> str:
+    s = r["summary"]
+    if not s:
+        return "no summary (see the log)"
+    return ", ".join(f"{k} {v:.2f}x" for k, v in s["speedup"].items() if not k.startswith("unshared padded")) \
+        + " vs unshared padded (median)"
+
+
 def fig_scaling(r: dict) -> str:
     rows = [ln for ln in r["out"].splitlines() if re.match(r"^\s*\d+ \|", ln)]
     if not rows:
@@ -354,6 +363,7 @@ def main() -> None:
                  ["pipeline.md"], fig_pipeline))
     jobs.append(("fusion", ["bench/fusion.py", *(["--steps", "3", "--workers", "2"] if q else [])],
                  ["fusion.md", "fusion.png"], fig_fusion))
+    jobs.append(("packing", ["bench/packing.py", *(["--steps", "3"] if q else [])], ["packing.md"], fig_packing))
     if (ROOT / "bench" / "gpu_smoke.py").is_file():
         jobs.append(("gpu_smoke", ["bench/gpu_smoke.py", *(["--sft-steps", "50", "--grpo-steps", "10"] if q else [])],
                      ["gpu_smoke.md"], lambda r: "; ".join(f"{x['run']}: {x['accuracy'] or 0:.1%}, {x['time_s']:.0f} s"
@@ -448,6 +458,10 @@ def main() -> None:
         md.append("- **async**: asynchronous training (rollout.max_staleness 1, 2) against synchronous on 2 and 4 Ray "
                   "CPU workers, generation and training on different ranks: samples/s and reward per step "
                   "(bench/async.py).")
+    if any(r["name"] == "packing" for r in results):
+        md.append("- **packing**: forward + backward and forward-only time of one GRPO-shaped micro-batch (a 192-token "
+                  "prompt and 8 responses of 64 tokens) without prefix sharing (padded, packed) and with it (dense "
+                  "mask, flex_attention), interleaved in one process (bench/packing.py).")
     if any(r["name"] == "stability" for r in results):
         md.append("- **stability**: selective rehearsal against forgetting (the second task's accuracy after PPO on the "
                   "first) and the advantage model against a length-biased reward model (accuracy, response length, "

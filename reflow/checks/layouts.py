@@ -17,7 +17,7 @@ from reflow.engines.generate import GenerationEngine, SamplingParams
 from reflow.engines.infer import InferenceEngine
 from reflow.engines.train import TrainEngine
 from reflow.models.load import load_critic, load_policy
-from reflow.models.packing import token_logprobs, token_values
+from reflow.models.packing import AttentionSpec, token_logprobs, token_values
 from reflow.parallel.context import ParallelContext, equal_micro_batches
 from reflow.parallel.layout import Layout, validate_layout
 
@@ -36,9 +36,30 @@ def sample_batch(n: int = 8, seed: int = 0) -> SampleBatch:
     return SampleBatch.from_sequences(range(n), {"input_ids": seqs, "action_mask": masks})
 
 
-def nll_loss(model, mb, norm):
-    logp, _ = token_logprobs(model, mb, attention="padded")  # the engines' default attention
-    return sequence_nll(logp, mb.tokens["action_mask"], norm.tokens), {}
+def group_batch(prompt_lens=(5, 7), response_lens=(2, 6, 3, 4), seed: int = 0, vocab: int = 261) -> SampleBatch:
+    """GRPO-shaped: a prompt of each length in `prompt_lens`, each followed by responses of `response_lens`
+    (random ids in [5, vocab)); group_id = the prompt's index, actions = the response tokens."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, masks, gids = [], [], []
+    for gid, p in enumerate(prompt_lens):
+        prompt = torch.randint(5, vocab, (p,), generator=g)
+        for r in response_lens:
+            seqs.append(torch.cat([prompt, torch.randint(5, vocab, (r,), generator=g)]))
+            masks.append((torch.arange(p + r) >= p).long())
+            gids.append(gid)
+    return SampleBatch.from_sequences(range(len(seqs)), {"input_ids": seqs, "action_mask": masks},
+                                      {"group_id": gids})
+
+
+def nll_loss_under(attention):
+    def nll_loss(model, mb, norm):
+        logp, _ = token_logprobs(model, mb, attention=attention)
+        return sequence_nll(logp, mb.tokens["action_mask"], norm.tokens), {}
+
+    return nll_loss
+
+
+nll_loss = nll_loss_under("padded")  # the engines' default attention
 
 
 def full_params(model) -> dict[str, torch.Tensor]:
@@ -75,14 +96,19 @@ def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], mic
     """{layout: {"loss": |dloss|, "grad_norm": |dnorm|, "weights": max |dw|, "logprobs": max |dlogp|,
     "replica_logprobs": max |dlogp| with data-parallel replicas (`shard_data=False`), "replica_sharded":
     whether that copy holds any FSDP2 module (it must not), "moved": max |w1 - w0|}}.
-    A layout may name its pipeline schedule, "d1t1p2:gpipe" (default 1f1b); pipeline layouts also report
-    "in_flight": {"peak": micro-batches this stage held at once, "micro_batches": M, "stage": s}."""
-    torch.manual_seed(0)
-    batch = sample_batch()
+    A layout may carry options after colons: its pipeline schedule, "d1t1p2:gpipe" (default 1f1b; pipeline
+    layouts also report "in_flight": {"peak": micro-batches this stage held at once, "micro_batches": M,
+    "stage": s}), and "shared": a batch of groups sharing prompts runs with prefix sharing under the layout,
+    against the one-process engines without sharing ("d2t1p1:shared")."""
     out = {}
     for text in layouts:
-        layout_text, _, schedule = text.partition(":")
+        layout_text, *options = text.split(":")
         layout = Layout.parse(layout_text)
+        schedule = next((o for o in options if o != "shared"), "1f1b")
+        share_prefix = "shared" in options
+        torch.manual_seed(0)
+        batch = group_batch() if share_prefix else sample_batch()
+        attention = AttentionSpec("padded", share_prefix=share_prefix)
         ref_model = load_policy(model_dir)
         validate_layout(layout, ref_model.config, list(range(world)), world)
         before = full_params(ref_model)
@@ -93,14 +119,14 @@ def check_layouts(rank: int, world: int, model_dir: str, layouts: list[str], mic
 
         ctx = ParallelContext.build(layout)
         model = load_policy(model_dir)
-        engine = TrainEngine(model, lr=LR, eps=EPS, grad_clip=1.0, micro_batch_tokens=micro_batch_tokens, parallel=ctx,
-                             pipeline_schedule=schedule or "1f1b")
-        logp, _ = InferenceEngine(engine.model, micro_batch_tokens, parallel=ctx).logprobs(batch)
-        stats = engine.step(batch, nll_loss)
+        engine = TrainEngine(model, lr=LR, eps=EPS, grad_clip=1.0, micro_batch_tokens=micro_batch_tokens,
+                             attention=attention, parallel=ctx, pipeline_schedule=schedule)
+        logp, _ = InferenceEngine(engine.model, micro_batch_tokens, attention, parallel=ctx).logprobs(batch)
+        stats = engine.step(batch, nll_loss_under(attention))
         after = full_params(engine.model)
         # the same layout with data-parallel replicas instead of FSDP2 shards (generation/inference copies)
-        replica = InferenceEngine(load_policy(model_dir), micro_batch_tokens, parallel=ctx, parallelize=True,
-                                  shard_data=False)
+        replica = InferenceEngine(load_policy(model_dir), micro_batch_tokens, attention, parallel=ctx,
+                                  parallelize=True, shard_data=False)
         replica_logp, _ = replica.logprobs(batch)
         out[text] = {
             "loss": abs(stats["loss"] - ref_stats["loss"]),

@@ -204,11 +204,25 @@ class SampleBatch:
             heapq.heappush(heap, (tok + cost[u], part))
         return [self.index(sorted(a)) for a in assign]
 
-    def micro_batches(self, max_tokens: int, group_key: str | None = None) -> list["SampleBatch"]:
+    def shared_prefix_len(self, positions: Sequence[int], key: str = "input_ids") -> int:
+        """P: the tokens every sample at `positions` starts with, when worth sharing (two or more samples,
+        P >= 2: a one-token prefix saves nothing but still cuts a packed row into more segments), else 0."""
+        if len(positions) < 2:
+            return 0
+        offs = self.offsets.tolist()
+        seqs = [self.tokens[key][offs[p]:offs[p + 1]] for p in positions]
+        m = min(len(s) for s in seqs)
+        same = (torch.stack([s[:m] for s in seqs]) == seqs[0][:m]).all(0)
+        P = m if bool(same.all()) else int((~same).nonzero()[0, 0])
+        return P if P >= 2 else 0
+
+    def micro_batches(self, max_tokens: int, group_key: str | None = None,
+                      share_prefix: bool = False) -> list["SampleBatch"]:
         """Consecutive slices whose token count stays within `max_tokens` (a longer unit goes alone).
 
         With `group_key`, consecutive samples of the same group are one unit and never cut apart
-        (e.g. the chosen and rejected halves of a preference pair).
+        (e.g. the chosen and rejected halves of a preference pair). With `share_prefix`, a unit's common
+        prefix counts once (the tokens of its shared packed row: sum L_i - (n - 1) P).
         """
         n = len(self)
         keys = self.samples[group_key].tolist() if group_key else list(range(n))
@@ -218,7 +232,8 @@ class SampleBatch:
             q = p + 1
             while q < n and keys[q] == keys[p]:
                 q += 1
-            units.append((p, q, sum(lens[p:q])))
+            saved = (q - p - 1) * self.shared_prefix_len(range(p, q)) if share_prefix else 0
+            units.append((p, q, sum(lens[p:q]) - saved))
             p = q
         out, start, tok = [], 0, 0
         for a, b, t in units:

@@ -34,9 +34,9 @@ def fused_train_step(jobs: dict[str, tuple[TrainEngine, SampleBatch, Callable]],
         if stage is None or stage.p != spec.p:
             raise ValueError(f"fused training: model '{name}' must be pipelined with p={spec.p} (layout dXtYp{spec.p})")
         engine.model.train()
-        norm, part = engine.norm_and_part(batch, None, None, False)
+        norm, part, key, shared = engine.norm_and_part(batch, None, None, False)
         totals[name] = {}
-        mbs, forwards[name] = engine.pipeline_forward(stage, part, loss_fn, norm, None, totals[name], "loss")
+        mbs, forwards[name] = engine.pipeline_forward(stage, part, loss_fn, norm, key, totals[name], "loss", shared)
         if len(mbs) != spec.m:
             raise ValueError(f"fused schedule is for M={spec.m} micro-batches but model '{name}' cut its batch into "
                              f"{len(mbs)}; build the schedule for M={len(mbs)} or change micro_batch_tokens")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from reflow.data.batch import SampleBatch
-from reflow.models.packing import Attention, sequence_scores, token_and_sequence_values, token_logprobs
+from reflow.models.packing import (Attention, attention_spec, sequence_scores, sharing_group_key,
+                                   token_and_sequence_values, token_logprobs)
 
 
 class InferenceEngine:
@@ -20,18 +21,21 @@ class InferenceEngine:
         self.ctx = parallel
         self.model = apply_layout(model, parallel, shard_data=shard_data) if parallelize else model
         self.micro_batch_tokens = micro_batch_tokens
-        self.attention = attention
+        self.attention = attention_spec(attention)
 
     def _map(self, batch: SampleBatch, fn) -> list:
         """fn over the micro-batches of this rank's part; padding micro-batches' outputs are dropped."""
         from reflow.parallel.context import equal_micro_batches
 
-        part = batch if self.ctx is None else self.ctx.local_part(batch)
+        # shared prefixes need a group's samples in one micro-batch (and one data-parallel part)
+        key = sharing_group_key(self.attention, batch, 1 if self.ctx is None else self.ctx.layout.d)
+        part = batch if self.ctx is None else self.ctx.local_part(batch, key)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                out = [(fn(mb), real) for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens)]
+                mbs = equal_micro_batches(self.ctx, part, self.micro_batch_tokens, key, share_prefix=key is not None)
+                out = [(fn(mb), real) for mb, real in mbs]
                 return [o for o, real in out if real], part
         finally:
             self.model.train(was_training)

@@ -22,7 +22,7 @@ from reflow.data.batch import SampleBatch
 from reflow.parallel.context import equal_micro_batches
 from reflow.parallel.device import place
 from reflow.parallel.grad_norm import clip_grad_norm_
-from reflow.models.packing import Attention, hidden_states
+from reflow.models.packing import Attention, attention_spec, hidden_states, sharing_group_key
 from reflow.parallel.parallelize import parallelize
 from reflow.parallel.schedules import SCHEDULES, stage_order
 
@@ -78,7 +78,7 @@ class TrainEngine:
         self.ctx = parallel
         self.model = parallelize(model, parallel)
         self.micro_batch_tokens = micro_batch_tokens
-        self.attention = attention
+        self.attention = attention_spec(attention)
         self.grad_clip = grad_clip
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -150,13 +150,13 @@ class TrainEngine:
     def _accumulate(self, batch: SampleBatch, loss_fn, norm: Norm | None, group_key, totals: dict, loss_name,
                     local: bool = False) -> None:
         """Backward over the micro-batches of this rank's part of `batch` (gradients add up in .grad)."""
-        norm, part = self.norm_and_part(batch, norm, group_key, local)
+        norm, part, group_key, shared = self.norm_and_part(batch, norm, group_key, local)
         stage = getattr(self.model, "_reflow_stage", None)
         if stage is not None:
-            mbs, forward = self.pipeline_forward(stage, part, loss_fn, norm, group_key, totals, loss_name)
+            mbs, forward = self.pipeline_forward(stage, part, loss_fn, norm, group_key, totals, loss_name, shared)
             stage.run(stage_order(self.pipeline_schedule, stage.stage, stage.p, len(mbs)), forward)
             return
-        for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key):
+        for mb, real in equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key, shared):
             mb = self._on_device(mb)
             with self._autocast():
                 loss, stats = loss_fn(self.model, mb, norm)
@@ -169,7 +169,9 @@ class TrainEngine:
                 totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
 
     def norm_and_part(self, batch: SampleBatch, norm: Norm | None, group_key, local: bool):
-        """The loss normaliser of the whole mini-batch, and this rank's part of the batch."""
+        """(the loss normaliser of the whole mini-batch, this rank's part of the batch, the key its micro-batches
+        keep whole, whether they share prompt prefixes). Under prefix sharing (the attention spec) groups stay
+        whole in the data-parallel parts and micro-batches, and the token budget counts a prefix once."""
         if norm is None:
             mask = batch.tokens.get("action_mask")
             counts = torch.tensor([float(mask.sum()) if mask is not None else float(batch.num_tokens), float(len(batch))])
@@ -178,8 +180,12 @@ class TrainEngine:
             norm = Norm(tokens=float(counts[0]), samples=float(counts[1]))
         # an empty mask must not divide by zero; every other field (max_tokens, ...) is kept as given
         norm = dataclasses.replace(norm, tokens=max(norm.tokens, 1.0), samples=max(norm.samples, 1.0))
+        parts = 1 if (local or self.ctx is None) else self.ctx.layout.d
+        share = sharing_group_key(self.attention, batch, parts)
+        group_key = group_key or share
+        shared = share is not None and group_key == share  # the token budget counts a shared prefix once
         part = batch if (local or self.ctx is None) else self.ctx.local_part(batch, group_key)
-        return norm, part
+        return norm, part, group_key, shared
 
     def _on_device(self, mb: SampleBatch) -> SampleBatch:
         """A micro-batch on the device of the weights (a no-op on CPU), so losses mix no devices."""
@@ -192,13 +198,14 @@ class TrainEngine:
         device = "cuda" if next(self.model.parameters()).is_cuda else "cpu"
         return torch.autocast(device, dtype=torch.bfloat16)
 
-    def pipeline_forward(self, stage, part, loss_fn, norm, group_key, totals, loss_name):
+    def pipeline_forward(self, stage, part, loss_fn, norm, group_key, totals, loss_name, shared: bool = False):
         """(micro-batches, forward): forward(j) runs micro-batch j's forward on this stage and returns its loss
         on the last stage (None elsewhere), adding its stats to `totals`; the stage's `run` (or a fused
-        schedule) calls it in its order."""
+        schedule) calls it in its order. `shared`: the micro-batches keep groups whole and their token budget
+        counts a shared prefix once (norm_and_part says when)."""
         # the same count on every data-parallel rank (FSDP2 collectives); each stage of a data-parallel
         # rank holds the same part, so its stages agree on the micro-batches too
-        mbs = equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key)
+        mbs = equal_micro_batches(self.ctx, part, self.micro_batch_tokens, group_key, shared)
 
         def forward(j: int) -> torch.Tensor | None:
             mb, real = mbs[j]

@@ -10,13 +10,35 @@ Two attention choices for the same computation, equal up to float rounding:
               so micro-batches must be bounded in tokens (the engines do that).
     "padded": right-padded [B, Lmax] with a 2-D mask — cheaper attention when many short samples.
 
+Prefix sharing (`AttentionSpec.share_prefix`): the samples of a group (`samples["group_id"]`, the n
+responses of one prompt) that begin with the same P tokens are laid out as that prefix once, followed by
+every sample's own tokens:
+
+    row      = [prefix (P) | own_1 (L_1 - P) | own_2 (L_2 - P) | ... ]     T' = P + sum_i (L_i - P)
+    position = 0..P-1, then P..L_i-1 for every own_i      (rotary positions continue from the prefix)
+    mask     : own_i attends the prefix and itself (causally), never another own_j
+
+Causal attention makes the prefix's hidden states independent of what follows, so this is the same
+computation as n separate sequences with the prefix done once. Under "packed" every group of the
+micro-batch goes into one row; under "padded" each group (and each lone sample) gets its own row, the
+rows right-padded to the longest (attention then costs sum_g T'_g^2, not (sum_g T'_g)^2). The row states
+are gathered back into the batch's flat [T, H] order (`PackedRows.gather`); a prefix state used by n
+samples then receives the sum of their gradients in backward, exactly as n separate forwards give it.
+
+The mask of R rows of length L is built either dense ([R, 1, L, L] additive, through the model's own sdpa
+attention) or as a flex_attention BlockMask (`kernel="flex"`: no L x L tensor is kept; the model runs
+transformers' "flex_attention" implementation, compiled by transformers, for that forward). torch has no flex_attention
+backward on CPU: there, forwards under autograd fall back to the dense mask.
+
 Per-token outputs follow the batch convention: position t holds the quantity for *emitting* token t,
 computed from the hidden state at t-1; position 0 of each sample holds 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,7 +46,46 @@ import torch.nn.functional as F
 
 from reflow.data.batch import SampleBatch
 
-Attention = Literal["packed", "padded"]
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How a batch is attended: `layout` "packed" | "padded"; `share_prefix`: the common prefix of the
+    samples of a group (`samples[group_key]`) is computed once; `kernel`: "dense" mask or "flex" BlockMask
+    for the rows built by `packed_rows`."""
+
+    layout: Literal["packed", "padded"] = "padded"
+    share_prefix: bool = False
+    kernel: Literal["dense", "flex"] = "dense"
+    group_key: str = "group_id"
+
+    def __post_init__(self):
+        if self.layout not in ("packed", "padded"):
+            raise ValueError(f"unknown attention '{self.layout}'; use 'packed' or 'padded'")
+        if self.kernel not in ("dense", "flex"):
+            raise ValueError(f"unknown attention kernel '{self.kernel}'; use 'dense' or 'flex'")
+
+
+Attention = Literal["packed", "padded"] | AttentionSpec
+
+
+def attention_spec(attention) -> AttentionSpec:
+    """An AttentionSpec from a layout name ("packed" / "padded"), a spec, or a role's ModelConfig
+    (`attention`, `prefix_sharing`, `attention_kernel`)."""
+    if isinstance(attention, AttentionSpec):
+        return attention
+    if isinstance(attention, str):
+        return AttentionSpec(attention)
+    return AttentionSpec(attention.attention, share_prefix=bool(attention.prefix_sharing),
+                         kernel=attention.attention_kernel)
+
+
+def sharing_group_key(attention, batch: SampleBatch, parts: int = 1) -> str | None:
+    """The key that keeps a group's samples in one micro-batch (and one of `parts` data-parallel parts) when
+    its prefix is shared; None when sharing is off, or with fewer groups than parts (samples then spread)."""
+    spec = attention_spec(attention)
+    if not spec.share_prefix or spec.group_key not in batch.samples:
+        return None
+    return spec.group_key if len(batch.groups(spec.group_key)) >= parts else None
 
 
 def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -37,14 +98,114 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     raise TypeError(f"{type(model).__name__} has neither an lm_head nor a score head")
 
 
-def block_causal_mask(seqlens: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:
-    """[1, 1, T, T] additive mask: 0 where token i may attend token j (same sample, j <= i), else -inf-ish."""
-    seg = torch.repeat_interleave(torch.arange(len(seqlens), device=device), seqlens.to(device))
-    pos = torch.arange(len(seg), device=device)
-    allowed = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])
+@dataclass
+class PackedRows:
+    """The R rows of length L the model attends, and how they map back to the batch's T flat tokens.
+
+        input_ids, position_ids : [R, L]  (right-padded rows: padding has id 0, position 0)
+        segment                 : [R, L]  segment of each row token (a sample's own tokens, a shared
+                                          prefix; -1 on padding)
+        sees                    : [R, L]  the prefix segment a token also attends (its own segment if none)
+        gather                  : [T]     index into the flattened [R * L] rows of every flat batch token
+                                          (a shared prefix's tokens are gathered once per sample)
+        shared                  : whether any prefix is shared (else this is plain packing or padding)
+    Row token q may attend token k of its row iff k <= q and segment[k] in {segment[q], sees[q]}.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment: torch.Tensor
+    sees: torch.Tensor
+    gather: torch.Tensor
+    shared: bool
+
+    @property
+    def num_tokens(self) -> int:
+        """Row tokens that are not padding (T' = T - sum over shared groups of (n - 1) P)."""
+        return int((self.segment >= 0).sum())
+
+
+def packed_rows(batch: SampleBatch, key: str = "input_ids", group_key: str | None = None,
+                one_row: bool = True) -> PackedRows:
+    """The batch as rows: with `group_key`, each group's common prefix appears once, followed by every
+    sample's own tokens. `one_row`: all units (groups, lone samples) in one row [1, T'], else one row per
+    unit right-padded to the longest [U, L] (attention then costs sum_u L_u^2 instead of T'^2).
+
+    Without `group_key` and with one_row this is the plain block-diagonal packing (gather = arange(T))."""
+    ids, offs = batch.tokens[key], batch.offsets.tolist()
+    units = batch.groups(group_key) if group_key else [[p] for p in range(len(batch))]
+    built, shared = [], False  # per unit: (ids, pos, seg, sees, [(flat start, flat end, row indices)])
+    nseg = 0
+    for unit in units:
+        P = batch.shared_prefix_len(unit, key)
+        shared |= P > 0
+        parts, where, length = [], [], 0
+
+        def put(tokens: torch.Tensor, start: int, segment: int, prefix: int) -> torch.Tensor:
+            nonlocal length
+            n = len(tokens)
+            parts.append((tokens, torch.arange(start, start + n), torch.full((n,), segment), torch.full((n,), prefix)))
+            length += n
+            return torch.arange(length - n, length)
+
+        prefix_seg = nseg
+        prefix_idx = put(ids[offs[unit[0]]:offs[unit[0]] + P], 0, nseg, nseg) if P else None
+        nseg += 1 if P else 0
+        for p in unit:
+            own = put(ids[offs[p] + P:offs[p + 1]], P, nseg, prefix_seg if P else nseg)
+            nseg += 1
+            where.append((offs[p], offs[p + 1], torch.cat([prefix_idx, own]) if P else own))
+        built.append(([torch.cat(x) if x else torch.empty(0, dtype=torch.long) for x in zip(*parts)], where))
+    if one_row and built:  # every unit one after the other in a single row
+        starts = torch.tensor([0] + [len(cols[0]) for cols, _ in built]).cumsum(0).tolist()
+        built = [([torch.cat(c) for c in zip(*(cols for cols, _ in built))],
+                  [(a, b, idx + start) for (_, where), start in zip(built, starts) for a, b, idx in where])]
+    L = max((len(b[0][0]) for b in built), default=0)
+    out = [torch.full((len(built), L), fill, dtype=torch.long) for fill in (0, 0, -1, -1)]
+    gather = torch.empty(batch.num_tokens, dtype=torch.long)
+    for r, (cols, where) in enumerate(built):
+        for t, c in zip(out, cols):
+            t[r, :len(c)] = c
+        for a, b, idx in where:
+            gather[a:b] = r * L + idx
+    return PackedRows(out[0].to(ids.dtype), out[1], out[2], out[3], gather, shared)
+
+
+def row_mask_mod(rows: PackedRows, device=None):
+    """mask_mod(b, h, q, k) -> whether token q of row b may attend token k of row b (flex_attention's
+    signature; b, q and k broadcast, so the same function builds the dense mask)."""
+    seg, sees = rows.segment.to(device), rows.sees.to(device)
+
+    def mask_mod(b, h, q, k):
+        return (k <= q) & ((seg[b, k] == seg[b, q]) | (seg[b, k] == sees[b, q]))
+
+    return mask_mod
+
+
+def row_mask(rows: PackedRows, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """[R, 1, L, L] additive mask of the rows: 0 where q may attend k, else the dtype's minimum."""
+    R, L = rows.segment.shape
+    b, idx = torch.arange(R, device=device), torch.arange(L, device=device)
+    allowed = row_mask_mod(rows, device)(b[:, None, None], None, idx[None, :, None], idx[None, None, :])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+    return mask[:, None]
+
+
+def row_block_mask(rows: PackedRows, device=None):
+    """The same mask as `row_mask`, as a flex_attention BlockMask: per 128 x 128 block, whether it is empty,
+    full or partial, with `mask_mod` evaluated inside partial blocks; no L x L tensor is kept for the
+    forward (building it evaluates mask_mod once on a transient [R, L, L] bool grid)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    R, L = rows.segment.shape
+    return create_block_mask(row_mask_mod(rows, device), B=R, H=None, Q_LEN=L, KV_LEN=L, device=device or "cpu")
+
+
+def block_causal_mask(seqlens: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """[1, 1, T, T] additive mask: 0 where token i may attend token j (same sample, j <= i), else -inf-ish."""
+    seg = torch.repeat_interleave(torch.arange(len(seqlens)), seqlens)[None]
+    return row_mask(PackedRows(seg, seg, seg, seg, torch.arange(seg.shape[1]), False), dtype, device)
 
 
 def _final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
@@ -64,22 +225,50 @@ def _param(model: torch.nn.Module) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
+@contextlib.contextmanager
+def _attn_implementation(model: torch.nn.Module, name: str):
+    """Run `model` (and its submodules' configs) under attention implementation `name` for one forward."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()
+    before = [(c, c._attn_implementation) for c in configs]
+    for c, _ in before:
+        c._attn_implementation = name
+    try:
+        yield
+    finally:
+        for c, old in before:
+            c._attn_implementation = old
+
+
+def use_flex(attention, device) -> bool:
+    """Whether a packed row runs flex_attention: asked for, and supported (torch has no flex_attention
+    backward on CPU, so CPU training falls back to the dense mask; forward-only calls keep flex)."""
+    return attention_spec(attention).kernel == "flex" and (torch.device(device).type != "cpu"
+                                                          or not torch.is_grad_enabled())
+
+
 def hidden_states(model: torch.nn.Module, batch: SampleBatch, attention: Attention = "packed",
                   key: str = "input_ids") -> torch.Tensor:
-    """[T, H] last hidden states of every token of the packed batch."""
+    """[T, H] last hidden states of every token of the packed batch (in the batch's flat order)."""
+    spec = attention_spec(attention)
     device, dtype = _param(model).device, _param(model).dtype
-    if attention == "packed":
-        ids = batch.tokens[key].to(device)[None]
-        pos = batch.position_in_sample().to(device)[None]
-        mask = block_causal_mask(batch.seqlens, dtype, device)
-        return _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=mask)[0]
-    if attention == "padded":
+    rows = None
+    if spec.share_prefix or spec.layout == "packed":
+        rows = packed_rows(batch, key, sharing_group_key(spec, batch), one_row=spec.layout == "packed")
+        if spec.layout == "padded" and not rows.shared:  # nothing shared: plain padding
+            rows = None
+    if rows is None:
         ids, real = batch.padded(key)
         ids, real = ids.to(device), real.to(device)
         pos = (real.long().cumsum(-1) - 1).clamp(min=0)
         hidden = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=real.long())
         return hidden[real]  # row-major order == the packed flat order
-    raise ValueError(f"unknown attention '{attention}'; use 'packed' or 'padded'")
+    ids, pos = rows.input_ids.to(device), rows.position_ids.to(device)
+    if use_flex(spec, device):
+        with _attn_implementation(model, "flex_attention"):
+            h = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=row_block_mask(rows, device))
+    else:
+        h = _final_hidden(model, input_ids=ids, position_ids=pos, attention_mask=row_mask(rows, dtype, device))
+    return h.flatten(0, 1)[rows.gather.to(device)]
 
 
 def _action_positions(batch: SampleBatch) -> torch.Tensor:

@@ -74,12 +74,13 @@ class ParallelContext:
 
 
 def equal_micro_batches(ctx: "ParallelContext | None", batch: SampleBatch, max_tokens: int,
-                        group_key: str | None = None) -> list[tuple[SampleBatch, bool]]:
+                        group_key: str | None = None, share_prefix: bool = False) -> list[tuple[SampleBatch, bool]]:
     """Micro-batches of this rank's part, as (micro_batch, real) pairs, with the same count on every
     data-parallel rank: FSDP2 all-gathers on every forward, so a rank with fewer micro-batches would hang
     its peers. Missing ones are filled with a copy of the first micro-batch marked real=False, whose loss
-    and outputs the caller multiplies by zero / drops (the collectives still run)."""
-    mbs = batch.micro_batches(max_tokens, group_key)
+    and outputs the caller multiplies by zero / drops (the collectives still run). `share_prefix`: see
+    SampleBatch.micro_batches."""
+    mbs = batch.micro_batches(max_tokens, group_key, share_prefix)
     if ctx is None or ctx.layout.d == 1:
         return [(mb, True) for mb in mbs]
     n = torch.tensor(len(mbs))

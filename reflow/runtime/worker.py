@@ -38,6 +38,7 @@ from reflow.engines.train import NonFiniteError, TrainEngine
 from reflow.models.ema import EMAWeights
 from reflow.models.load import load_tokenizer
 from reflow.models.lora import adapters_off, add_adapters, inject, merged_copy, trainable_names
+from reflow.models.packing import attention_spec
 from reflow.parallel.context import ParallelContext
 from reflow.parallel.device import backend_for, place, resolve_device
 from reflow.parallel.parallelize import parallelize
@@ -269,7 +270,7 @@ class Worker:
             r.engine = TrainEngine(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
                                    grad_clip=o.grad_clip, warmup_steps=o.warmup_steps, total_steps=self.optimizer_steps,
                                    schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
-                                   micro_batch_tokens=mcfg.micro_batch_tokens, attention=mcfg.attention,
+                                   micro_batch_tokens=mcfg.micro_batch_tokens, attention=attention_spec(mcfg),
                                    gradient_checkpointing=mcfg.gradient_checkpointing, precision=mcfg.precision,
                                    parallel=ctx, on_nonfinite=getattr(self.cfg, "trainer", self.cfg).on_nonfinite,
                                    pipeline_schedule=r.owner.schedule)

@@ -223,3 +223,15 @@ def test_chunks_have_equal_sample_counts():
     assert sorted(len(c) for c in four) == [1, 1, 2, 2]
     assert [i for c in four for i in c.ids] == b.ids  # consecutive, in order
     assert [len(c) for c in b.chunks(10)] == [1] * 6  # never an empty chunk
+
+
+def test_shared_prefix_len_and_a_micro_batch_budget_that_counts_a_shared_prefix_once():
+    seqs = [[1, 2, 3, 9], [1, 2, 3, 8, 7], [1, 2, 3], [4, 5], [4, 6, 6]]
+    b = SampleBatch.from_sequences(range(5), {"input_ids": [torch.tensor(s) for s in seqs]},
+                                   {"group_id": [0, 0, 0, 1, 1]})
+    assert b.shared_prefix_len([0, 1, 2]) == 3  # the whole of sample 2 is the prefix
+    assert b.shared_prefix_len([3, 4]) == 0  # one common token is not worth a segment
+    assert b.shared_prefix_len([0]) == 0
+    # group 0: 12 tokens, 12 - 2 * 3 = 6 shared; group 1: 5 tokens either way
+    assert [len(m) for m in b.micro_batches(11, "group_id")] == [3, 2]
+    assert [len(m) for m in b.micro_batches(11, "group_id", share_prefix=True)] == [5]

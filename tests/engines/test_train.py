@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from reflow.algorithms.losses import sequence_nll
+from reflow.checks.layouts import group_batch
 from reflow.data.batch import SampleBatch
 from reflow.engines.infer import InferenceEngine
 from reflow.engines.train import Norm, TrainEngine, lr_lambda
@@ -240,3 +241,32 @@ def test_bf16_mixed_precision_keeps_fp32_weights_and_tracks_fp32(model_dir):
     assert s16["loss"] != s32["loss"]  # autocast really ran the matmuls in bf16
     with pytest.raises(ValueError, match="precision"):
         TrainEngine(load_policy(model_dir), lr=1e-3, precision="fp8")
+
+
+def test_prefix_sharing_step_and_logprobs_equal_unshared_with_groups_whole_per_micro_batch(model_dir):
+    from reflow.models.packing import AttentionSpec
+
+    batch = group_batch((6, 4, 5), (2, 3, 4), seed=1)
+    shared = AttentionSpec("padded", share_prefix=True)
+    rows, results = [], {}
+    for name, attention, mbt in (("unshared", "padded", 10_000), ("shared", shared, 30)):
+        model = load_policy(model_dir)
+        hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(tuple(i[0].shape)))
+
+        def loss_fn(m, mb, norm, attention=attention):
+            logp, _ = token_logprobs(m, mb, attention=attention)
+            return sequence_nll(logp, mb.tokens["action_mask"], norm.tokens), {}
+
+        before = params(model)
+        stats = TrainEngine(model, lr=LR, eps=EPS, grad_clip=0.0, micro_batch_tokens=mbt,
+                            attention=attention).step(batch, loss_fn)
+        logp, _ = InferenceEngine(model, mbt, attention).logprobs(batch)
+        hook.remove()
+        results[name] = (stats["loss"], delta(before, model), logp)
+    # groups of 27, 21 and 24 tokens are shared rows of 6 + 9, 4 + 9 and 5 + 9 tokens; the 30-token budget
+    # counts those, so the first two groups share a micro-batch (a row each, padded to 15) and the third goes
+    # alone (train, then inference)
+    assert rows[2:] == [(2, 15), (1, 14)] * 2
+    assert abs(results["shared"][0] - results["unshared"][0]) < 1e-5
+    torch.testing.assert_close(results["shared"][1], results["unshared"][1], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(results["shared"][2], results["unshared"][2], atol=1e-5, rtol=0)

@@ -1,10 +1,13 @@
 """Packed and padded forwards equal per-sample forwards; log-probs, values and scores are what they claim."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+from reflow.checks.layouts import group_batch
 from reflow.data.batch import SampleBatch
 from reflow.models import packing
 from reflow.models.load import load_critic, load_policy, load_reward_model, load_tokenizer, save_model
@@ -192,3 +195,119 @@ def test_saved_scalar_head_model_loads_back_with_plain_transformers(model_dirs, 
     # reflow's own loader keeps a trained head instead of zeroing it again
     again = loader(out)
     assert torch.equal(again.score.weight, model.score.weight)
+
+
+# ----------------------------------------------------------------- prefix sharing
+SHARED = packing.AttentionSpec("padded", share_prefix=True)  # a row per group
+SHARED_SPECS = [SHARED, packing.AttentionSpec("packed", share_prefix=True)]  # ... or one row for all
+
+
+def test_packed_rows_hold_each_group_prefix_once_with_positions_continuing_after_it():
+    batch = group_batch((7, 4), (3, 4, 5))
+    one = packing.packed_rows(batch, group_key="group_id")
+    per_group = packing.packed_rows(batch, group_key="group_id", one_row=False)
+    # 7 + (3 + 4 + 5) and 4 + (3 + 4 + 5) row tokens instead of 3 * 7 + 12 + 3 * 4 + 12
+    assert one.input_ids.shape == (1, 7 + 12 + 4 + 12) and per_group.input_ids.shape == (2, 7 + 12)
+    assert one.shared and per_group.shared and one.num_tokens == per_group.num_tokens == 35
+    for rows in (one, per_group):
+        ids, pos = rows.input_ids.flatten()[rows.gather], rows.position_ids.flatten()[rows.gather]
+        torch.testing.assert_close(ids, batch.tokens["input_ids"], atol=0, rtol=0)
+        torch.testing.assert_close(pos, batch.position_in_sample(), atol=0, rtol=0)
+        # every response of group 0 reads the same 7 prefix tokens of row 0
+        assert all(rows.gather[s:s + 7].tolist() == list(range(7)) for s in batch.offsets[:3].tolist())
+        mask = packing.row_mask(rows, torch.float32)[0, 0] == 0
+        own1, own2 = slice(7 + 3, 7 + 7), slice(7 + 7, 7 + 12)  # the second and third responses of group 0
+        assert mask[own2, :7].all() and not mask[own2, own1].any() and not mask[own2, 19:].any()
+    assert (per_group.segment[1, 16:] == -1).all()  # group 1's row is padded from 16 to 19 tokens
+    # without a group key (or a one-token common prefix) it is the plain block-diagonal packing
+    plain = packing.packed_rows(batch)
+    assert not plain.shared and torch.equal(plain.gather, torch.arange(batch.num_tokens))
+    assert torch.equal(packing.row_mask(plain, torch.float32), packing.block_causal_mask(batch.seqlens, torch.float32))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shared", SHARED_SPECS, ids=["row-per-group", "one-row"])
+def test_shared_prefix_logprobs_values_and_scores_equal_separate_sequences(policies, model_dirs, family, shared):
+    batch = group_batch((7, 4), (3, 4, 5))
+    with torch.no_grad():
+        logp, ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention=shared)
+        ref_logp, ref_ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention="padded")
+        critic = _randomise_head(load_critic(model_dirs[family]).eval(), seed=3)
+        tok, seq = packing.token_and_sequence_values(critic, batch, shared)
+        ref_tok, ref_seq = packing.token_and_sequence_values(critic, batch, "padded")
+    mask = batch.tokens["action_mask"].bool()
+    assert (logp[mask] < 0).all()  # the first response token's log-prob comes from the prompt's last state
+    for got, ref in ((logp, ref_logp), (ent, ref_ent), (tok, ref_tok), (seq, ref_seq)):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shared", SHARED_SPECS, ids=["row-per-group", "one-row"])
+def test_shared_prefix_gradients_equal_separate_sequences(model_dirs, family, shared):
+    batch = group_batch((7, 4), (3, 4, 5))
+    grads = {}
+    for name, attention in (("separate", "padded"), ("shared", shared)):
+        model = load_policy(model_dirs[family])
+        logp, _ = packing.token_logprobs(model, batch, attention=attention)
+        (logp * torch.linspace(-1, 1, batch.num_tokens)).sum().backward()  # a different weight per token
+        grads[name] = {n: p.grad for n, p in model.named_parameters()}
+    for n, g in grads["separate"].items():
+        torch.testing.assert_close(grads["shared"][n], g, atol=1e-5, rtol=1e-4)
+    assert max(float(g.abs().max()) for g in grads["shared"].values()) > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_block_mask_attends_exactly_as_the_dense_row_mask():
+    """flex_attention under the rows' BlockMask (eager: torch's reference implementation) equals sdpa under
+    the dense mask: one row with shared prefixes, one without, and a padded row per group."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    batch = group_batch((7, 4), (3, 4, 5))
+    g = torch.Generator().manual_seed(0)
+    for rows in (packing.packed_rows(batch, group_key="group_id"), packing.packed_rows(batch),
+                 packing.packed_rows(batch, group_key="group_id", one_row=False)):
+        q, k, v = (torch.randn(*rows.input_ids.shape[:1], 2, rows.input_ids.shape[1], 8, generator=g) for _ in range(3))
+        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.row_mask(rows, torch.float32))
+        flex = flex_attention(q, k, v, block_mask=packing.row_block_mask(rows))
+        torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
+
+
+def test_flex_kernel_under_autograd_on_cpu_runs_the_dense_mask_with_equal_gradients(model_dirs):
+    flex = packing.AttentionSpec("padded", share_prefix=True, kernel="flex")
+    assert packing.use_flex(flex, "cuda") and not packing.use_flex(flex, "cpu")  # autograd is on here
+    with torch.no_grad():
+        assert packing.use_flex(flex, "cpu") and not packing.use_flex(SHARED, "cpu")
+    # flex_attention itself raises on a CPU backward, so equal gradients mean the dense mask ran
+    batch = group_batch((7, 4), (3, 4, 5))
+    grads = []
+    for attention in (SHARED, flex):
+        model = load_policy(model_dirs["debug-llama"])
+        logp, _ = packing.token_logprobs(model, batch, attention=attention)
+        logp.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not os.environ.get("REFLOW_TEST_FLEX"),
+                    reason="compiles flex_attention (15-45 s on a 2-core CPU); set REFLOW_TEST_FLEX=1")
+def test_flex_kernel_forward_equals_the_dense_mask(policies):
+    batch = group_batch((7, 4), (3, 4, 5))
+    flex = packing.AttentionSpec("packed", share_prefix=True, kernel="flex")
+    with torch.no_grad():
+        got, _ = packing.token_logprobs(policies["debug-llama"], batch, attention=flex)
+        ref, _ = packing.token_logprobs(policies["debug-llama"], batch, attention="padded")
+        plain, _ = packing.token_logprobs(policies["debug-llama"], batch, attention=packing.AttentionSpec(
+            "packed", kernel="flex"))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain, ref, atol=1e-5, rtol=0)
+
+
+def test_attention_spec_of_a_role_config_shares_prefixes_by_default_and_reads_its_keys():
+    from reflow.config.schema import ModelConfig
+
+    assert packing.attention_spec(ModelConfig()) == packing.AttentionSpec("padded", share_prefix=True)
+    cfg = ModelConfig(attention="packed", prefix_sharing=False, attention_kernel="flex")
+    assert packing.attention_spec(cfg) == packing.AttentionSpec("packed", share_prefix=False, kernel="flex")
+    assert packing.attention_spec("packed") == packing.AttentionSpec("packed")  # a bare layout: no sharing
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
+        packing.AttentionSpec("packed", kernel="flash")

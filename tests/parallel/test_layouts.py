@@ -50,9 +50,11 @@ def _assert_equivalent(results: list[dict]):
 
 
 def test_two_process_layouts_match_one_process_and_1f1b_holds_at_most_p_minus_s_micro_batches(debug_model):
-    # d1t1p2 under both schedules, 12-token micro-batches cut the batch into more than p of them
-    results = launch(check_layouts, 2, args=(str(debug_model), ["d2t1p1", "d1t2p1", "d1t1p2:1f1b", "d1t1p2:gpipe"],
-                                             12))
+    # d1t1p2 under both schedules, 12-token micro-batches cut the batch into more than p of them;
+    # "d2t1p1:shared": groups' prompts computed once, whole groups per data-parallel part, against the
+    # unshared one-process engines
+    results = launch(check_layouts, 2, args=(str(debug_model), ["d2t1p1", "d1t2p1", "d1t1p2:1f1b", "d1t1p2:gpipe",
+                                                                "d2t1p1:shared"], 12))
     _assert_equivalent(results)
     for r in results:
         one_f_one_b, gpipe = r["d1t1p2:1f1b"]["in_flight"], r["d1t1p2:gpipe"]["in_flight"]

@@ -26,7 +26,7 @@ from reflow.algorithms.losses import pair_accuracy
 from reflow.data.batch import SampleBatch
 from reflow.engines.generate import GenerationEngine, SamplingParams, sample_seed
 from reflow.engines.infer import InferenceEngine
-from reflow.models.packing import sequence_scores
+from reflow.models.packing import attention_spec, sequence_scores
 from reflow.runtime.calls import CallContext, register_call
 from reflow.runtime.calls.rollout import replica_share
 from reflow.runtime.calls.supervised import examples
@@ -89,7 +89,7 @@ def sample_sft(cc: CallContext, batch: SampleBatch | None) -> SampleBatch | None
 @register_call("train_am")
 def train_am(cc: CallContext, batch: SampleBatch | None) -> dict:
     cfg = cc.cfg
-    attention = cc.worker.role_config(cc.call.role).attention
+    attention = attention_spec(cc.worker.role_config(cc.call.role))
     rows = examples(cc, "pairs")
     b = am_batch(rows, batch)
 
@@ -110,7 +110,7 @@ def eval_am(cc: CallContext, batch: SampleBatch | None) -> dict | None:
         return None
     mcfg = cc.worker.role_config(cc.call.weights)
     b = am_batch(rows, batch)
-    s = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx).scores(b)
+    s = InferenceEngine(cc.model, mcfg.micro_batch_tokens, attention_spec(mcfg), parallel=cc.ctx).scores(b)
     if not cc.first:
         return None
     kind, group = b.samples["kind"], b.samples["group_id"]

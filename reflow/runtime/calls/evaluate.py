@@ -15,6 +15,7 @@ from reflow.algorithms.losses import pair_accuracy
 from reflow.engines.generate import GenerationEngine, SamplingParams
 from reflow.engines.infer import InferenceEngine
 from reflow.engines.rollout import decode_response
+from reflow.models.packing import attention_spec
 from reflow.rewards.registry import compute_rewards
 from reflow.runtime.calls import CallContext, register_call
 from reflow.engines.multiturn import run_episodes, start_episodes
@@ -77,7 +78,7 @@ def eval_rm_pairs(cc: CallContext, batch) -> dict | None:
         return None
     mcfg = cc.worker.role_config(cc.call.weights)
     pairs = _eval_pairs_batch(cc)
-    s = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx).scores(pairs)
+    s = InferenceEngine(cc.model, mcfg.micro_batch_tokens, attention_spec(mcfg), parallel=cc.ctx).scores(pairs)
     margin = s[0::2] - s[1::2]
     n = len(margin)
     return {"eval/accuracy": [pair_accuracy(margin).sum().item(), n], "eval/margin": [margin.sum().item(), n]} \
@@ -90,7 +91,7 @@ def eval_dpo_pairs(cc: CallContext, batch) -> dict | None:
         return None
     mcfg = cc.worker.role_config(cc.call.weights)
     pairs = _eval_pairs_batch(cc)
-    logp, _ = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx).logprobs(pairs)
+    logp, _ = InferenceEngine(cc.model, mcfg.micro_batch_tokens, attention_spec(mcfg), parallel=cc.ctx).logprobs(pairs)
     seq, ref = dpo_inputs(cc.cfg, logp, batch.select(pairs.ids).samples["ref_logp"], pairs)
     h = seq - ref
     margin = h[0::2] - h[1::2]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from reflow.data.batch import SampleBatch
 from reflow.engines.infer import InferenceEngine
+from reflow.models.packing import attention_spec
 from reflow.runtime.calls import CallContext, register_call
 
 
 def engine(cc: CallContext) -> InferenceEngine:
     mcfg = cc.worker.role_config(cc.call.weights)
-    return InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx)
+    return InferenceEngine(cc.model, mcfg.micro_batch_tokens, attention_spec(mcfg), parallel=cc.ctx)
 
 
 @register_call("logprobs", per_sample=True)

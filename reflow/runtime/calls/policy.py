@@ -30,7 +30,7 @@ from reflow.algorithms.rollout_correction import rollout_correction
 from reflow.data.batch import SampleBatch
 from reflow.engines.generate import sample_seed
 from reflow.engines.rollout import exact_match_accuracy
-from reflow.models.packing import token_logprobs, token_values
+from reflow.models.packing import attention_spec, token_logprobs, token_values
 from reflow.rewards.registry import RewardError
 from reflow.runtime.calls import CallContext, register_call
 
@@ -100,7 +100,7 @@ def actor_loss(cfg, kl_coef: float, step: int):
     def loss_fn(model, mb: SampleBatch, norm: Norm):
         mask = mb.tokens["action_mask"]
         logp, ent = token_logprobs(model, mb, temperature=cfg.rollout.temperature, with_entropy=True,
-                                   attention=cfg.actor.attention)
+                                   attention=attention_spec(cfg.actor))
         # On-policy single update: the old policy *is* the current one, so its log-probs are logp.detach()
         # (ratio = 1, gradient = policy gradient) and the extra actor_inf forward is skipped.
         old = mb.tokens["old_logprobs"] if "old_logprobs" in mb.tokens else logp.detach()
@@ -129,7 +129,7 @@ def sft_term(cfg, coef: float, stat: str):
     data.ptx, stat "ptx_nll") and selective rehearsal (rehearsal.coef on rehearsal.data, "rehearsal_nll")."""
 
     def loss_fn(model, mb: SampleBatch, norm: Norm):
-        logp, _ = token_logprobs(model, mb, attention=cfg.actor.attention)
+        logp, _ = token_logprobs(model, mb, attention=attention_spec(cfg.actor))
         nll = sequence_nll(logp, mb.tokens["action_mask"], norm.tokens)
         return coef * nll, {stat: nll.detach()}
 
@@ -149,7 +149,7 @@ def sft_terms(cc: CallContext) -> list[tuple[list, list, object]]:
 
 def critic_loss(cfg):
     def loss_fn(model, mb: SampleBatch, norm: Norm):
-        values = token_values(model, mb, cfg.critic.attention)
+        values = token_values(model, mb, attention_spec(cfg.critic))
         return value_loss(values, mb.tokens["values"], mb.tokens["returns"], mb.tokens["action_mask"], mb.seqlens,
                           norm, clip=cfg.algo.value_clip, agg=cfg.algo.loss_agg)
 

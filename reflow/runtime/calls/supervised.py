@@ -22,7 +22,7 @@ from reflow.algorithms.aggregation import Norm
 from reflow.algorithms.losses import dpo_loss, pairwise_reward_loss, sequence_nll
 from reflow.data.batch import SampleBatch
 from reflow.engines.infer import InferenceEngine
-from reflow.models.packing import sequence_scores, token_logprobs
+from reflow.models.packing import attention_spec, sequence_scores, token_logprobs
 from reflow.runtime.calls import CallContext, register_call
 
 
@@ -71,7 +71,7 @@ def examples(cc: CallContext, dataset: str) -> list:
 
 @register_call("train_sft")
 def train_sft(cc: CallContext, batch: SampleBatch | None) -> dict:
-    attention = cc.worker.role_config(cc.call.role).attention
+    attention = attention_spec(cc.worker.role_config(cc.call.role))
 
     def loss_fn(model, mb, norm):
         logp, _ = token_logprobs(model, mb, attention=attention)
@@ -83,7 +83,7 @@ def train_sft(cc: CallContext, batch: SampleBatch | None) -> dict:
 
 @register_call("train_rm")
 def train_rm(cc: CallContext, batch: SampleBatch | None) -> dict:
-    attention = cc.worker.role_config(cc.call.role).attention
+    attention = attention_spec(cc.worker.role_config(cc.call.role))
     pairs = preference_batch(examples(cc, "pairs"))
 
     def loss_fn(model, mb, norm):
@@ -101,14 +101,14 @@ def pair_logprobs(cc: CallContext, batch: SampleBatch | None) -> SampleBatch:
     if not rows:  # an empty held-out share
         return None
     pairs = preference_batch(rows)
-    logp, _ = InferenceEngine(cc.model, mcfg.micro_batch_tokens, mcfg.attention, parallel=cc.ctx).logprobs(pairs)
+    logp, _ = InferenceEngine(cc.model, mcfg.micro_batch_tokens, attention_spec(mcfg), parallel=cc.ctx).logprobs(pairs)
     return pairs.with_samples(**{cc.output_key(): sequence_logprobs(logp, pairs)})
 
 
 @register_call("train_dpo")
 def train_dpo(cc: CallContext, batch: SampleBatch) -> dict:
     cfg = cc.cfg
-    attention = cc.worker.role_config(cc.call.role).attention
+    attention = attention_spec(cc.worker.role_config(cc.call.role))
     pairs = preference_batch(examples(cc, "pairs"))
     pairs.with_samples(ref_logp=batch.select(pairs.ids).samples["ref_logp"])
 
