@@ -63,17 +63,20 @@ class Executor:
         """Every call of `graph` once -> {"metrics": merged metrics of its calls, "times": {call: seconds}}."""
         return self.collect(self.submit(graph, graph.order, step, meta, {}))
 
-    def submit(self, graph: Graph, names: list[str], step: int, meta: dict, outputs: dict[str, list]) -> list:
+    def submit(self, graph: Graph, names: list[str], step: int, meta: dict, outputs: dict[str, list],
+               again: bool = False) -> list:
         """Submit the calls `names` of `graph` (in its order) for step `step`, without waiting; their inputs come
         from `outputs` (call -> data handles; calls submitted earlier, maybe by another submit) and their own
-        data handles are added to it. Returns the pending info handles [(handle, (what, rank))] for collect()."""
+        data handles are added to it. `again`: each call runs once more on its own previous output instead
+        (a partial rollout's later segments), which its new output replaces. Returns the pending info handles
+        [(handle, (what, rank))] for collect()."""
         pending: list = []  # (info handle, (what, rank)), in submission order
         for name in names:
             call = graph.call(name)
             every = call.options.get("every")
             if every and (step + 1) % every:
                 continue
-            deps = graph.deps[name]
+            deps = [name] if again else graph.deps[name]
             refs = [ref for d in deps for ref in outputs[d]]
             m = {**meta, "parts": [(graph.call(d).prefix if i else "", len(outputs[d])) for i, d in enumerate(deps)]}
             for r in self._senders(graph, name):

@@ -3,8 +3,15 @@
 Sample ids: step s with P prompts x n samples numbers its samples s*P*n .. (s+1)*P*n - 1, and the samples
 of prompt j form group s*P*n + j. Data-parallel replicas take contiguous shares of the samples; keyed
 sampling makes every sample's tokens a pure function of (run seed, step, sample id), so the share a replica
-gets changes nothing. samples["policy_version"]: the number of updates the generating weights had seen. With `options["greedy"]` one greedy response per prompt is decoded instead, keyed
-by its group (`ids` = the group ids): ReMax's baseline, spread over the group's samples by the consumer.
+gets changes nothing. samples["policy_version"]: the number of updates the generating weights had seen when
+the sample started; tokens["versions"]: that number for each response token (-1 on the prompt). With
+`options["greedy"]` one greedy response per prompt is decoded instead, keyed by its group (`ids` = the
+group ids): ReMax's baseline, spread over the group's samples by the consumer.
+
+Partial rollout (rollout.partial, meta["segment"] = (j, n)): the step's generation is cut into n segments,
+one per weight update it spans; segment j decodes every unfinished sample up to segment_budget(j, n) response
+tokens with the weights of meta["version"], the later segments continuing the previous segment's samples
+(their input batch) from their tokens so far (`continue_generations`).
 
 generate_episodes: the same samples as multi-turn episodes against rollout.env (reflow/engines/multiturn.py),
 turn k of sample s keyed by (run seed, step, k) and s, so replicas and batching change nothing here either.
@@ -15,14 +22,14 @@ from __future__ import annotations
 import torch
 
 from reflow.data.batch import SampleBatch
-from reflow.engines.generate import GenerationEngine, SamplingParams, sample_seed
+from reflow.engines.generate import Generation, GenerationEngine, SamplingParams, sample_seed
 from reflow.engines.multiturn import Limits, episodes_to_batch, run_episodes, start_episodes
-from reflow.engines.rollout import batch_from_generations
+from reflow.engines.rollout import batch_from_generations, continue_generations, generations_from_batch
 from reflow.envs import load_env
 from reflow.runtime.calls import CallContext, register_call
 
-ROLLOUT_FIELDS = ("input_ids", "action_mask", "gen_logprobs", "group_id", "prompt_len", "response_len", "truncated",
-                  "policy_version", "prompt", "response", "answer")
+ROLLOUT_FIELDS = ("input_ids", "action_mask", "gen_logprobs", "versions", "group_id", "prompt_len", "response_len",
+                  "truncated", "policy_version", "prompt", "response", "answer")
 # what a multi-turn rollout (rollout.env) adds: per-turn rewards on the turns' last tokens, turns per episode,
 # the sum of the env's rewards
 EPISODE_FIELDS = ("env_rewards", "turns", "env_return")
@@ -57,14 +64,28 @@ def generate(cc: CallContext, batch: SampleBatch | None) -> SampleBatch | None:
     params = SamplingParams(r.max_new_tokens, greedy=True) if greedy else \
         SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
     engine = GenerationEngine(cc.model, [tok.eos_token_id], tok.pad_token_id, r.batch_size)
-    gens = engine.generate([e.prompt_ids for e in examples[a:b]], params, None, keys=ids[a:b],
-                           seed=sample_seed(cfg.seed, step)) if b > a else []
+    # the policy version (updates applied to the weights) of this call, given by the executor
+    version = cc.meta.get("version", step)
+    j, n = cc.meta.get("segment", (0, 1))
+    if j == 0:  # the samples start here
+        gens = [Generation(i, list(e.prompt_ids), [], [], False) for i, e in enumerate(examples[a:b])]
+        versions: list[list[int]] = [[] for _ in gens]
+    else:  # this replica's share of the samples the previous segment left
+        gens, versions = generations_from_batch(batch.select(ids[a:b])) if b > a else ([], [])
+    gens, versions = continue_generations(engine, gens, versions, segment_budget(params.max_new_tokens, j, n),
+                                          version, params, ids[a:b], sample_seed(cfg.seed, step))
     # ids are consecutive in both cases (samples, or greedy rows keyed by their group)
-    part = batch_from_generations(gens, examples[a:b], groups[a:b], ids[a] if b > a else 0, tok)
-    # the policy version (updates applied to the weights) that produced the samples, given by the executor
-    part.with_samples(policy_version=torch.full((len(part),), cc.meta.get("version", step), dtype=torch.long))
+    part = batch_from_generations(gens, examples[a:b], groups[a:b], ids[a] if b > a else 0, tok, versions)
+    started = batch.select(ids[a:b]).samples["policy_version"] if j else torch.full((len(part),), version)
+    part.with_samples(policy_version=started.to(torch.long))
     tp_first = cc.ctx is None or cc.ctx.tp_rank == 0
     return part if tp_first and len(part) else None  # one part per replica
+
+
+def segment_budget(max_new_tokens: int, j: int, n: int) -> int:
+    """Response tokens a sample may have after segment j of n of a partial rollout: ceil(max_new_tokens (j+1) / n),
+    max_new_tokens after the last."""
+    return -(-max_new_tokens * (j + 1) // n)
 
 
 @register_call("generate_episodes")
@@ -87,7 +108,9 @@ def generate_episodes(cc: CallContext, batch: SampleBatch | None) -> SampleBatch
                          threads=r.env_threads)
     part = episodes_to_batch(eps, [e.prompt_text for e in mine], [e.answer for e in mine], groups[a:b],
                              ids[a] if b > a else 0, tok)
-    part.with_samples(policy_version=torch.full((len(part),), cc.meta.get("version", step), dtype=torch.long))
+    version = cc.meta.get("version", step)
+    part.with_samples(policy_version=torch.full((len(part),), version, dtype=torch.long))
+    part.with_tokens(versions=torch.where(part.tokens["action_mask"].bool(), version, -1))
     if "score" in cc.call.outputs:
         part.with_samples(score=torch.zeros(len(part)))
     tp_first = cc.ctx is None or cc.ctx.tp_rank == 0
