@@ -138,9 +138,10 @@ class RLExperiment(StepLoop):
         """Submit the next segment of step t's cut generation calls (`cut`) with the weights of `version` (updates
         seen), and after its last one the rest of the rollout phase (`rest`: scoring, generation not cut)."""
         j, n = f["segment"], f["segments"]
-        meta = {**f["meta"], "version": version, "segment": (j, n)}
+        meta = {**f["meta"], "version": version}
         if cut:
-            f["pending"].append(self.executor.submit(self.graph, cut, t, meta, f["outputs"], again=j > 0))
+            f["pending"].append(self.executor.submit(self.graph, cut, t, {**meta, "segment": (j, n)}, f["outputs"],
+                                                     again=j > 0))
         if j == n - 1:
             f["pending"].append(self.executor.submit(self.graph, rest, t, meta, f["outputs"]))
         f["segment"] += 1

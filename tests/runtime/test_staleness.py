@@ -17,11 +17,13 @@ from reflow.runtime.calls.policy import correct_rollout, staleness
 from rl_runs import assert_same_steps, rl_config, run
 
 
-@pytest.mark.parametrize("k,partial", [(1, False), (2, True)], ids=["k1", "k2-partial"])
+# partial rollout with ReMax: the greedy baseline (not cut) is decoded whole after the sampled segments
+@pytest.mark.parametrize("k,partial,estimator", [(1, False, "grpo"), (2, True, "remax")],
+                         ids=["k1", "k2-partial-remax"])
 def test_samples_are_at_most_k_updates_old_and_the_same_in_process_and_on_two_workers(
-        ray_session, tmp_path, debug_model, addition_data, k, partial):
+        ray_session, tmp_path, debug_model, addition_data, k, partial, estimator):
     def cfg(out, w):
-        c = rl_config(out, debug_model, addition_data, w, rollout_correction="tis")
+        c = rl_config(out, debug_model, addition_data, w, rollout_correction="tis", adv_estimator=estimator)
         c.rollout.max_staleness, c.rollout.partial, c.trainer.steps = k, partial, 3
         return c
 
