@@ -1,6 +1,7 @@
 """Asynchronous training against synchronous, at the same number of samples.
 
-    .venv/bin/python bench/async.py [--steps 12] [--workers 2 4] [--out bench/results/async.md]
+    .venv/bin/python bench/async.py [--steps 12] [--workers 2 4] [--staleness 0 1 2] [--partial 2]
+                                    [--out bench/results/async.md]
 
 Workload: the demo's GRPO stage (configs/grpo_addition.yaml: the SFT model of `reflow demo`, 32 prompts x 8
 samples of 2-digit addition, exact-match reward, no reference), on Ray CPU workers (1 thread each) with
@@ -10,9 +11,12 @@ generation and training on different ranks:
     4 workers: actor_train d2t1p1 (FSDP2) on ranks 0-1; actor_gen d2t1p1 (2 replicas) and reward on 2-3
 
 Each configuration runs synchronously (rollout.max_staleness=0) and with max_staleness 1 and 2 (with
-rollout correction tis), `--steps` steps from the same SFT model and seed, all in one Ray session. Reported:
-median step time after 2 warm-up steps, samples per second, the ratio to synchronous, the reward per step
-(against samples and against wall time) and the staleness the train calls saw. Needs `make demo` first (or
+rollout correction tis), and with partial rollout (rollout.partial=true) at the staleness of `--partial`
+(a generation spanning k updates is cut into k segments, each continued with the newest weights; at k=1 it
+is the plain asynchronous run), `--steps` steps from the same SFT model and seed, all in one Ray session.
+Reported: median step time after 2 warm-up steps, samples per second, the ratio to synchronous, the reward
+per step (against samples and against wall time), the staleness the train calls saw (per sample, and the
+mean age of the trained tokens). Needs `make demo` first (or
 runs it). Prints a markdown table, writes it to --out, and prints `BENCH_SUMMARY {json}` last.
 """
 
@@ -35,13 +39,14 @@ PLANS = {
 }
 
 
-def run(workers: int, k: int, steps: int, work: Path) -> dict:
+def run(workers: int, k: int, steps: int, work: Path, partial: bool = False) -> dict:
     from reflow.config.loader import load_config
     from reflow.config.schema import RLConfig
     from reflow.experiments.rl import RLExperiment
     from reflow.runtime.plan import Plan
 
-    plan = work / f"plan{workers}-k{k}.yaml"
+    name = f"w{workers}-k{k}" + ("-partial" if partial else "")
+    plan = work / f"plan-{name}.yaml"
     calls = dict(PLANS[workers])
     if k:  # asynchronous samples get the current policy's log-probs, where the actor trains
         calls["actor_inf"] = calls["actor_train"]
@@ -51,7 +56,8 @@ def run(workers: int, k: int, steps: int, work: Path) -> dict:
         f"actor.path={ROOT / 'runs/demo/sft/final'}", f"data.train={ROOT / 'data/addition/train.jsonl'}",
         "data.eval=null", "algo.kl_metric=false", f"trainer.steps={steps}", "trainer.save_every=0",
         "trainer.progress=false", f"runtime.workers={workers}", f"runtime.plan={plan}",
-        f"rollout.max_staleness={k}", f"output_dir={work / f'w{workers}-k{k}'}", *extra])
+        f"rollout.max_staleness={k}", f"rollout.partial={str(partial).lower()}", f"output_dir={work / name}",
+        *extra])
     t0 = time.perf_counter()
     with RLExperiment(cfg) as exp:
         start = time.perf_counter() - t0
@@ -62,9 +68,11 @@ def run(workers: int, k: int, steps: int, work: Path) -> dict:
     step_s = [r["time/step"] for r in rows]
     samples = cfg.rollout.prompts_per_step * cfg.rollout.n
     median = statistics.median(step_s[2:])
-    return {"workers": workers, "k": k, "median_step_s": median, "samples_per_s": samples / median,
+    return {"workers": workers, "k": k, "partial": partial, "median_step_s": median, "samples_per_s": samples / median,
             "wall_s": wall, "start_s": start, "reward": [r["reward/mean"] for r in rows],
-            "staleness_max": [r.get("staleness/max", 0.0) for r in rows], "samples_per_step": samples}
+            "staleness_max": [r.get("staleness/max", 0.0) for r in rows],
+            "token_staleness_mean": statistics.mean(r.get("staleness/token_mean", 0.0) for r in rows),
+            "samples_per_step": samples}
 
 
 def main() -> None:
@@ -72,6 +80,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--partial", type=int, nargs="*", default=[2], help="staleness of the partial-rollout runs")
     ap.add_argument("--out", default=str(ROOT / "bench/results/async.md"))
     args = ap.parse_args()
     if not (ROOT / "runs/demo/sft/final/config.json").is_file():
@@ -82,28 +91,32 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="reflow-async-") as tmp:
         for w in args.workers:
-            for k in args.staleness:
-                r = run(w, k, args.steps, Path(tmp))
+            for k, partial in [(k, False) for k in args.staleness] + [(k, True) for k in args.partial]:
+                r = run(w, k, args.steps, Path(tmp), partial)
                 results.append(r)
-                print(f"workers {w} k {k}: {r['median_step_s']:.3f} s/step, {r['samples_per_s']:.0f} samples/s",
-                      flush=True)
+                print(f"workers {w} k {k}{' partial' if partial else ''}: {r['median_step_s']:.3f} s/step, "
+                      f"{r['samples_per_s']:.0f} samples/s", flush=True)
     ray.shutdown()
-    sync = {r["workers"]: r for r in results if r["k"] == 0}
+    sync = {r["workers"]: r for r in results if r["k"] == 0 and not r["partial"]}
     md = ["# Asynchronous vs synchronous training (bench/async.py)", "",
-          f"Command: `.venv/bin/python bench/async.py --steps {args.steps} --workers {' '.join(map(str, args.workers))}`. "
+          f"Command: `.venv/bin/python bench/async.py --steps {args.steps} --workers {' '.join(map(str, args.workers))} "
+          f"--staleness {' '.join(map(str, args.staleness))} --partial {' '.join(map(str, args.partial))}`. "
           "The demo's GRPO stage (32 prompts x 8 samples, 6 new tokens, tiny-llama SFT model) on Ray CPU workers of "
           "this machine, generation and training on different ranks (see the module docstring); median step time "
           "after 2 warm-up steps.", "",
-          "| workers | max_staleness | s/step | samples/s | vs sync | staleness seen (max per step) | mean reward, steps 1-4 / last 4 |",
-          "|---|---|---|---|---|---|---|"]
+          "| workers | max_staleness | partial | s/step | samples/s | vs sync | staleness seen (max per step) | "
+          "token age (mean) | mean reward, steps 1-4 / last 4 |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = r["samples_per_s"] / sync[r["workers"]]["samples_per_s"] if r["workers"] in sync else float("nan")
         first, last = statistics.mean(r["reward"][:4]), statistics.mean(r["reward"][-4:])
-        md.append(f"| {r['workers']} | {r['k']} | {r['median_step_s']:.3f} | {r['samples_per_s']:.0f} | {ratio:.2f}x | "
-                  f"{sorted(set(r['staleness_max']))} | {first:.3f} / {last:.3f} |")
+        md.append(f"| {r['workers']} | {r['k']} | {'yes' if r['partial'] else 'no'} | {r['median_step_s']:.3f} | "
+                  f"{r['samples_per_s']:.0f} | {ratio:.2f}x | {sorted(set(r['staleness_max']))} | "
+                  f"{r['token_staleness_mean']:.2f} | {first:.3f} / {last:.3f} |")
     md += ["", "Reward per step (the same samples per step in every run, so the x axis is samples / 256):", ""]
     for r in results:
-        md.append(f"- workers {r['workers']}, k {r['k']}: " + " ".join(f"{x:.3f}" for x in r["reward"]))
+        md.append(f"- workers {r['workers']}, k {r['k']}{', partial' if r['partial'] else ''}: "
+                  + " ".join(f"{x:.3f}" for x in r["reward"]))
     Path(args.out).write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print("BENCH_SUMMARY " + json.dumps({"rows": [{k: v for k, v in r.items() if k not in ("reward",)}

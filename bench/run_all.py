@@ -170,8 +170,9 @@ def fig_estimators(r: dict) -> str:
 
 def fig_async(r: dict) -> str:
     rows = (r["summary"] or {}).get("rows", [])
-    sync = {x["workers"]: x["samples_per_s"] for x in rows if x["k"] == 0}
-    return "; ".join(f"{x['workers']} workers, k={x['k']}: {x['samples_per_s']:.0f} samples/s "
+    sync = {x["workers"]: x["samples_per_s"] for x in rows if x["k"] == 0 and not x.get("partial")}
+    return "; ".join(f"{x['workers']} workers, k={x['k']}{' partial' if x.get('partial') else ''}: "
+                     f"{x['samples_per_s']:.0f} samples/s "
                      f"({x['samples_per_s'] / sync[x['workers']]:.2f}x sync)" for x in rows if x["workers"] in sync)
 
 
@@ -455,7 +456,8 @@ def main() -> None:
         md.append("- **estimators**: GRPO, DAPO, GSPO and CISPO recipes on the demo task from the same SFT model, "
                   "3 seeds (bench/estimators.py).")
     if any(r["name"] == "async" for r in results):
-        md.append("- **async**: asynchronous training (rollout.max_staleness 1, 2) against synchronous on 2 and 4 Ray "
+        md.append("- **async**: asynchronous training (rollout.max_staleness 1, 2; and 2 with partial rollout) against "
+                  "synchronous on 2 and 4 Ray "
                   "CPU workers, generation and training on different ranks: samples/s and reward per step "
                   "(bench/async.py).")
     if any(r["name"] == "packing" for r in results):

@@ -105,6 +105,11 @@ class RolloutConfig:
     # asynchronous training: the samples of step s may come from a policy up to max_staleness updates old
     # (generation of later steps runs while earlier steps train); 0 = synchronous
     max_staleness: int = 0
+    # partial rollout (with max_staleness k > 0): a step's generation that spans weight updates is interrupted at
+    # each one and its unfinished samples continue with the new weights (re-prefilled with their tokens so far),
+    # every token recording the version that emitted it; false: a step's samples are generated whole by the
+    # weights they started with
+    partial: bool = False
     # multi-turn rollouts with a tool (reflow/envs): `rollout.env=my_env.py:MyEnv` or a built-in (calculator,
     # python); max_new_tokens is then the episode's budget of model tokens, split into turns of at most
     # max_turn_tokens (null: max_new_tokens); observations are cut to max_obs_tokens; a model turn ends at EOS
@@ -132,6 +137,9 @@ class RolloutConfig:
             raise ConfigError("rollout.turn_end ends a model turn of a multi-turn rollout: set rollout.env too")
         if self.max_staleness < 0:
             raise ConfigError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.partial and self.env is not None:
+            raise ConfigError("rollout.partial continues single-turn generations; multi-turn rollouts (rollout.env) "
+                              "are generated whole: set rollout.partial=false")
         if self.n < 1 or self.prompts_per_step < 1:
             raise ConfigError("rollout.n and rollout.prompts_per_step must be >= 1")
         if self.temperature <= 0:

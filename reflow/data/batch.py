@@ -16,6 +16,9 @@ Conventions used by the engines and algorithms:
     tokens["action_mask"] 1 at response positions (the tokens the policy chose), 0 on the prompt
     tokens[...]           per-token quantities at position t concern *emitting token t*
                           (log pi(x_t | x_<t), V(x_<t), ...); position 0 of a sample is always 0
+    tokens["versions"]    the policy version (weight updates seen) that emitted each response token, -1 on the
+                          prompt; one sample mixes versions when a partial rollout continued it after an update
+    tokens["gen_logprobs"] the behaviour log-prob of each response token, under the version that emitted it
     samples["group_id"]   samples generated from the same prompt share a group id (GRPO/RLOO groups)
 """
 

@@ -373,15 +373,20 @@ class GenerationEngine:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  generator: torch.Generator | None = None,
                  max_new_tokens: Sequence[int] | None = None, *,
-                 keys: Sequence[int] | None = None, seed: int = 0, kv_store: KVStore | None = None) -> list[Generation]:
+                 keys: Sequence[int] | None = None, seed: int = 0, kv_store: KVStore | None = None,
+                 start_positions: Sequence[int] | None = None) -> list[Generation]:
         """All generations, in prompt order. `max_new_tokens`: a budget per prompt (default params.max_new_tokens).
 
         Sampling randomness comes from `generator` (shared by the batch), or, batch-invariant, from
         `keys` (one distinct integer per prompt, e.g. its sample id) and `seed`: prompt key k's draw at
         response position j is a pure function of (seed, k, j), whatever else is in the call.
         kv_store (needs keys): continue rows from their key's K/V and keep every finished row's (see KVStore).
+        `start_positions`: response tokens each prompt already ends with (a continued response, re-prefilled
+        with its tokens so far): its keyed draws start at that position, so a response continued with the
+        same weights gets the tokens it would have got in one call.
         """
-        out = sorted(self.stream(prompts, params, generator, max_new_tokens, keys=keys, seed=seed, kv_store=kv_store),
+        out = sorted(self.stream(prompts, params, generator, max_new_tokens, keys=keys, seed=seed, kv_store=kv_store,
+                                 start_positions=start_positions),
                      key=lambda g: g.index)
         return out
 
@@ -390,7 +395,8 @@ class GenerationEngine:
                generator: torch.Generator | None = None,
                max_new_tokens: Sequence[int] | None = None, *,
                keys: Sequence[int] | None = None, seed: int = 0,
-               kv_store: KVStore | None = None) -> Iterator[Generation]:
+               kv_store: KVStore | None = None,
+               start_positions: Sequence[int] | None = None) -> Iterator[Generation]:
         """Yield each generation as soon as it finishes (finish order, not prompt order). Arguments as `generate`."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("cannot generate from an empty prompt")
@@ -412,10 +418,13 @@ class GenerationEngine:
                 raise ValueError(f"max_new_tokens has {len(budgets)} entries for {len(prompts)} prompts")
         if any(m < 0 for m in budgets):
             raise ValueError("max_new_tokens must be >= 0")
+        starts = [0] * len(prompts) if start_positions is None else [int(p) for p in start_positions]
+        if len(starts) != len(prompts):
+            raise ValueError(f"start_positions has {len(starts)} entries for {len(prompts)} prompts")
         was_training = self.model.training
         self.model.eval()
         try:
-            yield from self._run(prompts, budgets, params, generator, keys, seed, kv_store)
+            yield from self._run(prompts, budgets, params, generator, keys, seed, kv_store, starts)
         finally:
             self.model.train(was_training)
 
@@ -549,7 +558,8 @@ class GenerationEngine:
         return logits
 
     def _run(self, prompts, budgets: list[int], params: SamplingParams, generator,
-             keys: list[int] | None = None, seed: int = 0, store: KVStore | None = None) -> Iterator[Generation]:
+             keys: list[int] | None = None, seed: int = 0, store: KVStore | None = None,
+             starts: list[int] | None = None) -> Iterator[Generation]:
         device = next(self.model.parameters()).device
         eos = self.eos.to(device)
         for i, m in enumerate(budgets):  # nothing to decode: done before anything runs
@@ -590,7 +600,7 @@ class GenerationEngine:
             keyed = None
             if keys is not None and not params.greedy:  # each live row's key and response position
                 keyed = (seed, torch.tensor([keys[i] for i in slot], device=device),
-                         torch.tensor([len(tokens[i]) for i in slot], device=device))
+                         torch.tensor([len(tokens[i]) + (starts[i] if starts else 0) for i in slot], device=device))
             tok, lp = self._sample(logits, params, generator, keyed)
             ended = torch.isin(tok, eos).tolist()
             done = []

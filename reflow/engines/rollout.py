@@ -21,22 +21,29 @@ def decode_response(tokenizer, tokens: Sequence[int]) -> str:
 
 
 def batch_from_generations(gens: list[Generation], examples: list[PromptExample], group_ids: list[int],
-                           ids: Sequence[int], tokenizer) -> SampleBatch:
+                           ids: Sequence[int], tokenizer, versions: list[list[int]] | None = None) -> SampleBatch:
     """Pack generations (prompt + response) into a SampleBatch with the rollout keys.
 
-    tokens : input_ids, action_mask (response), gen_logprobs (sampler's log-probs at action positions)
+    tokens : input_ids, action_mask (response), gen_logprobs (sampler's log-probs at action positions),
+             with `versions` (one list per generation, one entry per response token) also versions: the
+             policy version of each response token, -1 on prompt tokens
     samples: group_id, prompt_len, response_len, truncated (cut at max_new_tokens, no EOS)
     meta   : prompt, response, answer
     """
-    input_ids, action_mask, gen_lp = [], [], []
-    for g in gens:
+    input_ids, action_mask, gen_lp, vers = [], [], [], []
+    for j, g in enumerate(gens):
         p, r = len(g.prompt_ids), len(g.tokens)
         input_ids.append(torch.tensor(g.prompt_ids + g.tokens, dtype=torch.long))
         action_mask.append(torch.tensor([0] * p + [1] * r, dtype=torch.long))
         gen_lp.append(torch.tensor([0.0] * p + g.logprobs, dtype=torch.float))
+        if versions is not None:
+            vers.append(torch.tensor([-1] * p + list(versions[j]), dtype=torch.long))
+    tokens = {"input_ids": input_ids, "action_mask": action_mask, "gen_logprobs": gen_lp}
+    if versions is not None:
+        tokens["versions"] = vers
     return SampleBatch.from_sequences(
         ids,
-        {"input_ids": input_ids, "action_mask": action_mask, "gen_logprobs": gen_lp},
+        tokens,
         samples={
             "group_id": torch.tensor(group_ids, dtype=torch.long),
             "prompt_len": torch.tensor([len(g.prompt_ids) for g in gens]),
@@ -49,6 +56,41 @@ def batch_from_generations(gens: list[Generation], examples: list[PromptExample]
             "answer": [e.answer for e in examples],
         },
     )
+
+
+def generations_from_batch(batch: SampleBatch) -> tuple[list[Generation], list[list[int]]]:
+    """The inverse of `batch_from_generations` (with versions): (generations in batch order, each one's
+    per-token versions). A generation is finished when it ended with EOS (`truncated` is False)."""
+    gens, versions = [], []
+    ids, lps, vers = batch.unpack("input_ids"), batch.unpack("gen_logprobs"), batch.unpack("versions")
+    for j, p in enumerate(batch.samples["prompt_len"].tolist()):
+        gens.append(Generation(j, ids[j][:p].tolist(), ids[j][p:].tolist(), lps[j][p:].tolist(),
+                               not bool(batch.samples["truncated"][j])))
+        versions.append(vers[j][p:].tolist())
+    return gens, versions
+
+
+def continue_generations(engine: GenerationEngine, gens: list[Generation], versions: list[list[int]],
+                         budget: int, version: int, params: SamplingParams, keys: Sequence[int],
+                         seed: int) -> tuple[list[Generation], list[list[int]]]:
+    """Partial rollout: decode every unfinished generation (no EOS yet, fewer than `budget` tokens) on up to
+    `budget` response tokens in all with the engine's (new) weights, re-prefilling prompt + tokens so far.
+    Keyed draws continue at each response's position, so with unchanged weights the tokens are those of one
+    uninterrupted call. The new tokens (and their log-probs) are recorded with policy version `version`.
+    Returns (generations, per-token versions), in the order given."""
+    todo = [j for j, g in enumerate(gens) if not g.finished and len(g.tokens) < budget]
+    gens, versions = list(gens), [list(v) for v in versions]
+    if not todo:
+        return gens, versions
+    more = engine.generate([gens[j].prompt_ids + gens[j].tokens for j in todo], params,
+                           max_new_tokens=[budget - len(gens[j].tokens) for j in todo],
+                           keys=[keys[j] for j in todo], seed=seed,
+                           start_positions=[len(gens[j].tokens) for j in todo])
+    for j, m in zip(todo, more):
+        g = gens[j]
+        gens[j] = Generation(g.index, g.prompt_ids, g.tokens + m.tokens, g.logprobs + m.logprobs, m.finished)
+        versions[j] += [version] * len(m.tokens)
+    return gens, versions
 
 
 def exact_match_accuracy(responses: Sequence[str], answers: Sequence[str | None]) -> float | None:

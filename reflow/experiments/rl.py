@@ -17,6 +17,15 @@ the proximal policy of AReaL's decoupled objective; rollout correction with algo
 weights by proximal / behaviour). The pipeline restarts at every checkpoint (trainer.save_every): nothing is
 in flight when one is written, so a resumed run continues exactly. In one process the same schedule runs
 one call after another: the same numbers, without the overlap.
+
+Partial rollout (rollout.partial): the generation of step t, submitted with the weights of update v0 < t - 1,
+spans the updates v0 .. t-1; it is cut into n = t - v0 segments, segment j submitted before train(v0 + j)
+with that step's weights, so on Ray workers it is interrupted at each weight update and its unfinished
+samples continue with the new weights (re-prefilled with their tokens so far); the scoring calls follow the
+last segment. Every response token records the version that emitted it (`versions`) and its behaviour
+log-prob under that version (`gen_logprobs`), which the decoupled objective / rollout correction divide
+the proximal policy by, token by token. The cut is after an equal share of rollout.max_new_tokens per
+segment, not at a wall-clock instant, so the run is the same in one process and on Ray workers.
 """
 
 from __future__ import annotations
@@ -107,16 +116,35 @@ class RLExperiment(StepLoop):
         window_end = min((s // window + 1) * window, self.total_steps)
         if not hasattr(self, "_inflight"):
             self._inflight, self._next_rollout = {}, s
+        cut = partial_calls(self.graph, rollout) if self.cfg.rollout.partial else []
+        # partial rollout: the generation of each step in flight continues with this step's weights
+        for t, f in sorted(self._inflight.items()):
+            if f["segment"] < f["segments"]:
+                self._submit_segment(t, f, s, cut, [n for n in rollout if n not in cut])
         while self._next_rollout <= min(s + k, window_end - 1):
             t = self._next_rollout
-            outputs: dict = {}
-            # submitted before train(s): its weights have seen the s updates of steps 0 .. s-1
-            pending = ex.submit(self.graph, rollout, t, {**self.rollout_meta(), "version": s}, outputs)
-            self._inflight[t] = (outputs, pending)
+            # submitted before train(s): its weights have seen the s updates of steps 0 .. s-1; with partial rollout
+            # its generation is cut into one segment per update before train(t), each with the newest weights
+            f = {"outputs": {}, "pending": [], "segment": 0, "segments": max(1, t - s) if cut else 1,
+                 "meta": self.rollout_meta()}
+            self._inflight[t] = f
+            self._submit_segment(t, f, s, cut, [n for n in rollout if n not in cut])
             self._next_rollout += 1
-        outputs, pending = self._inflight.pop(s)
-        trained = ex.submit(self.graph, train, s, self.train_meta(), outputs)
-        return self.finish_step(ex.step_metrics(ex.collect(pending), ex.collect(trained)), t0)
+        f = self._inflight.pop(s)
+        trained = ex.submit(self.graph, train, s, self.train_meta(), f["outputs"])
+        return self.finish_step(ex.step_metrics(*(ex.collect(p) for p in f["pending"]), ex.collect(trained)), t0)
+
+    def _submit_segment(self, t: int, f: dict, version: int, cut: list[str], rest: list[str]) -> None:
+        """Submit the next segment of step t's cut generation calls (`cut`) with the weights of `version` (updates
+        seen), and after its last one the rest of the rollout phase (`rest`: scoring, generation not cut)."""
+        j, n = f["segment"], f["segments"]
+        meta = {**f["meta"], "version": version}
+        if cut:
+            f["pending"].append(self.executor.submit(self.graph, cut, t, {**meta, "segment": (j, n)}, f["outputs"],
+                                                     again=j > 0))
+        if j == n - 1:
+            f["pending"].append(self.executor.submit(self.graph, rest, t, meta, f["outputs"]))
+        f["segment"] += 1
 
     def _dynamic_step(self) -> dict:
         """DAPO's dynamic sampling: rollout rounds of rollout.prompts_per_step new prompts until that many groups
@@ -155,6 +183,12 @@ class RLExperiment(StepLoop):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.kl_ctl.load_state_dict(state["kl"])
+
+
+def partial_calls(graph, rollout: list[str]) -> list[str]:
+    """The rollout calls a partial rollout cuts into segments: the sampled generations (impl `generate`; ReMax's
+    greedy baseline is decoded whole, after the last segment)."""
+    return [n for n in rollout if graph.call(n).impl == "generate" and not graph.call(n).options.get("greedy")]
 
 
 def check_reward_fn(reward_fn, examples) -> None:

@@ -99,10 +99,13 @@ class Executor:
             outs.append(data)
         return outs
 
-    def submit(self, graph: Graph, names: list[str], step: int, meta: dict, outputs: dict[str, list]) -> list:
+    def submit(self, graph: Graph, names: list[str], step: int, meta: dict, outputs: dict[str, list],
+               again: bool = False) -> list:
         """Submit the calls `names` of `graph` (in its order) for step `step`, without waiting; their inputs come
         from `outputs` (call -> data handles; calls submitted earlier, maybe by another submit) and their own
-        data handles are added to it. Returns the pending info handles [(handle, (what, rank))] for collect().
+        data handles are added to it. `again`: each call runs once more on its own previous output instead
+        (a partial rollout's later segments), which its new output replaces. Returns the pending info handles
+        [(handle, (what, rank))] for collect().
 
         A generate call that streams (fusion.inter_stage, see `streamed`) is the one wait: the controller follows
         its chunks as they finish and submits each chunk to the consumers at once, so they run while the long
@@ -116,7 +119,7 @@ class Executor:
             every = call.options.get("every")
             if name in chunked or (every and (step + 1) % every):
                 continue
-            deps = graph.deps[name]
+            deps = [name] if again else graph.deps[name]
             refs = [ref for d in deps for ref in outputs[d]]
             parts = [(graph.call(d).prefix if i else "", len(outputs[d])) for i, d in enumerate(deps)]
             if name in streams:

@@ -3,8 +3,8 @@ which implementations, which batch fields) + where needed a registered call (ref
 advantage estimator / loss (reflow.algorithms); the executor does the rest. A user's graph lives in their
 own file: `algo.graph=my_file.py:my_graph` (a function cfg -> Graph).
 
-    RL keys: prompts (dataset indices) -> the rollout fields (input_ids, action_mask, gen_logprobs, group_id,
-             response, ...) -> score, ref_logprobs, old_logprobs, values, last_values -> the train calls
+    RL keys: prompts (dataset indices) -> the rollout fields (input_ids, action_mask, gen_logprobs, versions,
+             group_id, response, ...) -> score, ref_logprobs, old_logprobs, values, last_values -> the train calls
              (which compute advantages themselves, on the whole batch, so every plan gives the same ones)
 """
 

@@ -34,6 +34,8 @@ def test_layout_is_not_a_role_key():
     (["rollout.turn_end=x"], r"^rollout.turn_end ends a model turn of a multi-turn rollout: set rollout.env too$"),
     (["rollout.env=calculator", "reward.prm=f.py:prm"], r"^reward.prm splits a single response into steps"),
     (["rollout.env=calculator", "algo.adv_estimator=remax"], r"^algo.adv_estimator=remax decodes a single-turn"),
+    (["rollout.env=calculator", "rollout.partial=true"],
+     r"^rollout.partial continues single-turn generations; .*: set rollout.partial=false$"),
     (["reward.fn=null"], r"^set exactly one of reward.fn .* \(or rollout.env, whose rewards can stand alone\)$"),
 ])
 def test_multi_turn_keys_are_checked_with_one_line_errors(overrides, message):

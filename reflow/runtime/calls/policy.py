@@ -218,14 +218,21 @@ def correct_rollout(cfg, batch: SampleBatch) -> dict:
 
 
 def staleness(cfg, batch: SampleBatch, step: int) -> dict:
-    """Updates between the policy that generated each sample and the one training on it; a sample older than
-    rollout.max_staleness is an error (the executor's schedule must never produce one)."""
+    """Updates between the policy that generated each sample (its oldest token: `policy_version`) and the one
+    training on it; a sample older than rollout.max_staleness is an error (the executor's schedule must never
+    produce one). With per-token `versions` also staleness/token_mean: the mean age of the response tokens,
+    below staleness/mean when partial rollout continued samples with newer weights."""
     age = step - batch.samples["policy_version"]
     if int(age.max()) > cfg.rollout.max_staleness:
         i = int(age.argmax())
         raise RuntimeError(f"sample {batch.ids[i]} was generated {int(age[i])} updates ago, more than "
                            f"rollout.max_staleness={cfg.rollout.max_staleness}")
-    return {"staleness/max": float(age.max()), "staleness/mean": float(age.float().mean())}
+    out = {"staleness/max": float(age.max()), "staleness/mean": float(age.float().mean())}
+    if "versions" in batch.tokens:
+        acted = batch.tokens["action_mask"].bool()
+        out["staleness/token_mean"] = float((step - batch.tokens["versions"][acted]).float().mean()) \
+            if acted.any() else 0.0
+    return out
 
 
 @register_call("train_policy")

@@ -5,8 +5,15 @@ of prompt j form group s*P*n + j. Data-parallel replicas take contiguous shares 
 sampling makes every sample's tokens a pure function of (run seed, step, sample id), so the share a replica
 gets changes nothing. A group's n samples are n rows with the same prompt tokens, which the engine prefills once
 (GenerationEngine share_prefill: it matches rows by token content, so a group split over replicas or refills
-is still right, and prompts repeated across groups share too). samples["policy_version"]: the number of updates the generating weights had seen. With `options["greedy"]` one greedy response per prompt is decoded instead, keyed
-by its group (`ids` = the group ids): ReMax's baseline, spread over the group's samples by the consumer.
+is still right, and prompts repeated across groups share too). samples["policy_version"]: the number of updates
+the generating weights had seen when the sample started; tokens["versions"]: that number for each response
+token (-1 on the prompt). With `options["greedy"]` one greedy response per prompt is decoded instead, keyed by
+its group (`ids` = the group ids): ReMax's baseline, spread over the group's samples by the consumer.
+
+Partial rollout (rollout.partial, meta["segment"] = (j, n)): the step's generation is cut into n segments,
+one per weight update it spans; segment j decodes every unfinished sample up to segment_budget(j, n) response
+tokens with the weights of meta["version"], the later segments continuing the previous segment's samples
+(their input batch) from their tokens so far (`continue_generations`).
 
 generate_episodes: the same samples as multi-turn episodes against rollout.env (reflow/engines/multiturn.py),
 turn k of sample s keyed by (run seed, step, k) and s, so replicas and batching change nothing here either.
@@ -17,14 +24,14 @@ from __future__ import annotations
 import torch
 
 from reflow.data.batch import SampleBatch
-from reflow.engines.generate import GenerationEngine, SamplingParams, sample_seed
+from reflow.engines.generate import Generation, GenerationEngine, SamplingParams, sample_seed
 from reflow.engines.multiturn import Limits, episodes_to_batch, run_episodes, start_episodes
-from reflow.engines.rollout import batch_from_generations
+from reflow.engines.rollout import batch_from_generations, continue_generations, generations_from_batch
 from reflow.envs import load_env
 from reflow.runtime.calls import CallContext, register_call, register_stream
 
-ROLLOUT_FIELDS = ("input_ids", "action_mask", "gen_logprobs", "group_id", "prompt_len", "response_len", "truncated",
-                  "policy_version", "prompt", "response", "answer")
+ROLLOUT_FIELDS = ("input_ids", "action_mask", "gen_logprobs", "versions", "group_id", "prompt_len", "response_len",
+                  "truncated", "policy_version", "prompt", "response", "answer")
 # what a multi-turn rollout (rollout.env) adds: per-turn rewards on the turns' last tokens, turns per episode,
 # the sum of the env's rewards
 EPISODE_FIELDS = ("env_rewards", "turns", "env_return")
@@ -61,15 +68,24 @@ def _generation(cc: CallContext):
     return examples[a:b], groups[a:b], ids[a:b], params, engine
 
 
-def _part(cc: CallContext, gens: list, examples: list, groups: list[int], ids: list[int]) -> SampleBatch | None:
-    """Generations (gens[i] of examples[g.index]) -> this replica's part, in sample-id order, with the policy
-    version (updates applied to the weights) that produced them, given by the executor; None on ranks that
-    return nothing (all but the first tensor-parallel rank of a replica)."""
-    gens = sorted(gens, key=lambda g: ids[g.index])
+def _part(cc: CallContext, gens: list, examples: list, groups: list[int], ids: list[int],
+          versions: list[list[int]] | None = None, started: torch.Tensor | None = None) -> SampleBatch | None:
+    """Generations (gens[i] of examples[g.index]) -> this replica's part, in sample-id order; None on ranks that
+    return nothing (all but the first tensor-parallel rank of a replica). `versions`: each generation's
+    per-token policy versions (default: every token by this call's version, meta["version"], the updates
+    applied to the weights); `started`: the version each sample started with, in sample-id order (default: this
+    call's)."""
+    version = cc.meta.get("version", cc.step)
+    if versions is None:
+        versions = [[version] * len(g.tokens) for g in gens]
+    order = sorted(range(len(gens)), key=lambda i: ids[gens[i].index])
+    gens, versions = [gens[i] for i in order], [versions[i] for i in order]
     at = [g.index for g in gens]
     part = batch_from_generations(gens, [examples[i] for i in at], [groups[i] for i in at], [ids[i] for i in at],
-                                  cc.tokenizer)
-    part.with_samples(policy_version=torch.full((len(part),), cc.meta.get("version", cc.step), dtype=torch.long))
+                                  cc.tokenizer, versions)
+    if started is None:
+        started = torch.full((len(part),), version)
+    part.with_samples(policy_version=started.to(torch.long))
     tp_first = cc.ctx is None or cc.ctx.tp_rank == 0
     return part if tp_first and len(part) else None
 
@@ -77,9 +93,17 @@ def _part(cc: CallContext, gens: list, examples: list, groups: list[int], ids: l
 @register_call("generate")
 def generate(cc: CallContext, batch: SampleBatch | None) -> SampleBatch | None:
     examples, groups, ids, params, engine = _generation(cc)
-    gens = engine.generate([e.prompt_ids for e in examples], params, None, keys=ids,
-                           seed=sample_seed(cc.cfg.seed, cc.step)) if examples else []
-    return _part(cc, gens, examples, groups, ids)  # one part per replica
+    version = cc.meta.get("version", cc.step)
+    j, n = cc.meta.get("segment", (0, 1))
+    if j == 0:  # the samples start here
+        gens = [Generation(i, list(e.prompt_ids), [], [], False) for i, e in enumerate(examples)]
+        versions: list[list[int]] = [[] for _ in gens]
+    else:  # this replica's share of the samples the previous segment left
+        gens, versions = generations_from_batch(batch.select(ids)) if ids else ([], [])
+    gens, versions = continue_generations(engine, gens, versions, segment_budget(params.max_new_tokens, j, n),
+                                          version, params, ids, sample_seed(cc.cfg.seed, cc.step))
+    started = batch.select(ids).samples["policy_version"] if j else None
+    return _part(cc, gens, examples, groups, ids, versions, started)  # one part per replica
 
 
 @register_stream("generate")
@@ -105,6 +129,12 @@ def generate_chunks(cc: CallContext, batch: SampleBatch | None, chunk: int):
     return (len(examples) if tp_first else 0), parts()
 
 
+def segment_budget(max_new_tokens: int, j: int, n: int) -> int:
+    """Response tokens a sample may have after segment j of n of a partial rollout: ceil(max_new_tokens (j+1) / n),
+    max_new_tokens after the last."""
+    return -(-max_new_tokens * (j + 1) // n)
+
+
 @register_call("generate_episodes")
 def generate_episodes(cc: CallContext, batch: SampleBatch | None) -> SampleBatch | None:
     """Multi-turn rollouts against rollout.env (reflow/engines/multiturn.py): the step's P x n episodes, this
@@ -125,7 +155,9 @@ def generate_episodes(cc: CallContext, batch: SampleBatch | None) -> SampleBatch
                          threads=r.env_threads)
     part = episodes_to_batch(eps, [e.prompt_text for e in mine], [e.answer for e in mine], groups[a:b],
                              ids[a] if b > a else 0, tok)
-    part.with_samples(policy_version=torch.full((len(part),), cc.meta.get("version", step), dtype=torch.long))
+    version = cc.meta.get("version", step)
+    part.with_samples(policy_version=torch.full((len(part),), version, dtype=torch.long))
+    part.with_tokens(versions=torch.where(part.tokens["action_mask"].bool(), version, -1))
     if "score" in cc.call.outputs:
         part.with_samples(score=torch.zeros(len(part)))
     tp_first = cc.ctx is None or cc.ctx.tp_rank == 0
