@@ -13,6 +13,10 @@ time. A call's inputs are the data handles of its producers: in one process the 
 Ray object references that workers resolve from each other. The executor fetches only the small info dict
 every task returns (rank, seconds, metrics), never a batch.
 
+The plan's fused pair (`fuse: [a, b]`) is submitted as one task per rank at the later call's place in the
+order (the graph's order is a topological one, so both calls' inputs are ready; nothing reads their output);
+each rank returns each call's data and info handles, so metrics and times are per call as when run apart.
+
 Transports (runtime.workers): 0 = one local worker in this process (the plan is every call d1t1p1 on
 rank 0), N = N Ray workers (an embedded Ray, or a cluster at runtime.ray_address).
 """
@@ -68,14 +72,17 @@ class Executor:
         from `outputs` (call -> data handles; calls submitted earlier, maybe by another submit) and their own
         data handles are added to it. Returns the pending info handles [(handle, (what, rank))] for collect()."""
         pending: list = []  # (info handle, (what, rank)), in submission order
+        fuse = [n for n in self.plan.fuse if graph is self.graph]
         for name in names:
             call = graph.call(name)
             every = call.options.get("every")
             if every and (step + 1) % every:
                 continue
-            deps = graph.deps[name]
-            refs = [ref for d in deps for ref in outputs[d]]
-            m = {**meta, "parts": [(graph.call(d).prefix if i else "", len(outputs[d])) for i, d in enumerate(deps)]}
+            if name in fuse:
+                if name == max(fuse, key=graph.order.index):
+                    self._submit_fused(graph, fuse, step, meta, outputs, pending)
+                continue
+            refs, m = self._inputs(graph, name, meta, outputs)
             for r in self._senders(graph, name):
                 pending.append((self.transport.send_weights(r, step, name), (f"{name}:send_weights", r)))
             outs = []
@@ -85,6 +92,25 @@ class Executor:
                 outs.append(data)
             outputs[name] = outs
         return pending
+
+    def _inputs(self, graph: Graph, name: str, meta: dict, outputs: dict[str, list]) -> tuple[list, dict]:
+        """(data handles of the call's producers, its meta with their "parts": [(prefix, count)])."""
+        deps = graph.deps[name]
+        refs = [ref for d in deps for ref in outputs[d]]
+        return refs, {**meta, "parts": [(graph.call(d).prefix if i else "", len(outputs[d])) for i, d in enumerate(deps)]}
+
+    def _submit_fused(self, graph: Graph, names: list[str], step: int, meta: dict, outputs: dict[str, list],
+                      pending: list) -> None:
+        """The fused pair, one task per rank of the first call's ranks (the second's are the same, reordered)."""
+        inputs = [self._inputs(graph, n, meta, outputs) for n in names]
+        refs = [ref for r, _ in inputs for ref in r]
+        for n in names:
+            outputs[n] = []
+        for r in self.placements[names[0]].ranks:
+            handles = self.transport.run_fused(r, step, names, [m for _, m in inputs], *refs)
+            for i, n in enumerate(names):
+                outputs[n].append(handles[i])
+                pending.append((handles[len(names) + i], (n, r)))
 
     def collect(self, pending: list) -> dict:
         """Wait for submitted calls -> {"metrics": their merged metrics, "times": {call: seconds, slowest rank}}."""

@@ -342,6 +342,36 @@ class Worker:
         """Run call `name` of step `step` on this rank -> (output, info). refs: the parts returned by the call's
         producers, in the order of meta["parts"] = [(prefix, count), ...] (Ray resolves them into batches)."""
         t0 = time.time()
+        cc, batch, temporary, t1 = self._prepare(step, name, meta, refs)
+        out = self._implement(cc, batch)
+        return self._finish(cc, out, temporary, t0, t1)
+
+    def run_fused(self, step: int, names: list[str], metas: list[dict], *refs):
+        """Run the plan's fused pair of train calls as one (runtime/fusion.py) -> (output of each call, then the
+        info of each), as `run` returns them for each; refs: the first call's parts, then the second's."""
+        from reflow.runtime.fusion import FusedCalls
+
+        t0 = time.time()
+        at, prepared = 0, {}
+        for name, meta in zip(names, metas):
+            n = sum(c for _, c in meta.get("parts", []))
+            prepared[name] = self._prepare(step, name, meta, refs[at:at + n])
+            at += n
+        fused = FusedCalls(tuple(names), self.placements[names[0]].layout.p)
+        for name, (cc, *_) in prepared.items():
+            cc.stepper = fused.stepper(name, cc.role.engine)
+        outs = fused.run({name: (lambda cc=cc, batch=batch: self._implement(cc, batch))
+                          for name, (cc, batch, _, _) in prepared.items()})
+        # both calls span the fused call on the timeline (they ran interleaved), each with its own metrics; a
+        # third slice marks the steps that ran fused
+        if fused.fused_steps:
+            self._record(step, f"{'+'.join(names)}:fused", t0)
+        done = [self._finish(cc, outs[name], temporary, t0, t1) for name, (cc, _, temporary, t1) in prepared.items()]
+        return (*[d for d, _ in done], *[i for _, i in done])
+
+    def _prepare(self, step: int, name: str, meta: dict, refs) -> tuple[CallContext, SampleBatch | None, bool, float]:
+        """A call's weights and merged input batch -> (its CallContext, batch, weights are a temporary copy,
+        time its compute starts)."""
         call = self.calls[name]
         ctx = self.ctx[self.placements[name]]
         model, temporary = self._weights(name)
@@ -358,15 +388,21 @@ class Worker:
         if model is not None and role is not None and role.lora is not None and call.kind == "generate" \
                 and role.lora_generate == "merged":
             model = merged_copy(model)  # the call's copy: W + alpha/r B A, dropped after the call
-        cc = CallContext(call, step, meta, model, ctx, self)
-        adapters = adapters_off(model) if call.options.get("adapters") == "off" else contextlib.nullcontext()
+        return CallContext(call, step, meta, model, ctx, self), batch, temporary, t1
+
+    def _implement(self, cc: CallContext, batch: SampleBatch | None):
+        adapters = adapters_off(cc.model) if cc.call.options.get("adapters") == "off" else contextlib.nullcontext()
         try:
             with adapters:
-                out = get_call(call.impl)(cc, batch)
+                return get_call(cc.call.impl)(cc, batch)
         except NonFiniteError as e:
-            raise NonFiniteError(f"step {step}, call '{name}': {e}; {nonfinite_samples(batch)}; "
+            raise NonFiniteError(f"step {cc.step}, call '{cc.call.name}': {e}; {nonfinite_samples(batch)}; "
                                  "trainer.on_nonfinite=skip skips such updates") from None
-        del model  # a temporary copy lives for its call only (the owner copy stays referenced by its role)
+
+    def _finish(self, cc: CallContext, out, temporary: bool, t0: float, t1: float):
+        """A call's (output, info) after its implementation returned `out`."""
+        call, step, name = cc.call, cc.step, cc.call.name
+        cc.model = None  # a temporary copy lives for its call only (the owner copy stays referenced by its role)
         if temporary:
             self._record(step, f"{name}:reallocate", t0, t1)
         elif (role := self.roles.get(call.weights)) is not None and role.parked is not None:
@@ -378,7 +414,7 @@ class Worker:
             return None, info
         if cc.metrics:
             info["metrics"] = cc.metrics
-        if out is not None and (call.kind == "generate" or ctx is None or ctx.index == 0):
+        if out is not None and (call.kind == "generate" or cc.ctx is None or cc.ctx.index == 0):
             out = only_outputs(out, call)
             info["samples"] = len(out)
             return out, info
