@@ -33,7 +33,9 @@ def config(tmp_path, model, data, algo="grpo", workers=1, plan="colocate", rewar
 
         tmp_path.mkdir(parents=True, exist_ok=True)
         path = tmp_path / "plan.yaml"
-        Plan.from_dict({"calls": {c: {"ranks": r, "layout": lay} for c, (r, lay) in plan.items()}}, workers).save(path)
+        fuse = {"fuse": plan.pop("fuse")} if "fuse" in plan else {}
+        Plan.from_dict({"calls": {c: {"ranks": r, "layout": lay} for c, (r, lay) in plan.items()}, **fuse},
+                       workers).save(path)
         plan = str(path)
     role = {"path": str(model), "micro_batch_tokens": 64, "optim": {"lr": 1e-3}}
     return from_dict(RLConfig, {
@@ -72,14 +74,28 @@ def test_grpo_gives_the_same_numbers_under_any_plan(ray_session, tmp_path, debug
     assert {e["tid"] for e in trace if e["name"] == "actor_gen"} == {0, 1, 2, 3}
 
 
-def test_ppo_gives_the_same_numbers_under_builtin_plans(ray_session, tmp_path, debug_model, addition_data):
+# actor and critic train pipelined (d1t1p2) on both workers as one fused call (the critic's stages reversed:
+# its inference is placed on the reversed ranks too, so it runs on the owner copy)
+FUSED = {"actor_gen": ("0-1", "d2t1p1"), "reward": ("0", "d1t1p1"), "ref_inf": ("1", "d1t1p1"),
+         "critic_inf": ([1, 0], "d1t1p2"), "actor_train": ("0-1", "d1t1p2"), "critic_train": ("0-1", "d1t1p2"),
+         "fuse": ["actor_train", "critic_train"]}
+
+
+def test_ppo_gives_the_same_numbers_under_builtin_plans_and_fused_actor_critic_training(ray_session, tmp_path,
+                                                                                        debug_model, addition_data):
     one = run(config(tmp_path / "one", debug_model, addition_data, algo="ppo"))
     # separate: each role on its own worker; colocate: every call on all 4 (actor and critic FSDP2 over 4,
-    # generation and critic inference on 4 replicas reallocated from the shards every step)
-    for plan in ("separate", "colocate"):
-        four = run(config(tmp_path / plan, debug_model, addition_data, algo="ppo", workers=4, plan=plan))
-        assert_same(one, four)
-        assert "critic/loss" in four[0]
+    # generation and critic inference on 4 replicas reallocated from the shards every step); fused: FUSED
+    for name, plan, workers in (("separate", "separate", 4), ("colocate", "colocate", 4), ("fused", dict(FUSED), 2)):
+        cfg = config(tmp_path / name, debug_model, addition_data, algo="ppo", workers=workers, plan=plan,
+                     timeline=name == "fused")
+        many = run(cfg)
+        assert_same(one, many)
+        assert "critic/loss" in many[0]
+    trace = json.loads((Path(cfg.output_dir) / "timeline.json").read_text())["traceEvents"]
+    names = {(e["name"], e["tid"]) for e in trace if e["ph"] == "X"}
+    assert {(n, r) for n in ("actor_train", "critic_train", "actor_train+critic_train:fused") for r in (0, 1)} <= names
+    assert not any(n == "critic_inf:reallocate" for n, _ in names)
 
 
 @pytest.mark.parametrize("reward,error,needle", [
