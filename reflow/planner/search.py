@@ -14,6 +14,10 @@ Moves (a group picked uniformly): another mesh with a random layout (30%), anoth
 mesh (30%), the placement of another group of the same role (15%: removes a reallocation), the same
 layout on a neighbouring mesh of the same size (10%), the mesh halved or doubled (15%).
 
+Fusion: when the two trained roles' train calls land on the same ranks with the same layout of p >= 2 stages,
+the plan fuses them (`fuse: [a, b]`, the second's stages reversed; cost.py's fused_costs); Problem.fuse=False
+turns this off.
+
 Annealing: cost(plan) = simulated iteration time, times (2 + GB over memory) for plans that do not fit
 (so the chain can walk out of them; only plans that fit are ever returned). A move from cost c to c' is
 taken when c' <= c or with probability exp(-(c' - c) / (T c)), T falling geometrically from 0.1 to 0.001
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 from reflow.parallel.layout import Layout
 from reflow.planner.hardware import GB
 from reflow.planner.simulator import Evaluation, Problem, evaluate
-from reflow.runtime.plan import BUILTIN, Placement, Plan
+from reflow.runtime.plan import BUILTIN, Placement, Plan, reversed_stages
 
 
 # ---------------------------------------------------------------------------------------------- space
@@ -119,7 +123,28 @@ def to_plan(problem: Problem, groups: list[Group], state: dict[str, Placement], 
     for grp in groups:
         for c in grp.calls:
             calls[c] = state[grp.name]
-    return Plan(name, problem.world_size, {c: calls[c] for c in problem.graph.order})
+    plan = Plan(name, problem.world_size, {c: calls[c] for c in problem.graph.order})
+    return fuse_train_calls(problem, plan) if problem.fuse else plan
+
+
+def fuse_train_calls(problem: Problem, plan: Plan) -> Plan:
+    """`plan` with its two trained roles' train calls fused (plan key `fuse`) when each role has one train call,
+    both on the same ranks with the same layout of p >= 2 stages: the second call's stages reversed, and its
+    role's calls placed like it too (they stay on its owner copy). Otherwise `plan` itself."""
+    g = problem.graph
+    train = [[c for c in g.roles[r] if g.call(c).kind == "train"] for r in g.trained_roles()]
+    if len(train) != 2 or any(len(t) != 1 for t in train):
+        return plan
+    a, b = train[0][0], train[1][0]
+    if g.order.index(b) < g.order.index(a):
+        a, b = b, a
+    pa, pb = plan.calls[a], plan.calls[b]
+    if pa.layout.p < 2 or pa.layout != pb.layout or pa.ranks != pb.ranks:
+        return plan
+    flipped = Placement(reversed_stages(pa.ranks, pa.layout.p), pb.layout, pb.schedule)
+    role = g.call(b).role
+    calls = {c: (flipped if g.call(c).role == role and pl == pb else pl) for c, pl in plan.calls.items()}
+    return Plan(plan.name, plan.world_size, calls, (a, b))
 
 
 def from_plan(groups: list[Group], plan: Plan) -> dict[str, Placement]:
