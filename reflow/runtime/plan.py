@@ -204,6 +204,9 @@ class Plan:
             lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)))
             if i == 0:
                 lines.append("  " + "  ".join("-" * w for w in widths))
+        if self.fuse:
+            lines.append(f"  fused: {' + '.join(self.fuse)} (one interleaved pipeline schedule; {self.fuse[1]}'s "
+                         f"stages in reverse order)")
         return "\n".join(lines)
 
 

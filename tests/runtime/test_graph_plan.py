@@ -181,6 +181,7 @@ def test_fuse_reverses_the_second_calls_stages_round_trips_and_fails_up_front_na
                            "fuse": ["actor_train", "critic_train"]}, 4).validate(g)
     # stage blocks of d=2 ranks swap: the critic's stage 0 on the actor's stage-1 ranks
     assert plan.calls["actor_train"].ranks == (0, 1, 2, 3) and plan.calls["critic_train"].ranks == (2, 3, 0, 1)
+    assert "fused: actor_train + critic_train" in plan.table(g)
     plan.save(tmp_path / "p.yaml")
     again = Plan.load(tmp_path / "p.yaml", 4).validate(g)
     assert again.fuse == ("actor_train", "critic_train") and again.calls == plan.calls
