@@ -139,7 +139,13 @@ def check_fuse(cfg, graph, plan) -> None:
         raise PlanError(f"plan fuse: [{', '.join(plan.fuse)}]: {config_key(cfg, roles[0])}.micro_batch_tokens="
                         f"{tokens[0]} but {config_key(cfg, roles[1])}.micro_batch_tokens={tokens[1]}; fused pipelines "
                         "cut their batches alike: give both the same value")
-    algo = getattr(cfg, "algo", None)
+    algo, pair = getattr(cfg, "algo", None), ", ".join(plan.fuse)
     if algo is not None and getattr(algo, "dynamic_sampling", False):
-        raise PlanError(f"plan fuse: [{', '.join(plan.fuse)}]: algo.dynamic_sampling trains the actor on a subset of "
-                        "the critic's batch, so their micro-batches differ; drop the fuse key or dynamic sampling")
+        raise PlanError(f"plan fuse: [{pair}]: algo.dynamic_sampling trains the actor on a subset of the critic's "
+                        "batch, so their micro-batches differ; drop the fuse key or dynamic sampling")
+    # an SFT term joins the actor's step as a second pass the fused schedule does not hold
+    for key, on in (("algo.ptx_coef", algo is not None and getattr(algo, "ptx_coef", 0) > 0),
+                    ("rehearsal", getattr(getattr(cfg, "rehearsal", None), "enabled", False))):
+        if on:
+            raise PlanError(f"plan fuse: [{pair}]: {key} adds an SFT term to the actor's steps, which a fused "
+                            "step cannot interleave; drop the fuse key or the SFT term")

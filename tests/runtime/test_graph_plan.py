@@ -199,3 +199,27 @@ def test_fuse_reverses_the_second_calls_stages_round_trips_and_fails_up_front_na
                                         "call \\(kind infer\\)"):
         Plan.from_dict({"calls": {**base, "critic_inf": pipe, "critic_train": pipe},
                         "fuse": ["critic_inf", "critic_train"]}, 4).validate(g, configs)
+
+
+def test_a_fused_pair_needs_alike_micro_batches_and_no_sft_term_checked_before_anything_starts(
+        tmp_path, debug_model, addition_data):
+    from rl_runs import rl_config
+    from transformers import AutoConfig
+
+    from reflow.experiments.loop import experiment_plan
+
+    configs = {r: AutoConfig.from_pretrained(debug_model) for r in ("actor", "critic", "ref")}
+
+    pipe = {"ranks": "0-1", "layout": "d1t1p2"}
+    cfg = rl_config(tmp_path, debug_model, addition_data, workers=2, name="ppo")
+    cfg.runtime.plan = {"calls": {**{c: {"ranks": "0-1", "layout": "d2t1p1"} for c in graphs.ppo().order},
+                                  "actor_train": pipe, "critic_train": pipe, "critic_inf": pipe},
+                        "fuse": ["actor_train", "critic_train"]}
+    assert experiment_plan(cfg, graphs.ppo(), configs).fuse == ("actor_train", "critic_train")
+    cfg.critic.micro_batch_tokens = 32
+    with pytest.raises(PlanError, match="plan fuse: \\[actor_train, critic_train\\]: actor.micro_batch_tokens=64 but "
+                                        "critic.micro_batch_tokens=32; .* give both the same value"):
+        experiment_plan(cfg, graphs.ppo(), configs)
+    cfg.critic.micro_batch_tokens, cfg.algo.ptx_coef = 64, 0.1
+    with pytest.raises(PlanError, match="algo.ptx_coef adds an SFT term to the actor's steps"):
+        experiment_plan(cfg, graphs.ppo(), configs)
