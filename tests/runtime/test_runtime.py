@@ -96,6 +96,13 @@ def test_ppo_gives_the_same_numbers_under_builtin_plans_and_fused_actor_critic_t
     names = {(e["name"], e["tid"]) for e in trace if e["ph"] == "X"}
     assert {(n, r) for n in ("actor_train", "critic_train", "actor_train+critic_train:fused") for r in (0, 1)} <= names
     assert not any(n == "critic_inf:reallocate" for n, _ in names)
+    # both roles' checkpoints (the critic's written from its reversed stages) hold the one-process weights
+    from safetensors.torch import load_file
+
+    for role in ("actor", "critic"):
+        a, b = (load_file(Path(c) / "checkpoints" / "step_000002" / role / "model.safetensors")
+                for c in (tmp_path / "one" / "run-1", cfg.output_dir))
+        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
 @pytest.mark.parametrize("reward,error,needle", [
