@@ -24,12 +24,13 @@ from reflow.parallel.fused import FusedSpec, Slot, check_schedule, rank_orders
 
 def fused_train_step(jobs: dict[str, tuple[TrainEngine, SampleBatch, Callable] | tuple[TrainEngine, SampleBatch,
                                                                                      Callable, Norm | None]],
-                     spec: FusedSpec | None, schedule: list[Slot] | Callable[[int], tuple[FusedSpec, list[Slot]]],
+                     spec: FusedSpec | None,
+                     schedule: list[Slot] | Callable[[int], tuple[FusedSpec, list[Slot], float | None]],
                      memory_limit: float | None = None) -> dict[str, dict[str, float]]:
     """One optimizer step of every model in `jobs` (its whole mini-batch on every rank, as `step` takes it, and
     optionally its loss normaliser), run in `schedule`'s order on this rank; returns each model's stats.
-    `schedule` may be a function of the micro-batch count M -> (spec, schedule) (spec then None): the
-    schedule for the M the models cut their batches into."""
+    `schedule` may be a function of the micro-batch count M -> (spec, schedule, memory limit) (spec then None):
+    the schedule for the M the models cut their batches into, checked under its limit."""
     if spec is not None:
         check_schedule(schedule, spec, memory_limit)  # before any compute: deadlock, message order, memory
     stages, forwards, totals, where, cuts = {}, {}, {}, {}, {}
@@ -44,7 +45,7 @@ def fused_train_step(jobs: dict[str, tuple[TrainEngine, SampleBatch, Callable] |
         cuts[name], forwards[name] = engine.pipeline_forward(stage, part, loss_fn, norm, None, totals[name], "loss")
         stages[name] = stage
     if spec is None:
-        spec, schedule = schedule(len(next(iter(cuts.values()))))
+        spec, schedule, memory_limit = schedule(len(next(iter(cuts.values()))))
         check_schedule(schedule, spec, memory_limit)
     if set(jobs) != set(spec.ranks):
         raise ValueError(f"fused schedule is for models {sorted(spec.ranks)}, got jobs for {sorted(jobs)}")

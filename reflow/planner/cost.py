@@ -55,7 +55,7 @@ run one after the other, per optimizer step
     sequential = (M + p - 1)(u_a + u_b)
     fused      = sequential x span(searched fused schedule) / span(1F1B of a, then of b)     (fused_ratio:
                  parallel/fused.py's search on integer op times f = 1..4 in the ratio u_a : u_b, b = 2 f)
-    bound      = max((M + p - 1) max(u_a, u_b), M (u_a + u_b))                  (for M > 16 the bound is used)
+    bound      = max((M + p - 1) max(u_a, u_b), M (u_a + u_b))            (for p M > 32 the bound is used)
 
 and each call keeps its share (u_a : u_b) of the fused time; FSDP and optimizer terms are unchanged.
 Activations: the fused schedule holds at most p micro-batches per rank, of either model (its memory limit),
@@ -85,7 +85,7 @@ from functools import lru_cache
 
 from reflow.parallel.layout import Layout
 from reflow.parallel.pipeline import stage_bounds
-from reflow.parallel.fused import FusedSpec, search_fused, sequential_1f1b
+from reflow.parallel.fused import FusedSpec, search_fused_in_memory, sequential_1f1b
 from reflow.parallel.schedules import bubble_fraction
 from reflow.planner.hardware import Hardware
 from reflow.planner.models import ModelShape
@@ -348,19 +348,21 @@ def call_cost(kind: str, m: ModelShape | None, pl: Placement, hw: Hardware, wl: 
     return c
 
 
-FUSED_SEARCH_MAX_M = 16  # above it the lower bound (bubbles are a small part of the pipeline anyway)
+FUSED_SEARCH_MAX_OPS = 32  # p x M above it: the lower bound (the search costs a plan search seconds; long
+#                           pipelines have small bubbles, where the search lands near the bound anyway)
 
 
 @lru_cache(maxsize=None)
 def fused_ratio(p: int, m: int, fa: int, fb: int) -> float:
     """Makespan of the searched fused schedule / that of a's 1F1B pipeline then b's: p stages, m micro-batches,
-    forward times fa, fb (integers), backward twice the forward, memory limit p micro-batches per rank."""
+    forward times fa, fb (integers), backward twice the forward, memory limit p micro-batches per rank (more
+    where the search needs it: search_fused_in_memory)."""
     spec = FusedSpec(p, m, {"a": tuple(range(p)), "b": tuple(reversed(range(p)))}, {"a": fa, "b": fb},
                      {"a": 2 * fa, "b": 2 * fb}, {"a": 1.0, "b": 1.0})
     sequential = sequential_1f1b(spec)[1]
-    if m > FUSED_SEARCH_MAX_M:
+    if p * m > FUSED_SEARCH_MAX_OPS:
         return spec.lower_bound() / sequential
-    return min(sequential, search_fused(spec, memory_limit=p, iters=300)[1]) / sequential
+    return min(sequential, search_fused_in_memory(spec)[1]) / sequential
 
 
 def fused_costs(a: CallCost, b: CallCost, p: int) -> tuple[CallCost, CallCost]:
@@ -370,7 +372,7 @@ def fused_costs(a: CallCost, b: CallCost, p: int) -> tuple[CallCost, CallCost]:
     per_micro = [c.parts["pp_bubble"] / (steps * (p - 1)) for c in (a, b)]  # u: slowest stage, per micro-batch
     top = max(per_micro)
     fa, fb = (max(1, round(4 * u / top)) for u in per_micro)
-    ratio = fused_ratio(p, m, fa, fb)
+    ratio = fused_ratio(p, m, fa // math.gcd(fa, fb), fb // math.gcd(fa, fb))
     pipes = [steps * (m + p - 1) * u for u in per_micro]
     saved = (1.0 - ratio) * sum(pipes)
     fused = sum(pipes) - saved

@@ -11,7 +11,8 @@ The search space:
               stays on NVLink), p = 1 for generation; d only for a role without a model
 
 Moves (a group picked uniformly): another mesh with a random layout (30%), another layout on the same
-mesh (30%), the placement of another group of the same role (15%: removes a reallocation), the same
+mesh (30%), the placement of another group of the same role (15%: removes a reallocation; for a train
+group also another role's pipelined train placement: the two then fuse), the same
 layout on a neighbouring mesh of the same size (10%), the mesh halved or doubled (15%).
 
 Fusion: when the two trained roles' train calls land on the same ranks with the same layout of p >= 2 stages,
@@ -132,18 +133,21 @@ def fuse_train_calls(problem: Problem, plan: Plan) -> Plan:
     both on the same ranks with the same layout of p >= 2 stages: the second call's stages reversed, and its
     role's calls placed like it too (they stay on its owner copy). Otherwise `plan` itself."""
     g = problem.graph
-    train = [[c for c in g.roles[r] if g.call(c).kind == "train"] for r in g.trained_roles()]
-    if len(train) != 2 or any(len(t) != 1 for t in train):
+    if "fuse_pair" not in problem._cache:  # (first, second train call, the second's role's calls) or None
+        train = [[c for c in g.roles[r] if g.call(c).kind == "train"] for r in g.trained_roles()]
+        pair = None
+        if len(train) == 2 and all(len(t) == 1 for t in train):
+            a, b = sorted((train[0][0], train[1][0]), key=g.order.index)
+            pair = a, b, set(g.roles[g.call(b).role])
+        problem._cache["fuse_pair"] = pair
+    if problem._cache["fuse_pair"] is None:
         return plan
-    a, b = train[0][0], train[1][0]
-    if g.order.index(b) < g.order.index(a):
-        a, b = b, a
+    a, b, role_calls = problem._cache["fuse_pair"]
     pa, pb = plan.calls[a], plan.calls[b]
     if pa.layout.p < 2 or pa.layout != pb.layout or pa.ranks != pb.ranks:
         return plan
     flipped = Placement(reversed_stages(pa.ranks, pa.layout.p), pb.layout, pb.schedule)
-    role = g.call(b).role
-    calls = {c: (flipped if g.call(c).role == role and pl == pb else pl) for c, pl in plan.calls.items()}
+    calls = {c: (flipped if c in role_calls and pl == pb else pl) for c, pl in plan.calls.items()}
     return Plan(plan.name, plan.world_size, calls, (a, b))
 
 
@@ -209,6 +213,8 @@ def _propose(rng: random.Random, groups: list[Group], state: dict[str, Placement
             new = Placement(cur.ranks, lays[rng.randrange(len(lays))])
     elif u < 0.75:
         others = [g for g in groups if g.role == grp.role and g.name != grp.name]
+        if grp.kind == "train":  # another role's pipelined train placement: the two train calls fuse
+            others += [g for g in groups if g.kind == "train" and g.role != grp.role and state[g.name].layout.p > 1]
         if others:
             pl = state[others[rng.randrange(len(others))].name]
             if pl.layout in (grp.layouts.get(len(pl.ranks)) or []):

@@ -9,8 +9,9 @@ terms), the waiting step runs alone through its engine. Every collective thus ru
 same order on every rank (the threads only compute what does not communicate: advantages, metrics), and
 each call returns the metrics it returns when run alone: each model's gradients are its own.
 
-The schedule of M micro-batches per model: `search_fused` on p ranks (the second call's stages reversed),
-memory limit p micro-batches per rank (1F1B's), found once per M and the same on every rank (seeded).
+The schedule of M micro-batches per model: `search_fused_in_memory` on p ranks (the second call's stages
+reversed), memory limit p micro-batches per rank (1F1B's first stage) unless the search needs more, found
+once per M and the same on every rank (seeded).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import threading
 from typing import Callable
 
 from reflow.engines.fused_train import fused_train_step
-from reflow.parallel.fused import FusedSpec, Slot, search_fused
+from reflow.parallel.fused import FusedSpec, Slot, search_fused_in_memory
 
 
 def fused_spec(names: tuple[str, str], p: int, m: int) -> FusedSpec:
@@ -28,15 +29,17 @@ def fused_spec(names: tuple[str, str], p: int, m: int) -> FusedSpec:
                      {n: 1 for n in names}, {n: 2 for n in names}, {n: 1.0 for n in names})
 
 
-_SCHEDULES: dict[tuple[tuple[str, str], int, int], tuple[FusedSpec, list[Slot]]] = {}
+_SCHEDULES: dict[tuple[tuple[str, str], int, int], tuple[FusedSpec, list[Slot], float | None]] = {}
 
 
-def fused_schedule(names: tuple[str, str], p: int, m: int) -> tuple[FusedSpec, list[Slot]]:
-    """(spec, schedule) for M micro-batches, searched once per process (deterministic: every rank the same)."""
+def fused_schedule(names: tuple[str, str], p: int, m: int) -> tuple[FusedSpec, list[Slot], float | None]:
+    """(spec, schedule, its memory limit) for M micro-batches, searched once per process (deterministic: every
+    rank finds the same)."""
     key = (names, p, m)
     if key not in _SCHEDULES:
         spec = fused_spec(names, p, m)
-        _SCHEDULES[key] = spec, search_fused(spec, memory_limit=p, iters=300)[0]
+        schedule, _, limit = search_fused_in_memory(spec)
+        _SCHEDULES[key] = spec, schedule, limit
     return _SCHEDULES[key]
 
 
@@ -109,7 +112,7 @@ class FusedCalls:
         try:
             if fusable:
                 jobs = {n: (s.engine, s.args[0], s.args[1], s.args[2]) for n, s in steps.items()}
-                out = fused_train_step(jobs, None, lambda m: fused_schedule(self.names, self.p, m), self.p)
+                out = fused_train_step(jobs, None, lambda m: fused_schedule(self.names, self.p, m))
                 for n, s in steps.items():
                     s.result = out[n]
                 self.fused_steps += 1
