@@ -97,7 +97,8 @@ class Executor:
         """(data handles of the call's producers, its meta with their "parts": [(prefix, count)])."""
         deps = graph.deps[name]
         refs = [ref for d in deps for ref in outputs[d]]
-        return refs, {**meta, "parts": [(graph.call(d).prefix if i else "", len(outputs[d])) for i, d in enumerate(deps)]}
+        parts = [(graph.call(d).prefix if i else "", len(outputs[d])) for i, d in enumerate(deps)]
+        return refs, {**meta, "parts": parts}
 
     def _submit_fused(self, graph: Graph, names: list[str], step: int, meta: dict, outputs: dict[str, list],
                       pending: list) -> None:
