@@ -17,7 +17,8 @@ actor's weights) runs with the adapters switched off, i.e. on the base model.
 Data: a call's output is a SampleBatch of its declared output fields (from the call's first rank; from
 every replica of a generate call) or a dict of metrics; each rank of a consumer merges the parts of its
 producers by sample id (`merge`). Every `run` also returns a small info dict (rank, seconds, metrics),
-the only thing the controller fetches.
+the only thing the controller fetches. `run_fused` runs the plan's fused pair of train calls as one
+(runtime/fusion.py) and returns each call's output and info as `run` would.
 """
 
 from __future__ import annotations
