@@ -16,27 +16,42 @@ from typing import Callable
 
 import torch.distributed as dist
 
+from reflow.algorithms.aggregation import Norm
 from reflow.data.batch import SampleBatch
 from reflow.engines.train import TrainEngine
 from reflow.parallel.fused import FusedSpec, Slot, check_schedule, rank_orders
 
 
-def fused_train_step(jobs: dict[str, tuple[TrainEngine, SampleBatch, Callable]], spec: FusedSpec,
-                     schedule: list[Slot], memory_limit: float | None = None) -> dict[str, dict[str, float]]:
-    """One optimizer step of every model in `jobs` (its whole mini-batch on every rank, as `step` takes it),
-    run in `schedule`'s order on this rank; returns each model's stats."""
-    check_schedule(schedule, spec, memory_limit)  # before any compute: deadlock, message order, memory
+def fused_train_step(jobs: dict[str, tuple[TrainEngine, SampleBatch, Callable] | tuple[TrainEngine, SampleBatch,
+                                                                                     Callable, Norm | None]],
+                     spec: FusedSpec | None,
+                     schedule: list[Slot] | Callable[[int], tuple[FusedSpec, list[Slot], float | None]],
+                     memory_limit: float | None = None) -> dict[str, dict[str, float]]:
+    """One optimizer step of every model in `jobs` (its whole mini-batch on every rank, as `step` takes it, and
+    optionally its loss normaliser), run in `schedule`'s order on this rank; returns each model's stats.
+    `schedule` may be a function of the micro-batch count M -> (spec, schedule, memory limit) (spec then None):
+    the schedule for the M the models cut their batches into, checked under its limit."""
+    if spec is not None:
+        check_schedule(schedule, spec, memory_limit)  # before any compute: deadlock, message order, memory
+    stages, forwards, totals, where, cuts = {}, {}, {}, {}, {}
+    for name, (engine, batch, loss_fn, *norm) in jobs.items():
+        stage = getattr(engine.model, "_reflow_stage", None)
+        p = spec.p if spec is not None else stage.p if stage is not None else 0
+        if stage is None or stage.p != p or p < 2:
+            raise ValueError(f"fused training: model '{name}' must be pipelined with p={p} (layout dXtYp{p})")
+        engine.model.train()
+        norm, part, key, shared = engine.norm_and_part(batch, norm[0] if norm else None, None, False)
+        totals[name] = {}
+        cuts[name], forwards[name] = engine.pipeline_forward(stage, part, loss_fn, norm, key, totals[name], "loss",
+                                                             shared)
+        stages[name] = stage
+    if spec is None:
+        spec, schedule, memory_limit = schedule(len(next(iter(cuts.values()))))
+        check_schedule(schedule, spec, memory_limit)
     if set(jobs) != set(spec.ranks):
         raise ValueError(f"fused schedule is for models {sorted(spec.ranks)}, got jobs for {sorted(jobs)}")
-    stages, forwards, totals, where = {}, {}, {}, {}
-    for name, (engine, batch, loss_fn) in jobs.items():
-        stage = getattr(engine.model, "_reflow_stage", None)
-        if stage is None or stage.p != spec.p:
-            raise ValueError(f"fused training: model '{name}' must be pipelined with p={spec.p} (layout dXtYp{spec.p})")
-        engine.model.train()
-        norm, part, key, shared = engine.norm_and_part(batch, None, None, False)
-        totals[name] = {}
-        mbs, forwards[name] = engine.pipeline_forward(stage, part, loss_fn, norm, key, totals[name], "loss", shared)
+    for name, mbs in cuts.items():
+        stage = stages[name]
         if len(mbs) != spec.m:
             raise ValueError(f"fused schedule is for M={spec.m} micro-batches but model '{name}' cut its batch into "
                              f"{len(mbs)}; build the schedule for M={len(mbs)} or change micro_batch_tokens")
@@ -44,7 +59,6 @@ def fused_train_step(jobs: dict[str, tuple[TrainEngine, SampleBatch, Callable]],
             if where.setdefault(r, stage.ranks[s]) != stage.ranks[s]:
                 raise ValueError(f"fused training: stage {s} of '{name}' runs on rank {stage.ranks[s]}, the schedule "
                                  f"puts it with rank {where[r]}; build the critic's layout on the reversed rank list")
-        stages[name] = stage
         stage.start_step()
     me = next(r for r, g in where.items() if g == dist.get_rank())
     order = rank_orders(schedule, spec.p)[me]

@@ -272,6 +272,21 @@ def search_fused(spec: FusedSpec, memory_limit: float | None = None, iters: int 
     return best_sched, best
 
 
+def search_fused_in_memory(spec: FusedSpec, iters: int = 300, seed: int = 0) -> tuple[list[Slot], int, float | None]:
+    """(schedule, makespan, memory limit) of `search_fused` under the smallest per-rank limit of p, 2p, 4p, ...
+    activations (p: what 1F1B holds on its first stage) for which the greedy start finds a schedule (its
+    backwards-first rule can fill every rank with forwards whose backwards wait on each other); no limit once
+    it reaches every micro-batch of every model, where greedy always runs."""
+    limit = float(spec.p)
+    whole = sum(spec.m * spec.act.get(k, 1.0) for k in spec.ranks)
+    while limit < whole:
+        try:
+            return (*search_fused(spec, memory_limit=limit, iters=iters, seed=seed), limit)
+        except ScheduleError:
+            limit *= 2
+    return (*search_fused(spec, memory_limit=None, iters=iters, seed=seed), None)
+
+
 def bubble_fractions(schedule: list[Slot], spec: FusedSpec) -> list[float]:
     """Per rank: idle time / makespan."""
     span = max(s.slot + spec.duration(s.op) for s in schedule)

@@ -48,6 +48,19 @@ uses the FSDP-sharded weights: every forward pass all-gathers the stage's weight
 for infer, per decode step and prefill for generate), overlapped with compute:
 infer = max(pipe, m AG_d) + AG_d / n_s; decode = max(decode, G AG_d).
 
+fused train calls (the plan's `fuse: [a, b]`, same ranks, p >= 2, M micro-batches each; per-micro-batch
+forward + backward of the slowest stage u_a, u_b): RLHFuse's interleaved schedule replaces the two pipelines
+run one after the other, per optimizer step
+
+    sequential = (M + p - 1)(u_a + u_b)
+    fused      = sequential x span(searched fused schedule) / span(1F1B of a, then of b)     (fused_ratio:
+                 parallel/fused.py's search on integer op times f = 1..4 in the ratio u_a : u_b, b = 2 f)
+    bound      = max((M + p - 1) max(u_a, u_b), M (u_a + u_b))            (for p M > 32 the bound is used)
+
+and each call keeps its share (u_a : u_b) of the fused time; FSDP and optimizer terms are unchanged.
+Activations: the fused schedule holds at most p micro-batches per rank, of either model (its memory limit),
+as 1F1B does (memory.py).
+
 Tensor parallel's fixed cost per layer per pass (DTensor dispatch, launching the all-reduces):
 tp_overhead x n_s per forward pass and per decode step (x compute_passes in training), when t > 1.
 
@@ -72,6 +85,7 @@ from functools import lru_cache
 
 from reflow.parallel.layout import Layout
 from reflow.parallel.pipeline import stage_bounds
+from reflow.parallel.fused import FusedSpec, search_fused_in_memory, sequential_1f1b
 from reflow.parallel.schedules import bubble_fraction
 from reflow.planner.hardware import Hardware
 from reflow.planner.models import ModelShape
@@ -332,6 +346,43 @@ def call_cost(kind: str, m: ModelShape | None, pl: Placement, hw: Hardware, wl: 
         c.time += hw.call_overhead
         c.parts["call_overhead"] = hw.call_overhead
     return c
+
+
+FUSED_SEARCH_MAX_OPS = 32  # p x M above it: the lower bound (the search costs a plan search seconds; long
+#                           pipelines have small bubbles, where the search lands near the bound anyway)
+
+
+@lru_cache(maxsize=None)
+def fused_ratio(p: int, m: int, fa: int, fb: int) -> float:
+    """Makespan of the searched fused schedule / that of a's 1F1B pipeline then b's: p stages, m micro-batches,
+    forward times fa, fb (integers), backward twice the forward, memory limit p micro-batches per rank (more
+    where the search needs it: search_fused_in_memory)."""
+    spec = FusedSpec(p, m, {"a": tuple(range(p)), "b": tuple(reversed(range(p)))}, {"a": fa, "b": fb},
+                     {"a": 2 * fa, "b": 2 * fb}, {"a": 1.0, "b": 1.0})
+    sequential = sequential_1f1b(spec)[1]
+    if p * m > FUSED_SEARCH_MAX_OPS:
+        return spec.lower_bound() / sequential
+    return min(sequential, search_fused_in_memory(spec)[1]) / sequential
+
+
+def fused_costs(a: CallCost, b: CallCost, p: int) -> tuple[CallCost, CallCost]:
+    """Two train calls' costs (train_cost, same p >= 2 and micro-batch count) -> their costs when fused: the
+    pipeline time of both shrinks to the fused schedule's (module docstring), split u_a : u_b."""
+    m, steps = int(a.parts["micro_batches"]), a.parts["steps"]
+    per_micro = [c.parts["pp_bubble"] / (steps * (p - 1)) for c in (a, b)]  # u: slowest stage, per micro-batch
+    top = max(per_micro)
+    fa, fb = (max(1, round(4 * u / top)) for u in per_micro)
+    ratio = fused_ratio(p, m, fa // math.gcd(fa, fb), fb // math.gcd(fa, fb))
+    pipes = [steps * (m + p - 1) * u for u in per_micro]
+    saved = (1.0 - ratio) * sum(pipes)
+    fused = sum(pipes) - saved
+    bubble = 1.0 - m * sum(per_micro) * steps / fused if fused > 0 else 0.0
+    out = []
+    for c, pipe in zip((a, b), pipes):
+        share = pipe / sum(pipes) if sum(pipes) > 0 else 0.5
+        out.append(CallCost(c.time - saved * share, {**c.parts, "fused_pipeline": fused, "fused_ratio": ratio,
+                                                      "pp_bubble_fraction": bubble}))
+    return out[0], out[1]
 
 
 def placement(layout: str | Layout, ranks) -> Placement:

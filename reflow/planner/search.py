@@ -11,8 +11,13 @@ The search space:
               stays on NVLink), p = 1 for generation; d only for a role without a model
 
 Moves (a group picked uniformly): another mesh with a random layout (30%), another layout on the same
-mesh (30%), the placement of another group of the same role (15%: removes a reallocation), the same
+mesh (30%), the placement of another group of the same role (15%: removes a reallocation; for a train
+group also another role's pipelined train placement: the two then fuse), the same
 layout on a neighbouring mesh of the same size (10%), the mesh halved or doubled (15%).
+
+Fusion: when the two trained roles' train calls land on the same ranks with the same layout of p >= 2 stages,
+the plan fuses them (`fuse: [a, b]`, the second's stages reversed; cost.py's fused_costs); Problem.fuse=False
+turns this off.
 
 Annealing: cost(plan) = simulated iteration time, times (2 + GB over memory) for plans that do not fit
 (so the chain can walk out of them; only plans that fit are ever returned). A move from cost c to c' is
@@ -34,7 +39,7 @@ from dataclasses import dataclass, field
 from reflow.parallel.layout import Layout
 from reflow.planner.hardware import GB
 from reflow.planner.simulator import Evaluation, Problem, evaluate
-from reflow.runtime.plan import BUILTIN, Placement, Plan
+from reflow.runtime.plan import BUILTIN, Placement, Plan, reversed_stages
 
 
 # ---------------------------------------------------------------------------------------------- space
@@ -119,7 +124,31 @@ def to_plan(problem: Problem, groups: list[Group], state: dict[str, Placement], 
     for grp in groups:
         for c in grp.calls:
             calls[c] = state[grp.name]
-    return Plan(name, problem.world_size, {c: calls[c] for c in problem.graph.order})
+    plan = Plan(name, problem.world_size, {c: calls[c] for c in problem.graph.order})
+    return fuse_train_calls(problem, plan) if problem.fuse else plan
+
+
+def fuse_train_calls(problem: Problem, plan: Plan) -> Plan:
+    """`plan` with its two trained roles' train calls fused (plan key `fuse`) when each role has one train call,
+    both on the same ranks with the same layout of p >= 2 stages: the second call's stages reversed, and its
+    role's calls placed like it too (they stay on its owner copy). Otherwise `plan` itself."""
+    g = problem.graph
+    if "fuse_pair" not in problem._cache:  # (first, second train call, the second's role's calls) or None
+        train = [[c for c in g.roles[r] if g.call(c).kind == "train"] for r in g.trained_roles()]
+        pair = None
+        if len(train) == 2 and all(len(t) == 1 for t in train):
+            a, b = sorted((train[0][0], train[1][0]), key=g.order.index)
+            pair = a, b, set(g.roles[g.call(b).role])
+        problem._cache["fuse_pair"] = pair
+    if problem._cache["fuse_pair"] is None:
+        return plan
+    a, b, role_calls = problem._cache["fuse_pair"]
+    pa, pb = plan.calls[a], plan.calls[b]
+    if pa.layout.p < 2 or pa.layout != pb.layout or pa.ranks != pb.ranks:
+        return plan
+    flipped = Placement(reversed_stages(pa.ranks, pa.layout.p), pb.layout, pb.schedule)
+    calls = {c: (flipped if c in role_calls and pl == pb else pl) for c, pl in plan.calls.items()}
+    return Plan(plan.name, plan.world_size, calls, (a, b))
 
 
 def from_plan(groups: list[Group], plan: Plan) -> dict[str, Placement]:
@@ -184,6 +213,8 @@ def _propose(rng: random.Random, groups: list[Group], state: dict[str, Placement
             new = Placement(cur.ranks, lays[rng.randrange(len(lays))])
     elif u < 0.75:
         others = [g for g in groups if g.role == grp.role and g.name != grp.name]
+        if grp.kind == "train":  # another role's pipelined train placement: the two train calls fuse
+            others += [g for g in groups if g.kind == "train" and g.role != grp.role and state[g.name].layout.p > 1]
         if others:
             pl = state[others[rng.randrange(len(others))].name]
             if pl.layout in (grp.layouts.get(len(pl.ranks)) or []):

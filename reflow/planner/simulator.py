@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from reflow.planner.cost import CallCost, Workload, call_cost
+from reflow.planner.cost import CallCost, Workload, call_cost, fused_costs
 from reflow.planner.hardware import GB, Hardware
 from reflow.planner.memory import MemoryReport, plan_memory
 from reflow.planner.models import ModelShape
@@ -59,6 +59,7 @@ class Problem:
     barrier: bool = True
     iterations: int = 3
     staleness: int = 0  # rollout.max_staleness: the rollout phase of iteration i + k is issued before the train phase of i
+    fuse: bool = True  # the search fuses two roles' train calls placed on the same ranks with p >= 2 (plan `fuse`)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def model_configs(self) -> dict:
@@ -160,6 +161,9 @@ def call_costs(problem: Problem, plan: Plan, memory: MemoryReport) -> tuple[dict
             reallocs[name] = fn(m, owner, pl, problem.hw, src_sharded=call.weights in trained)
             if m.lora_rank and call.weights in trained:  # the copy keeps its base: every step moves the adapters
                 reallocs[name] = adapters_only(reallocs[name], m.trainable_fraction)
+    if plan.fuse:  # the fused pair: one interleaved pipeline schedule instead of two one after the other
+        a, b = plan.fuse
+        times[a], times[b] = fused_costs(times[a], times[b], plan.calls[a].layout.p)
     return times, reallocs
 
 

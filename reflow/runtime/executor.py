@@ -18,6 +18,10 @@ stream; the controller follows its chunks and submits each to the consumers as s
 workers the consumers run while the long tail still generates (the transports say where the overlap comes
 from). The consumers' chunks merge back into the whole batch, in sample-id order, for the train calls.
 
+The plan's fused pair (`fuse: [a, b]`) is submitted as one task per rank at the later call's place in the
+order (the graph's order is a topological one, so both calls' inputs are ready; nothing reads their output);
+each rank returns each call's data and info handles, so metrics and times are per call as when run apart.
+
 Transports (runtime.workers): 0 = one local worker in this process (the plan is every call d1t1p1 on
 rank 0), N = N Ray workers (an embedded Ray, or a cluster at runtime.ray_address).
 """
@@ -114,19 +118,43 @@ class Executor:
         fusion = getattr(self.cfg, "fusion", None)
         streams = streamed(graph, names) if fusion is not None and fusion.inter_stage else {}
         chunked = {n for users in streams.values() for n in users}
+        fuse = [n for n in self.plan.fuse if graph is self.graph]
         for name in names:
             call = graph.call(name)
             every = call.options.get("every")
             if name in chunked or (every and (step + 1) % every):
                 continue
-            deps = [name] if again else graph.deps[name]
-            refs = [ref for d in deps for ref in outputs[d]]
-            parts = [(graph.call(d).prefix if i else "", len(outputs[d])) for i, d in enumerate(deps)]
+            if name in fuse:
+                if name == max(fuse, key=graph.order.index):
+                    self._submit_fused(graph, fuse, step, meta, outputs, pending)
+                continue
+            refs, parts = self._inputs(graph, [name] if again else graph.deps[name], outputs)
             if name in streams:
                 self._stream(graph, name, step, {**meta, "parts": parts}, refs, streams[name], outputs, pending)
             else:
                 outputs[name] = self._submit_call(graph, name, step, meta, refs, parts, pending)
         return pending
+
+    @staticmethod
+    def _inputs(graph: Graph, deps: list[str], outputs: dict[str, list]) -> tuple[list, list]:
+        """(data handles of the producers `deps`, their "parts" [(prefix, count)] for the call's meta)."""
+        refs = [ref for d in deps for ref in outputs[d]]
+        parts = [(graph.call(d).prefix if i else "", len(outputs[d])) for i, d in enumerate(deps)]
+        return refs, parts
+
+    def _submit_fused(self, graph: Graph, names: list[str], step: int, meta: dict, outputs: dict[str, list],
+                      pending: list) -> None:
+        """The fused pair, one task per rank of the first call's ranks (the second's are the same, reordered)."""
+        inputs = [self._inputs(graph, graph.deps[n], outputs) for n in names]
+        refs = [ref for r, _ in inputs for ref in r]
+        for n in names:
+            outputs[n] = []
+        for r in self.placements[names[0]].ranks:
+            handles = self.transport.run_fused(r, step, names, [{**meta, "parts": parts} for _, parts in inputs],
+                                               *refs)
+            for i, n in enumerate(names):
+                outputs[n].append(handles[i])
+                pending.append((handles[len(names) + i], (n, r)))
 
     def _stream(self, graph: Graph, name: str, step: int, meta: dict, refs: list, users: list[str],
                 outputs: dict[str, list], pending: list) -> None:

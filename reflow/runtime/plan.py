@@ -9,6 +9,15 @@ table, saved and loaded as YAML, validated before any worker starts, searched (r
 `schedule` (train calls with p > 1): the pipeline schedule, 1f1b (default: activations of at most p
 micro-batches held) or gpipe (all M); both give the same gradients and the same bubble (parallel/schedules.py).
 
+    fuse: [actor_train, critic_train]        # optional, top level: two train calls run as one fused call
+
+`fuse` (RLHFuse intra-stage fusion): two train calls of different roles, placed on the same ranks with the
+same layout of p >= 2 stages, run as one call whose schedule interleaves both pipelines' micro-batches
+(parallel/fused.py, engines/fused_train.py). The second call's stages run on the first's ranks in reverse
+stage order (its placement's ranks are rewritten so; place its role's other calls on those ranks, in that order, to run
+them on the owner copy without a reallocation), so each pipeline's bubbles fill with the other's work. Same
+numbers as running the two calls one after the other. Only on workers (runtime.workers >= p).
+
 Meaning of a layout per kind: train = FSDP2 over d (the role's owner copy, with its optimizer);
 generate / infer = d replicas (each holds its tensor/pipeline slice whole), the batch split over them.
 Built-in plans: "colocate" (every call on every device: DeepSpeed-Chat / verl style) and "separate"
@@ -62,11 +71,19 @@ class Placement:
         return f"{self.layout} on {format_ranks(self.ranks)}"
 
 
+def reversed_stages(ranks: tuple[int, ...], p: int) -> tuple[int, ...]:
+    """The ranks of a layout with p stages, its stages in reverse order (stage s's block of len/p ranks last
+    but s): the fused partner's placement, stage s on the ranks of stage p - 1 - s of the first call."""
+    n = len(ranks) // p
+    return tuple(r for s in reversed(range(p)) for r in ranks[s * n:(s + 1) * n])
+
+
 @dataclass
 class Plan:
     name: str
     world_size: int
     calls: dict[str, Placement]
+    fuse: tuple[str, ...] = ()  # two train calls run as one fused call (first's stage order; second reversed)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -82,7 +99,8 @@ class Plan:
                 calls[call] = Placement(parse_ranks(spec["ranks"]), Layout.parse(str(spec["layout"])), schedule)
             except (ValueError, LayoutError) as e:
                 raise PlanError(f"plan call '{call}': {e}") from None
-        return cls(data.get("name", name), int(data.get("world_size", world_size)), calls)
+        fuse = _fused_pair(data.get("fuse"), calls)
+        return cls(data.get("name", name), int(data.get("world_size", world_size)), calls, fuse)
 
     @classmethod
     def load(cls, path: str | Path, world_size: int) -> "Plan":
@@ -94,7 +112,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {"name": self.name, "world_size": self.world_size,
                 "calls": {c: {"ranks": format_ranks(p.ranks), "layout": str(p.layout),
-                              **({"schedule": p.schedule} if p.layout.p > 1 else {})} for c, p in self.calls.items()}}
+                              **({"schedule": p.schedule} if p.layout.p > 1 else {})} for c, p in self.calls.items()},
+                **({"fuse": list(self.fuse)} if self.fuse else {})}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -146,7 +165,33 @@ class Plan:
             if len(schedules) > 1:
                 raise PlanError(f"plan: the train calls of role '{role}' share one engine, so one pipeline schedule; "
                                 f"got {', '.join(sorted(schedules))}: give them the same schedule")
+        if self.fuse:
+            self._validate_fuse(graph)
         return self
+
+    def _validate_fuse(self, graph: Graph) -> None:
+        """Both fused calls: train calls of two roles in the graph, every step, neither reading the other's output
+        and none read by a call (the pair is submitted together, at the later one's place in the order)."""
+        fuse = ", ".join(self.fuse)
+        for name in self.fuse:
+            if name not in graph.order:
+                raise PlanError(f"plan fuse: [{fuse}]: '{name}' is not a call of graph '{graph.name}'; fuse two of "
+                                f"its train calls or drop the fuse key")
+            call = graph.call(name)
+            if call.kind != "train":
+                raise PlanError(f"plan fuse: [{fuse}]: '{name}' is not a train call (kind {call.kind}); only train "
+                                f"calls fuse, drop the fuse key")
+            if call.options.get("every"):
+                raise PlanError(f"plan fuse: [{fuse}]: '{name}' runs every {call.options['every']} steps; fuse "
+                                f"calls that run every step, or drop the fuse key")
+            users = [m for m in graph.order if name in graph.deps[m]]
+            if users:
+                raise PlanError(f"plan fuse: [{fuse}]: call '{users[0]}' reads the output of '{name}'; drop the "
+                                f"fuse key")
+        a, b = (graph.call(n) for n in self.fuse)
+        if a.role == b.role:
+            raise PlanError(f"plan fuse: [{fuse}]: both train role '{a.role}' (one engine); fuse the train calls "
+                            f"of two roles (actor_train, critic_train)")
 
     def table(self, graph: Graph) -> str:
         rows = [("call", "role", "kind", "ranks", "layout")]
@@ -159,7 +204,33 @@ class Plan:
             lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)))
             if i == 0:
                 lines.append("  " + "  ".join("-" * w for w in widths))
+        if self.fuse:
+            lines.append(f"  fused: {' + '.join(self.fuse)} (one interleaved pipeline schedule; {self.fuse[1]}'s "
+                         f"stages in reverse order)")
         return "\n".join(lines)
+
+
+def _fused_pair(spec, calls: dict[str, Placement]) -> tuple[str, ...]:
+    """The `fuse` key checked against the placements (the graph is checked in `validate`); rewrites the
+    second call's placement to the first's ranks in reverse stage order."""
+    if spec is None:
+        return ()
+    if not isinstance(spec, (list, tuple)) or len(spec) != 2 or len(set(map(str, spec))) != 2:
+        raise PlanError(f"plan fuse: give two train calls, like fuse: [actor_train, critic_train]; got {spec!r}")
+    first, second = map(str, spec)
+    where = f"plan fuse: [{first}, {second}]"
+    for name in (first, second):
+        if name not in calls:
+            raise PlanError(f"{where}: '{name}' has no placement under calls:; place it, or drop the fuse key")
+    a, b = calls[first], calls[second]
+    if set(a.ranks) != set(b.ranks) or a.layout != b.layout:
+        raise PlanError(f"{where}: fused calls run on the same ranks with the same layout; got {a} and {b}: "
+                        f"give both one of them")
+    if a.layout.p < 2:
+        raise PlanError(f"{where}: fusion fills pipeline bubbles, so it needs p >= 2; got {a.layout}: use a "
+                        f"layout like d{max(1, a.layout.d // 2)}t{a.layout.t}p2, or drop the fuse key")
+    calls[second] = Placement(reversed_stages(a.ranks, a.layout.p), a.layout, b.schedule)
+    return first, second
 
 
 def needs_copy(kind: str, pl: Placement, owner: Placement, trained: bool) -> bool:

@@ -124,6 +124,10 @@ class LocalTransport:
     def run(self, rank: int, step: int, name: str, *args):
         return self.watch(f"call '{name}' of step {step}", self.worker.run, step, name, *args)
 
+    def run_fused(self, rank: int, step: int, names: list[str], *args):
+        """The plan's fused pair as one call -> (data handle of each call, then the info handle of each)."""
+        return self.watch(f"fused calls {', '.join(names)} of step {step}", self.worker.run_fused, step, names, *args)
+
     def send_weights(self, rank: int, *args):
         return self.worker.send_weights(*args)
 
@@ -216,6 +220,9 @@ class RayTransport:
 
     def run(self, rank: int, *args):
         return self.workers[rank].run.options(num_returns=2).remote(*args)
+
+    def run_fused(self, rank: int, step: int, names: list[str], *args):
+        return self.workers[rank].run_fused.options(num_returns=2 * len(names)).remote(step, names, *args)
 
     def send_weights(self, rank: int, *args):
         return self.workers[rank].send_weights.remote(*args)

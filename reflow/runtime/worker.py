@@ -17,7 +17,8 @@ actor's weights) runs with the adapters switched off, i.e. on the base model.
 Data: a call's output is a SampleBatch of its declared output fields (from the call's first rank; from
 every replica of a generate call) or a dict of metrics; each rank of a consumer merges the parts of its
 producers by sample id (`merge`). Every `run` also returns a small info dict (rank, seconds, metrics),
-the only thing the controller fetches.
+the only thing the controller fetches. `run_fused` runs the plan's fused pair of train calls as one
+(runtime/fusion.py) and returns each call's output and info as `run` would.
 """
 
 from __future__ import annotations
@@ -346,9 +347,9 @@ class Worker:
         return {"rank": self.rank, "time": time.time() - t0}
 
     def _setup(self, step: int, name: str, meta: dict, refs) -> tuple:
-        """What running call `name` on this rank needs: (call context, the adapters' context, whether the weights
-        are a temporary copy, when the weights were ready). A chunk of a streamed call (meta["chunk"]) reuses the
-        copy its first chunk built, until `end_stream`."""
+        """What running call `name` on this rank needs: (call context, its input batch, the adapters' context,
+        whether the weights are a temporary copy, when the call started, when the weights were ready). A chunk
+        of a streamed call (meta["chunk"]) reuses the copy its first chunk built, until `end_stream`."""
         t0 = time.time()
         call = self.calls[name]
         ctx = self.ctx[self.placements[name]]
@@ -384,29 +385,56 @@ class Worker:
         if not temporary and role is not None and role.parked is not None:
             role.parked.offload()
 
-    def _nonfinite(self, e: NonFiniteError, step: int, name: str, batch) -> NonFiniteError:
-        return NonFiniteError(f"step {step}, call '{name}': {e}; {nonfinite_samples(batch)}; "
-                              "trainer.on_nonfinite=skip skips such updates")
+    def _implement(self, cc: CallContext, batch: SampleBatch | None, adapters):
+        """The call's implementation on its batch; a non-finite loss names the step, call and samples."""
+        try:
+            with adapters:
+                return get_call(cc.call.impl)(cc, batch)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"step {cc.step}, call '{cc.call.name}': {e}; {nonfinite_samples(batch)}; "
+                                 "trainer.on_nonfinite=skip skips such updates") from None
+
+    def _finish(self, cc: CallContext, out, temporary: bool, t0: float, t1: float):
+        """A call's (output, info) after its implementation returned `out`."""
+        self._after(cc, temporary)
+        cc.model = None  # a temporary copy lives for its call only (the owner copy stays referenced by its role)
+        self._record(cc.step, cc.call.name, t1, chunk=cc.meta.get("chunk"))
+        info = {"rank": self.rank, "time": time.time() - t0}
+        if isinstance(out, dict):
+            info["metrics"] = {**cc.metrics, **out}
+            return None, info
+        return self._output(out, cc.call, cc.ctx, info, cc.metrics)
 
     def run(self, step: int, name: str, meta: dict, *refs):
         """Run call `name` of step `step` on this rank -> (output, info). refs: the parts returned by the call's
         producers, in the order of meta["parts"] = [(prefix, count), ...] (Ray resolves them into batches)."""
         cc, batch, adapters, temporary, t0, t1 = self._setup(step, name, meta, refs)
-        call, ctx = cc.call, cc.ctx
-        try:
-            with adapters:
-                out = get_call(call.impl)(cc, batch)
-        except NonFiniteError as e:
-            raise self._nonfinite(e, step, name, batch) from None
-        self._after(cc, temporary)
-        metrics = cc.metrics
-        del cc  # a temporary copy lives for its call only (the owner copy stays referenced by its role)
-        self._record(step, name, t1, chunk=meta.get("chunk"))
-        info = {"rank": self.rank, "time": time.time() - t0}
-        if isinstance(out, dict):
-            info["metrics"] = {**metrics, **out}
-            return None, info
-        return self._output(out, call, ctx, info, metrics)
+        out = self._implement(cc, batch, adapters)
+        return self._finish(cc, out, temporary, t0, t1)
+
+    def run_fused(self, step: int, names: list[str], metas: list[dict], *refs):
+        """Run the plan's fused pair of train calls as one (runtime/fusion.py) -> (output of each call, then the
+        info of each), as `run` returns them for each; refs: the first call's parts, then the second's."""
+        from reflow.runtime.fusion import FusedCalls
+
+        t0 = time.time()
+        at, prepared = 0, {}
+        for name, meta in zip(names, metas):
+            n = sum(c for _, c in meta.get("parts", []))
+            prepared[name] = self._setup(step, name, meta, refs[at:at + n])
+            at += n
+        fused = FusedCalls(tuple(names), self.placements[names[0]].layout.p)
+        for name, (cc, *_) in prepared.items():
+            cc.stepper = fused.stepper(name, cc.role.engine)
+        outs = fused.run({name: (lambda cc=cc, batch=batch, adapters=adapters: self._implement(cc, batch, adapters))
+                          for name, (cc, batch, adapters, *_) in prepared.items()})
+        # both calls span the fused call on the timeline (they ran interleaved), each with its own metrics; a
+        # third slice marks the steps that ran fused
+        if fused.fused_steps:
+            self._record(step, f"{'+'.join(names)}:fused", t0)
+        done = [self._finish(cc, outs[name], temporary, t0, t1)
+                for name, (cc, _, _, temporary, _, t1) in prepared.items()]
+        return (*[d for d, _ in done], *[i for _, i in done])
 
     def _output(self, out, call: Call, ctx, info: dict, metrics: dict | None = None):
         if metrics:

@@ -68,3 +68,16 @@ def test_a_schedule_that_receives_micro_batches_out_of_order_or_misplaces_a_stag
     with pytest.raises(ScheduleError, match="slot 0: actor F0 \\(stage 0\\) is on rank 1, but that stage lives on "
                                             "rank 0"):
         check_schedule(moved, spec)
+
+
+def test_search_in_memory_doubles_the_limit_where_the_greedy_start_deadlocks_and_the_result_passes_the_check():
+    from reflow.parallel.fused import greedy, search_fused_in_memory
+
+    # a critic three times the actor's cost: backwards-first greedy fills both ranks with forwards at limit p
+    spec = FusedSpec(2, 5, {"a": (0, 1), "b": (1, 0)}, {"a": 1, "b": 3}, {"a": 2, "b": 6}, {"a": 1.0, "b": 1.0})
+    with pytest.raises(ScheduleError, match="no schedule under the memory limit 2"):
+        greedy(spec, 2)
+    sched, span, limit = search_fused_in_memory(spec, iters=100)
+    assert limit == 4
+    check_schedule(sched, spec, limit)
+    assert spec.lower_bound() <= span <= sequential_1f1b(spec)[1]

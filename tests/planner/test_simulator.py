@@ -134,3 +134,32 @@ def test_asynchronous_training_overlaps_generation_with_training_on_other_ranks(
     assert sync.time >= gen + train  # one after the other (and the weights' move)
     assert k1.time < 0.8 * sync.time
     assert k1.time >= max(gen, train) - 1e-9  # never faster than the slower side
+
+
+def test_fused_train_calls_cost_the_searched_schedule_between_the_bound_and_one_after_the_other():
+    from reflow.planner.search import to_plan, make_groups
+
+    pr = Problem(ppo(), MODELS, hardware("a100-80g"), Workload(batch=64, micro_tokens=4096), 8)
+    pipe = placement("d1t1p4", range(4))
+    calls = {c: pipe if ppo().call(c).kind == "train" else placement("d4t1p1", range(4, 8)) for c in ppo().order}
+    apart = evaluate(pr, Plan("apart", 8, dict(calls)))
+    # the search's plans fuse the two train calls (same ranks, p >= 2): the critic's stages reversed
+    groups = make_groups(pr)
+    fused_plan = to_plan(pr, groups, {g.name: calls[g.calls[0]] for g in groups}, "fused")
+    assert fused_plan.fuse == ("actor_train", "critic_train")
+    assert fused_plan.calls["critic_train"].ranks == (3, 2, 1, 0)
+    assert fused_plan.calls["actor_train"].ranks == (0, 1, 2, 3)
+    fused_plan.validate(pr.graph, pr.model_configs())
+    fused = evaluate(pr, fused_plan)
+    a, b = (apart.call_times[c] for c in ("actor_train", "critic_train"))
+    fa, fb = (fused.call_times[c] for c in ("actor_train", "critic_train"))
+    m, steps = a.parts["micro_batches"], a.parts["steps"]
+    u = [c.parts["pp_bubble"] / (steps * 3) for c in (a, b)]  # slowest stage per micro-batch, p = 4
+    bound = steps * max((m + 3) * max(u), m * sum(u))
+    saved = a.time + b.time - (fa.time + fb.time)
+    assert 0 < saved <= steps * (m + 3) * sum(u) - bound + 1e-9
+    assert fa.parts["fused_ratio"] < 1 and fa.parts["pp_bubble_fraction"] < a.parts["pp_bubble_fraction"]
+    assert fused.time < apart.time
+    # Problem.fuse=False keeps the calls apart
+    pr.fuse = False
+    assert to_plan(pr, groups, {g.name: calls[g.calls[0]] for g in groups}, "apart").fuse == ()

@@ -168,3 +168,58 @@ def test_ipo_averages_log_probs_per_completion_token_by_default():
     assert seq.tolist() == [-6.0, -4.0] and r.tolist() == [-3.0, -2.0]
     seq, _ = dpo_inputs(DPOConfig(model={"path": "m"}), logp, ref, batch)  # DPO (sigmoid): sums
     assert seq.tolist() == [-6.0, -4.0]
+
+
+def test_fuse_reverses_the_second_calls_stages_round_trips_and_fails_up_front_naming_the_key(tmp_path, debug_model):
+    from transformers import AutoConfig
+
+    g = graphs.ppo()
+    configs = {r: AutoConfig.from_pretrained(debug_model) for r in ("actor", "critic", "ref")}
+    base = {c: {"ranks": "0-3", "layout": "d4t1p1"} for c in g.order}
+    pipe = {"ranks": "0-3", "layout": "d2t1p2"}
+    plan = Plan.from_dict({"calls": {**base, "actor_train": pipe, "critic_train": pipe},
+                           "fuse": ["actor_train", "critic_train"]}, 4).validate(g)
+    # stage blocks of d=2 ranks swap: the critic's stage 0 on the actor's stage-1 ranks
+    assert plan.calls["actor_train"].ranks == (0, 1, 2, 3) and plan.calls["critic_train"].ranks == (2, 3, 0, 1)
+    assert "fused: actor_train + critic_train" in plan.table(g)
+    plan.save(tmp_path / "p.yaml")
+    again = Plan.load(tmp_path / "p.yaml", 4).validate(g)
+    assert again.fuse == ("actor_train", "critic_train") and again.calls == plan.calls
+    bad = [({"critic_train": {"ranks": "0-3", "layout": "d4t1p1"}}, ["actor_train", "critic_train"],
+            "plan fuse: \\[actor_train, critic_train\\]: fused calls run on the same ranks with the same layout"),
+           ({"critic_train": {"ranks": "0-1", "layout": "d1t1p2"}}, ["actor_train", "critic_train"], "same ranks"),
+           ({"actor_train": {"ranks": "0-3", "layout": "d4t1p1"}, "critic_train": {"ranks": "0-3", "layout": "d4t1p1"}},
+            ["actor_train", "critic_train"], "it needs p >= 2; got d4t1p1: use a layout like d2t1p2"),
+           ({}, ["actor_train"], "plan fuse: give two train calls, like fuse: \\[actor_train, critic_train\\]"),
+           ({}, ["actor_train", "nope"], "plan fuse: \\[actor_train, nope\\]: 'nope' has no placement")]
+    for calls, fuse, needle in bad:
+        with pytest.raises(PlanError, match=needle):
+            Plan.from_dict({"calls": {**base, "actor_train": pipe, "critic_train": pipe, **calls}, "fuse": fuse}, 4)
+    with pytest.raises(PlanError, match="plan fuse: \\[critic_inf, critic_train\\]: 'critic_inf' is not a train "
+                                        "call \\(kind infer\\)"):
+        Plan.from_dict({"calls": {**base, "critic_inf": pipe, "critic_train": pipe},
+                        "fuse": ["critic_inf", "critic_train"]}, 4).validate(g, configs)
+
+
+def test_a_fused_pair_needs_alike_micro_batches_and_no_sft_term_checked_before_anything_starts(
+        tmp_path, debug_model, addition_data):
+    from rl_runs import rl_config
+    from transformers import AutoConfig
+
+    from reflow.experiments.loop import experiment_plan
+
+    configs = {r: AutoConfig.from_pretrained(debug_model) for r in ("actor", "critic", "ref")}
+
+    pipe = {"ranks": "0-1", "layout": "d1t1p2"}
+    cfg = rl_config(tmp_path, debug_model, addition_data, workers=2, name="ppo")
+    cfg.runtime.plan = {"calls": {**{c: {"ranks": "0-1", "layout": "d2t1p1"} for c in graphs.ppo().order},
+                                  "actor_train": pipe, "critic_train": pipe, "critic_inf": pipe},
+                        "fuse": ["actor_train", "critic_train"]}
+    assert experiment_plan(cfg, graphs.ppo(), configs).fuse == ("actor_train", "critic_train")
+    cfg.critic.micro_batch_tokens = 32
+    with pytest.raises(PlanError, match="plan fuse: \\[actor_train, critic_train\\]: actor.micro_batch_tokens=64 but "
+                                        "critic.micro_batch_tokens=32; .* give both the same value"):
+        experiment_plan(cfg, graphs.ppo(), configs)
+    cfg.critic.micro_batch_tokens, cfg.algo.ptx_coef = 64, 0.1
+    with pytest.raises(PlanError, match="algo.ptx_coef adds an SFT term to the actor's steps"):
+        experiment_plan(cfg, graphs.ppo(), configs)

@@ -33,7 +33,9 @@ def config(tmp_path, model, data, algo="grpo", workers=1, plan="colocate", rewar
 
         tmp_path.mkdir(parents=True, exist_ok=True)
         path = tmp_path / "plan.yaml"
-        Plan.from_dict({"calls": {c: {"ranks": r, "layout": lay} for c, (r, lay) in plan.items()}}, workers).save(path)
+        fuse = {"fuse": plan.pop("fuse")} if "fuse" in plan else {}
+        Plan.from_dict({"calls": {c: {"ranks": r, "layout": lay} for c, (r, lay) in plan.items()}, **fuse},
+                       workers).save(path)
         plan = str(path)
     role = {"path": str(model), "micro_batch_tokens": 64, "optim": {"lr": 1e-3}}
     return from_dict(RLConfig, {
@@ -84,16 +86,39 @@ def test_grpo_gives_the_same_numbers_under_any_plan_fused_or_not(ray_session, tm
     assert {e["tid"] for e in trace if e["name"] == "actor_gen"} == {0, 1, 2, 3}
 
 
-def test_ppo_gives_the_same_numbers_under_builtin_plans_fused(ray_session, tmp_path, debug_model, addition_data):
+# actor and critic train pipelined (d1t1p2) on both workers as one fused call (the critic's stages reversed:
+# its inference is placed on the reversed ranks too, so it runs on the owner copy)
+FUSED = {"actor_gen": ("0-1", "d2t1p1"), "reward": ("0", "d1t1p1"), "ref_inf": ("1", "d1t1p1"),
+         "critic_inf": ([1, 0], "d1t1p2"), "actor_train": ("0-1", "d1t1p2"), "critic_train": ("0-1", "d1t1p2"),
+         "fuse": ["actor_train", "critic_train"]}
+
+
+def test_ppo_gives_the_same_numbers_under_builtin_plans_streamed_and_with_fused_actor_critic_training(
+        ray_session, tmp_path, debug_model, addition_data):
     one = run(config(tmp_path / "one", debug_model, addition_data, algo="ppo"))
     assert_same(one, run(config(tmp_path / "one-fused", debug_model, addition_data, algo="ppo", workers=0, fusion=3)))
     # separate: each role on its own worker; colocate: every call on all 4 (actor and critic FSDP2 over 4,
-    # generation and critic inference on 4 replicas reallocated from the shards every step: under fusion each
-    # chunk of critic_inf runs on the copy its first chunk built)
-    for plan in ("separate", "colocate"):
-        four = run(config(tmp_path / plan, debug_model, addition_data, algo="ppo", workers=4, plan=plan, fusion=1))
-        assert_same(one, four)
-        assert "critic/loss" in four[0]
+    # generation and critic inference on 4 replicas reallocated from the shards every step: under inter-stage
+    # fusion each chunk of critic_inf runs on the copy its first chunk built); FUSED: actor and critic training
+    # as one pipelined call
+    for name, plan, workers, chunk in (("separate", "separate", 4, 1), ("colocate", "colocate", 4, 1),
+                                       ("fused", dict(FUSED), 2, None)):
+        cfg = config(tmp_path / name, debug_model, addition_data, algo="ppo", workers=workers, plan=plan,
+                     fusion=chunk, timeline=name == "fused")
+        many = run(cfg)
+        assert_same(one, many)
+        assert "critic/loss" in many[0]
+    trace = json.loads((Path(cfg.output_dir) / "timeline.json").read_text())["traceEvents"]
+    names = {(e["name"], e["tid"]) for e in trace if e["ph"] == "X"}
+    assert {(n, r) for n in ("actor_train", "critic_train", "actor_train+critic_train:fused") for r in (0, 1)} <= names
+    assert not any(n == "critic_inf:reallocate" for n, _ in names)
+    # both roles' checkpoints (the critic's written from its reversed stages) hold the one-process weights
+    from safetensors.torch import load_file
+
+    for role in ("actor", "critic"):
+        a, b = (load_file(Path(c) / "checkpoints" / "step_000002" / role / "model.safetensors")
+                for c in (tmp_path / "one" / "run-1", cfg.output_dir))
+        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
 @pytest.mark.parametrize("reward,error,needle", [

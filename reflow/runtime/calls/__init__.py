@@ -94,6 +94,15 @@ class CallContext:
     ctx: Any
     worker: Any
     metrics: dict = field(default_factory=dict)  # scalars a call reports beside its batch (reward/errors)
+    # runs the role's optimizer steps in place of its engine's `step` (a fused call pairs them with another
+    # call's: reflow.runtime.fusion); None: the engine's own
+    stepper: Callable | None = None
+
+    def train_step(self, batch, loss_fn, norm=None, group_key=None, extra=()) -> dict[str, float]:
+        """One optimizer step of the call's role (TrainEngine.step's arguments and stats)."""
+        if self.stepper is not None:
+            return self.stepper(batch, loss_fn, norm, group_key, extra)
+        return self.role.engine.step(batch, loss_fn, norm, group_key, extra=extra)
 
     @property
     def cfg(self):

@@ -100,7 +100,7 @@ def train_am(cc: CallContext, batch: SampleBatch | None) -> dict:
                                     bound_coef=cfg.bound_coef)
 
     norm = Norm(tokens=float(b.num_tokens), samples=float(len(rows)))  # samples = pairs = prompts
-    return {**cc.role.engine.step(b, loss_fn, norm, "group_id"), "tokens": float(b.num_tokens)}
+    return {**cc.train_step(b, loss_fn, norm, "group_id"), "tokens": float(b.num_tokens)}
 
 
 @register_call("eval_am")

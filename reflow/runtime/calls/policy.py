@@ -175,7 +175,7 @@ def optimizer_steps(cc: CallContext, batch: SampleBatch, loss_fn, prefix: str, s
             for rows, per_step, term in sft:  # the SFT terms join the same optimizer step
                 pb = sft_batch([rows[i] for i in per_step[n]])
                 extra.append((pb, term, Norm(float(pb.tokens["action_mask"].sum()), float(len(pb)))))
-            for k, v in cc.role.engine.step(mini, loss_fn, norm, extra=extra).items():
+            for k, v in cc.train_step(mini, loss_fn, norm, extra=extra).items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
     return {f"{prefix}/{k}": v / n for k, v in sums.items()}

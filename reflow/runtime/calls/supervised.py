@@ -78,7 +78,7 @@ def train_sft(cc: CallContext, batch: SampleBatch | None) -> dict:
         return sequence_nll(logp, mb.tokens["action_mask"], norm.tokens), {}
 
     batch = sft_batch(examples(cc, "sft"))
-    return {**cc.role.engine.step(batch, loss_fn), "tokens": float(batch.num_tokens)}
+    return {**cc.train_step(batch, loss_fn), "tokens": float(batch.num_tokens)}
 
 
 @register_call("train_rm")
@@ -91,7 +91,7 @@ def train_rm(cc: CallContext, batch: SampleBatch | None) -> dict:
         return pairwise_reward_loss(s[0::2], s[1::2], norm.samples)
 
     norm = Norm(tokens=float(pairs.num_tokens), samples=len(pairs) / 2)  # samples = pairs
-    return {**cc.role.engine.step(pairs, loss_fn, norm, "group_id"), "tokens": float(pairs.num_tokens)}
+    return {**cc.train_step(pairs, loss_fn, norm, "group_id"), "tokens": float(pairs.num_tokens)}
 
 
 @register_call("pair_logprobs")
@@ -119,4 +119,4 @@ def train_dpo(cc: CallContext, batch: SampleBatch) -> dict:
                         label_smoothing=cfg.label_smoothing)
 
     norm = Norm(tokens=float(pairs.tokens["action_mask"].sum()), samples=len(pairs) / 2)  # samples = pairs
-    return {**cc.role.engine.step(pairs, loss_fn, norm, "group_id"), "tokens": float(pairs.num_tokens)}
+    return {**cc.train_step(pairs, loss_fn, norm, "group_id"), "tokens": float(pairs.num_tokens)}
