@@ -131,7 +131,8 @@ def test_a_failing_worker_ends_the_run_with_its_error(ray_session, tmp_path, deb
     plan = {"actor_gen": ("0-1", "d2t1p1"), "reward": ("0", "d1t1p1"), "ref_inf": ("1", "d1t1p1"),
             "actor_train": ("0-1", "d2t1p1")}
     # fused: the reward runs on chunks, and the chunk that fails ends the run with its call's error
-    cfg = config(tmp_path, debug_model, addition_data, workers=2, plan=plan, reward=reward, fusion=2)
+    # (chunks of 3: `dies` kills the worker on a call with more than 2 samples)
+    cfg = config(tmp_path, debug_model, addition_data, workers=2, plan=plan, reward=reward, fusion=3)
     cfg.reward.sandbox = False
     t0 = time.monotonic()
     with pytest.raises(error, match=needle):
