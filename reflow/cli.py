@@ -456,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="greedy accuracy / reward of a model on a prompt set")
     s.add_argument("--model", required=True)
     s.add_argument("--data", required=True)
-    s.add_argument("--reward", default=None, help="reward function (built-in name or module:function)")
+    s.add_argument("--reward", default=None, help="reward function (built-in name or module:function); accuracy "
+                   "is then its success (correct_at, else its reward_range maximum)")
     s.add_argument("--max-new-tokens", type=int, default=32)
     s.add_argument("--max-prompt-len", type=int, default=1024)
     s.add_argument("--limit", type=int, default=None)
