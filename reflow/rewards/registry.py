@@ -20,7 +20,7 @@ declares neither has no accuracy (reported as missing, with one warning)::
     my_reward.correct_at = 1.0       # e.g. a 0.1 format bonus is not a correct answer
 
 The config names it with a spec string: a builtin (``"exact_match"``,
-``"format"``, ``"exact_match_with_format"``, ``"digit_match"``, ``"code_exec"``), ``"package.module:function"``
+``"format"``, ``"exact_match_with_format"``, ``"digit_match"``, ``"final_number"``, ``"code_exec"``), ``"package.module:function"``
 (importable from ``PYTHONPATH``), or ``"path/to/file.py:function"``.
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from reflow.rewards.code_exec import code_exec
-from reflow.rewards.rules import digit_match, exact_match, exact_match_with_format, format_reward
+from reflow.rewards.rules import digit_match, exact_match, exact_match_with_format, final_number, format_reward
 
 RewardFn = Callable[..., Any]
 log = logging.getLogger("reflow")
@@ -47,6 +47,7 @@ BUILTIN: dict[str, RewardFn] = {
     "format": format_reward,
     "exact_match_with_format": exact_match_with_format,
     "digit_match": digit_match,
+    "final_number": final_number,
     "code_exec": code_exec,
 }
 
