@@ -1,6 +1,7 @@
 """The `reflow` command line.
 
     reflow init-model --preset tiny-llama --out models/tiny      # a model + tokenizer as an HF folder
+    reflow init-model --from-gguf smollm2 --out models/smollm2   # a real model (SmolLM2-135M-Instruct)
     reflow data addition --out data/addition                     # bundled verifiable tasks
     reflow sft   configs/sft_addition.yaml  [key=value ...] [--resume [CKPT]]
     reflow rm    configs/rm_addition.yaml   [key=value ...] [--resume [CKPT]]
@@ -73,11 +74,20 @@ def _split_config_args(args) -> tuple[str | None, list[str]]:
 
 
 def cmd_init_model(args) -> None:
+    from reflow.models.gguf import PACKAGED, from_gguf
     from reflow.models.presets import PRESETS, init_model
 
+    if args.from_gguf:
+        if args.preset:
+            raise ConfigError("init-model takes --preset or --from-gguf, not both; drop one")
+        out = from_gguf(args.from_gguf, args.out)
+        print(f"wrote {args.from_gguf} (dequantised from GGUF, with its tokenizer and chat template) to {out}")
+        return
     if args.list or not args.preset:
         for name, p in PRESETS.items():
             print(f"{name:<14} {p.family:<6} layers {p.num_hidden_layers:<2} hidden {p.hidden_size:<4} {p.description}")
+        for name, g in PACKAGED.items():
+            print(f"{name:<14} --from-gguf {name}: {g.description}")
         return
     out = init_model(args.preset, args.out, seed=args.seed)
     print(f"wrote {args.preset} (random weights, byte-level tokenizer) to {out}")
@@ -381,8 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reflow", description="Fast RLHF: SFT, reward models, GRPO and PPO on HF models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("init-model", help="create a small Llama/Qwen2-style model + tokenizer from a preset")
+    s = sub.add_parser("init-model", help="create a small Llama/Qwen2-style model + tokenizer from a preset, "
+                       "or a real model from a GGUF file")
     s.add_argument("--preset", help="preset name (see --list)")
+    s.add_argument("--from-gguf", metavar="FILE|NAME", help="a .gguf file, or a packaged model (smollm2), "
+                   "dequantised to float32 (pip install 'reflow[gguf]')")
     s.add_argument("--out", default="models/tiny")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--list", action="store_true", help="list the presets")
@@ -476,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="greedy accuracy / reward of a model on a prompt set")
     s.add_argument("--model", required=True)
     s.add_argument("--data", required=True)
-    s.add_argument("--reward", default=None, help="reward function (built-in name or module:function)")
+    s.add_argument("--reward", default=None, help="reward function (built-in name or module:function); accuracy "
+                   "is then its success (correct_at, else its reward_range maximum)")
     s.add_argument("--max-new-tokens", type=int, default=32)
     s.add_argument("--max-prompt-len", type=int, default=1024)
     s.add_argument("--limit", type=int, default=None)

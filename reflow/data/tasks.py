@@ -11,6 +11,11 @@ on a held-out test split that shares no question with the train split.
     sft.jsonl    {"prompt": ..., "response": "19"}           from the train split
     pairs.jsonl  {"prompt": ..., "chosen": "19", "rejected": "18"}   from the train split
 
+A chat task (``Task.messages`` set) writes ``messages`` instead of ``prompt``: the
+question as the last user turn, rendered by the model's own chat template when
+loaded (``chat_addition``: ``{"messages": [... {"role": "user", "content": "What
+is 4 + 7?"}], "answer": "11"}``).
+
 Everything is deterministic given ``seed``. The test split depends only on
 ``seed``, ``n_test`` and the options, so growing ``n_train`` keeps the same
 test set and results stay comparable.
@@ -44,6 +49,7 @@ class Task:
     corrupt: Callable[[random.Random, str], str]
     space_size: Callable[[dict], int]
     check_options: Callable[[dict], None]
+    messages: Callable[[str], list[dict]] | None = None  # chat tasks: the prompt text -> the chat's turns
 
 
 # --------------------------------------------------------------------------- numbers
@@ -125,6 +131,25 @@ def _corrupt_string(rng: random.Random, answer: str) -> str:
     return answer[:i] + letter + answer[i + 1 :]
 
 
+# --------------------------------------------------------------------------- chat
+
+# One worked example before the question: it shows the bare-number format, which a small instruct model
+# then copies (and gets wrong more often than when it writes the sum out, which RL can discover).
+_CHAT_EXAMPLE = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+
+
+def _sample_chat_addition(rng: random.Random, opts: dict) -> tuple[str, str]:
+    while True:
+        a, b = _number(rng, opts), _number(rng, opts)
+        question = f"What is {a} + {b}?"
+        if question != _CHAT_EXAMPLE[0]["content"]:  # the worked example is never asked (its answer is shown)
+            return question, str(a + b)
+
+
+def _chat_addition_messages(question: str) -> list[dict]:
+    return [*_CHAT_EXAMPLE, {"role": "user", "content": question}]
+
+
 # --------------------------------------------------------------------------- registry
 
 TASKS: dict[str, Task] = {
@@ -154,6 +179,16 @@ TASKS: dict[str, Task] = {
         corrupt=_corrupt_string,
         space_size=lambda o: sum(26**k for k in range(o["min_len"], o["max_len"] + 1)),
         check_options=_check_lengths,
+    ),
+    "chat_addition": Task(
+        name="chat_addition",
+        description="'What is a + b?' as a chat (one worked example first) for pretrained chat models",
+        defaults={"min_digits": 1, "max_digits": 1},
+        sample=_sample_chat_addition,
+        corrupt=_corrupt_number,
+        space_size=lambda o: _numbers_in_range(o) ** 2 - (o["min_digits"] == 1),  # less the worked example
+        check_options=_check_digits,
+        messages=_chat_addition_messages,
     ),
 }
 
@@ -222,12 +257,15 @@ def write_task(name: str, out_dir, *, n_train: int, n_test: int, seed: int = 0, 
     train = _draw_unique(task, opts, random.Random(f"{seed}:train"), n_train, exclude={p for p, _ in test})
     pair_rng = random.Random(f"{seed}:pairs")
 
+    def ask(p: str) -> dict:
+        return {"messages": task.messages(p)} if task.messages else {"prompt": p}
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {split: out / f"{split}.jsonl" for split in ("train", "test", "sft", "pairs")}
-    _write_jsonl(files["train"], [{"prompt": p, "answer": a} for p, a in train])
-    _write_jsonl(files["test"], [{"prompt": p, "answer": a} for p, a in test])
-    _write_jsonl(files["sft"], [{"prompt": p, "response": a} for p, a in train])
+    _write_jsonl(files["train"], [{**ask(p), "answer": a} for p, a in train])
+    _write_jsonl(files["test"], [{**ask(p), "answer": a} for p, a in test])
+    _write_jsonl(files["sft"], [{**ask(p), "response": a} for p, a in train])
     _write_jsonl(files["pairs"],
-                 [{"prompt": p, "chosen": a, "rejected": task.corrupt(pair_rng, a)} for p, a in train])
+                 [{**ask(p), "chosen": a, "rejected": task.corrupt(pair_rng, a)} for p, a in train])
     return files

@@ -1,4 +1,5 @@
-"""Rollouts as data: generations packed into SampleBatches, exact-match accuracy, greedy evaluation of a model."""
+"""Rollouts as data: generations packed into SampleBatches, accuracy (the reward's success, or exact match),
+greedy evaluation of a model."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from reflow.data.batch import SampleBatch
 from reflow.data.datasets import PromptExample
 from reflow.engines.generate import Generation, GenerationEngine, SamplingParams
-from reflow.rewards.registry import compute_rewards
+from reflow.rewards.registry import compute_rewards, correct
 
 log = logging.getLogger("reflow")
 
@@ -93,12 +94,16 @@ def continue_generations(engine: GenerationEngine, gens: list[Generation], versi
     return gens, versions
 
 
-def exact_match_accuracy(responses: Sequence[str], answers: Sequence[str | None]) -> float | None:
-    """Share of responses equal to the answer (whitespace-stripped); None if the data has no answers."""
+def correct_count(responses: Sequence[str], answers: Sequence[str | None], reward_fn: Callable | None = None,
+                  rewards: Sequence[float] | None = None) -> tuple[int, int]:
+    """(correct, counted) for an accuracy: with a reward function, the `rewards` it gave that count as correct
+    (registry.correct: >= its correct_at, else its maximum), counted = all, or (0, 0) when it declares neither;
+    without one, exact match against the answer on the rows that have one."""
+    if reward_fn is not None:
+        right = correct(reward_fn, rewards)
+        return (0, 0) if right is None else (sum(right), len(right))
     pairs = [(r, a) for r, a in zip(responses, answers) if a is not None]
-    if not pairs:
-        return None
-    return sum(r.strip() == str(a).strip() for r, a in pairs) / len(pairs)
+    return sum(r.strip() == str(a).strip() for r, a in pairs), len(pairs)
 
 
 @dataclass
@@ -116,17 +121,19 @@ class EvalResult:
 
 def evaluate(model, tokenizer, examples: list[PromptExample], *, max_new_tokens: int,
              reward_fn: Callable | None = None, batch_size: int = 256) -> EvalResult:
-    """Greedy-decode every eval prompt; exact-match accuracy (when answers exist) and mean reward."""
+    """Greedy-decode every eval prompt; mean reward and accuracy (see correct_count: the reward function's
+    success when there is one, else exact match where answers exist)."""
     engine = GenerationEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_size)
     gens = engine.generate([e.prompt_ids for e in examples], SamplingParams(max_new_tokens=max_new_tokens, greedy=True))
     responses = [decode_response(tokenizer, g.tokens) for g in gens]
     answers = [e.answer for e in examples]
-    reward = None
+    reward, r = None, None
     if reward_fn is not None:
         r = compute_rewards(reward_fn, [e.prompt_text for e in examples], responses, answers)
         reward = sum(r) / len(r)
+    right, counted = correct_count(responses, answers, reward_fn, r)
     return EvalResult(
-        accuracy=exact_match_accuracy(responses, answers),
+        accuracy=right / counted if counted else None,
         reward=reward,
         response_len=sum(len(g.tokens) for g in gens) / max(1, len(gens)),
         n=len(examples),

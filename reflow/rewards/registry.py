@@ -11,8 +11,16 @@ torch tensor). ``answers`` holds the dataset's ``answer`` column (``None``
 where a row has none). An optional attribute ``my_reward.reward_range = (low,
 high)`` declares the possible values.
 
+What counts as a correct response (the ``accuracy`` metrics of training, eval
+and ``reflow eval``) is the reward's own: a response is correct when its reward
+is at least ``my_reward.correct_at`` (a number) when declared, else when it
+reaches the reward's maximum, the ``high`` of ``reward_range``. A function that
+declares neither has no accuracy (reported as missing, with one warning)::
+
+    my_reward.correct_at = 1.0       # e.g. a 0.1 format bonus is not a correct answer
+
 The config names it with a spec string: a builtin (``"exact_match"``,
-``"format"``, ``"exact_match_with_format"``, ``"digit_match"``, ``"code_exec"``), ``"package.module:function"``
+``"format"``, ``"exact_match_with_format"``, ``"digit_match"``, ``"final_number"``, ``"code_exec"``), ``"package.module:function"``
 (importable from ``PYTHONPATH``), or ``"path/to/file.py:function"``.
 """
 
@@ -22,21 +30,24 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import logging
 import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from reflow.rewards.code_exec import code_exec
-from reflow.rewards.rules import digit_match, exact_match, exact_match_with_format, format_reward
+from reflow.rewards.rules import digit_match, exact_match, exact_match_with_format, final_number, format_reward
 
 RewardFn = Callable[..., Any]
+log = logging.getLogger("reflow")
 
 BUILTIN: dict[str, RewardFn] = {
     "exact_match": exact_match,
     "format": format_reward,
     "exact_match_with_format": exact_match_with_format,
     "digit_match": digit_match,
+    "final_number": final_number,
     "code_exec": code_exec,
 }
 
@@ -181,6 +192,44 @@ def reward_range(fn: RewardFn) -> tuple[float, float] | None:
         raise RewardError(f"reward function '{_name(fn)}' has reward_range={declared!r}; "
                           "it needs low <= high and no NaN")
     return low, high
+
+
+def declared_correct_at(fn: RewardFn) -> float | None:
+    """``fn.correct_at`` as a float, None when not declared; a value that is not a finite number is an error."""
+    declared = getattr(fn, "correct_at", None)
+    if declared is None:
+        return None
+    x = _as_float(declared)
+    if x is None:
+        raise RewardError(f"reward function '{_name(fn)}' has correct_at={declared!r}; set it to a finite "
+                          "number (the lowest reward that counts as a correct response)")
+    return x
+
+
+def correct_at(fn: RewardFn) -> float | None:
+    """The lowest reward that counts as correct: ``fn.correct_at`` when declared, else the reward's maximum (the
+    high end of ``fn.reward_range``); None, with one warning per function, when it declares neither."""
+    declared = declared_correct_at(fn)
+    if declared is not None:
+        return declared
+    bounds = reward_range(fn)
+    if bounds is not None:
+        return bounds[1]
+    name = _name(fn)
+    if name not in _warned_no_success:
+        _warned_no_success.add(name)
+        log.warning("reward function '%s' declares neither correct_at nor reward_range, so accuracy is not "
+                    "reported; set e.g. %s.correct_at = 1.0", name, getattr(fn, "__name__", "fn"))
+    return None
+
+
+_warned_no_success: set[str] = set()
+
+
+def correct(fn: RewardFn, rewards: Sequence[float]) -> list[bool] | None:
+    """Which rewards count as correct under :func:`correct_at` (``r >= correct_at``); None if undeclared."""
+    at = correct_at(fn)
+    return None if at is None else [r >= at for r in rewards]
 
 
 # --------------------------------------------------------------------------- calling

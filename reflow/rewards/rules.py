@@ -10,6 +10,10 @@ function declares the possible values (used for logging and sanity checks).
 
 from __future__ import annotations
 
+import re
+
+_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
+
 
 def _check_answers(name: str, responses: list[str], answers: list[str | None]) -> None:
     if len(answers) != len(responses):
@@ -69,7 +73,22 @@ def digit_match(prompts: list[str], responses: list[str], answers: list[str | No
     return out
 
 
+def final_number(prompts: list[str], responses: list[str], answers: list[str | None]) -> list[float]:
+    """1.0 if the last number written in the response is exactly the answer, else 0.0: a chat model may show
+    its work or phrase the answer, but what it ends on counts. A number is digits with an optional sign and
+    decimal or thousands separators ("-3", "1.5", "1,000"), compared as text. Answer "11": "11",
+    "2 + 9 = 11", "The answer is 11." -> 1.0; "11 or 12", "2 + 9 = 11, so 2 + 9", "eleven", "11.5" -> 0.0.
+    """
+    _check_answers("final_number", responses, answers)
+    out = []
+    for r, a in zip(responses, answers):
+        found = _NUMBER.findall(r)
+        out.append(1.0 if found and found[-1] == str(a).strip() else 0.0)
+    return out
+
+
 exact_match.reward_range = (0.0, 1.0)
+final_number.reward_range = (0.0, 1.0)
 digit_match.reward_range = (0.0, 1.0)
 format_reward.reward_range = (0.0, 1.0)
 exact_match_with_format.reward_range = (0.0, 1.0)

@@ -118,6 +118,7 @@ class RewardSandbox:
             self.close()
             raise
         self.reward_range = hello.get("reward_range")
+        self.correct_at = hello.get("correct_at")  # what the function declares; registry.correct_at resolves it
         self.isolation: dict[str, bool] = hello["isolation"]
         global _warned
         if hello.get("warning") and not _warned:
@@ -534,9 +535,10 @@ def _serve(args: dict) -> None:
     keywords = ("prompts", "responses", "steps") if kind == "process" else ("prompts", "responses", "answers")
     try:
         fn = load_reward_fn(args["spec"], keywords=keywords)
-        from reflow.rewards.registry import reward_range
+        from reflow.rewards.registry import declared_correct_at, reward_range
 
-        hello = {"ok": True, "isolation": iso, "warning": warning, "reward_range": reward_range(fn)}
+        hello = {"ok": True, "isolation": iso, "warning": warning, "reward_range": reward_range(fn),
+                 "correct_at": declared_correct_at(fn)}
         vm_mb = _vm_mb()
         if vm_mb > limits["memory_mb"]:
             hello = {"ok": False, "error": f"reward '{_SPEC}' takes {vm_mb} MB of address space once imported, over "

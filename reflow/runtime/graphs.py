@@ -40,9 +40,10 @@ def _scoring(reward_model: bool, prm: bool, prefix: str = "") -> list[Call]:
     if reward_model:
         calls = [Call(name, "reward", "infer", "score_model", (p + "input_ids", p + "response_len"), ("score",),
                       prefix=p)]
-    else:
+    else:  # the train call reads `correct` (accuracy); the greedy baseline's score alone is used
         calls = [Call(name, "reward", "infer", "score_fn", (p + "prompt", p + "response", p + "answer",
-                                                             p + "response_len"), ("score",), prefix=p)]
+                                                             p + "response_len"), ("score",) if p else ("score", "correct"),
+                      prefix=p)]
     if prm:
         calls.append(Call("process_reward", "reward", "infer", "process_reward",
                           ("input_ids", "prompt_len", "response", "prompt"), ("prm_rewards",)))
@@ -92,6 +93,8 @@ def rl_graph(name: str, *, critic: bool = False, ref: bool = True, old_logprobs:
     if score:
         calls += _scoring(reward_model, prm)
     train_in = [*ROLLOUT_FIELDS, "score"] + (["prm_rewards"] if prm else []) + (list(EPISODE_FIELDS) if episodes else [])
+    if score and not reward_model:
+        train_in.append("correct")
     if dynamic_sampling:
         calls.append(Call("group_filter", "reward", "infer", "count_spread", ("score", "group_id")))
     if greedy:

@@ -87,3 +87,23 @@ def test_unknown_task_and_option(tmp_path):
         write_task("addition", tmp_path, n_train=1, n_test=1, digits=3)
     with pytest.raises(ValueError, match="min_digits=3 is larger than max_digits=2"):
         write_task("addition", tmp_path, n_train=1, n_test=1, min_digits=3, max_digits=2)
+
+
+def test_chat_addition_writes_messages_that_end_in_the_question_and_render_through_a_chat_template(tmp_path):
+    from reflow.data.datasets import load_prompts, load_sft
+    from reflow.models.tokenizer import build_byte_tokenizer
+
+    files = write_task("chat_addition", tmp_path, n_train=70, n_test=29, seed=0)  # all 99: the example is never asked
+    train, test, sft = read(files["train"]), read(files["test"]), read(files["sft"])
+    assert "What is 2 + 3?" not in {r["messages"][-1]["content"] for r in train + test}
+    assert not {r["messages"][-1]["content"] for r in train} & {r["messages"][-1]["content"] for r in test}
+    for row in train + test:
+        assert "prompt" not in row and [m["role"] for m in row["messages"]] == ["user", "assistant", "user"]
+        a, b = row["messages"][-1]["content"].removeprefix("What is ").removesuffix("?").split(" + ")
+        assert 0 <= int(a) <= 9 and 0 <= int(b) <= 9 and row["answer"] == str(int(a) + int(b))
+    assert [r["response"] for r in sft] == [r["answer"] for r in train]
+    tok = build_byte_tokenizer()
+    examples, _ = load_prompts(files["test"], tok, max_prompt_len=256)
+    q = test[0]["messages"][-1]["content"]
+    assert examples[0].prompt_text.endswith(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+    assert len(load_sft(files["sft"], tok, max_len=256)[0]) == 70

@@ -50,7 +50,8 @@ def test_sft_then_grpo_writes_metrics_checkpoints_and_hf_folders(debug_model, ad
     rows = read_metrics(out / "metrics.jsonl")
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
-    for key in ["reward/mean", "reward/std", "accuracy", "actor/kl", "actor/entropy", "response_len/mean",
+    assert steps[-1]["accuracy"] is None  # the length reward declares no success (correct_at / reward_range)
+    for key in ["reward/mean", "reward/std", "actor/kl", "actor/entropy", "response_len/mean",
                 "actor/clipfrac", "time/actor_gen", "time/ref_inf", "time/actor_train", "throughput/gen_tokens_per_s"]:
         assert steps[-1][key] is not None, key
     assert [r["reward/errors"] for r in steps] == [0, 0, 0, 0]  # a file spec runs in the reward sandbox
@@ -115,6 +116,27 @@ def test_reward_model_then_rl_from_it(debug_model, addition_data, tmp_path):
                         "trainer.steps=1", "trainer.eval_every=0", "data.eval_size=4")) == 0
     step1 = read_metrics(out / "metrics.jsonl")[1]
     assert step1["reward/std"] > 0  # scores come from the model, not a 0/1 rule
+
+
+def test_accuracy_is_the_reward_functions_success_in_training_eval_and_reflow_eval(debug_model, addition_data,
+                                                                                  tmp_path, capsys):
+    """Every response gets 1.0, which reward.clip cuts to 0.5: all count as correct (correct_at is judged on the
+    function's own reward), while an untrained model's exact match against `answer` would be ~0."""
+    p = tmp_path / "always.py"
+    p.write_text("def reward(prompts, responses, answers):\n    return [1.0] * len(responses)\n"
+                 "reward.correct_at = 1.0\n"
+                 "def half(prompts, responses, answers):\n    return [0.5] * len(responses)\n"
+                 "half.reward_range = (0.0, 1.0)\n")
+    out = tmp_path / "grpo"
+    assert main(rl_args(debug_model, addition_data, out, "trainer.steps=1", "data.eval_size=4", "reward.clip=0.5",
+                        "reward.sandbox=false", f"reward.fn={p}:reward")) == 0
+    rows = by_step(read_metrics(out / "metrics.jsonl"))
+    assert rows[1]["reward/mean"] == 0.5 and rows[1]["accuracy"] == 1.0
+    assert rows[0]["eval/accuracy"] == rows[1]["eval/accuracy"] == 1.0
+    for fn, expected in (("reward", 1.0), ("half", 0.0)):  # half: below its reward_range's maximum
+        assert main(["eval", "--model", str(debug_model), "--data", f"{addition_data}/test.jsonl", "--json",
+                     "--max-new-tokens", "2", "--limit", "4", "--reward", f"{p}:{fn}"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == expected
 
 
 def test_eval_and_generate_commands(debug_model, addition_data, capsys):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from reflow.rewards.registry import BUILTIN, RewardError, compute_rewards, load_reward_fn, reward_range
-from reflow.rewards.rules import exact_match, exact_match_with_format, format_reward
+from reflow.rewards.registry import BUILTIN, RewardError, compute_rewards, correct, correct_at, load_reward_fn, reward_range
+from reflow.rewards.rules import exact_match, exact_match_with_format, final_number, format_reward
 
 P = ["1+1=", "2+2=", "3+3=", "4+4="]
 
@@ -37,7 +37,8 @@ def test_reward_ranges():
 def test_load_builtin():
     assert load_reward_fn("exact_match") is exact_match
     assert load_reward_fn("format") is format_reward
-    assert set(BUILTIN) == {"exact_match", "format", "exact_match_with_format", "digit_match", "code_exec"}
+    assert set(BUILTIN) == {"exact_match", "format", "exact_match_with_format", "digit_match", "final_number",
+                            "code_exec"}
 
 
 MODULE = textwrap.dedent("""
@@ -169,3 +170,34 @@ def test_digit_match_gives_graded_credit_aligned_at_the_units_digit():
     responses = ["124", "134", "24", "1240", "", " 124 "]
     assert fn([""] * 6, responses, ["124"] * 6) == pytest.approx([1.0, 2 / 3, 2 / 3, 0.0, 0.0, 1.0])
     assert fn.reward_range == (0.0, 1.0)
+
+
+def test_correct_at_is_the_declared_threshold_else_the_reward_range_maximum_else_none(caplog):
+    def declared(prompts, responses, answers):
+        return [0.0] * len(responses)
+
+    declared.reward_range, declared.correct_at = (0.0, 1.0), 0.5
+    assert correct_at(declared) == 0.5
+    assert correct(declared, [0.1, 0.5, 1.0]) == [False, True, True]
+    assert correct_at(exact_match_with_format) == 1.0  # its 0.1 format bonus is not a correct answer
+    assert correct(exact_match_with_format, [0.1, 1.0, 0.0]) == [False, True, False]
+
+    def plain(prompts, responses, answers):
+        return [0.0] * len(responses)
+
+    with caplog.at_level("WARNING", logger="reflow"):
+        assert correct(plain, [1.0]) is None and correct(plain, [1.0]) is None
+    assert len([r for r in caplog.records if "correct_at" in r.getMessage()]) == 1  # warned once per function
+
+    plain.correct_at = "1"
+    with pytest.raises(RewardError, match="correct_at='1'; set it to a finite number"):
+        correct_at(plain)
+
+
+def test_final_number_scores_the_last_number_written_against_the_answer():
+    responses = ["11", "2 + 9 = 11", "The answer is 11.", " 11\n", "11 or 12", "2 + 9 = 11, so 2 + 9", "eleven",
+                 "11.5", "1,1", "-11", "", "011"]
+    assert final_number([""] * 12, responses, ["11"] * 12) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                                                              0.0, 0.0]
+    assert final_number(["", ""], ["5 - 8 = -3", "x = 1,000"], ["-3", "1,000"]) == [1.0, 1.0]
+    assert load_reward_fn("final_number") is final_number and correct_at(final_number) == 1.0

@@ -15,7 +15,7 @@ import pytest
 from reflow.config.loader import ConfigError
 from reflow.config.schema import RewardConfig
 from reflow.rewards.code_exec import code_exec, extract_program, answer_tests
-from reflow.rewards.registry import RewardError, compute_rewards, load_reward_fn
+from reflow.rewards.registry import RewardError, compute_rewards, correct_at, load_reward_fn
 from reflow.rewards.sandbox import PID_MAX, RewardSandbox, open_reward, wants_sandbox
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox uses Linux namespaces and rlimits")
@@ -58,6 +58,7 @@ def reward(prompts, responses, answers):
     return out
 
 reward.reward_range = (0.0, 10.0)
+reward.correct_at = 0.5
 '''
 
 
@@ -93,6 +94,7 @@ def test_a_well_behaved_function_gives_exactly_the_in_process_rewards(spec, sand
     assert sandbox.score(prompts, responses, answers) == (expected, 0)
     assert sandbox(prompts=prompts, responses=responses, answers=answers) == expected
     assert sandbox.reward_range == (0.0, 10.0)
+    assert correct_at(sandbox) == 0.5  # the function's declaration crosses the sandbox, not reward_range's max
 
 
 def test_the_spec_is_imported_only_in_the_sandbox_not_in_this_process(tmp_path):

@@ -151,11 +151,11 @@ def test_the_controller_fetches_no_sample_data_during_a_multi_worker_step(ray_se
 
 def test_graph_keys_are_the_batch_fields_the_calls_read_and_write(debug_model, addition_data, tmp_path):
     g = graph_for(rl_config(tmp_path, debug_model, addition_data, adv_estimator="gae"))
-    assert g.call("reward").outputs == ("score",) and g.call("ref_inf").outputs == ("ref_logprobs",)
-    assert {"input_ids", "action_mask", "score", "ref_logprobs", "values"} <= set(g.call("actor_train").inputs)
+    assert g.call("reward").outputs == ("score", "correct") and g.call("ref_inf").outputs == ("ref_logprobs",)
+    assert {"input_ids", "action_mask", "score", "correct", "ref_logprobs", "values"} <= set(g.call("actor_train").inputs)
     assert g.call("critic_inf").impl == "values" and g.call("actor_train").impl == "train_policy"
     remax = graph_for(rl_config(tmp_path, debug_model, addition_data, adv_estimator="remax"))
-    assert "greedy_score" in remax.call("actor_train").inputs
+    assert "greedy_score" in remax.call("actor_train").inputs and remax.call("reward_greedy").outputs == ("score",)
 
 
 def test_train_on_two_workers_prints_progress_evaluates_and_writes_final_curves_and_timeline(

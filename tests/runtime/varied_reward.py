@@ -5,6 +5,9 @@ def varied(prompts, responses, answers):
     return [(sum(map(ord, r)) % 7) / 6.0 for r in responses]
 
 
+varied.correct_at = 0.5  # so `accuracy` (which travels as the `correct` field) is a number both transports compare
+
+
 def dies(prompts, responses, answers):
     """Kills the process that scores a step, as an out-of-memory kill or a segfault would: the worker itself
     with reward.sandbox=false. The checks at start pass (the controller tries 2 prompts, a worker 1)."""

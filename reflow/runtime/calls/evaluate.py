@@ -2,8 +2,9 @@
 partial sums {metric: [numerator, denominator]} from every replica; the executor adds them up and divides,
 so the result does not depend on how many replicas share the eval set.
 
-    eval_generate   greedy decoding of data.eval: eval/accuracy (exact match, rows with an answer),
-                    eval/reward (the reward function, when there is one), eval/response_len
+    eval_generate   greedy decoding of data.eval: eval/reward (the reward function, when there is one),
+                    eval/accuracy (the reward function's success, else exact match on rows with an answer;
+                    engines.rollout.correct_count), eval/response_len
     eval_episodes   greedy multi-turn episodes of data.eval against rollout.env: eval/reward, eval/turns
     eval_rm_pairs   held-out preference pairs: eval/accuracy = share with s(chosen) > s(rejected), eval/margin
     eval_dpo_pairs  held-out pairs: eval/pair_accuracy = share with h > 0, eval/margin = mean beta * h
@@ -14,7 +15,7 @@ from __future__ import annotations
 from reflow.algorithms.losses import pair_accuracy
 from reflow.engines.generate import GenerationEngine, SamplingParams
 from reflow.engines.infer import InferenceEngine
-from reflow.engines.rollout import decode_response
+from reflow.engines.rollout import correct_count, decode_response
 from reflow.models.packing import attention_spec
 from reflow.rewards.registry import compute_rewards
 from reflow.runtime.calls import CallContext, register_call
@@ -35,12 +36,12 @@ def eval_generate(cc: CallContext, batch) -> dict | None:
         return None  # one result per replica
     responses = [decode_response(tok, g.tokens) for g in gens]
     answers = [e.answer for e in prompts[a:b]]
-    answered = [(r, x) for r, x in zip(responses, answers) if x is not None]
-    out = {"eval/accuracy": [sum(r.strip() == str(x).strip() for r, x in answered), len(answered)],
-           "eval/response_len": [sum(len(g.tokens) for g in gens), len(gens)]}
-    if o.get("reward") and cc.worker.reward_fn is not None:
-        r = compute_rewards(cc.worker.reward_fn, [e.prompt_text for e in prompts[a:b]], responses, answers) if gens else []
+    out = {"eval/response_len": [sum(len(g.tokens) for g in gens), len(gens)]}
+    fn, r = (cc.worker.reward_fn if o.get("reward") else None), None
+    if fn is not None:
+        r = compute_rewards(fn, [e.prompt_text for e in prompts[a:b]], responses, answers) if gens else []
         out["eval/reward"] = [sum(r), len(r)]
+    out["eval/accuracy"] = list(correct_count(responses, answers, fn, r))
     return out
 
 

@@ -29,7 +29,7 @@ from reflow.algorithms.registry import get_advantage, get_policy_loss
 from reflow.algorithms.rollout_correction import rollout_correction
 from reflow.data.batch import SampleBatch
 from reflow.engines.generate import sample_seed
-from reflow.engines.rollout import exact_match_accuracy
+from reflow.engines.rollout import correct_count
 from reflow.models.packing import attention_spec, token_logprobs, token_values
 from reflow.rewards.registry import RewardError
 from reflow.runtime.calls import CallContext, register_call
@@ -235,6 +235,16 @@ def staleness(cfg, batch: SampleBatch, step: int) -> dict:
     return out
 
 
+def rollout_accuracy(batch: SampleBatch) -> float | None:
+    """The share of samples the reward function counts as correct (samples["correct"], see score_fn); None when
+    it declares no success. With a reward model, which has no notion of correct, exact match against `answer`."""
+    if "correct" not in batch.samples:
+        right, counted = correct_count(batch.meta["response"], batch.meta["answer"])
+        return right / counted if counted else None
+    right = batch.samples["correct"]
+    return None if right.isnan().any() else right.mean().item()
+
+
 @register_call("train_policy")
 def train_policy(cc: CallContext, batch: SampleBatch) -> dict:
     generated = len(batch)
@@ -258,7 +268,7 @@ def train_policy(cc: CallContext, batch: SampleBatch) -> dict:
     metrics.update({
         "reward/mean": scores.mean().item(),
         "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
-        "accuracy": exact_match_accuracy(batch.meta["response"], batch.meta["answer"]),
+        "accuracy": rollout_accuracy(batch),
         "response_len/mean": resp_len.mean().item(),
         "response_len/max": resp_len.max().item(),
         "truncated": batch.samples["truncated"].float().mean().item(),

@@ -1,7 +1,9 @@
 """Rewards: a reward function on the decoded text, a reward model on the tokens, and process rewards.
 
     score_fn      r_i = fn(prompts, responses, answers)[i]          (clipped to [-c, c] with reward.clip, plus
-                  DAPO's overlong penalty with algo.overlong_cache); sandboxed, it also reports reward/errors
+                  DAPO's overlong penalty with algo.overlong_cache); sandboxed, it also reports reward/errors.
+                  Its optional second output `correct`: 1.0 where the unshaped r_i >= the function's
+                  correct_at (reflow.rewards.registry), else 0.0; NaN everywhere when it declares none
     score_model   r_i = RM(prompt_i + response_i) at the last token  (same clip)
     process_reward  dense per-step rewards of a PRM, refined (Clip / Delta) and placed on each step's last
                   token: tokens["prm_rewards"] [T]
@@ -17,7 +19,7 @@ from reflow.algorithms.dapo import overlong_penalty
 from reflow.data.batch import SampleBatch
 from reflow.engines.infer import InferenceEngine
 from reflow.runtime.calls import CallContext, register_call
-from reflow.rewards.registry import compute_rewards
+from reflow.rewards.registry import compute_rewards, correct
 from reflow.rewards.sandbox import RewardSandbox
 
 
@@ -42,7 +44,12 @@ def score_fn(cc: CallContext, batch: SampleBatch) -> SampleBatch:
     else:
         rewards = compute_rewards(fn, *columns)
     scores = torch.tensor(rewards, dtype=torch.float)
-    return batch.with_samples(**{cc.output_key(): _clip(cc, scores, batch)})
+    out = {cc.output_key(): _clip(cc, scores, batch)}
+    if "correct" in cc.call.outputs:  # judged on the function's own rewards, before clipping and shaping
+        right = correct(fn, rewards)
+        out[cc.output_key(cc.call.outputs.index("correct"))] = (
+            torch.full((len(rewards),), float("nan")) if right is None else torch.tensor(right, dtype=torch.float))
+    return batch.with_samples(**out)
 
 
 @register_call("score_model", per_sample=True)
