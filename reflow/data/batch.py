@@ -276,16 +276,17 @@ class SampleBatch:
         )
 
 
-def nonfinite_samples(batch: SampleBatch | None, limit: int = 8) -> str:
+def nonfinite_samples(batch: SampleBatch | None, limit: int = 8, undefined: tuple[str, ...] = ("correct",)) -> str:
     """Which samples of `batch` hold a NaN / inf in a float field: "samples with non-finite values: 12
-    (advantages, score), ..." (at most `limit` of them), for errors that must name the rows."""
+    (advantages, score), ..." (at most `limit` of them), for errors that must name the rows. Fields in
+    `undefined` use NaN for "not defined" and are not reported (`correct`: the reward declares no success)."""
     if batch is None or not len(batch):
         return "no input samples"
     bad: dict[int, set[str]] = {}
     owner = torch.repeat_interleave(torch.arange(len(batch)), batch.seqlens)
     for where, fields in (("tokens", batch.tokens), ("samples", batch.samples)):
         for k, v in fields.items():
-            if not v.is_floating_point():
+            if not v.is_floating_point() or k in undefined:
                 continue
             rows = ~torch.isfinite(v).reshape(v.shape[0], -1).all(dim=1)
             idx = owner[rows] if where == "tokens" else rows.nonzero().flatten()
