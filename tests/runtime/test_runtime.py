@@ -68,7 +68,7 @@ def test_grpo_gives_the_same_numbers_under_any_plan_fused_or_not(ray_session, tm
     """The in-process unfused run against: in process fused, and fused on 4 workers (disjoint: reward and ref on
     ranks that do not generate, so chunks overlap generation; pipeline: 4 generation replicas streaming to a
     pipelined reference on ranks that also generate)."""
-    one = run(config(tmp_path / "one", debug_model, addition_data))
+    one = run(config(tmp_path / "one", debug_model, addition_data, workers=0))
     assert_same(one, run(config(tmp_path / "one-fused", debug_model, addition_data, workers=0, fusion=3)))
     for name, plan in PLANS.items():
         cfg = config(tmp_path / name, debug_model, addition_data, workers=4, plan=plan, timeline=True, fusion=3)
@@ -95,7 +95,7 @@ FUSED = {"actor_gen": ("0-1", "d2t1p1"), "reward": ("0", "d1t1p1"), "ref_inf": (
 
 def test_ppo_gives_the_same_numbers_under_builtin_plans_streamed_and_with_fused_actor_critic_training(
         ray_session, tmp_path, debug_model, addition_data):
-    one = run(config(tmp_path / "one", debug_model, addition_data, algo="ppo"))
+    one = run(config(tmp_path / "one", debug_model, addition_data, algo="ppo", workers=0))
     assert_same(one, run(config(tmp_path / "one-fused", debug_model, addition_data, algo="ppo", workers=0, fusion=3)))
     # separate: each role on its own worker; colocate: every call on all 4 (actor and critic FSDP2 over 4,
     # generation and critic inference on 4 replicas reallocated from the shards every step: under inter-stage
@@ -117,7 +117,7 @@ def test_ppo_gives_the_same_numbers_under_builtin_plans_streamed_and_with_fused_
 
     for role in ("actor", "critic"):
         a, b = (load_file(Path(c) / "checkpoints" / "step_000002" / role / "model.safetensors")
-                for c in (tmp_path / "one" / "run-1", cfg.output_dir))
+                for c in (tmp_path / "one" / "run-0", cfg.output_dir))
         assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
@@ -141,10 +141,10 @@ def test_a_failing_worker_ends_the_run_with_its_error(ray_session, tmp_path, deb
 
 
 def test_resume_under_another_plan_continues_exactly(ray_session, tmp_path, debug_model, addition_data):
-    # four uninterrupted steps on one worker (checkpoint after step 2), then resume that checkpoint under
+    # four uninterrupted steps in this process (checkpoint after step 2), then resume that checkpoint under
     # a four-worker plan with other layouts (FSDP2 + pipeline owner copy) and run steps 3 and 4 again (step
     # 4's numbers depend on step 3's Adam update, so on the restored optimizer state)
-    cfg = config(tmp_path, debug_model, addition_data)
+    cfg = config(tmp_path, debug_model, addition_data, workers=0)
     cfg.trainer.steps, cfg.trainer.save_every = 4, 2
     whole = run(cfg)
     ckpt = Path(cfg.output_dir) / "checkpoints" / "step_000002"

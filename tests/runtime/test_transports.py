@@ -16,7 +16,10 @@ from reflow.experiments.supervised import DPOExperiment, RMExperiment, SFTExperi
 from reflow.runtime.graphs import graph_for  # noqa: E402
 from rl_runs import assert_same_steps, both, compared, rl_config, run, supervised_config  # noqa: E402
 
-ESTIMATORS = ["grpo", "drgrpo", "rloo", "reinforce++", "reinforce++-baseline", "remax", "grpovi", "gae"]
+# one estimator per shape of graph: the train call computes advantages itself, on the whole batch, so the
+# other group estimators (drgrpo, rloo, reinforce++, reinforce++-baseline) differ from grpo only in a pure
+# function that runs the same in both transports (each is trained in tests/experiments/test_algorithms_e2e.py)
+ESTIMATORS = ["grpo", "remax", "grpovi", "gae"]
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -106,7 +109,9 @@ def test_supervised_experiments_give_the_same_metrics_in_process_and_with_fsdp_o
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a)
 
 
-@pytest.mark.parametrize("first,then", [(0, 2), (2, 0)])
+# (written in one process and resumed under other plans on workers: tests/runtime/test_runtime.py's
+# test_resume_under_another_plan_continues_exactly, and test_lora's resume)
+@pytest.mark.parametrize("first,then", [(2, 0)])
 def test_a_checkpoint_resumes_in_the_other_transport_and_continues_exactly(ray_session, tmp_path, debug_model,
                                                                          addition_data, first, then):
     cfg = rl_config(tmp_path / "whole", debug_model, addition_data, first, adv_estimator="gae")
@@ -173,11 +178,12 @@ def test_train_on_two_workers_prints_progress_evaluates_and_writes_final_curves_
         assert (out / f).is_file(), f
 
 
+# every loss and correction under both transports, combined where they compose (one 2-worker run costs seconds)
 @pytest.mark.parametrize("algo", [
-    {"policy_loss": "gspo"}, {"policy_loss": "cispo"}, {"policy_loss": "clip_cov", "clip_cov_ratio": 0.2},
-    {"policy_loss": "kl_cov", "kl_cov_ratio": 0.2}, {"rollout_correction": "tis"},
-    {"rollout_correction": "mis", "rollout_correction_level": "sequence", "rollout_mis_upper": 1.0001},
-    {"overlong_cache": 2, "overlong_factor": 0.5},
+    {"policy_loss": "gspo", "rollout_correction": "mis", "rollout_correction_level": "sequence",
+     "rollout_mis_upper": 1.0001},
+    {"policy_loss": "cispo", "rollout_correction": "tis", "overlong_cache": 2, "overlong_factor": 0.5},
+    {"policy_loss": "clip_cov", "clip_cov_ratio": 0.2}, {"policy_loss": "kl_cov", "kl_cov_ratio": 0.2},
 ], ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()))
 def test_todays_losses_and_corrections_give_the_same_metrics_in_process_and_on_two_workers(
         ray_session, tmp_path, debug_model, addition_data, algo):
