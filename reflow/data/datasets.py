@@ -4,7 +4,8 @@ Three shapes of data, each a JSON Lines (``.jsonl`` / ``.json``, one object per
 line) or Parquet (``.parquet``) file:
 
 * prompts (PPO/GRPO): ``prompt`` or ``messages``, optional ``answer``;
-* SFT: ``prompt`` or ``messages``, plus ``response``;
+* SFT: ``prompt`` or ``messages``, plus ``response``; or a whole conversation in ``messages`` without
+  ``response`` (multi-turn SFT: the loss is on the assistant turns, user/tool turns are context);
 * preferences (DPO): ``prompt`` or ``messages``, plus ``chosen`` and ``rejected``.
 
 Every problem is reported as a :class:`DataError` whose one-line message names
@@ -54,11 +55,15 @@ class PromptExample:
 
 @dataclass
 class SFTExample:
-    """One supervised example; ``response_ids`` ends with the tokenizer's eos id."""
+    """One supervised example; ``response_ids`` ends with the tokenizer's eos id (a ``response`` row) or with
+    the chat template's end of the last assistant turn (a conversation). ``response_mask`` (conversations
+    only; None = every response token): 1 on the tokens the loss trains, the assistant turns, 0 on the user,
+    tool and system turns between them."""
 
     row: int
     prompt_ids: list[int]
     response_ids: list[int]
+    response_mask: list[int] | None = None
 
 
 @dataclass
@@ -328,8 +333,54 @@ def load_prompts(path, tokenizer, *, max_prompt_len: int, on_bad_row: str = "err
     return _load(path, on_bad_row, parse)
 
 
+def _conversation(row: dict, tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """A multi-turn SFT row (``messages`` with assistant turns, no ``response``) -> (context ids, ids from the
+    first assistant turn to the end of the last, their loss mask).
+
+    The conversation is rendered once by the chat template and tokenized once (so the tokens are those a
+    model sees in use); assistant turn i spans the characters from the end of render(messages[:i],
+    add_generation_prompt) to the end of render(messages[:i+1]) -- its content and the template's end-of-turn
+    tokens, without its header -- and a token is trained when it starts inside such a span (the tokenizer's
+    offsets). This needs a template that renders a conversation turn by turn (each render is a prefix of the
+    next), which ChatML-style templates do; one that rewrites earlier turns is refused.
+    """
+    messages = _validate_messages(row["messages"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise _BadRow("uses 'messages' but the tokenizer has no chat template; use 'prompt' and 'response' strings "
+                      "or a model folder whose tokenizer has a chat template")
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise _BadRow("has 'messages' but no 'response' and no assistant turn to train on; add a 'response' string "
+                      "or assistant messages")
+    if turns[0] == 0:
+        raise _BadRow("messages[0] is an assistant turn; a conversation starts with a system or user turn")
+    try:
+        def render(msgs, gen=False):
+            return tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+
+        text = render(messages)
+        spans = []
+        for i in turns:
+            before, after = render(messages[:i], gen=True), render(messages[:i + 1])
+            if not (after.startswith(before) and text.startswith(after)):
+                raise _BadRow(f"the tokenizer's chat template does not render the conversation turn by turn (turn {i} "
+                              "changes what comes before it), so its assistant turns cannot be located; give "
+                              "'prompt'/'response' rows instead")
+            spans.append((len(before), len(after)))
+    except _BadRow:
+        raise
+    except Exception as e:  # noqa: BLE001 - jinja/template errors become a row error
+        raise _BadRow(f"the tokenizer's chat template failed on 'messages' ({_one_line(e)})") from None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    mask = [int(any(a <= start < b for a, b in spans)) for start, _ in enc["offset_mapping"]]
+    first, last = mask.index(1), len(mask) - mask[::-1].index(1)
+    return ids[:first], ids[first:last], mask[first:last]
+
+
 def load_sft(path, tokenizer, *, max_len: int, on_bad_row: str = "error") -> tuple[list[SFTExample], int]:
-    """Load SFT rows: ``prompt`` or ``messages`` plus a ``response`` string.
+    """Load SFT rows: ``prompt`` or ``messages`` plus a ``response`` string, or a conversation (``messages``
+    with assistant turns and no ``response``: the loss is on the assistant turns only, see `_conversation`).
 
     ``response_ids`` gets the eos id appended so the model learns to stop; a
     row whose prompt + response (with eos) exceeds ``max_len`` tokens is bad.
@@ -338,6 +389,10 @@ def load_sft(path, tokenizer, *, max_len: int, on_bad_row: str = "error") -> tup
     eos = _eos_id(tokenizer)
 
     def parse(rownum: int, row: dict) -> SFTExample:
+        if _present(row, "messages") and not _present(row, "response"):
+            prompt_ids, response_ids, mask = _conversation(row, tokenizer)
+            _check_total(len(prompt_ids) + len(response_ids), max_len, "the conversation")
+            return SFTExample(row=rownum, prompt_ids=prompt_ids, response_ids=response_ids, response_mask=mask)
         prompt_ids = _tokenize(tokenizer, _render_prompt(row, tokenizer))
         response_ids = _tokenize(tokenizer, _require_str(row, "response", "the target reply")) + [eos]
         _check_total(len(prompt_ids) + len(response_ids), max_len, "prompt + response")

@@ -213,3 +213,37 @@ def test_load_preferences_errors(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "cccccc"}])
     with pytest.raises(DataError, match="data.max_len=4"):
         load_preferences(path, tokenizer, max_len=4)
+
+
+CONVERSATION = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "calc(2+3)"},
+                {"role": "tool", "content": "5"}, {"role": "assistant", "content": "5"}]
+
+
+def test_a_conversation_row_trains_on_its_assistant_turns_only_not_on_user_or_tool_turns(tmp_path, tokenizer):
+    from reflow.runtime.calls.supervised import sft_batch
+
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}])
+    [ex], _ = load_sft(path, tokenizer, max_len=256)
+    whole = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert tokenizer.decode(ex.prompt_ids + ex.response_ids) == whole  # one rendering, one tokenization
+    assert tokenizer.decode(ex.prompt_ids) == "<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n"
+    trained = [t for t, m in zip(ex.response_ids, ex.response_mask) if m]
+    context = [t for t, m in zip(ex.response_ids, ex.response_mask) if not m]
+    assert tokenizer.decode(trained) == "calc(2+3)<|im_end|>\n5<|im_end|>\n"  # both turns, with their end token
+    assert tokenizer.decode(context) == "<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n"
+    batch = sft_batch([ex])
+    assert batch.tokens["action_mask"].tolist() == [0] * len(ex.prompt_ids) + ex.response_mask
+
+
+def test_conversation_rows_without_an_assistant_turn_or_with_a_template_that_rewrites_turns_are_bad_rows(
+        tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION[:1]}])
+    with pytest.raises(DataError, match="line 1.*no assistant turn to train on"):
+        load_sft(path, tokenizer, max_len=256)
+    import copy
+
+    counting = copy.deepcopy(tokenizer)  # a template that prints the number of turns first: no turn-by-turn prefix
+    counting.chat_template = "{{ messages | length }}" + tokenizer.chat_template
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATION}])
+    with pytest.raises(DataError, match="line 1.*does not render the conversation turn by turn"):
+        load_sft(path, counting, max_len=256)

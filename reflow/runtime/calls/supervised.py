@@ -27,11 +27,13 @@ from reflow.runtime.calls import CallContext, register_call
 
 
 def sft_batch(examples) -> SampleBatch:
-    """(prompt, response) examples -> input_ids, action_mask on the response."""
+    """(prompt, response) examples -> input_ids, action_mask on the response (on its assistant turns only for a
+    conversation: `response_mask`)."""
     return SampleBatch.from_sequences(
         range(len(examples)),
         {"input_ids": [torch.tensor(e.prompt_ids + e.response_ids) for e in examples],
-         "action_mask": [torch.tensor([0] * len(e.prompt_ids) + [1] * len(e.response_ids)) for e in examples]})
+         "action_mask": [torch.tensor([0] * len(e.prompt_ids) + (e.response_mask or [1] * len(e.response_ids)))
+                         for e in examples]})
 
 
 def preference_batch(examples) -> SampleBatch:
