@@ -46,7 +46,8 @@ def workload_for_config(cfg, prompt_len: int | None = None) -> Workload:
     return Workload(batch=r.prompts_per_step * r.n, prompt_len=prompt_len or cfg.data.max_prompt_len,
                     gen_len=r.max_new_tokens,
                     mini_batches=a.mini_batches, epochs=a.ppo_epochs, micro_tokens=actor.micro_batch_tokens,
-                    checkpointing=actor.gradient_checkpointing, decode_batch=r.batch_size)
+                    checkpointing=actor.gradient_checkpointing, decode_batch=r.batch_size,
+                    share_prefill=r.n, share_prefix=r.n if actor.prefix_sharing else 1)
 
 
 def problem_for_config(cfg, devices: int | None = None, hw: str | Hardware = "cpu", **hw_overrides) -> Problem:

@@ -110,10 +110,20 @@ class Workload:
     micro_tokens: int = 8192
     checkpointing: bool = True
     decode_batch: int | None = None
+    # sequences per prompt that compute its tokens once: `share_prefill` in generate calls (the engine
+    # prefills each distinct prompt once and copies its K/V), `share_prefix` in train and infer calls
+    # (prefix sharing: a group's prompt runs once per forward and backward); 1 = every sequence its own
+    share_prefill: int = 1
+    share_prefix: int = 1
 
     @property
     def seq_len(self) -> int:
         return self.prompt_len + self.gen_len
+
+    @property
+    def seq_tokens(self) -> float:
+        """Tokens a train / infer call computes per sequence: gen_len + prompt_len / share_prefix."""
+        return self.gen_len + self.prompt_len / max(1, self.share_prefix)
 
 
 @dataclass
@@ -223,7 +233,7 @@ def _fsdp_units(m: ModelShape, p: int) -> int:
 def infer_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, owner_sharded: bool = False) -> CallCost:
     L = pl.layout
     seqs = math.ceil(wl.batch / L.d)
-    tokens = seqs * wl.seq_len
+    tokens = seqs * wl.seq_tokens
     micro = _micro_batches(tokens, seqs, wl, L.p)
     total, parts = _pipeline(m, hw, pl, tokens, wl.seq_len / 2, micro, scale=hw.infer_scale)
     if owner_sharded and L.d > 1:
@@ -238,7 +248,7 @@ def infer_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, owner_s
 def train_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload) -> CallCost:
     L = pl.layout
     seqs = math.ceil(wl.batch / (L.d * wl.mini_batches))
-    tokens = seqs * wl.seq_len
+    tokens = seqs * wl.seq_tokens
     micro = _micro_batches(tokens, seqs, wl, L.p)
     passes = 4.0 if wl.checkpointing else 3.0
     pipe, parts = _pipeline(m, hw, pl, tokens, wl.seq_len / 2, micro, compute_passes=passes,
@@ -290,9 +300,10 @@ def generate_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, conc
     g = groups(pl)
     tp = _worst_group(hw, g["tp"])
     P, G = wl.prompt_len, wl.gen_len
-    # prefill: one pass over the wave's prompts (pipelined over p micro-batches when p > 1)
+    # prefill: one pass over the wave's distinct prompts (pipelined over p micro-batches when p > 1)
     pre_micro = max(1, min(wave, L.p))
-    prefill, _ = _pipeline(m, hw, pl, wave * P, P / 2, pre_micro, scale=hw.generate_scale)
+    prefill, _ = _pipeline(m, hw, pl, wave * P / max(1, wl.share_prefill), P / 2, pre_micro,
+                           scale=hw.generate_scale)
     # decode: every stage in turn for each token (no pipelining across stages within a step)
     lin_c = [0.0, 0.0]
     lin_m = [0.0, 0.0]

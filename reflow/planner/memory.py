@@ -78,9 +78,10 @@ def train_transient(m: ModelShape, pl: Placement, rank: int, wl: Workload) -> di
     a, b = stage_bounds(m.layers, L.p, pp)
     n = b - a
     seqs = math.ceil(wl.batch / (L.d * wl.mini_batches))
-    tokens = seqs * wl.seq_len
+    tokens = seqs * wl.seq_tokens  # a shared prompt prefix runs once (Workload.share_prefix)
     micro = _micro_batches(tokens, seqs, wl, L.p)
     t_micro = tokens / micro
+    flat = t_micro * wl.seq_len / wl.seq_tokens  # the log-probs come out per sequence token, prefix repeated
     in_flight = t_micro * micro_batches_in_flight(pl, pp, micro)
     full = _act_per_token_layer(m, L.t)
     if wl.checkpointing:
@@ -91,7 +92,7 @@ def train_transient(m: ModelShape, pl: Placement, rank: int, wl: Workload) -> di
     if L.d > 1:
         out["gathered layers"] = 2 * m.layer_params / L.t * m.dtype_bytes
     if pp == L.p - 1 and m.head == "lm":
-        out["logits"] = t_micro * m.vocab * 4 * 2
+        out["logits"] = flat * m.vocab * 4 * 2
     return out
 
 
@@ -99,11 +100,11 @@ def infer_transient(m: ModelShape, pl: Placement, rank: int, wl: Workload) -> di
     L = pl.layout
     pp, _, _ = stage_of(pl, rank)
     seqs = math.ceil(wl.batch / L.d)
-    tokens = seqs * wl.seq_len
+    tokens = seqs * wl.seq_tokens
     t_micro = tokens / _micro_batches(tokens, seqs, wl, L.p)
     out = {"activations": t_micro * (4 * m.hidden + 2 * m.intermediate / L.t) * m.dtype_bytes}
     if pp == L.p - 1 and m.head == "lm":
-        out["logits"] = t_micro * m.vocab * 4
+        out["logits"] = t_micro * wl.seq_len / wl.seq_tokens * m.vocab * 4
     return out
 
 

@@ -114,3 +114,25 @@ def test_kind_scale_multiplies_own_work_not_collectives(kind):
             assert plain < scaled < 2 * plain * (1 - 1e-3)
         else:
             assert scaled == pytest.approx(2 * plain)
+
+
+def test_shared_prompts_cost_their_prompt_tokens_once_in_prefill_train_and_infer_and_leave_decode_alone():
+    base = Workload(batch=512, prompt_len=1024, gen_len=256)
+    shared = Workload(batch=512, prompt_len=1024, gen_len=256, share_prefill=8, share_prefix=8)
+    assert shared.seq_tokens == 256 + 1024 / 8
+    assert t("generate", wl=shared, part="prefill") < t("generate", wl=base, part="prefill") / 4
+    assert t("generate", wl=shared, part="decode") == t("generate", wl=base, part="decode")
+    for kind in ("train", "infer"):
+        assert t(kind, wl=shared, part="compute") < t(kind, wl=base, part="compute") / 2
+
+
+def test_the_workload_of_a_config_shares_prompts_by_group_and_the_prefix_sharing_key():
+    from reflow.config.loader import from_dict
+    from reflow.config.schema import RLConfig
+    from reflow.planner.config import workload_for_config
+
+    cfg = from_dict(RLConfig, {"actor": {"path": "x"}, "data": {"train": "t.jsonl"}, "rollout": {"n": 8}})
+    wl = workload_for_config(cfg)
+    assert (wl.share_prefill, wl.share_prefix) == (8, 8)
+    cfg.actor.prefix_sharing = False
+    assert workload_for_config(cfg).share_prefix == 1
