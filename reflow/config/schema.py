@@ -311,8 +311,20 @@ class RehearsalConfig:
     data: str | None = None  # JSONL / Parquet of (prompt, response) rows; None = off
     coef: float = 0.01  # the paper's recipe
     batch_size: int = 8  # rehearsal rows per optimizer step
+    # select the data inside `reflow train` first (the `reflow rehearse` pass, with the actor as the SFT
+    # policy, into output_dir/rehearse/): its PPO prompts become data.train and its rehearsal set
+    # rehearsal.data. None = give rehearsal.data (or nothing: off)
+    select: RehearseSelection | None = None
 
     def validate(self):
+        if self.select is not None:
+            if self.data is not None:
+                raise ConfigError("rehearsal.select makes the rehearsal data (into output_dir/rehearse/); drop "
+                                  "rehearsal.data, or drop rehearsal.select to use that file")
+            try:
+                self.select.validate()
+            except ConfigError as e:
+                raise ConfigError(f"rehearsal.select.{e}") from None
         if not (self.coef >= 0 and math.isfinite(self.coef)):
             raise ConfigError(f"rehearsal.coef must be a finite number >= 0, got {self.coef}")
         if self.batch_size < 1:
@@ -320,7 +332,7 @@ class RehearsalConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.data is not None and self.coef > 0
+        return (self.data is not None or self.select is not None) and self.coef > 0
 
 
 @dataclass
@@ -533,17 +545,13 @@ class AMConfig(RMConfig):
 
 
 @dataclass
-class RehearseConfig:
-    """`reflow rehearse`: selective rehearsal's data selection. Embeds the prompts of data.train, clusters them
-    (k-means), samples `samples_per_prompt` responses per prompt from the SFT policy, scores them with the
-    advantage model `am`, and writes ppo_prompts.jsonl, rehearsal.jsonl and clusters.json to output_dir."""
+class RehearseSelection:
+    """Selective rehearsal's data selection (`reflow rehearse`, or `rehearsal.select` inside `reflow train`):
+    embed the prompts, cluster them (k-means), sample `samples_per_prompt` responses per prompt from the SFT
+    policy, score them with the advantage model `am`, and select the PPO prompts and the rehearsal set."""
 
-    output_dir: str = "runs/rehearse"
-    seed: int = 0
-    policy: ModelConfig = field(default_factory=ModelConfig)  # the SFT policy: samples (and embeds) the prompts
     am: str | None = None  # the advantage-model folder (`reflow am`)
     embedder: str | None = None  # a sentence-embedding model folder; None = the policy's mean hidden state
-    data: DataConfig = field(default_factory=lambda: DataConfig(train="data/addition/train.jsonl", eval=None))
     clusters: int = 8
     samples_per_prompt: int = 4
     max_new_tokens: int = 16
@@ -554,8 +562,6 @@ class RehearseConfig:
     batch_size: int = 64  # sequences per generation / forward batch
 
     def validate(self):
-        if self.policy.path is None:
-            raise ConfigError("policy.path is required: the SFT policy's HF folder")
         if self.am is None:
             raise ConfigError("am is required: the advantage-model folder written by `reflow am`")
         for key in ("clusters", "samples_per_prompt", "max_new_tokens", "batch_size"):
@@ -567,6 +573,22 @@ class RehearseConfig:
             raise ConfigError(f"ppo_per_cluster must be >= 0 (or null: all), got {self.ppo_per_cluster}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class RehearseConfig(RehearseSelection):
+    """`reflow rehearse`: the selection (RehearseSelection) of data.train's prompts with the SFT policy
+    `policy`, written to output_dir as ppo_prompts.jsonl, rehearsal.jsonl and clusters.json."""
+
+    output_dir: str = "runs/rehearse"
+    seed: int = 0
+    policy: ModelConfig = field(default_factory=ModelConfig)  # the SFT policy: samples (and embeds) the prompts
+    data: DataConfig = field(default_factory=lambda: DataConfig(train="data/addition/train.jsonl", eval=None))
+
+    def validate(self):
+        if self.policy.path is None:
+            raise ConfigError("policy.path is required: the SFT policy's HF folder")
+        super().validate()
 
 
 @dataclass

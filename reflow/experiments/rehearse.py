@@ -16,6 +16,8 @@ the same config selects the same data. This runs in one process: it is a pass ov
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -23,8 +25,8 @@ from pathlib import Path
 import torch
 
 from reflow.algorithms.rehearsal import select
-from reflow.config.loader import ConfigError, save_config
-from reflow.config.schema import RehearseConfig
+from reflow.config.loader import ConfigError, load_config, save_config, to_dict
+from reflow.config.schema import RehearseConfig, RehearseSelection
 from reflow.data.batch import SampleBatch
 from reflow.data.datasets import load_prompts
 from reflow.engines.generate import GenerationEngine, SamplingParams, sample_seed
@@ -151,4 +153,39 @@ def run_rehearse(cfg: RehearseConfig) -> dict:
     summary = {"prompts": len(prompts), "skipped_rows": skipped, "ppo_prompts": len(sel.ppo),
                "rehearsal_rows": len(sel.rehearsal), "clusters": sel.clusters}
     (out / "clusters.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def select_in_train(cfg) -> dict | None:
+    """`rehearsal.select` of an RL config: run the selection with the actor as the SFT policy and data.train's
+    prompts into output_dir/rehearse/ (or reuse what an earlier start of the same run wrote there with the same
+    settings: a resumed run trains on the same data), then point data.train at its PPO prompts and
+    rehearsal.data at its rehearsal set, and clear `select`, so the config the run saves records the files
+    it trained on. Returns the selection's summary (None without `select`)."""
+    sel: RehearseSelection | None = cfg.rehearsal.select
+    if sel is None:
+        return None
+    out = Path(cfg.output_dir) / "rehearse"
+    rcfg = RehearseConfig(**{f.name: getattr(sel, f.name) for f in dataclasses.fields(RehearseSelection)},
+                          output_dir=str(out), seed=cfg.seed, policy=copy.deepcopy(cfg.actor),
+                          data=copy.deepcopy(cfg.data))
+    rcfg.validate()
+    done = out / "clusters.json"
+    if done.is_file() and (out / "config.yaml").is_file() and \
+            to_dict(load_config(RehearseConfig, out / "config.yaml")) == to_dict(rcfg):
+        summary = json.loads(done.read_text())
+        log.info("rehearsal.select: reusing %s (%d PPO prompts, %d rehearsal rows)", out, summary["ppo_prompts"],
+                 summary["rehearsal_rows"])
+    else:
+        done.unlink(missing_ok=True)  # a half-written or different selection is made again
+        summary = run_rehearse(rcfg)
+        log.info("rehearsal.select: %d prompts in %d clusters -> %d PPO prompts, %d rehearsal rows (%s)",
+                 summary["prompts"], len(summary["clusters"]), summary["ppo_prompts"], summary["rehearsal_rows"], out)
+    if not summary["ppo_prompts"] or not summary["rehearsal_rows"]:
+        raise ConfigError(f"rehearsal.select chose {summary['ppo_prompts']} PPO prompts and {summary['rehearsal_rows']} "
+                          f"rehearsal rows ({out}/clusters.json); lower rehearsal.select.min_advantage or change "
+                          "rehearse_per_cluster / ppo_per_cluster")
+    cfg.data.train = str(out / "ppo_prompts.jsonl")
+    cfg.rehearsal.data = str(out / "rehearsal.jsonl")
+    cfg.rehearsal.select = None
     return summary

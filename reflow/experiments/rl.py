@@ -36,6 +36,7 @@ from reflow.algorithms.losses import AdaptiveKLController
 from reflow.config.schema import RLConfig
 from reflow.data.sampler import PromptSampler
 from reflow.experiments.loop import StepLoop
+from reflow.experiments.rehearse import select_in_train
 from reflow.models.load import check_model_dir, check_same_tokenizer, load_tokenizer
 from reflow.rewards.registry import RewardError, compute_rewards
 from reflow.rewards.sandbox import RewardSandbox, open_reward
@@ -59,6 +60,8 @@ class RLExperiment(StepLoop):
         check_same_tokenizer(tokenizer, "actor.path", cfg.actor.path,
                              {"critic.path": cfg.critic.path, "ref.path": cfg.ref.path, "reward.model": cfg.reward.model})
         self.graph = graph_for(cfg)
+        # rehearsal.select: the selection pass (sampling with the actor) makes data.train and rehearsal.data
+        self.rehearsal_selection = select_in_train(cfg)
         # the reward spec imports (in a one-process sandbox where reward.sandbox says so: user code does not run
         # in the controller); its signature is checked, and it is tried on a few prompts, before any model is built
         reward_fn = open_reward(cfg.reward, workers=1) if cfg.reward.fn else None

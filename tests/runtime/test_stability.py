@@ -147,3 +147,37 @@ def test_rehearsal_config_errors_name_the_key(tmp_path, debug_model, addition_da
         from_dict(RehearsalConfig, {"data": "x.jsonl", "coef": -0.1})
     with pytest.raises(ConfigError, match="rehearsal.batch_size"):
         from_dict(RehearsalConfig, {"data": "x.jsonl", "batch_size": 0})
+
+
+def test_rehearsal_select_inside_train_makes_the_data_trains_on_it_and_a_resumed_run_reuses_it(
+        tmp_path, debug_model, addition_data, caplog):
+    import logging
+
+    from reflow.config.loader import ConfigError
+    from reflow.config.schema import RehearseSelection
+    from reflow.experiments.rl import RLExperiment
+    from rl_runs import rl_config
+
+    def cfg():
+        c = rl_config(tmp_path / "run", debug_model, addition_data, 0)
+        c.rehearsal.coef, c.rehearsal.batch_size = 0.5, 2
+        c.rehearsal.select = RehearseSelection(am=str(debug_model), clusters=2, samples_per_prompt=2,
+                                               max_new_tokens=3, rehearse_per_cluster=2, min_advantage=-1.0)
+        return c
+
+    first = cfg()
+    got = run(RLExperiment, first)
+    sel = tmp_path / "run" / "rehearse"
+    assert (sel / "clusters.json").is_file()
+    assert first.data.train == str(sel / "ppo_prompts.jsonl") and first.rehearsal.data == str(sel / "rehearsal.jsonl")
+    assert first.rehearsal.select is None  # the config the run saves names the files it trained on
+    assert got[0]["actor/rehearsal_nll"] > 0
+    stamp = (sel / "rehearsal.jsonl").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="reflow"):
+        with RLExperiment(cfg(), resume=True) as exp:  # the resumed run trains on the same selection
+            assert exp.step == len(got)
+    assert "rehearsal.select: reusing" in caplog.text and (sel / "rehearsal.jsonl").stat().st_mtime_ns == stamp
+    both_given = cfg()
+    both_given.rehearsal.data = "x.jsonl"
+    with pytest.raises(ConfigError, match="drop rehearsal.data"):
+        both_given.rehearsal.validate()
