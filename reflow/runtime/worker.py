@@ -356,6 +356,9 @@ class Worker:
         chunk = meta.get("chunk")
         if chunk is not None and chunk > 0 and name in self.streaming:
             model, temporary = self.streaming[name]
+            role = self.roles.get(call.weights)
+            if not temporary and role is not None and role.parked is not None:
+                role.parked.reload()  # a no-op unless another call on this rank parked it between chunks
         else:
             model, temporary = self._weights(name)
             if chunk is not None:
@@ -380,9 +383,10 @@ class Worker:
         return cc, batch, adapters, temporary, t0, t1
 
     def _after(self, cc: CallContext, temporary: bool) -> None:
-        """A frozen owner copy parked in host memory goes back there after its call."""
+        """A frozen owner copy parked in host memory goes back there after its call (after the last chunk of a
+        streamed call: `end_stream`)."""
         role = self.roles.get(cc.call.weights)
-        if not temporary and role is not None and role.parked is not None:
+        if not temporary and role is not None and role.parked is not None and cc.meta.get("chunk") is None:
             role.parked.offload()
 
     def _implement(self, cc: CallContext, batch: SampleBatch | None, adapters):
@@ -472,8 +476,12 @@ class Worker:
         yield self._output(None, call, ctx, {"rank": self.rank, "time": time.time() - t0}, metrics)[1]
 
     def end_stream(self, name: str) -> dict:
-        """The last chunk of the streamed call `name` has run: drop the weights copy its chunks shared."""
-        self.streaming.pop(name, None)
+        """The last chunk of the streamed call `name` has run: drop the weights copy its chunks shared, or park
+        the frozen owner copy they ran on again."""
+        _, temporary = self.streaming.pop(name, (None, True))
+        role = self.roles.get(self.calls[name].weights)
+        if not temporary and role is not None and role.parked is not None:
+            role.parked.offload()
         return {"rank": self.rank, "time": 0.0}
 
     def save(self, ckpt: str, optimizer: bool = True, roles: list[str] | None = None) -> dict:

@@ -70,3 +70,22 @@ def test_reflow_timeline_prints_idle_time_per_rank_and_chunks_and_draws_one_row_
     assert "rank 0: busy 2.50 s, idle 3.50 s" in printed and "rank 1: busy 4.50 s, idle 1.50 s" in printed
     assert "reward: 2 chunk(s)" in printed and "actor_gen: 2 chunk(s)" in printed
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
+
+
+def test_a_streamed_call_on_a_parked_frozen_copy_keeps_it_loaded_for_every_chunk_and_parks_it_after(
+        tmp_path, debug_model, addition_data):
+    """runtime.offload_frozen parks the reference between its calls; streamed ref_inf runs on it chunk by chunk."""
+    from reflow.experiments.rl import RLExperiment
+    from rl_runs import assert_same_steps
+
+    def run(out, fused):
+        cfg = rl_config(out, debug_model, addition_data)
+        cfg.runtime.offload_frozen = True
+        cfg.fusion.inter_stage, cfg.fusion.chunk = fused, 2  # 6 samples: 3 chunks
+        with RLExperiment(cfg) as exp:
+            exp.run()
+            ref = exp.executor.transport.worker.roles["ref"]
+            assert ref.parked is not None and ref.parked.host is not None  # parked again after the last chunk
+            return exp.history
+
+    assert_same_steps(run(tmp_path / "plain", False), run(tmp_path / "fused", True))
