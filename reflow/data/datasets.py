@@ -371,6 +371,9 @@ def _conversation(row: dict, tokenizer) -> tuple[list[int], list[int], list[int]
         raise
     except Exception as e:  # noqa: BLE001 - jinja/template errors become a row error
         raise _BadRow(f"the tokenizer's chat template failed on 'messages' ({_one_line(e)})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise _BadRow("a conversation row needs a fast tokenizer (its token offsets locate the assistant turns); "
+                      "use a model folder with a tokenizer.json, or 'prompt'/'response' rows")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     mask = [int(any(a <= start < b for a, b in spans)) for start, _ in enc["offset_mapping"]]

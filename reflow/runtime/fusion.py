@@ -142,6 +142,11 @@ def check_fuse(cfg, graph, plan) -> None:
         raise PlanError(f"plan fuse: [{', '.join(plan.fuse)}]: {config_key(cfg, roles[0])}.micro_batch_tokens="
                         f"{tokens[0]} but {config_key(cfg, roles[1])}.micro_batch_tokens={tokens[1]}; fused pipelines "
                         "cut their batches alike: give both the same value")
+    sharing = [role_config(cfg, r).prefix_sharing for r in roles]
+    if sharing[0] != sharing[1]:  # sharing keeps groups whole and counts their prompt once: other cuts
+        raise PlanError(f"plan fuse: [{', '.join(plan.fuse)}]: {config_key(cfg, roles[0])}.prefix_sharing={sharing[0]} "
+                        f"but {config_key(cfg, roles[1])}.prefix_sharing={sharing[1]}; fused pipelines cut their "
+                        "batches alike: give both the same value")
     algo, pair = getattr(cfg, "algo", None), ", ".join(plan.fuse)
     if algo is not None and getattr(algo, "dynamic_sampling", False):
         raise PlanError(f"plan fuse: [{pair}]: algo.dynamic_sampling trains the actor on a subset of the critic's "

@@ -201,7 +201,7 @@ def test_fuse_reverses_the_second_calls_stages_round_trips_and_fails_up_front_na
                         "fuse": ["critic_inf", "critic_train"]}, 4).validate(g, configs)
 
 
-def test_a_fused_pair_needs_alike_micro_batches_and_no_sft_term_checked_before_anything_starts(
+def test_a_fused_pair_needs_alike_micro_batches_and_prefix_sharing_and_no_sft_term_checked_before_anything_starts(
         tmp_path, debug_model, addition_data):
     from rl_runs import rl_config
     from transformers import AutoConfig
@@ -220,6 +220,9 @@ def test_a_fused_pair_needs_alike_micro_batches_and_no_sft_term_checked_before_a
     with pytest.raises(PlanError, match="plan fuse: \\[actor_train, critic_train\\]: actor.micro_batch_tokens=64 but "
                                         "critic.micro_batch_tokens=32; .* give both the same value"):
         experiment_plan(cfg, graphs.ppo(), configs)
-    cfg.critic.micro_batch_tokens, cfg.algo.ptx_coef = 64, 0.1
+    cfg.critic.micro_batch_tokens, cfg.critic.prefix_sharing = 64, False
+    with pytest.raises(PlanError, match="actor.prefix_sharing=True but critic.prefix_sharing=False"):
+        experiment_plan(cfg, graphs.ppo(), configs)
+    cfg.critic.prefix_sharing, cfg.algo.ptx_coef = True, 0.1
     with pytest.raises(PlanError, match="algo.ptx_coef adds an SFT term to the actor's steps"):
         experiment_plan(cfg, graphs.ppo(), configs)
