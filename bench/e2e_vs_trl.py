@@ -207,6 +207,8 @@ class ReflowSide:
         self.records.append({**rec, "wall": t1 - t0, "reward": m["reward/mean"], "lr": m.get("actor/lr"),
                              "response_len_max": m.get("response_len/max"),
                              **{k: v for k, v in m.items() if k.startswith("time/")}})
+        if self.task.real:  # minutes per step: show progress
+            print(f"reflow step {len(self.records)}: {t1 - t0:.1f} s, {rec['gen_tokens']} tokens", flush=True)
 
     def finish(self) -> dict:
         while len(self.records) < self.steps:
@@ -292,6 +294,9 @@ def run_trl(task: Task, steps: int, seed: int, between_steps=None) -> dict:
             cur = self.trainer._cur
             lr = self.trainer.lr_scheduler.get_last_lr()[0]
             self.records.append({**cur, "wall": now - self.t_prev, "lr_next": lr})
+            if task.real:  # minutes per step: show progress
+                print(f"TRL step {len(self.records)}: {now - self.t_prev:.1f} s, {cur.get('gen_tokens')} tokens",
+                      flush=True)
             self.trainer._cur = {}
             if between_steps is not None:
                 between_steps()
@@ -695,6 +700,8 @@ def main() -> None:
     load_end = load_avg()
     S = {side: summarise(results[side], args.warmup) for side in ("reflow", "trl")}
     if task.real:
+        RUNS.mkdir(parents=True, exist_ok=True)  # the raw records, to re-read without re-running
+        (RUNS / "real_records.json").write_text(json.dumps({k: v["records"] for k, v in results.items()}))
         real_report(args, task, results, S, peak_start, load_start, load_end)
         return
     acc = {"sft (start)": held_out(task.model)}
