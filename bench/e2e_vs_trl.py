@@ -569,13 +569,7 @@ def real_report(args, task: Task, results: dict, S: dict, peak_start: float, loa
             1e3 * R["step_s"] / R["gen_tokens_per_step"], 1e3 * T["step_s"] / T["gen_tokens_per_step"], "{:.1f}"),
         row(f"mean train reward, steps 1-{min(10, args.steps)}", R["reward_first10"], T["reward_first10"], "{:.3f}"),
         "",
-        "Equal work:",
-        "",
-        *[f"- {x}" for x in lines_check],
-        "",
-        "Time per step by stage (s, mean over steady-state steps):",
-        "",
-        *stage_table(R, T),
+        *work_and_stages(lines_check, R, T),
         "",
         "FLOPs per step (GFLOP, mean over steady-state steps; 2 per multiply-add; body "
         f"{m['N'] / 1e6:.1f}M matmul parameters per token, LM head {m['V']} x {m['d']}, attention {m['L']} layers x "
@@ -651,8 +645,11 @@ def equal_work(results: dict, task: Task, steps: int) -> tuple[list[str], bool]:
     return lines_check, ok
 
 
-def stage_table(R: dict, T: dict) -> list[str]:
-    md = ["| reflow stage | s | TRL stage | s |", "|---|---|---|---|"]
+def work_and_stages(lines_check: list[str], R: dict, T: dict) -> list[str]:
+    """The report's equal-work list and its table of time per stage, reflow's and TRL's side by side."""
+    md = ["Equal work:", "", *[f"- {x}" for x in lines_check], "",
+          "Time per step by stage (s, mean over steady-state steps):", "",
+          "| reflow stage | s | TRL stage | s |", "|---|---|---|---|"]
     rs, ts = list(R["stages"].items()), list(T["stages"].items())
     for i in range(max(len(rs), len(ts))):
         a = rs[i] if i < len(rs) else ("", None)
@@ -756,13 +753,7 @@ def main() -> None:
         f"| held-out accuracy (reflow `evaluate`, greedy, 500 prompts) | {acc['reflow']:.3f} | {acc['trl']:.3f} | "
         f"start (SFT): {acc['sft (start)']:.3f} |",
         "",
-        "Equal work:",
-        "",
-        *[f"- {x}" for x in lines_check],
-        "",
-        "Time per step by stage (s, mean over steady-state steps):",
-        "",
-        *stage_table(R, T),
+        *work_and_stages(lines_check, R, T),
     ]
     r_gen, t_gen = R["stages"]["time/actor_gen"], T["stages"]["generate (model.generate)"]
     r_train = R["stages"]["time/actor_train"]
