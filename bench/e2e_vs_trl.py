@@ -46,6 +46,18 @@ TRL does in "rollout rest"). TRL's are measured by hooks (see `TimedGRPOTrainer`
   optimizer : on_pre_optimizer_step -> on_optimizer_step callback (AdamW step)
   other     : step wall minus the above (grad clipping, scheduler, logging, data loading)
 Writes bench/results/e2e_vs_trl.md; the last line printed is `BENCH_SUMMARY {json}` (read by bench/run_all.py).
+
+Real model (`--model DIR`, e.g. SmolLM2-135M-Instruct from `reflow init-model --from-gguf smollm2 --out DIR`):
+the same two sides and timers on that model and the chat_addition task (`--data`, written there when missing;
+TRL gets the rows as conversational prompts and applies the same chat template), reward `--reward`
+(final_number), 8 prompts x 8 samples, at most 64 new tokens ending at EOS, temperature 1, full fine-tuning,
+`--lr` on both sides. TRL generates the 64 completions in one call and trains them as 8 micro-batches of 8
+(gradient accumulation, one optimizer step; old log-probs are then not recomputed, as with reflow's single
+PPO epoch); reflow trains in micro-batches of `--micro-batch-tokens`. Added: the peak fp32 matmul FLOP/s
+(bench/mfu.py's `peak_matmul`, before and after the runs), the FLOPs of a step by stage for what each side
+computes (`step_flops`: reflow prefills a prompt once per group and shares it in training; TRL prefills every
+row, decodes every row until the batch's last one ends and trains padded rows), and each side's step time
+against its FLOPs / peak. No held-out evaluation or final export (time). Writes bench/results/e2e_vs_trl_real.md.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("WANDB_DISABLED", "true")
@@ -67,6 +80,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
 from machine import cpu_name, load_avg  # noqa: E402
+from mfu import peak_matmul  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
@@ -74,6 +88,47 @@ RUNS = ROOT / "runs" / "bench" / "e2e_vs_trl"
 sys.path.insert(0, str(ROOT / "bench"))
 
 PROMPTS_PER_STEP, GROUP, MAX_NEW, LR = 32, 8, 6, 2e-5
+
+
+@dataclass(frozen=True)
+class Task:
+    """What both sides train on: model folder, prompt file, reward, batch shape, sampling cap and LR.
+
+    `trl_batch` x `trl_accum` = prompts x group: TRL generates the whole step's completions at once
+    (generation_batch_size = per_device_train_batch_size x steps_per_generation) and trains them in
+    `trl_accum` micro-batches of `trl_batch` completions, one optimizer step.
+    """
+
+    label: str
+    model: Path
+    train: Path
+    reward: str
+    prompts: int
+    group: int
+    max_new: int
+    lr: float
+    max_prompt_len: int
+    micro_batch_tokens: int
+    trl_batch: int
+    trl_accum: int
+    real: bool
+
+
+def tiny_task() -> Task:
+    return Task("demo SFT model (tiny-llama, 0.8M params), 2-digit addition", ensure_sft_model(),
+                ROOT / "data/addition/train.jsonl", "exact_match", PROMPTS_PER_STEP, GROUP, MAX_NEW, LR, 16, 8192,
+                PROMPTS_PER_STEP * GROUP, 1, real=False)
+
+
+def real_task(model: Path, data: Path, reward: str, lr: float, micro_batch_tokens: int) -> Task:
+    """A real chat model (e.g. SmolLM2-135M-Instruct from `reflow init-model --from-gguf smollm2`) on the
+    chat_addition task (written to `data` when missing), 8 prompts x 8 samples, up to 64 new tokens."""
+    from reflow.data.tasks import write_task
+
+    if not (data / "train.jsonl").is_file():
+        write_task("chat_addition", data, n_train=70, n_test=29)
+    return Task(f"{model.name} ({model}), chat_addition in the model's chat template", model, data / "train.jsonl",
+                reward, 8, 8, 64, lr, 128, micro_batch_tokens, 8, 8, real=True)
 
 
 def ensure_sft_model() -> Path:
@@ -111,22 +166,26 @@ class ReflowSide:
     off, and `finish()` exports final/ as run() does.
     """
 
-    def __init__(self, sft: Path, steps: int, seed: int):
+    def __init__(self, task: Task, steps: int, seed: int):
         from reflow.config.loader import load_config
         from reflow.config.schema import RLConfig
         from reflow.experiments.demo import CONFIG_DIR
         from reflow.experiments.rl import RLExperiment
         from reflow.utils.metrics import MetricsLogger
 
-        self.out = RUNS / "reflow"
+        self.out = RUNS / ("reflow_real" if task.real else "reflow")
         self.steps = steps
+        self.task = task
         cfg = load_config(RLConfig, CONFIG_DIR / "grpo_addition.yaml", [
-            f"output_dir={self.out}", f"seed={seed}", f"actor.path={sft}", f"trainer.steps={steps}",
-            f"rollout.prompts_per_step={PROMPTS_PER_STEP}", f"rollout.n={GROUP}", f"rollout.max_new_tokens={MAX_NEW}",
-            "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=0", f"actor.optim.lr={LR}",
+            f"output_dir={self.out}", f"seed={seed}", f"actor.path={task.model}", f"trainer.steps={steps}",
+            f"data.train={task.train}", f"data.max_prompt_len={task.max_prompt_len}",
+            f"actor.micro_batch_tokens={task.micro_batch_tokens}", "runtime.timeout_s=3600",
+            f"rollout.prompts_per_step={task.prompts}", f"rollout.n={task.group}",
+            f"rollout.max_new_tokens={task.max_new}",
+            "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=0", f"actor.optim.lr={task.lr}",
             "actor.optim.schedule=cosine", "actor.optim.min_lr_ratio=0.1", "actor.optim.warmup_steps=0",
             "algo.kl_coef=0.0", "algo.kl_metric=false", "algo.loss_agg=token-mean", "algo.ppo_epochs=1",
-            "algo.mini_batches=1", "reward.fn=exact_match", "data.eval=null", "trainer.eval_every=0",
+            "algo.mini_batches=1", f"reward.fn={task.reward}", "data.eval=null", "trainer.eval_every=0",
             "trainer.save_every=0", "trainer.progress=false"])
         t0 = time.perf_counter()
         self.exp = RLExperiment(cfg)
@@ -146,13 +205,17 @@ class ReflowSide:
         rec = {"gen_completions": int(m["samples"]), "gen_tokens": int(m["gen_tokens"]),
                "train_completions": int(m["samples"]), "train_tokens": int(m["gen_tokens"])}
         self.records.append({**rec, "wall": t1 - t0, "reward": m["reward/mean"], "lr": m.get("actor/lr"),
+                             "response_len_max": m.get("response_len/max"),
                              **{k: v for k, v in m.items() if k.startswith("time/")}})
+        if self.task.real:  # minutes per step: show progress
+            print(f"reflow step {len(self.records)}: {t1 - t0:.1f} s, {rec['gen_tokens']} tokens", flush=True)
 
     def finish(self) -> dict:
         while len(self.records) < self.steps:
             self.step()
         self.logger.close()
-        self.exp.export_final()
+        if not self.task.real:  # the real model's final weights are not scored here (time), so not written
+            self.exp.export_final()
         self.exp.shutdown()
         return {"name": "reflow", "records": self.records, "setup_s": self.setup_s,
                 "loop_s": sum(x["wall"] for x in self.records), "final": self.out / "final",
@@ -162,7 +225,7 @@ class ReflowSide:
 # ---------------------------------------------------------------------------------------------- TRL
 
 
-def run_trl(sft: Path, steps: int, seed: int, between_steps=None) -> dict:
+def run_trl(task: Task, steps: int, seed: int, between_steps=None) -> dict:
     """TRL's GRPOTrainer; `between_steps()` (the other side's step, when interleaved) runs after each TRL step,
     outside TRL's timed window."""
     from datasets import Dataset
@@ -171,11 +234,18 @@ def run_trl(sft: Path, steps: int, seed: int, between_steps=None) -> dict:
 
     from reflow.data.datasets import _read_located  # the same rows reflow reads
     from reflow.models.load import load_tokenizer
-    from reflow.rewards.rules import exact_match
+    from reflow.rewards import rules
 
-    def exact_match_reward(prompts, completions, answer, **kwargs):
-        """TRL's reward signature (dataset columns come as keyword lists) around reflow's exact_match."""
-        return exact_match(prompts, completions, answer)
+    reward_fn = getattr(rules, task.reward)
+
+    def text(x):  # conversational rows come as message lists; the reward scores the text
+        return x[-1]["content"] if isinstance(x, list) else x
+
+    def reward_adapter(prompts, completions, answer, **kwargs):
+        """TRL's reward signature (dataset columns come as keyword lists) around reflow's reward function."""
+        return reward_fn([text(p) for p in prompts], [text(c) for c in completions], answer)
+
+    reward_adapter.__name__ = task.reward
 
     class TimedGRPOTrainer(GRPOTrainer):
         def _prepare_inputs(self, generation_batch):
@@ -224,21 +294,26 @@ def run_trl(sft: Path, steps: int, seed: int, between_steps=None) -> dict:
             cur = self.trainer._cur
             lr = self.trainer.lr_scheduler.get_last_lr()[0]
             self.records.append({**cur, "wall": now - self.t_prev, "lr_next": lr})
+            if task.real:  # minutes per step: show progress
+                print(f"TRL step {len(self.records)}: {now - self.t_prev:.1f} s, {cur.get('gen_tokens')} tokens",
+                      flush=True)
             self.trainer._cur = {}
             if between_steps is not None:
                 between_steps()
             self.t_prev = time.perf_counter()
 
     t0 = time.perf_counter()  # set-up: data, config, trainer (model, optimizer, dataloader) up to the first step
-    rows = [r for _, r in _read_located(ROOT / "data/addition/train.jsonl")]
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": str(r["answer"])} for r in rows])
-    out = RUNS / "trl"
+    rows = [r for _, r in _read_located(task.train)]
+    # chat rows go in as TRL's conversational prompts: TRL applies the same chat template (generation prompt on)
+    dataset = Dataset.from_list([{"prompt": r.get("prompt", r.get("messages")), "answer": str(r["answer"])}
+                                 for r in rows])
+    out = RUNS / ("trl_real" if task.real else "trl")
     args = GRPOConfig(
         output_dir=str(out), seed=seed, max_steps=steps,
-        per_device_train_batch_size=PROMPTS_PER_STEP * GROUP, gradient_accumulation_steps=1,
-        num_generations=GROUP, num_iterations=1, max_completion_length=MAX_NEW,
+        per_device_train_batch_size=task.trl_batch, gradient_accumulation_steps=task.trl_accum,
+        num_generations=task.group, num_iterations=1, max_completion_length=task.max_new,
         temperature=1.0, top_p=1.0, top_k=0,
-        learning_rate=LR, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        learning_rate=task.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
         warmup_steps=0, optim="adamw_torch", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         max_grad_norm=1.0, beta=0.0, epsilon=0.2, loss_type="dapo", scale_rewards="group",
         use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, use_vllm=False,
@@ -247,8 +322,8 @@ def run_trl(sft: Path, steps: int, seed: int, between_steps=None) -> dict:
         log_completions=False, dataloader_num_workers=0,
     )
     timer = StepTimer()
-    trainer = TimedGRPOTrainer(model=str(sft), reward_funcs=exact_match_reward, args=args, train_dataset=dataset,
-                               processing_class=load_tokenizer(sft), callbacks=[timer])
+    trainer = TimedGRPOTrainer(model=str(task.model), reward_funcs=reward_adapter, args=args, train_dataset=dataset,
+                               processing_class=load_tokenizer(task.model), callbacks=[timer])
     trainer._cur = {}
     timer.trainer = trainer
     eos = torch.tensor(trainer.eos_token_ids)
@@ -268,18 +343,82 @@ def run_trl(sft: Path, steps: int, seed: int, between_steps=None) -> dict:
         cur["gen_completions"] = cur.get("gen_completions", 0) + comp.shape[0]
         cur["gen_tokens"] = cur.get("gen_tokens", 0) + int(lens.sum())
         cur["gen_decode_steps"] = comp.shape[1]
+        cur["gen_prompt_width"] = kw["input_ids"].shape[1]  # left-padded prompt width
+        cur["gen_prompt_tokens"] = int(kw["attention_mask"].sum()) if "attention_mask" in kw else None
+        cur["gen_lens"] = lens.tolist()
         return ids
 
     model.generate = timed_generate
     timer.t_start = t0
     trainer.train()
-    trainer.save_model(str(out / "final"))
+    if not task.real:
+        trainer.save_model(str(out / "final"))
     if not timer.records or "generate" not in timer.records[0]:
         raise RuntimeError("the patched generate was never called: TRL generated through another path")
     logged_len = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return {"name": "trl", "records": timer.records, "setup_s": timer.setup_s,
             "loop_s": sum(x["wall"] for x in timer.records), "final": out / "final",
             "threads": timer.threads, "logged_mean_length": logged_len}
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+
+
+def model_dims(folder: Path) -> dict:
+    """L layers, d hidden, A = heads x head_dim (attention width), V vocabulary, N = the body's matmul parameters
+    per token (q, k, v, o and the gated MLP of every layer; embedding and LM head apart), from config.json."""
+    c = json.loads((folder / "config.json").read_text())
+    d, L, V, inter = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["intermediate_size"]
+    hd = c.get("head_dim") or d // c["num_attention_heads"]
+    A, Akv = c["num_attention_heads"] * hd, c.get("num_key_value_heads", c["num_attention_heads"]) * hd
+    N = L * (2 * d * A + 2 * d * Akv + 3 * d * inter)
+    return {"L": L, "d": d, "A": A, "V": V, "N": N}
+
+
+def fwd_flops(m: dict, tokens: float, head_tokens: float, attn_pairs: float) -> float:
+    """Forward matmul FLOPs (2 per multiply-add): 2 N per token through the body, 2 V d per token through the
+    LM head, and 4 L A per (query, key) pair attended (QK^T and AV)."""
+    return 2 * m["N"] * tokens + 2 * m["V"] * m["d"] * head_tokens + 4 * m["L"] * m["A"] * attn_pairs
+
+
+def causal_pairs(n: float) -> float:
+    return n * (n + 1) / 2
+
+
+def step_flops(m: dict, mode: str, *, prompts: int, P: int, lens: list[float], prompt_width: int = 0,
+               decode_steps: int = 0) -> dict:
+    """FLOPs of one GRPO step by stage: `prompts` groups whose completions (all groups together) have the lengths
+    `lens` (tokens incl. EOS) after a P-token prompt. Training = 3 x its forward (backward = 2 x forward). A
+    completion of length c needs c - 1 decode forwards (its first token comes from the prefill's logits, which
+    are computed for the last prompt token only), at context P + j.
+
+    mode "shared" (reflow: shared prefill, prefix sharing): prefill = one P-token prompt per group; decode =
+      every completion until its EOS; training = one row per group [prompt | c_1 | ... | c_n], each response
+      attending to the prompt and itself, LM head on completion tokens.
+    mode "unshared" (the same work, every row on its own, no padding): prefill P per row; training P + c per row.
+    mode "padded" (what TRL computes): every row left-padded to prompt_width, decoded for decode_steps - 1
+      forwards (a batch decodes until its last row ends), trained at prompt_width + decode_steps with the LM head
+      on decode_steps + 1 positions (TRL's logits_to_keep + 1).
+    Attention counts causal (query, key) pairs only, as a block-sparse kernel would.
+    """
+    rows = len(lens)
+    dec_tok = sum(c - 1 for c in lens)
+    dec_pairs = sum((c - 1) * P + causal_pairs(c - 1) for c in lens)
+    if mode == "shared":
+        C = sum(lens)
+        pre = prompts * fwd_flops(m, P, 1, causal_pairs(P))
+        dec = fwd_flops(m, dec_tok, dec_tok, dec_pairs)
+        tr = 3 * fwd_flops(m, prompts * P + C, C, prompts * causal_pairs(P) + sum(c * P + causal_pairs(c) for c in lens))
+    elif mode == "unshared":
+        pre = rows * fwd_flops(m, P, 1, causal_pairs(P))
+        dec = fwd_flops(m, dec_tok, dec_tok, dec_pairs)
+        tr = 3 * sum(fwd_flops(m, P + c, c, causal_pairs(P + c)) for c in lens)
+    else:
+        W, S = prompt_width, decode_steps
+        pre = rows * fwd_flops(m, W, 1, causal_pairs(W))
+        dec = rows * fwd_flops(m, S - 1, S - 1, (S - 1) * W + causal_pairs(S - 1))
+        tr = 3 * rows * fwd_flops(m, W + S, S + 1, causal_pairs(W + S))
+    return {"prefill": pre, "decode": dec, "train": tr, "total": pre + dec + tr}
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -335,51 +474,160 @@ def summarise(r: dict, warmup: int) -> dict:
     return s
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads, both sides")
-    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the per-step figures")
-    ap.add_argument("--schedule", choices=["interleaved", "sequential"], default="interleaved",
-                    help="interleaved: one TRL step, then one reflow step, and so on (both sides see the same "
-                    "background load; each side's timings exclude the other's steps); sequential: TRL's whole run, "
-                    "then reflow's")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def prompt_lengths(task: Task) -> list[int]:
+    """Token counts of the task's prompts as reflow renders them (chat template, generation prompt)."""
+    from reflow.data.datasets import load_prompts
+    from reflow.models.load import load_tokenizer
+
+    examples, _ = load_prompts(task.train, load_tokenizer(task.model), max_prompt_len=task.max_prompt_len)
+    return [len(e.prompt_ids) for e in examples]
+
+
+def real_report(args, task: Task, results: dict, S: dict, peak_start: float, load_start: str, load_end: str) -> None:
+    """The real-model report: the comparison table, stages, FLOPs per step by stage for what each side computes,
+    and each side's step time against FLOPs / peak; writes bench/results/e2e_vs_trl_real.md."""
     import transformers
     import trl
 
-    from reflow.models.load import quiet_transformers
+    peak_end = peak_matmul([1024, 2048, 3072], 5)[0]  # again at the end: the better of the two counts
+    peak = max(peak_start, peak_end)
+    m = model_dims(task.model)
+    plens = prompt_lengths(task)
+    P = round(mean(plens))
+    R, T = S["reflow"], S["trl"]
+    steady = {side: results[side]["records"][args.warmup:] or results[side]["records"] for side in results}
+    n = task.prompts * task.group
 
-    quiet_transformers()
-    sft = ensure_sft_model()
-    load_start = load_avg()
-    results = {}
-    print(f"--- {args.steps} GRPO steps each, {args.schedule} ...", flush=True)
-    if args.schedule == "interleaved":
-        reflow_side = ReflowSide(sft, args.steps, args.seed)
-        results["trl"] = run_trl(sft, args.steps, args.seed, between_steps=reflow_side.step)
-        results["reflow"] = reflow_side.finish()
-    else:
-        results["trl"] = run_trl(sft, args.steps, args.seed)
-        torch.set_num_threads(args.threads)
-        results["reflow"] = ReflowSide(sft, args.steps, args.seed).finish()
-    load_end = load_avg()
-    acc = {"sft (start)": held_out(sft)}
-    for side in ("reflow", "trl"):
-        acc[side] = held_out(results[side]["final"])
-    S = {side: summarise(results[side], args.warmup) for side in ("reflow", "trl")}
+    def avg(dicts):
+        return {k: mean([d[k] for d in dicts]) for k in dicts[0]}
 
-    # ---------------------------------------------------------------- equal work
+    # reflow reports its completions' total length per step, not each one: the attention terms use the mean length
+    # for every completion (body and LM-head terms are linear in the lengths, so exact)
+    r_lens = [[x["gen_tokens"] / x["gen_completions"]] * n for x in steady["reflow"]]
+    F = {
+        "reflow: shared prefill + prefix sharing": avg([step_flops(m, "shared", prompts=task.prompts, P=P, lens=ls)
+                                                        for ls in r_lens]),
+        "reflow's work without sharing": avg([step_flops(m, "unshared", prompts=task.prompts, P=P, lens=ls)
+                                              for ls in r_lens]),
+        "TRL, as it computes (padded rows)": avg([step_flops(m, "padded", prompts=task.prompts, P=P, lens=x["gen_lens"],
+                                                             prompt_width=x["gen_prompt_width"],
+                                                             decode_steps=x["gen_decode_steps"])
+                                                  for x in steady["trl"]]),
+        "TRL's work without padding": avg([step_flops(m, "unshared", prompts=task.prompts, P=P, lens=x["gen_lens"])
+                                           for x in steady["trl"]]),
+    }
+    f_reflow, f_trl = F["reflow: shared prefill + prefix sharing"], F["TRL, as it computes (padded rows)"]
+    f_unshared = F["reflow's work without sharing"]
+    r_gen, r_train = R["stages"]["time/actor_gen"], R["stages"]["time/actor_train"]
+    t_gen = T["stages"]["generate (model.generate)"]
+    t_train = T["stages"]["fwd+bwd (training_step - rollout)"] + T["stages"]["optimizer (AdamW step)"]
+    bound_r, bound_t = f_reflow["total"] / peak, f_trl["total"] / peak
+    speedup = T["step_s"] / R["step_s"]
+    trl_prompt = mean([x["gen_prompt_tokens"] / x["gen_completions"] for x in results["trl"]["records"]
+                       if x.get("gen_prompt_tokens") is not None])
+    lines_check, ok = equal_work(results, task, args.steps)
+    lines_check.append(f"prompt tokens per completion: reflow {mean(plens):.1f} (dataset: {min(plens)}-{max(plens)}), "
+                       f"TRL {trl_prompt:.1f} (left-padded width {mean([x['gen_prompt_width'] for x in steady['trl']]):.1f})")
+    versions = (f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+                f"python {platform.python_version()}")
+    cmd = (f"PYTHONPATH=$PWD .venv-bench/bin/python bench/e2e_vs_trl.py --model {args.model} --steps {args.steps} "
+           f"--warmup {args.warmup} --threads {args.threads} --lr {task.lr} --micro-batch-tokens "
+           f"{task.micro_batch_tokens} --schedule {args.schedule}")
+
+    def row(name, a, b, fmt):
+        return f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {f'{b / a:.2f}x' if a else 'n/a'} |"
+
+    g = 1e9
+    md = [
+        "# reflow vs TRL GRPOTrainer on a real model (bench/e2e_vs_trl.py --model)",
+        "",
+        f"device: CPU, {cpu_name()}, {os.cpu_count()} cores, {args.threads} torch threads; {versions}; "
+        f"reflow at {git_state()}",
+        f"command: `{cmd}`",
+        f"load average (1/5/15 min) before: {load_start}; after the two runs: {load_end}",
+        f"peak: best fp32 torch.mm FLOP/s (n = 1024, 2048, 3072; bench/mfu.py's `peak_matmul`), measured before and "
+        f"after the runs: {peak_start / g:.1f} / {peak_end / g:.1f} -> **{peak / g:.1f} GFLOP/s**",
+        "",
+        f"Task: {task.label}; GRPO, {args.steps} steps of {task.prompts} prompts x {task.group} samples = {n} "
+        f"completions per optimizer step, at most {task.max_new} new tokens ending at EOS, temperature 1, "
+        f"lr {task.lr:g} cosine to 0.1x, AdamW, full fine-tuning (every parameter, no LoRA), no KL, token-mean loss, "
+        f"reward `{task.reward}`, fp32. reflow: actor.micro_batch_tokens={task.micro_batch_tokens}, shared prefill "
+        f"and prefix sharing on (the defaults); TRL: the {n} completions generated in one `generate` call, trained "
+        f"as {task.trl_accum} micro-batches of {task.trl_batch} (gradient accumulation, one optimizer step). "
+        + ("The two runs were interleaved step by step (each side's clock stops while the other steps). "
+           if args.schedule == "interleaved" else "TRL ran first, then reflow. ")
+        + f"Per-step figures exclude the first {args.warmup} step(s). Held-out accuracy is not measured here (time).",
+        "",
+        "| metric | reflow | TRL | TRL / reflow |",
+        "|---|---|---|---|",
+        row("wall time per step (s)", R["step_s"], T["step_s"], "{:.1f}"),
+        row("generation stage (s)", r_gen, t_gen, "{:.1f}"),
+        row("training stage: forward + backward + AdamW (s)", r_train, t_train, "{:.1f}"),
+        row("generated tokens per step (incl. EOS)", R["gen_tokens_per_step"], T["gen_tokens_per_step"], "{:.0f}"),
+        row("generated tokens/s, end to end", R["e2e_gen_tok_per_s"], T["e2e_gen_tok_per_s"], "{:.1f}"),
+        row("step time per generated token (ms; the sides sample different lengths)",
+            1e3 * R["step_s"] / R["gen_tokens_per_step"], 1e3 * T["step_s"] / T["gen_tokens_per_step"], "{:.1f}"),
+        row(f"mean train reward, steps 1-{min(10, args.steps)}", R["reward_first10"], T["reward_first10"], "{:.3f}"),
+        "",
+        *work_and_stages(lines_check, R, T),
+        "",
+        "FLOPs per step (GFLOP, mean over steady-state steps; 2 per multiply-add; body "
+        f"{m['N'] / 1e6:.1f}M matmul parameters per token, LM head {m['V']} x {m['d']}, attention {m['L']} layers x "
+        f"{m['A']} wide, causal pairs only; training = 3 x forward; see `step_flops`). The prompt is {P} tokens. "
+        "reflow's attention terms use the step's mean completion length for every completion.",
+        "",
+        "| stage | " + " | ".join(F) + " |",
+        "|---" * (len(F) + 1) + "|",
+        *[f"| {stage} | " + " | ".join(f"{f[stage] / g:.0f}" for f in F.values()) + " |"
+          for stage in ("prefill", "decode", "train", "total")],
+        "",
+        "Step time against FLOPs / peak (the time the step would take at the measured peak matmul rate):",
+        "",
+        "| | reflow (its FLOPs with sharing) | TRL (its FLOPs as computed) |",
+        "|---|---|---|",
+        f"| FLOPs / peak, whole step (s) | {bound_r:.1f} | {bound_t:.1f} |",
+        f"| step time / bound | {R['step_s'] / bound_r:.2f}x | {T['step_s'] / bound_t:.2f}x |",
+        f"| generation: time / ((prefill + decode) / peak) | {r_gen / ((f_reflow['prefill'] + f_reflow['decode']) / peak):.2f}x "
+        f"| {t_gen / ((f_trl['prefill'] + f_trl['decode']) / peak):.2f}x |",
+        f"| training: time / (train / peak) | {r_train / (f_reflow['train'] / peak):.2f}x "
+        f"| {t_train / (f_trl['train'] / peak):.2f}x |",
+        f"| achieved FLOP/s over the step (GFLOP/s) | {f_reflow['total'] / R['step_s'] / g:.1f} "
+        f"| {f_trl['total'] / T['step_s'] / g:.1f} |",
+        "",
+        "Targets (issue: reflow's step <= 1/3 of TRL's at equal work; within 1.25x of the FLOPs bound with prefix "
+        f"sharing): TRL / reflow step time = {speedup:.2f}x -> **{'met' if speedup >= 3 else 'not met'}** (needs >= 3x; "
+        f"per generated token {(T['step_s'] / T['gen_tokens_per_step']) / (R['step_s'] / R['gen_tokens_per_step']):.2f}x); "
+        f"reflow step / its bound = {R['step_s'] / bound_r:.2f}x -> "
+        f"**{'met' if R['step_s'] <= 1.25 * bound_r else 'not met'}** (needs <= 1.25x). The sharing alone cuts the "
+        f"FLOPs reflow needs from {f_unshared['total'] / g:.0f} to "
+        f"{f_reflow['total'] / g:.0f} GFLOP per step; the completions differ between the sides (sampling), so their "
+        "token counts are shown above.",
+    ]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "e2e_vs_trl_real.md").write_text("\n".join(md) + "\n")
+    summary = {"reflow": R, "trl": T, "flops": F, "peak_flops": peak, "speedup": speedup,
+               "speedup_per_token": (T["step_s"] / T["gen_tokens_per_step"]) / (R["step_s"] / R["gen_tokens_per_step"]),
+               "reflow_vs_bound": R["step_s"] / bound_r, "trl_vs_bound": T["step_s"] / bound_t, "equal_work": ok,
+               "command": cmd, "versions": versions, "device": cpu_name(), "load_before": load_start,
+               "load_after": load_end}
+    print("\n".join(md))
+    print("BENCH_SUMMARY " + json.dumps(summary, default=str), flush=True)
+    if not ok:
+        print("WARNING: the two sides did not do equal work (see above)", file=sys.stderr)
+        sys.exit(1)
+
+
+def equal_work(results: dict, task: Task, steps: int) -> tuple[list[str], bool]:
+    """Lines saying what each side generated and trained per step, and whether both did the configured work."""
     lines_check = []
     ok = True
+    n = task.prompts * task.group
     for side in ("reflow", "trl"):
         recs = results[side]["records"]
         gc = sorted({x["gen_completions"] for x in recs})
         tc = sorted({x["train_completions"] for x in recs})
         same = all(x["gen_tokens"] == x["train_tokens"] for x in recs)
-        ok &= gc == [PROMPTS_PER_STEP * GROUP] and tc == [PROMPTS_PER_STEP * GROUP] and same
+        ok &= gc == [n] and tc == [n] and same
         lines_check.append(f"{side}: {len(recs)} steps; completions generated per step {gc}, trained per step {tc}; "
                            f"generated tokens == trained (loss) tokens every step: {same}; "
                            f"torch threads {results[side]['threads']}")
@@ -390,10 +638,79 @@ def main() -> None:
                            f"completions/mean_length {mean(trl_logged):.3f}")
     lr_r = [x["lr"] for x in results["reflow"]["records"]]
     lr_t = [x["lr_next"] for x in results["trl"]["records"]]
-    if args.steps >= 4:  # TRL's record holds the LR of the next step; reflow's the LR its step used
-        mid = args.steps // 2
-        lines_check.append(f"LR at steps 1, {mid}, {args.steps}: reflow {lr_r[0]:.3g}, {lr_r[mid - 1]:.3g}, "
-                           f"{lr_r[-1]:.3g}; TRL {LR:.3g}, {lr_t[mid - 2]:.3g}, {lr_t[-2]:.3g}")
+    if steps >= 4:  # TRL's record holds the LR of the next step; reflow's the LR its step used
+        mid = steps // 2
+        lines_check.append(f"LR at steps 1, {mid}, {steps}: reflow {lr_r[0]:.3g}, {lr_r[mid - 1]:.3g}, "
+                           f"{lr_r[-1]:.3g}; TRL {task.lr:.3g}, {lr_t[mid - 2]:.3g}, {lr_t[-2]:.3g}")
+    return lines_check, ok
+
+
+def work_and_stages(lines_check: list[str], R: dict, T: dict) -> list[str]:
+    """The report's equal-work list and its table of time per stage, reflow's and TRL's side by side."""
+    md = ["Equal work:", "", *[f"- {x}" for x in lines_check], "",
+          "Time per step by stage (s, mean over steady-state steps):", "",
+          "| reflow stage | s | TRL stage | s |", "|---|---|---|---|"]
+    rs, ts = list(R["stages"].items()), list(T["stages"].items())
+    for i in range(max(len(rs), len(ts))):
+        a = rs[i] if i < len(rs) else ("", None)
+        b = ts[i] if i < len(ts) else ("", None)
+        md.append(f"| {a[0]} | {'' if a[1] is None else f'{a[1]:.4f}'} | {b[0]} | {'' if b[1] is None else f'{b[1]:.4f}'} |")
+    return md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads, both sides")
+    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the per-step figures")
+    ap.add_argument("--schedule", choices=["interleaved", "sequential"], default="interleaved",
+                    help="interleaved: one TRL step, then one reflow step, and so on (both sides see the same "
+                    "background load; each side's timings exclude the other's steps); sequential: TRL's whole run, "
+                    "then reflow's")
+    ap.add_argument("--model", type=Path, help="a real HF model folder (e.g. from `reflow init-model --from-gguf "
+                    "smollm2 --out DIR`): GRPO on chat_addition, 8 prompts x 8 samples, up to 64 new tokens, full "
+                    "fine-tuning, with FLOPs per stage and the machine's peak; writes e2e_vs_trl_real.md")
+    ap.add_argument("--data", type=Path, default=RUNS / "chat_addition",
+                    help="with --model: the chat_addition folder (written there when missing)")
+    ap.add_argument("--reward", default="final_number", help="with --model: a reward of reflow.rewards.rules")
+    ap.add_argument("--lr", type=float, default=1e-6, help="with --model: the LR on both sides")
+    ap.add_argument("--micro-batch-tokens", type=int, default=4096,
+                    help="with --model: reflow's actor.micro_batch_tokens (TRL trains a group of 8 per micro-batch)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+    import trl
+
+    from reflow.models.load import quiet_transformers
+
+    quiet_transformers()
+    task = (real_task(args.model.resolve(), args.data.resolve(), args.reward, args.lr, args.micro_batch_tokens)
+            if args.model else tiny_task())
+    peak_start = peak_matmul([1024, 2048, 3072], 5)[0] if task.real else None
+    load_start = load_avg()
+    results = {}
+    print(f"--- {args.steps} GRPO steps each, {args.schedule} ...", flush=True)
+    if args.schedule == "interleaved":
+        reflow_side = ReflowSide(task, args.steps, args.seed)
+        results["trl"] = run_trl(task, args.steps, args.seed, between_steps=reflow_side.step)
+        results["reflow"] = reflow_side.finish()
+    else:
+        results["trl"] = run_trl(task, args.steps, args.seed)
+        torch.set_num_threads(args.threads)
+        results["reflow"] = ReflowSide(task, args.steps, args.seed).finish()
+    load_end = load_avg()
+    S = {side: summarise(results[side], args.warmup) for side in ("reflow", "trl")}
+    if task.real:
+        RUNS.mkdir(parents=True, exist_ok=True)  # the raw records, to re-read without re-running
+        (RUNS / "real_records.json").write_text(json.dumps({k: v["records"] for k, v in results.items()}))
+        real_report(args, task, results, S, peak_start, load_start, load_end)
+        return
+    acc = {"sft (start)": held_out(task.model)}
+    for side in ("reflow", "trl"):
+        acc[side] = held_out(results[side]["final"])
+
+    lines_check, ok = equal_work(results, task, args.steps)
 
     # ---------------------------------------------------------------- table
     R, T = S["reflow"], S["trl"]
@@ -436,20 +753,8 @@ def main() -> None:
         f"| held-out accuracy (reflow `evaluate`, greedy, 500 prompts) | {acc['reflow']:.3f} | {acc['trl']:.3f} | "
         f"start (SFT): {acc['sft (start)']:.3f} |",
         "",
-        "Equal work:",
-        "",
-        *[f"- {x}" for x in lines_check],
-        "",
-        "Time per step by stage (s, mean over steady-state steps):",
-        "",
-        "| reflow stage | s | TRL stage | s |",
-        "|---|---|---|---|",
+        *work_and_stages(lines_check, R, T),
     ]
-    rs, ts = list(R["stages"].items()), list(T["stages"].items())
-    for i in range(max(len(rs), len(ts))):
-        a = rs[i] if i < len(rs) else ("", None)
-        b = ts[i] if i < len(ts) else ("", None)
-        md.append(f"| {a[0]} | {'' if a[1] is None else f'{a[1]:.4f}'} | {b[0]} | {'' if b[1] is None else f'{b[1]:.4f}'} |")
     r_gen, t_gen = R["stages"]["time/actor_gen"], T["stages"]["generate (model.generate)"]
     r_train = R["stages"]["time/actor_train"]
     t_train = T["stages"]["fwd+bwd (training_step - rollout)"] + T["stages"]["optimizer (AdamW step)"]

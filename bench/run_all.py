@@ -8,6 +8,8 @@ Runs, one after the other, each as its own process with this interpreter (TRL mu
 e2e_vs_trl, hence .venv-bench):
 
     e2e_vs_trl      bench/e2e_vs_trl.py       reflow vs TRL GRPOTrainer end to end -> e2e_vs_trl.md
+    e2e_vs_trl_real bench/e2e_vs_trl.py --model (with --e2e-model DIR) the same on a real model, with FLOPs per
+                                          stage and step time / (FLOPs / peak) -> e2e_vs_trl_real.md
     mfu             bench/mfu.py              TrainEngine MFU on three model sizes -> mfu.md
     grpovi_vs_grpo  bench/grpovi_vs_grpo.py   GRPOVI vs GRPO learning curves       -> grpovi_vs_grpo.{md,png}
     grpovi_scaling  bench/grpovi_scaling.py   GRPOVI O(n log n) micro-benchmark    -> grpovi_scaling.md (its output)
@@ -132,6 +134,16 @@ def fig_e2e(r: dict) -> str:
             f"{T['step_s']:.3f} s; generation stage {R['stage_gen_tok_per_s'] / T['stage_gen_tok_per_s']:.2f}x; "
             f"train reward (last 10 steps) {R['reward_last10']:.3f} vs {T['reward_last10']:.3f}; held-out accuracy "
             f"{acc['reflow']:.3f} vs {acc['trl']:.3f} (from {acc['sft (start)']:.3f}); equal work: "
+            f"{'yes' if s['equal_work'] else '**no**'}")
+
+
+def fig_e2e_real(r: dict) -> str:
+    s = r["summary"]
+    if not s:
+        return "no summary (see the log)"
+    R, T = s["reflow"], s["trl"]
+    return (f"step {R['step_s']:.1f} s vs TRL {T['step_s']:.1f} s (**{s['speedup']:.2f}x**); step / (FLOPs / peak): "
+            f"reflow {s['reflow_vs_bound']:.2f}x, TRL {s['trl_vs_bound']:.2f}x; equal work: "
             f"{'yes' if s['equal_work'] else '**no**'}")
 
 
@@ -318,6 +330,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", help="run only these benchmarks")
     ap.add_argument("--skip", nargs="+", default=[], help="skip these benchmarks")
     ap.add_argument("--e2e-steps", type=int, help="GRPO steps per side in e2e_vs_trl (default 100, quick 30)")
+    ap.add_argument("--e2e-model", type=Path, help="a real HF model folder (e.g. `reflow init-model --from-gguf "
+                    "smollm2 --out DIR`): adds e2e_vs_trl_real, the same comparison on it (4 steps, 1 warm-up)")
     ap.add_argument("--mfu-steps", type=int, help="timed train steps per model in mfu (default 5, quick 3)")
     ap.add_argument("--grpovi-steps", type=int, help="steps per run in grpovi_vs_grpo (default 100, quick 50)")
     ap.add_argument("--grpovi-seeds", type=int, nargs="+", help="seeds in grpovi_vs_grpo (default 0 1 2, quick 0)")
@@ -337,6 +351,9 @@ def main() -> None:
          fig_grpovi_vs_grpo),
         ("grpovi_scaling", ["bench/grpovi_scaling.py"], ["grpovi_scaling.md"], fig_scaling),
     ]
+    if args.e2e_model:
+        jobs.append(("e2e_vs_trl_real", ["bench/e2e_vs_trl.py", "--model", str(args.e2e_model), "--steps", "4",
+                                         "--warmup", "1"], ["e2e_vs_trl_real.md"], fig_e2e_real))
     if (ROOT / "bench" / "generation.py").is_file():
         quick_gen = ["--models", "tiny-llama", "--batches", "8", "32"] if q else []
         jobs.append(("generation", ["bench/generation.py", *quick_gen, "--out", "bench/results/generation.md"],
