@@ -1,6 +1,6 @@
 """Pipeline schedules for PPO's two train calls: GPipe, 1F1B, and fused actor + critic (RLHFuse), on gloo workers.
 
-    .venv/bin/python bench/pipeline.py [--model small-llama] [--world 2] [--micro-batches 4 8] [--repeats 3]
+    .venv/bin/python bench/pipeline.py [--model medium-llama] [--world 2] [--micro-batches 4 8] [--repeats 3]
 
 One PPO-style training step = an actor train call (token NLL) and a critic train call (value regression),
 each a d1t1p{world} pipeline over the same `world` ranks, M micro-batches each (sequences of 64 tokens,
@@ -144,7 +144,7 @@ def worker(rank: int, world: int, model_dir: str, ms: list[int], repeats: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="small-llama")
+    ap.add_argument("--model", default="medium-llama")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--repeats", type=int, default=3)

@@ -38,6 +38,8 @@ PRESETS: dict[str, Preset] = {
     "tiny-qwen2": Preset("qwen2", 128, 384, 4, 4, 2, description="demo size, Qwen2 layout"),
     "small-llama": Preset("llama", 256, 768, 6, 8, 4, 1024, description="~5M params"),
     "small-qwen2": Preset("qwen2", 256, 768, 6, 8, 4, 1024, description="~5M params, Qwen2 layout"),
+    # big enough that compute dominates a CPU pipeline stage (the pipeline benchmark's size)
+    "medium-llama": Preset("llama", 512, 1536, 8, 8, 4, 1024, description="~25M params"),
 }
 
 
