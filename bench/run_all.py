@@ -455,39 +455,35 @@ def main() -> None:
         "- **grpovi_vs_grpo**: held-out accuracy and training reward of GRPOVI and GRPO from the same SFT model.",
         "- **grpovi_scaling**: the O(n log n) GRPOVI variance-increase pass against the O(n^2) brute force.",
     ]
-    if any(r["name"] == "fusion" for r in results):
-        md.append("- **fusion**: PPO step time with inter-stage fusion (fusion.inter_stage) against without, on a "
-                  "model with long-tailed response lengths, 2 and 4 Ray CPU workers (bench/fusion.py).")
-    if any(r["name"] == "generation" for r in results):
-        md.append("- **generation**: reflow's generation engine against transformers `model.generate` "
-                  "(bench/generation.py).")
-    if any(r["name"] == "realloc" for r in results):
-        md.append("- **realloc**: reflow's planned parameter reallocation between layouts (identical, overlapping and "
-                  "disjoint meshes) against gathering the whole model everywhere, and against the bandwidth bound "
-                  "(bytes / measured gloo link bandwidth) (bench/realloc.py).")
-    if any(r["name"] == "planner" for r in results):
-        md.append("- **planner**: the execution-plan planner's predicted iteration time (calibrated by `reflow profile`) "
-                  "against the measured one for PPO under 6 plans on 4 Ray CPU workers, and the searched plan against "
-                  "the built-in ones (bench/planner.py).")
-    if any(r["name"] == "estimators" for r in results):
-        md.append("- **estimators**: GRPO, DAPO, GSPO and CISPO recipes on the demo task from the same SFT model, "
-                  "3 seeds (bench/estimators.py).")
-    if any(r["name"] == "async" for r in results):
-        md.append("- **async**: asynchronous training (rollout.max_staleness 1, 2; and 2 with partial rollout) against "
-                  "synchronous on 2 and 4 Ray "
-                  "CPU workers, generation and training on different ranks: samples/s and reward per step "
-                  "(bench/async.py).")
-    if any(r["name"] == "packing" for r in results):
-        md.append("- **packing**: forward + backward and forward-only time of one GRPO-shaped micro-batch (a 192-token "
-                  "prompt and 8 responses of 64 tokens) without prefix sharing (padded, packed) and with it (dense "
-                  "mask, flex_attention), interleaved in one process (bench/packing.py).")
-    if any(r["name"] == "stability" for r in results):
-        md.append("- **stability**: selective rehearsal against forgetting (the second task's accuracy after PPO on the "
-                  "first) and the advantage model against a length-biased reward model (accuracy, response length, "
-                  "score distributions per task) (bench/stability.py).")
-    if any(r["name"] == "gpu_smoke" for r in results):
-        md.append("- **gpu_smoke**: the demo's SFT and GRPO on CUDA in this process, on 1 Ray worker and (with 2 GPUs) on "
-                  "2, with NCCL and a bf16 run (bench/gpu_smoke.py; skipped without CUDA).")
+    # what the benchmarks that ran only on request (or when present) measure, in this order
+    ran = {r["name"] for r in results}
+    optional = {
+        "fusion": ("- **fusion**: PPO step time with inter-stage fusion (fusion.inter_stage) against without, on a "
+            "model with long-tailed response lengths, 2 and 4 Ray CPU workers (bench/fusion.py)."),
+        "generation": ("- **generation**: reflow's generation engine against transformers `model.generate` "
+            "(bench/generation.py)."),
+        "realloc": ("- **realloc**: reflow's planned parameter reallocation between layouts (identical, overlapping and "
+            "disjoint meshes) against gathering the whole model everywhere, and against the bandwidth bound "
+            "(bytes / measured gloo link bandwidth) (bench/realloc.py)."),
+        "planner": ("- **planner**: the execution-plan planner's predicted iteration time (calibrated by `reflow profile`) "
+            "against the measured one for PPO under 6 plans on 4 Ray CPU workers, and the searched plan against "
+            "the built-in ones (bench/planner.py)."),
+        "estimators": ("- **estimators**: GRPO, DAPO, GSPO and CISPO recipes on the demo task from the same SFT model, "
+            "3 seeds (bench/estimators.py)."),
+        "async": ("- **async**: asynchronous training (rollout.max_staleness 1, 2; and 2 with partial rollout) against "
+            "synchronous on 2 and 4 Ray "
+            "CPU workers, generation and training on different ranks: samples/s and reward per step "
+            "(bench/async.py)."),
+        "packing": ("- **packing**: forward + backward and forward-only time of one GRPO-shaped micro-batch (a 192-token "
+            "prompt and 8 responses of 64 tokens) without prefix sharing (padded, packed) and with it (dense "
+            "mask, flex_attention), interleaved in one process (bench/packing.py)."),
+        "stability": ("- **stability**: selective rehearsal against forgetting (the second task's accuracy after PPO on the "
+            "first) and the advantage model against a length-biased reward model (accuracy, response length, "
+            "score distributions per task) (bench/stability.py)."),
+        "gpu_smoke": ("- **gpu_smoke**: the demo's SFT and GRPO on CUDA in this process, on 1 Ray worker and (with 2 GPUs) on "
+            "2, with NCCL and a bf16 run (bench/gpu_smoke.py; skipped without CUDA)."),
+    }
+    md += [text for name, text in optional.items() if name in ran]
     (RESULTS / "README.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     sys.exit(1 if failed else 0)
