@@ -354,23 +354,22 @@ def _conversation(row: dict, tokenizer) -> tuple[list[int], list[int], list[int]
                       "or assistant messages")
     if turns[0] == 0:
         raise _BadRow("messages[0] is an assistant turn; a conversation starts with a system or user turn")
-    try:
-        def render(msgs, gen=False):
-            return tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
 
+    def render(msgs, gen=False):
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+
+    try:
         text = render(messages)
-        spans = []
-        for i in turns:
-            before, after = render(messages[:i], gen=True), render(messages[:i + 1])
-            if not (after.startswith(before) and text.startswith(after)):
-                raise _BadRow(f"the tokenizer's chat template does not render the conversation turn by turn (turn {i} "
-                              "changes what comes before it), so its assistant turns cannot be located; give "
-                              "'prompt'/'response' rows instead")
-            spans.append((len(before), len(after)))
-    except _BadRow:
-        raise
+        turn_texts = [(i, render(messages[:i], gen=True), render(messages[:i + 1])) for i in turns]
     except Exception as e:  # noqa: BLE001 - jinja/template errors become a row error
         raise _BadRow(f"the tokenizer's chat template failed on 'messages' ({_one_line(e)})") from None
+    spans = []
+    for i, before, after in turn_texts:
+        if not (after.startswith(before) and text.startswith(after)):
+            raise _BadRow(f"the tokenizer's chat template does not render the conversation turn by turn (turn {i} "
+                          "changes what comes before it), so its assistant turns cannot be located; give "
+                          "'prompt'/'response' rows instead")
+        spans.append((len(before), len(after)))
     if not getattr(tokenizer, "is_fast", False):
         raise _BadRow("a conversation row needs a fast tokenizer (its token offsets locate the assistant turns); "
                       "use a model folder with a tokenizer.json, or 'prompt'/'response' rows")
