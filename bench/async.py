@@ -43,14 +43,12 @@ def run(workers: int, k: int, steps: int, work: Path, partial: bool = False) -> 
     from reflow.config.loader import load_config
     from reflow.config.schema import RLConfig
     from reflow.experiments.rl import RLExperiment
+    from reflow.runtime.graphs import graph_for
     from reflow.runtime.plan import Plan
 
     name = f"w{workers}-k{k}" + ("-partial" if partial else "")
     plan = work / f"plan-{name}.yaml"
     calls = dict(PLANS[workers])
-    if k:  # asynchronous samples get the current policy's log-probs, where the actor trains
-        calls["actor_inf"] = calls["actor_train"]
-    Plan.from_dict({"calls": {c: {"ranks": r, "layout": lay} for c, (r, lay) in calls.items()}}, workers).save(plan)
     extra = ["algo.rollout_correction=tis"] if k else []
     cfg = load_config(RLConfig, str(ROOT / "configs/grpo_addition.yaml"), [
         f"actor.path={ROOT / 'runs/demo/sft/final'}", f"data.train={ROOT / 'data/addition/train.jsonl'}",
@@ -58,6 +56,9 @@ def run(workers: int, k: int, steps: int, work: Path, partial: bool = False) -> 
         "trainer.progress=false", f"runtime.workers={workers}", f"runtime.plan={plan}",
         f"rollout.max_staleness={k}", f"rollout.partial={str(partial).lower()}", f"output_dir={work / name}",
         *extra])
+    if "actor_inf" in graph_for(cfg).order:  # the actor's log-probs before training (several updates per step, MIS)
+        calls["actor_inf"] = calls["actor_train"]
+    Plan.from_dict({"calls": {c: {"ranks": r, "layout": lay} for c, (r, lay) in calls.items()}}, workers).save(plan)
     t0 = time.perf_counter()
     with RLExperiment(cfg) as exp:
         start = time.perf_counter() - t0

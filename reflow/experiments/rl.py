@@ -12,9 +12,10 @@ phase (generation, and scoring by frozen roles) of step s + k is submitted befor
 trained roles' inference and training) of step s, so on Ray workers generation of later steps runs on its
 ranks while earlier steps train on theirs, and the weights a rollout is generated with have seen the
 updates of steps before s: samples are at most k updates old (recorded per sample as `policy_version`; the
-train call refuses an older one). The actor's own log-probs are recomputed at train time (`old_logprobs`,
-the proximal policy of AReaL's decoupled objective; rollout correction with algo.rollout_correction=tis
-weights by proximal / behaviour). The pipeline restarts at every checkpoint (trainer.save_every): nothing is
+train call refuses an older one). The proximal policy of AReaL's decoupled objective is the actor at train
+time: with one optimizer step per train call its log-probs are the train forward's own (no extra call), else
+an actor_inf call recomputes them (`old_logprobs`); rollout correction with algo.rollout_correction=tis
+weights by proximal / behaviour. The pipeline restarts at every checkpoint (trainer.save_every): nothing is
 in flight when one is written, so a resumed run continues exactly. In one process the same schedule runs
 one call after another: the same numbers, without the overlap.
 

@@ -235,9 +235,11 @@ def graph_for(cfg) -> Graph:
         return user_graph(cfg)
     a = cfg.algo
     ref = bool(a.kl_coef > 0 or a.kl_target is not None or a.kl_metric)
-    # the trainer's log-probs of the rollout: for a batch used several times, and for rollout correction
-    # (asynchronous samples need the current policy's log-probs: the proximal policy of the decoupled loss)
-    old = a.ppo_epochs * a.mini_batches > 1 or a.rollout_correction != "none" or cfg.rollout.max_staleness > 0
+    # the trainer's log-probs of the rollout (actor_inf -> old_logprobs), needed before the train call for a
+    # batch used in several optimizer steps, and for MIS (which drops tokens, so changes the normaliser). With
+    # one step the proximal policy of the decoupled loss is the train forward's own, so TIS and asynchronous
+    # samples need no extra forward (policy.in_step_correction).
+    old = a.ppo_epochs * a.mini_batches > 1 or a.rollout_correction == "mis"
     env = cfg.rollout.env
     if env is not None:  # a missing or malformed env class fails here, before any model loads
         from reflow.envs import EnvError, load_env

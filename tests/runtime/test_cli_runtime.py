@@ -153,4 +153,4 @@ def test_the_shipped_asynchronous_plan_places_every_call_of_the_demo_graph(debug
                  *rl_args(debug_model, addition_data, "rollout.max_staleness=1", "algo.rollout_correction=tis",
                           "runtime.workers=2", f"runtime.plan={root / 'configs/plan_async_2workers.yaml'}")]) == 0
     out = capsys.readouterr().out
-    assert "actor_inf" in out and "plan 'plan_async_2workers' on 2 worker(s)" in out
+    assert "actor_train" in out and "actor_inf" not in out and "plan 'plan_async_2workers' on 2 worker(s)" in out

@@ -12,7 +12,8 @@ from reflow.engines.rollout import batch_from_generations, continue_generations
 from reflow.experiments.rl import RLExperiment
 from reflow.models.load import load_policy, load_tokenizer
 from reflow.models.packing import token_logprobs
-from reflow.runtime.calls.policy import correct_rollout, staleness
+from reflow.algorithms.aggregation import Norm
+from reflow.runtime.calls.policy import correct_rollout, in_step_correction, staleness
 
 from rl_runs import assert_same_steps, rl_config, run
 
@@ -151,3 +152,27 @@ def test_partial_rollout_records_each_tokens_version_and_rollout_correction_uses
     torch.testing.assert_close(w[tv == 0], (lp1 - lp0)[tv == 0].exp().clamp(max=2.0), atol=1e-3, rtol=1e-3)
     assert (w[tv == 0] - 1).abs().max() > 0.05  # the update changed the old tokens' probabilities
     assert staleness(cfg, batch, step=1)["staleness/token_mean"] == pytest.approx(float(tv[acted].eq(0).float().mean()))
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_tis_inside_the_train_forward_gives_per_micro_batch_the_weights_and_summed_stats_of_tis_on_the_batch(
+        debug_model, addition_data, tmp_path, level):
+    cfg = rl_config(tmp_path, debug_model, addition_data, rollout_correction="tis")
+    cfg.algo.rollout_correction_level = level
+    g = torch.Generator().manual_seed(0)
+    batch = SampleBatch.from_sequences(range(4), {"input_ids": [torch.arange(n) for n in (5, 3, 7, 4)]})
+    mask = (torch.rand(batch.num_tokens, generator=g) > 0.3).float()
+    old = -3 * torch.rand(batch.num_tokens, generator=g)
+    batch.with_tokens(action_mask=mask, old_logprobs=old, gen_logprobs=old + 2 * torch.randn(batch.num_tokens, generator=g))
+    whole = correct_rollout(cfg, batch)
+    norm = Norm(tokens=float(mask.sum()), samples=4.0)
+    weights, summed = [], {}
+    for mb in (batch.index([0, 1]), batch.index([2, 3])):  # two micro-batches of whole sequences
+        w, stats = in_step_correction(cfg.algo, mb.tokens["old_logprobs"], mb, norm)
+        weights.append(w)
+        for k, v in stats.items():
+            k = k.replace("rollout_correction:", "rollout_correction/")
+            summed[k] = summed.get(k, 0.0) + float(v)
+    torch.testing.assert_close(torch.cat(weights), batch.tokens["rollout_weights"])
+    assert 0 < whole["rollout_correction/truncated_frac"] < 1
+    assert summed == pytest.approx(whole, rel=1e-5)

@@ -93,6 +93,29 @@ def advantages(cfg, batch: SampleBatch, kl_coef: float, bounds: tuple[float, flo
     return batch.with_tokens(advantages=adv, returns=ret)
 
 
+IN_STEP = "rollout_correction:"  # prefix of the loss stats that in_step_correction reports
+
+
+def in_step_correction(a, old: torch.Tensor, mb: SampleBatch, norm: Norm) -> tuple[torch.Tensor | None, dict]:
+    """TIS inside the train forward, for a train call of one optimizer step (no actor_inf call): the proximal
+    policy's log-probs are this forward's, detached, so the weights min(pi_prox / pi_gen, threshold) per token
+    or per sequence (rollout_correction) come from the micro-batch at hand (sequences are never split across
+    micro-batches). Returns (weights [T] or None without correction, stats): each rollout_correction stat,
+    a mean over the micro-batch's action tokens, scaled by its share of the mini-batch's (norm.tokens), so
+    that summed over micro-batches and ranks it is the mean over the batch, as correct_rollout reports it.
+    MIS changes which tokens count, hence the normaliser, before the loss: it needs actor_inf (graph_for)."""
+    if a.rollout_correction == "none":
+        return None, {}
+    if a.rollout_correction != "tis":
+        raise RuntimeError(f"algo.rollout_correction={a.rollout_correction} needs the actor's log-probs before the "
+                           "train call (an actor_inf call producing old_logprobs); add it to the graph")
+    mask = mb.tokens["action_mask"]
+    weights, _, stats = rollout_correction(old, mb.tokens["gen_logprobs"], mask, mb.seqlens, mode="tis",
+                                           level=a.rollout_correction_level, threshold=a.rollout_is_threshold)
+    share = mask.sum() / norm.tokens
+    return weights, {f"{IN_STEP}{k}": v * share for k, v in stats.items()}
+
+
 def actor_loss(cfg, kl_coef: float, step: int):
     a = cfg.algo
     policy_loss, options = get_policy_loss(a.policy_loss), a.policy_loss_options()
@@ -101,15 +124,20 @@ def actor_loss(cfg, kl_coef: float, step: int):
         mask = mb.tokens["action_mask"]
         logp, ent = token_logprobs(model, mb, temperature=cfg.rollout.temperature, with_entropy=True,
                                    attention=attention_spec(cfg.actor))
-        # On-policy single update: the old policy *is* the current one, so its log-probs are logp.detach()
-        # (ratio = 1, gradient = policy gradient) and the extra actor_inf forward is skipped.
-        old = mb.tokens["old_logprobs"] if "old_logprobs" in mb.tokens else logp.detach()
+        # One update per train call: the old (proximal) policy *is* the current one, so its log-probs are
+        # logp.detach() (ratio = 1, gradient = policy gradient) and the extra actor_inf forward is skipped;
+        # TIS then weighs proximal / behaviour from this same forward (in_step_correction).
+        if "old_logprobs" in mb.tokens:
+            old, weights, correction = mb.tokens["old_logprobs"], mb.tokens.get("rollout_weights"), {}
+        else:
+            old = logp.detach()
+            weights, correction = in_step_correction(a, old, mb, norm)
         extra = {}
         if a.policy_loss == "clip_cov":  # its random choice of tokens is keyed like sampling: (seed, step, sample)
             extra["generator"] = torch.Generator().manual_seed(sample_seed(cfg.seed, step, mb.ids[0]))
         loss, stats = policy_loss(logp, old, mb.tokens["advantages"], mask, mb.seqlens, norm, **options, **extra,
-                                  rollout_weights=mb.tokens.get("rollout_weights"))
-        stats = {"pg_loss": loss.detach(), **stats,
+                                  rollout_weights=weights)
+        stats = {"pg_loss": loss.detach(), **stats, **correction,
                  "entropy": aggregate(ent.detach(), mask, mb.seqlens, norm, "token-mean")}
         if "ref_logprobs" in mb.tokens:
             kl = kl_loss(logp, mb.tokens["ref_logprobs"], mask, mb.seqlens, norm, kind=a.kl_estimator,
@@ -254,9 +282,12 @@ def train_policy(cc: CallContext, batch: SampleBatch) -> dict:
             return {"dynamic/kept_groups": 0.0, "dynamic/generated": float(generated)}  # nothing to learn from
     stale = staleness(cc.cfg, batch, cc.step)
     batch = _advantages(cc, batch)
-    correction = correct_rollout(cc.cfg, batch) if cc.cfg.algo.rollout_correction != "none" else {}
+    before = cc.cfg.algo.rollout_correction != "none" and "old_logprobs" in batch.tokens
+    correction = correct_rollout(cc.cfg, batch) if before else {}
     metrics = optimizer_steps(cc, batch, actor_loss(cc.cfg, cc.meta["kl_coef"], cc.step), "actor",
                               sft=sft_terms(cc))
+    for key in [k for k in metrics if k.startswith(f"actor/{IN_STEP}")]:  # the same names either way
+        correction["rollout_correction/" + key.removeprefix(f"actor/{IN_STEP}")] = metrics.pop(key)
     metrics.update(correction)
     metrics.update(stale)
     if cc.cfg.algo.dynamic_sampling:
