@@ -3,7 +3,7 @@
     init-model (tiny-llama preset, random weights)
     -> data     (addition of two 2-digit numbers; train and held-out splits)
     -> sft      (configs/sft_addition.yaml:  learn the task from worked answers)
-    -> train    (configs/grpo_addition.yaml: GRPO against an exact-match reward)
+    -> train    (configs/grpo_addition_recipe.yaml: GRPO against a per-digit reward, with PPO-ptx)
 and a summary of held-out exact-match accuracy (greedy) after each stage. Every stage is the same
 code path as the corresponding CLI command; outputs go under runs/demo/ and data/addition/.
 """
@@ -20,6 +20,8 @@ from reflow.config.loader import load_config
 from reflow.config.schema import RLConfig, SFTConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# today's recipe (see the file): plain GRPO, configs/grpo_addition.yaml, stays the benchmarks' workload
+RL_CONFIG = "grpo_addition_recipe.yaml"
 DATA_OPTIONS = dict(n_train=7600, n_test=500, seed=0, min_digits=2, max_digits=2)
 
 
@@ -47,7 +49,7 @@ def run_demo(root: str | Path = ".", overrides_sft: list[str] = (), overrides_rl
     times["sft"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    rl_cfg = load_config(RLConfig, CONFIG_DIR / "grpo_addition.yaml", list(overrides_rl))
+    rl_cfg = load_config(RLConfig, CONFIG_DIR / RL_CONFIG, list(overrides_rl))
     console.rule("stage 2: grpo")
     with RLExperiment(rl_cfg) as exp:
         rl = exp.run()
