@@ -1,10 +1,11 @@
 """Asynchronous training against synchronous, at the same number of samples.
 
     .venv/bin/python bench/async.py [--steps 12] [--workers 2 4] [--staleness 0 1 2] [--partial 2]
-                                    [--out bench/results/async.md]
+                                    [--model DIR [--max-new-tokens 32]] [--out bench/results/async.md]
 
 Workload: the demo's GRPO stage (configs/grpo_addition.yaml: the SFT model of `reflow demo`, 32 prompts x 8
-samples of 2-digit addition, exact-match reward, no reference), on Ray CPU workers (1 thread each) with
+samples of 2-digit addition, exact-match reward, no reference), or with --model a real model's LoRA GRPO
+(configs/grpo_smollm2_chat.yaml on chat_addition: generation-heavy, as RL on real models is), on Ray CPU workers (1 thread each) with
 generation and training on different ranks:
 
     2 workers: actor_train d1t1p1 on rank 0; actor_gen and reward d1t1p1 on rank 1 (weights move 0 -> 1)
@@ -39,7 +40,23 @@ PLANS = {
 }
 
 
-def run(workers: int, k: int, steps: int, work: Path, partial: bool = False) -> dict:
+def workload(model: str | None, work: Path, max_new_tokens: int) -> tuple[Path, list[str]]:
+    """(config, overrides) of the benchmark's GRPO stage: the demo's (tiny-llama SFT model, 2-digit addition)
+    or, with `model`, the real-model config (configs/grpo_smollm2_chat.yaml: LoRA GRPO on chat_addition)."""
+    if model is None:
+        return ROOT / "configs/grpo_addition.yaml", [
+            f"actor.path={ROOT / 'runs/demo/sft/final'}", f"data.train={ROOT / 'data/addition/train.jsonl'}"]
+    from reflow.data.tasks import write_task
+
+    data = work / "chat_addition"
+    if not (data / "train.jsonl").is_file():
+        write_task("chat_addition", data, n_train=256, n_test=8, seed=0)
+    return ROOT / "configs/grpo_smollm2_chat.yaml", [
+        f"actor.path={model}", f"data.train={data / 'train.jsonl'}", f"rollout.max_new_tokens={max_new_tokens}"]
+
+
+def run(workers: int, k: int, steps: int, work: Path, partial: bool = False, config: Path | None = None,
+        overrides: list[str] = ()) -> dict:
     from reflow.config.loader import load_config
     from reflow.config.schema import RLConfig
     from reflow.experiments.rl import RLExperiment
@@ -50,9 +67,10 @@ def run(workers: int, k: int, steps: int, work: Path, partial: bool = False) -> 
     plan = work / f"plan-{name}.yaml"
     calls = dict(PLANS[workers])
     extra = ["algo.rollout_correction=tis"] if k else []
-    cfg = load_config(RLConfig, str(ROOT / "configs/grpo_addition.yaml"), [
-        f"actor.path={ROOT / 'runs/demo/sft/final'}", f"data.train={ROOT / 'data/addition/train.jsonl'}",
-        "data.eval=null", "algo.kl_metric=false", f"trainer.steps={steps}", "trainer.save_every=0",
+    if config is None:
+        config, overrides = workload(None, work, 0)
+    cfg = load_config(RLConfig, str(config), [
+        *overrides, "data.eval=null", "algo.kl_metric=false", f"trainer.steps={steps}", "trainer.save_every=0",
         "trainer.progress=false", f"runtime.workers={workers}", f"runtime.plan={plan}",
         f"rollout.max_staleness={k}", f"rollout.partial={str(partial).lower()}", f"output_dir={work / name}",
         *extra])
@@ -69,7 +87,13 @@ def run(workers: int, k: int, steps: int, work: Path, partial: bool = False) -> 
     step_s = [r["time/step"] for r in rows]
     samples = cfg.rollout.prompts_per_step * cfg.rollout.n
     median = statistics.median(step_s[2:])
+    # the two phases of a synchronous step, which asynchronous training overlaps: rollout (generation, scoring)
+    # and training (the trained role's calls); (rollout + train) / max(rollout, train) bounds the speed-up
+    phase = {"rollout": ("actor_gen", "reward"), "train": ("actor_inf", "actor_train")}
+    phases = {p: statistics.median(sum(r.get(f"time/{c}", 0.0) for c in calls) for r in rows[2:])
+              for p, calls in phase.items()}
     return {"workers": workers, "k": k, "partial": partial, "median_step_s": median, "samples_per_s": samples / median,
+            "phases": phases,
             "wall_s": wall, "start_s": start, "reward": [r["reward/mean"] for r in rows],
             "staleness_max": [r.get("staleness/max", 0.0) for r in rows],
             "token_staleness_mean": statistics.mean(r.get("staleness/token_mean", 0.0) for r in rows),
@@ -82,39 +106,52 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--partial", type=int, nargs="*", default=[2], help="staleness of the partial-rollout runs")
+    ap.add_argument("--model", help="a real model folder (e.g. from `reflow init-model --from-gguf smollm2`): "
+                                    "LoRA GRPO on chat_addition instead of the demo's tiny model")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="with --model")
     ap.add_argument("--out", default=str(ROOT / "bench/results/async.md"))
     args = ap.parse_args()
-    if not (ROOT / "runs/demo/sft/final/config.json").is_file():
+    if args.model is None and not (ROOT / "runs/demo/sft/final/config.json").is_file():
         subprocess.run([sys.executable, "-m", "reflow.cli", "demo"], cwd=ROOT, check=True)
     import ray
 
     ray.init(num_cpus=max(args.workers), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     results = []
     with tempfile.TemporaryDirectory(prefix="reflow-async-") as tmp:
+        config, overrides = workload(args.model, Path(tmp), args.max_new_tokens)
         for w in args.workers:
             for k, partial in [(k, False) for k in args.staleness] + [(k, True) for k in args.partial]:
-                r = run(w, k, args.steps, Path(tmp), partial)
+                r = run(w, k, args.steps, Path(tmp), partial, config, overrides)
                 results.append(r)
                 print(f"workers {w} k {k}{' partial' if partial else ''}: {r['median_step_s']:.3f} s/step, "
                       f"{r['samples_per_s']:.0f} samples/s", flush=True)
     ray.shutdown()
     sync = {r["workers"]: r for r in results if r["k"] == 0 and not r["partial"]}
+    samples = results[0]["samples_per_step"]
+    model = (f" --model {args.model} --max-new-tokens {args.max_new_tokens}" if args.model else "")
+    what = (f"LoRA GRPO of the real model {args.model} on chat_addition (configs/grpo_smollm2_chat.yaml: 4 prompts x "
+            f"8 samples, up to {args.max_new_tokens} new tokens, final_number reward)" if args.model else
+            "The demo's GRPO stage (configs/grpo_addition.yaml: 32 prompts x 8 samples, 6 new tokens, tiny-llama "
+            "SFT model)")
     md = ["# Asynchronous vs synchronous training (bench/async.py)", "",
           f"Command: `.venv/bin/python bench/async.py --steps {args.steps} --workers {' '.join(map(str, args.workers))} "
-          f"--staleness {' '.join(map(str, args.staleness))} --partial {' '.join(map(str, args.partial))}`. "
-          "The demo's GRPO stage (32 prompts x 8 samples, 6 new tokens, tiny-llama SFT model) on Ray CPU workers of "
-          "this machine, generation and training on different ranks (see the module docstring); median step time "
-          "after 2 warm-up steps.", "",
-          "| workers | max_staleness | partial | s/step | samples/s | vs sync | staleness seen (max per step) | "
-          "token age (mean) | mean reward, steps 1-4 / last 4 |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          f"--staleness {' '.join(map(str, args.staleness))} --partial {' '.join(map(str, args.partial))}{model}`. "
+          f"{what} on Ray CPU workers of this machine, generation and training on different ranks (see the module "
+          "docstring); median step time after 2 warm-up steps. The rollout and train phases are the median call "
+          "times of each run's steps; in the synchronous run, (rollout + train) / max(rollout, train) is the most "
+          "that overlapping them can give (the bound column).", "",
+          "| workers | max_staleness | partial | s/step | samples/s | vs sync | bound | rollout / train phase s | "
+          "staleness seen (max per step) | token age (mean) | mean reward, steps 1-4 / last 4 |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = r["samples_per_s"] / sync[r["workers"]]["samples_per_s"] if r["workers"] in sync else float("nan")
+        ph = r["phases"]
+        bound = f"{sum(ph.values()) / max(ph.values()):.2f}x" if r["k"] == 0 and not r["partial"] else ""
         first, last = statistics.mean(r["reward"][:4]), statistics.mean(r["reward"][-4:])
         md.append(f"| {r['workers']} | {r['k']} | {'yes' if r['partial'] else 'no'} | {r['median_step_s']:.3f} | "
-                  f"{r['samples_per_s']:.0f} | {ratio:.2f}x | {sorted(set(r['staleness_max']))} | "
-                  f"{r['token_staleness_mean']:.2f} | {first:.3f} / {last:.3f} |")
-    md += ["", "Reward per step (the same samples per step in every run, so the x axis is samples / 256):", ""]
+                  f"{r['samples_per_s']:.1f} | {ratio:.2f}x | {bound} | {ph['rollout']:.3f} / {ph['train']:.3f} | "
+                  f"{sorted(set(r['staleness_max']))} | {r['token_staleness_mean']:.2f} | {first:.3f} / {last:.3f} |")
+    md += ["", f"Reward per step (the same samples per step in every run, so the x axis is samples / {samples}):", ""]
     for r in results:
         md.append(f"- workers {r['workers']}, k {r['k']}{', partial' if r['partial'] else ''}: "
                   + " ".join(f"{x:.3f}" for x in r["reward"]))
