@@ -215,4 +215,36 @@ def check_fused(rank: int, world: int, model_dir: str, micro_batch_tokens: int =
                      "grad_norm": abs(stats[name]["grad_norm"] - ref_stats["grad_norm"]),
                      "weights": max(float((after[n] - ref_after[n]).abs().max()) for n in after),
                      "moved": max(float((ref_after[n] - before[n]).abs().max()) for n in before)}
+    out["nonfinite"] = fused_nonfinite_critic(engines, batch, world)
     return out
+
+
+def fused_nonfinite_critic(engines: dict, batch, world: int) -> str | None:
+    """A fused step (runtime.fusion.FusedCalls) whose critic loss is NaN under on_nonfinite="stop", each call's
+    error named by its call as the worker names it: "ErrorType: message" of what the fused call raises."""
+    from reflow.engines.train import NonFiniteError
+    from reflow.runtime.fusion import FusedCalls
+
+    fused = FusedCalls(("actor", "critic"), world)
+
+    def nan_value(model, mb, norm):
+        loss, stats = value_mse(model, mb, norm)
+        return loss * float("nan"), stats
+
+    def call(name, loss_fn):
+        engines[name].on_nonfinite = "stop"
+        step = fused.stepper(name, engines[name])
+
+        def body():
+            try:
+                return step(batch, loss_fn, None, None, ())
+            except NonFiniteError as e:
+                raise NonFiniteError(f"call '{name}': {e}") from None
+
+        return body
+
+    try:
+        fused.run({"actor": call("actor", nll_loss), "critic": call("critic", nan_value)})
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return f"{type(e).__name__}: {e}"
+    return None

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from reflow.algorithms.aggregation import Norm
 from reflow.data.batch import SampleBatch
-from reflow.engines.train import TrainEngine
+from reflow.engines.train import NonFiniteError, TrainEngine
 from reflow.parallel.fused import FusedSpec, Slot, check_schedule, rank_orders
 
 
@@ -28,7 +28,8 @@ def fused_train_step(jobs: dict[str, tuple[TrainEngine, SampleBatch, Callable] |
                      schedule: list[Slot] | Callable[[int], tuple[FusedSpec, list[Slot], float | None]],
                      memory_limit: float | None = None) -> dict[str, dict[str, float]]:
     """One optimizer step of every model in `jobs` (its whole mini-batch on every rank, as `step` takes it, and
-    optionally its loss normaliser), run in `schedule`'s order on this rank; returns each model's stats.
+    optionally its loss normaliser), run in `schedule`'s order on this rank; returns each model's stats. A
+    non-finite step (on_nonfinite="stop") raises its NonFiniteError with `.models`: the models whose step was.
     `schedule` may be a function of the micro-batch count M -> (spec, schedule, memory limit) (spec then None):
     the schedule for the M the models cut their batches into, checked under its limit."""
     if spec is not None:
@@ -71,4 +72,14 @@ def fused_train_step(jobs: dict[str, tuple[TrainEngine, SampleBatch, Callable] |
             stage.backward_one(op.mb, last=i == last_b[op.model])
     for stage in stages.values():
         stage.outbox.wait()
-    return {name: jobs[name][0].finish_step(totals[name]) for name in jobs}
+    out, bad = {}, {}
+    for name in jobs:  # every model's step ends (its collectives run on every rank), then a non-finite one raises
+        try:
+            out[name] = jobs[name][0].finish_step(totals[name])
+        except NonFiniteError as e:
+            bad[name] = e
+    if bad:
+        error = next(iter(bad.values()))
+        error.models = tuple(bad)  # which models' steps were non-finite: the runtime names their calls
+        raise error
+    return out

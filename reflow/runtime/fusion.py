@@ -20,6 +20,7 @@ import threading
 from typing import Callable
 
 from reflow.engines.fused_train import fused_train_step
+from reflow.engines.train import NonFiniteError
 from reflow.parallel.fused import FusedSpec, Slot, search_fused_in_memory
 
 
@@ -43,6 +44,11 @@ def fused_schedule(names: tuple[str, str], p: int, m: int) -> tuple[FusedSpec, l
     return _SCHEDULES[key]
 
 
+class PairStopped(RuntimeError):
+    """Raised in a call whose fused partner's step failed (its own step did not): the partner's error is the
+    cause that the fused call reports."""
+
+
 class _Step:
     def __init__(self, engine, args: tuple):
         self.engine, self.args = engine, args
@@ -54,7 +60,7 @@ class _Step:
 class FusedCalls:
     """Runs `bodies` (call name -> a function running that call's implementation with `stepper(name)` as its
     CallContext.stepper) concurrently, pairing their optimizer steps; returns name -> its result or raises
-    the first call's error."""
+    the error of a call whose own step or code failed (a non-finite step: the model whose step was)."""
 
     def __init__(self, names: tuple[str, str], p: int):
         self.names, self.p = names, p
@@ -102,9 +108,8 @@ class FusedCalls:
             self._run_steps(steps)
         for t in threads:
             t.join()
-        for n in self.names:
-            if n in errors:
-                raise errors[n]
+        for n in sorted(errors, key=lambda n: isinstance(errors[n], PairStopped)):  # the cause before its echo
+            raise errors[n]
         return results
 
     def _run_steps(self, steps: dict[str, _Step]) -> None:
@@ -117,13 +122,19 @@ class FusedCalls:
                     s.result = out[n]
                 self.fused_steps += 1
             else:
-                for s in steps.values():
+                for n, s in steps.items():
                     batch, loss_fn, norm, group_key, extra = s.args
-                    s.result = s.engine.step(batch, loss_fn, norm, group_key, extra=extra)
+                    try:
+                        s.result = s.engine.step(batch, loss_fn, norm, group_key, extra=extra)
+                    except NonFiniteError as e:
+                        e.models = (n,)
+                        raise
                     self.lone_steps += 1
-        except BaseException as e:  # noqa: BLE001 - every waiting call raises it, the worker reports the first
-            for s in steps.values():
-                s.error = e
+        except BaseException as e:  # noqa: BLE001 - the calls whose step failed raise it, the others stop
+            failed = getattr(e, "models", None) or tuple(steps)
+            for n, s in steps.items():
+                s.error = e if n in failed else PairStopped(f"stopped: the step of '{failed[0]}' it was paired "
+                                                            f"with failed ({type(e).__name__})")
         for s in steps.values():
             s.done.set()
 

@@ -123,10 +123,12 @@ def test_peers_of_a_failed_worker_are_stopped_not_left_hanging(monkeypatch):
     sys.modules.pop("crash_worker", None)
 
 
-def test_fused_actor_critic_training_on_two_ranks_matches_each_models_one_process_step(debug_model):
+def test_fused_actor_critic_training_on_two_ranks_matches_each_models_one_process_step_and_names_a_nonfinite_critic(
+        debug_model):
     from reflow.checks.layouts import check_fused
 
     for r in launch(check_fused, 2, args=(str(debug_model),)):
+        assert r["nonfinite"].startswith("NonFiniteError: call 'critic': non-finite"), r["nonfinite"]
         for name in ("actor", "critic"):
             diff = r[name]
             assert diff["moved"] > 1e-3, name
