@@ -50,7 +50,7 @@ def workload(model: str | None, work: Path, max_new_tokens: int) -> tuple[Path, 
 
     data = work / "chat_addition"
     if not (data / "train.jsonl").is_file():
-        write_task("chat_addition", data, n_train=256, n_test=8, seed=0)
+        write_task("chat_addition", data, n_train=90, n_test=8, seed=0)
     return ROOT / "configs/grpo_smollm2_chat.yaml", [
         f"actor.path={model}", f"data.train={data / 'train.jsonl'}", f"rollout.max_new_tokens={max_new_tokens}"]
 
