@@ -43,20 +43,24 @@ def mean_prompt_len(cfg) -> int | None:
     return max(1, round(sum(len(e.prompt_ids) for e in examples) / len(examples)))
 
 
-def measured_lengths(metrics: str | Path, last: int = 8) -> tuple[float, ...] | None:
-    """The response-length quantiles (levels 0, 0.1, ..., 1) of a run's metrics.jsonl: each the mean over the
-    last `last` steps that logged them all; None without such steps (or without the file)."""
+def lengths_of(rows: list[dict], last: int = 8) -> tuple[float, ...] | None:
+    """The response-length quantiles (levels 0, 0.1, ..., 1) in step metrics `rows`: each the mean over the
+    last `last` rows that hold them all (response_len/min, p10, ..., p90, max); None without such rows."""
     from reflow.runtime.calls.policy import LENGTH_QUANTILES
-    from reflow.utils.metrics import read_metrics
 
     keys = [f"response_len/{q}" for q in LENGTH_QUANTILES]
-    path = Path(metrics)
-    if not path.is_file():
-        return None
-    rows = [r for r in read_metrics(path) if all(isinstance(r.get(k), (int, float)) for k in keys)][-last:]
+    rows = [r for r in rows if all(isinstance(r.get(k), (int, float)) for k in keys)][-last:]
     if not rows:
         return None
     return tuple(sum(r[k] for r in rows) / len(rows) for k in keys)
+
+
+def measured_lengths(metrics: str | Path, last: int = 8) -> tuple[float, ...] | None:
+    """lengths_of a run's metrics.jsonl; None without the file."""
+    from reflow.utils.metrics import read_metrics
+
+    path = Path(metrics)
+    return lengths_of(read_metrics(path), last) if path.is_file() else None
 
 
 def workload_for_config(cfg, prompt_len: int | None = None, lengths=None) -> Workload:
