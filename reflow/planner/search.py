@@ -307,7 +307,7 @@ class SearchResult:
                          f"the built-in '{self.plan.name}' by the margin: the built-in is returned)")
         if len(self.fusion_times) > 1:
             on, chunk = self.fusion
-            times = ", ".join(f"{'chunk ' + str(c) if i else 'off'} {t:.2f} s" for (i, c), t in self.fusion_times.items())
+            times = ", ".join(f"{'chunk ' + str(c) if i else 'off'} {t:.3g} s" for (i, c), t in self.fusion_times.items())
             lines.append(f"  fusion: fusion.inter_stage={str(on).lower()}" + (f" fusion.chunk={chunk}" if on else "")
                          + f" (this plan per setting: {times})")
         for name, ev in self.baselines.items():
