@@ -160,13 +160,14 @@ def call_costs(problem: Problem, plan: Plan, memory: MemoryReport) -> tuple[dict
     trained = set(g.trained_roles())
     times: dict[str, CallCost] = {}
     reallocs: dict[str, ReallocCost] = {}
+    on_owner: dict[str, bool] = {}  # a generate / infer call on the FSDP-sharded owner copy of a trained role
     for name in g.order:
         call = g.call(name)
         m = problem.models.get(call.weights)  # the weights it runs on (an update runs on another role's)
         pl = plan.calls[name]
         owner = _owner(problem, plan, call.weights)
         copy = m is not None and needs_copy(call.kind, pl, owner, call.weights in trained)
-        sharded_owner = call.kind != "train" and not copy and call.weights in trained
+        sharded_owner = on_owner[name] = call.kind != "train" and not copy and call.weights in trained
         conc = memory.concurrency.get(name)
         key = ("call", name, pl, conc, sharded_owner)
         if key not in problem._cache:
@@ -186,7 +187,7 @@ def call_costs(problem: Problem, plan: Plan, memory: MemoryReport) -> tuple[dict
         times[a], times[b] = fused_costs(times[a], times[b], plan.calls[a].layout.p)
     if streaming(problem):
         for gen, users in streamed(g, g.order).items():
-            _stream_costs(problem, plan, gen, users, times)
+            _stream_costs(problem, plan, gen, users, times, on_owner)
     return times, reallocs
 
 
@@ -195,23 +196,21 @@ def streaming(problem: Problem) -> bool:
     return problem.inter_stage and not problem.staleness
 
 
-def _stream_costs(problem: Problem, plan: Plan, gen: str, users: list[str], times: dict[str, CallCost]) -> None:
+def _stream_costs(problem: Problem, plan: Plan, gen: str, users: list[str], times: dict[str, CallCost],
+                  on_owner: dict[str, bool]) -> None:
     """Cut the generate call `gen` into its chunks' segments and its consumers into chunk tasks (stream.py):
-    times[gen].stream, and each consumer's time the sum over its chunk tasks (as the runtime reports it)."""
+    times[gen].stream, and each consumer's time the sum over its chunk tasks (as the runtime reports it).
+    on_owner: call -> whether it runs on the FSDP-sharded owner copy (call_costs)."""
     g, wl = problem.graph, problem.workload
-    trained = set(g.trained_roles())
 
     def cost(name: str, lengths: list[int]) -> float:
-        call = g.call(name)
-        m, pl = problem.models.get(call.weights), plan.calls[name]
-        owner = _owner(problem, plan, call.weights)
-        sharded = not (m is not None and needs_copy(call.kind, pl, owner, call.weights in trained)) \
-            and call.weights in trained
+        """A chunk task: the call on its samples (of their mean length) and fetching them."""
+        call, pl = g.call(name), plan.calls[name]
         part = dataclasses.replace(wl, batch=len(lengths), gen_lens=(sum(lengths) / len(lengths),))
-        key = ("chunk", name, pl, part, sharded)
+        key = ("chunk", name, pl, part, on_owner[name])
         if key not in problem._cache:
-            problem._cache[key] = call_cost(call.kind, m, pl, problem.hw, part, None, sharded).time \
-                + data_cost(problem, plan, name, part)
+            problem._cache[key] = call_cost(call.kind, problem.models.get(call.weights), pl, problem.hw, part, None,
+                                            on_owner[name]).time + data_cost(problem, plan, name, part)
         return problem._cache[key]
 
     stream = build_stream(times[gen], plan.calls[gen].layout.d, problem.chunk,
@@ -270,7 +269,9 @@ def tasks(problem: Problem, plan: Plan, times: dict[str, CallCost], reallocs: di
         return k
 
     def call_deps(it: int, name: str, inputs: list[int]) -> list[int]:
-        """A call's inputs, its role's previous call (not asynchronously) and the barrier; its reallocation."""
+        """A call's inputs, its role's previous call and the barrier; its reallocation (then what it waits for).
+        Asynchronously only the owner ranks' queues order a role's calls: a train call does not wait for a
+        later step's generation, only for the weights it sent."""
         call = g.call(name)
         deps = list(inputs)
         if call.role in role_last and not problem.staleness:
