@@ -109,7 +109,8 @@ class Workload:
     """What one iteration processes.
 
     batch: sequences per iteration (prompts x samples per prompt); prompt_len / gen_len: tokens per
-    sequence (every sequence generates gen_len tokens); mini_batches: optimizer steps per train call;
+    sequence (gen_len: the budget; every sequence generates it unless gen_lens gives the distribution of
+    response lengths); mini_batches: optimizer steps per train call;
     epochs: passes over the batch per train call; micro_tokens: tokens per micro-batch per data-parallel
     replica (train and infer); checkpointing: activation checkpointing in train calls; decode_batch: at most
     this many sequences decoded together per replica (None: as many as the KV cache holds)."""
