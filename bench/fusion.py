@@ -260,20 +260,21 @@ def main() -> None:
                         "spread": spread})
     md += ["", f"Predicted vs measured step time (reflow.planner.evaluate; hardware {hw_source}; response lengths "
            "from the first unfused run's metrics, quantiles min, p10, ..., max: "
-           f"{', '.join(f'{x:g}' for x in predictions[0]['lengths'] or ())}):", "",
+           f"{', '.join(f'{x:.1f}' for x in predictions[0]['lengths'] or ())}):", "",
            "| workers | fusion | predicted s | measured s (median of runs) | predicted / measured |", "|---|---|---|---|---|"]
-    for p in predictions:
+    for pred in predictions:
         for fused in (False, True):
-            x = p[fused]
-            md.append(f"| {p['workers']} | {'fused' if fused else 'unfused'} | {x['predicted']:.3f} | "
+            x = pred[fused]
+            md.append(f"| {pred['workers']} | {'fused' if fused else 'unfused'} | {x['predicted']:.3f} | "
                       f"{x['measured']:.3f} | {x['predicted'] / x['measured']:.2f} |")
     md.append("")
-    for p in predictions:
-        md.append(f"- {p['workers']} workers: fused / unfused predicted {p[True]['predicted'] / p[False]['predicted']:.2f}x, "
-                  f"measured {p[True]['measured'] / p[False]['measured']:.2f}x")
-        summary.append({"workers": p["workers"], "predicted_fused_s": p[True]["predicted"],
-                        "predicted_unfused_s": p[False]["predicted"], "measured_fused_s": p[True]["measured"],
-                        "measured_unfused_s": p[False]["measured"]})
+    for pred in predictions:
+        on, off = pred[True], pred[False]
+        md.append(f"- {pred['workers']} workers: fused / unfused predicted {on['predicted'] / off['predicted']:.2f}x, "
+                  f"measured {on['measured'] / off['measured']:.2f}x")
+        summary.append({"workers": pred["workers"], "predicted_fused_s": on["predicted"],
+                        "predicted_unfused_s": off["predicted"], "measured_fused_s": on["measured"],
+                        "measured_unfused_s": off["measured"]})
     md += ["", f"Timeline of the last fused run: {png.name} (`reflow timeline PATH --png`)."]
     Path(args.out).write_text("\n".join(md) + "\n")
     print("\n".join(md))
