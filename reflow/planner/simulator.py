@@ -205,10 +205,11 @@ def _stream_costs(problem: Problem, plan: Plan, gen: str, users: list[str], time
 
     def cost(name: str, lengths: list[int]) -> float:
         """A chunk task: the call on its samples (of their mean length) and fetching them."""
-        call, pl = g.call(name), plan.calls[name]
-        part = dataclasses.replace(wl, batch=len(lengths), gen_lens=(sum(lengths) / len(lengths),))
-        key = ("chunk", name, pl, part, on_owner[name])
+        pl, mean = plan.calls[name], sum(lengths) / len(lengths)
+        key = ("chunk", name, pl, len(lengths), mean, on_owner[name], wl)
         if key not in problem._cache:
+            call = g.call(name)
+            part = dataclasses.replace(wl, batch=len(lengths), gen_lens=(mean,))
             problem._cache[key] = call_cost(call.kind, problem.models.get(call.weights), pl, problem.hw, part, None,
                                             on_owner[name]).time + data_cost(problem, plan, name, part)
         return problem._cache[key]
@@ -256,28 +257,28 @@ def tasks(problem: Problem, plan: Plan, times: dict[str, CallCost], reallocs: di
     out: list[Task] = []
     last_on_rank: dict[int, int] = {}
     role_last: dict[str, int] = {}
-    iter_tasks: dict[int, list[int]] = {}
+    barrier_deps: dict[int, list[int]] = {}  # iteration -> the last task on each rank before it
     idx_of: dict[int, dict[str, int]] = {}
     consumers = {n for c in times.values() if c.stream is not None for n, _, _ in c.stream.chunks}
+    calls = {n: g.call(n) for n in g.order}  # (Graph.call looks a call up by scanning)
 
     def add(it: int, name: str, ranks: tuple[int, ...], work: float, deps: list[int], chunk: int | None = None) -> int:
         out.append(Task(it, name, ranks, work, deps + [last_on_rank[x] for x in ranks if x in last_on_rank], chunk))
         k = len(out) - 1
         for x in ranks:
             last_on_rank[x] = k
-        iter_tasks[it].append(k)
         return k
 
     def call_deps(it: int, name: str, inputs: list[int]) -> list[int]:
         """A call's inputs, its role's previous call and the barrier; its reallocation (then what it waits for).
         Asynchronously only the owner ranks' queues order a role's calls: a train call does not wait for a
         later step's generation, only for the weights it sent."""
-        call = g.call(name)
+        call = calls[name]
         deps = list(inputs)
         if call.role in role_last and not problem.staleness:
             deps.append(role_last[call.role])
         if barrier:
-            deps += iter_tasks.get(it - 1, [])
+            deps += barrier_deps[it]
         r = reallocs.get(name)
         if r is not None and r.time > 0:
             owner = _owner(problem, plan, call.weights)
@@ -286,11 +287,12 @@ def tasks(problem: Problem, plan: Plan, times: dict[str, CallCost], reallocs: di
         return deps
 
     for it, name in issue_order(g, iterations, problem.staleness):
-        iter_tasks.setdefault(it, [])
+        if it not in barrier_deps:  # the previous iteration has ended when the last task on every rank has
+            barrier_deps[it] = sorted(set(last_on_rank.values()))
         idx = idx_of.setdefault(it, {})
         if name in consumers:  # issued with its generate call
             continue
-        call, pl, cost = g.call(name), plan.calls[name], times[name]
+        call, pl, cost = calls[name], plan.calls[name], times[name]
         before = dict(role_last)
         deps = call_deps(it, name, [idx[d] for d in g.deps[name]])
         if cost.stream is None:
@@ -302,7 +304,7 @@ def tasks(problem: Problem, plan: Plan, times: dict[str, CallCost], reallocs: di
         idx[name] = role_last[call.role] = segs[-1]
         started: dict[str, int] = {}  # consumer -> chunk tasks so far
         for n, k, t in cost.stream.chunks:
-            role = g.call(n).role
+            role = calls[n].role
             if n not in started:  # its role's previous call before the stream (actor_inf does not wait for
                 role_last.pop(role, None)  # actor_gen to end); its reallocation
                 if role in before:
