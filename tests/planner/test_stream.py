@@ -55,6 +55,12 @@ def test_a_length_distribution_shrinks_the_decode_batch_and_orders_the_samples_b
     assert left == sorted(left, reverse=True) and left[-1] == pytest.approx(0, abs=1e-9) and left[0] < tail.time
     assert all(t == pytest.approx(0, abs=1e-9) for t, _ in equal.samples)  # all done at the last step
     assert Workload(gen_len=256, gen_lens=TAIL).mean_gen == pytest.approx((sum(TAIL) - (1 + 256) / 2) / 10)
+    # waves of 16 (a KV cache that holds 16 sequences): each wave the same 16 lengths, one after the other
+    waves = call_cost("generate", M7, pl, hardware("a100-80g"),
+                      Workload(batch=64, prompt_len=128, gen_len=256, gen_lens=TAIL), concurrency=16)
+    assert [n for _, n in waves.samples] == Workload(gen_len=256, gen_lens=TAIL).gen_lengths(16) * 4
+    left = [t for t, _ in waves.samples]
+    assert left == sorted(left, reverse=True) and left[15] > left[16] and waves.parts["waves"] == 4
 
 
 def test_a_long_tail_makes_the_fused_prediction_shorter_and_equal_lengths_give_no_gain():
@@ -67,8 +73,10 @@ def test_a_long_tail_makes_the_fused_prediction_shorter_and_equal_lengths_give_n
     assert equal[True] >= equal[False] * (1 - 1e-9)  # every chunk is complete at the end: nothing overlaps
 
 
-def test_consumer_chunks_start_after_their_segment_and_train_calls_wait_for_the_whole_batch():
+@pytest.mark.parametrize("cores", [None, 4.0])  # devices that compute independently / 4 cores per 8 devices
+def test_consumer_chunks_start_after_their_segment_and_train_calls_wait_for_the_whole_batch(cores):
     pr = ppo_problem(TAIL, inter_stage=True, chunk=4)
+    pr.hw = pr.hw.with_(cores_per_node=cores)
     ev = evaluate(pr, split_plan())
     stream = ev.call_times["actor_gen"].stream
     assert ev.stream_chunk == 4 and stream is not None
