@@ -1,6 +1,7 @@
 """Inter-stage fusion (fusion.inter_stage) against the unfused step, on a workload with long-tailed lengths.
 
     .venv/bin/python bench/fusion.py [--steps 6] [--workers 2 4] [--reps 1] [--chunk 8] [--out bench/results/fusion.md]
+                                     [--hardware hw.yaml | --preset cpu]
 
 Workload: PPO (actor, critic, reference, the `format` reward function) from a tiny-llama model fine-tuned
 (`reflow sft`, cached in runs/bench/fusion/) on replies of random letters whose lengths are geometric (mean 10,
@@ -18,6 +19,14 @@ from the runs' timelines, whether every logged metric (samples, rewards, losses,
 measured length distribution (p50, p90, max of the rollouts' samples). The machine is shared: timings move by
 several percent between runs of the same configuration, which the repetitions show. Writes --out and the
 timeline PNG of the last fused run beside it, and prints `BENCH_SUMMARY {json}` last.
+
+Predicted vs measured (as bench/planner.py): the planner's simulated step time (reflow.planner.evaluate) of
+each plan unfused and fused (fusion.chunk as measured), from the response lengths the first unfused run
+logged (its metrics response_len/min, p10, ..., max: reflow.planner.config), next to the measured medians,
+with the ratio predicted / measured and the predicted fused / unfused. Hardware figures: by default
+`reflow profile --config` on this workload before the runs (reflow.planner.profile, a few minutes:
+calibrated), or --hardware FILE from an earlier profile, or --preset NAME (uncalibrated: a preset's
+figures; the ratios then say little about this machine).
 """
 
 from __future__ import annotations
@@ -89,9 +98,23 @@ def lengths(model: Path, prompts: Path, n: int) -> list[int]:
     return sorted(len(g.tokens) for g in gens)
 
 
-def run(workers: int, fused: bool, args, model: Path, prompts: Path, work: Path) -> dict:
+def config(workers: int, fused: bool, args, model: Path, prompts: Path, out: Path, plan: Path | None = None):
+    """The PPO config of one run (output_dir `out`; runtime.plan `plan`, else the one-rank default)."""
     from reflow.config.loader import from_dict
     from reflow.config.schema import RLConfig
+
+    role = {"path": str(model), "micro_batch_tokens": 4096}
+    return from_dict(RLConfig, {
+        "output_dir": str(out), "actor": role, "critic": {**role, "path": None},
+        "data": {"train": str(prompts), "eval": None},
+        "rollout": {"prompts_per_step": args.prompts, "n": 4, "max_new_tokens": 96, "batch_size": 256},
+        "reward": {"fn": "format"}, "algo": {"name": "ppo", "kl_coef": 0.01},
+        "trainer": {"steps": args.steps, "progress": False, "eval_every": 0, "save_every": 0},
+        "runtime": {"workers": workers, "timeline": True, "timeout_s": 300, **({"plan": str(plan)} if plan else {})},
+        "fusion": {"inter_stage": fused, "chunk": args.chunk}})
+
+
+def run(workers: int, fused: bool, args, model: Path, prompts: Path, work: Path) -> dict:
     from reflow.experiments.rl import RLExperiment
     from reflow.runtime.plan import Plan
     from reflow.utils.plot import busy_by_rank, read_timeline
@@ -101,15 +124,7 @@ def run(workers: int, fused: bool, args, model: Path, prompts: Path, work: Path)
     plan = out / "plan.yaml"
     Plan.from_dict({"calls": {c: {"ranks": r, "layout": lay} for c, (r, lay) in PLANS[workers].items()}},
                    workers).save(plan)
-    role = {"path": str(model), "micro_batch_tokens": 4096}
-    cfg = from_dict(RLConfig, {
-        "output_dir": str(out), "actor": role, "critic": {**role, "path": None},
-        "data": {"train": str(prompts), "eval": None},
-        "rollout": {"prompts_per_step": args.prompts, "n": 4, "max_new_tokens": 96, "batch_size": 256},
-        "reward": {"fn": "format"}, "algo": {"name": "ppo", "kl_coef": 0.01},
-        "trainer": {"steps": args.steps, "progress": False, "eval_every": 0, "save_every": 0},
-        "runtime": {"workers": workers, "plan": str(plan), "timeline": True, "timeout_s": 300},
-        "fusion": {"inter_stage": fused, "chunk": args.chunk}})
+    cfg = config(workers, fused, args, model, prompts, out, plan)
     with RLExperiment(cfg) as exp:
         exp.run()
         rows = exp.history
@@ -120,6 +135,42 @@ def run(workers: int, fused: bool, args, model: Path, prompts: Path, work: Path)
             "idle": {r: round(i / (b + i), 3) for r, (b, i) in busy.items()},
             "busy_s": {r: round(b, 2) for r, (b, _) in busy.items()},
             "metrics": [{k: v for k, v in r.items() if not k.startswith(("time", "throughput"))} for r in rows]}
+
+
+def hardware_figures(args, model: Path):
+    """(Hardware, how it was obtained): --hardware FILE, --preset NAME, or `reflow profile --config` now."""
+    from reflow.planner.hardware import Hardware, hardware
+
+    if args.hardware:
+        return Hardware.load(args.hardware), f"from {args.hardware} (`reflow profile`)"
+    if args.preset:
+        return hardware(args.preset), f"preset {args.preset} (uncalibrated)"
+    from reflow.planner.profile import profile
+
+    with tempfile.TemporaryDirectory(prefix="reflow-fusion-profile-") as tmp:
+        cfg = config(max(args.workers), False, args, model, prompts_file(Path(tmp)), Path(tmp) / "run")
+        fit, _ = profile(max(args.workers), "tiny-llama", config=cfg)
+    print(fit.report(), flush=True)
+    return fit.hardware, f"`reflow profile --config` on this workload, {max(args.workers)} workers"
+
+
+def predict(workers: int, args, model: Path, prompts: Path, results: list[dict], hw) -> dict:
+    """The planner's step time of the plan of `workers` unfused and fused, from the lengths the first unfused
+    run measured (its metrics.jsonl), with the measured medians (pooled over the repetitions)."""
+    from reflow.planner.config import problem_for_config
+    from reflow.planner.search import with_fusion
+    from reflow.planner.simulator import evaluate
+    from reflow.runtime.plan import Plan
+
+    mine = [r for r in results if r["workers"] == workers]
+    first = next(r for r in mine if not r["fused"])
+    problem = problem_for_config(config(workers, False, args, model, prompts, Path(first["dir"])), workers, hw)
+    plan = Plan.load(Path(first["dir"]) / "plan.yaml", workers)
+    out = {"workers": workers, "lengths": problem.workload.gen_lens}
+    for fused in (False, True):
+        out[fused] = {"predicted": evaluate(with_fusion(problem, (fused, args.chunk)), plan).time,
+                      "measured": statistics.median(r["median_step_s"] for r in mine if r["fused"] == fused)}
+    return out
 
 
 def differing(a: list[dict], b: list[dict]) -> list[str]:
@@ -144,8 +195,11 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--sft-steps", type=int, default=80)
     ap.add_argument("--out", default=str(ROOT / "bench/results/fusion.md"))
+    ap.add_argument("--hardware", help="hardware YAML from `reflow profile` for the predictions (default: profile now)")
+    ap.add_argument("--preset", help="a hardware preset for the predictions instead (uncalibrated), e.g. cpu")
     args = ap.parse_args()
     model = long_tailed_model(args.sft_steps)
+    hw, hw_source = hardware_figures(args, model)
     import ray
 
     ray.init(num_cpus=max(args.workers), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -161,6 +215,7 @@ def main() -> None:
                     results.append(r)
                     print(f"workers {w} {'fused' if fused else 'unfused'}: {r['median_step_s']:.3f} s/step "
                           f"(steps {[round(x, 2) for x in r['step_s']]}), idle {r['idle']}", flush=True)
+        predictions = [predict(w, args, model, prompts, results, hw) for w in args.workers]
         last = [r for r in results if r["fused"]][-1]
         png = Path(args.out).with_suffix(".png")
         subprocess.run([sys.executable, "-m", "reflow.cli", "timeline", str(Path(last["dir"]) / "timeline.json"),
@@ -203,6 +258,23 @@ def main() -> None:
                   f"({len(fused)} + {len(unfused)} runs); runs of one configuration differ by up to {spread:.0%}")
         summary.append({"workers": w, "pooled_ratio": statistics.median(fused) / statistics.median(unfused),
                         "spread": spread})
+    md += ["", f"Predicted vs measured step time (reflow.planner.evaluate; hardware {hw_source}; response lengths "
+           "from the first unfused run's metrics, quantiles min, p10, ..., max: "
+           f"{', '.join(f'{x:.1f}' for x in predictions[0]['lengths'] or ())}):", "",
+           "| workers | fusion | predicted s | measured s (median of runs) | predicted / measured |", "|---|---|---|---|---|"]
+    for pred in predictions:
+        for fused in (False, True):
+            x = pred[fused]
+            md.append(f"| {pred['workers']} | {'fused' if fused else 'unfused'} | {x['predicted']:.3f} | "
+                      f"{x['measured']:.3f} | {x['predicted'] / x['measured']:.2f} |")
+    md.append("")
+    for pred in predictions:
+        on, off = pred[True], pred[False]
+        md.append(f"- {pred['workers']} workers: fused / unfused predicted {on['predicted'] / off['predicted']:.2f}x, "
+                  f"measured {on['measured'] / off['measured']:.2f}x")
+        summary.append({"workers": pred["workers"], "predicted_fused_s": on["predicted"],
+                        "predicted_unfused_s": off["predicted"], "measured_fused_s": on["measured"],
+                        "measured_unfused_s": off["measured"]})
     md += ["", f"Timeline of the last fused run: {png.name} (`reflow timeline PATH --png`)."]
     Path(args.out).write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -162,7 +162,9 @@ def main() -> None:
     print("fitted:", figures(hw))
 
     cfg = load_config(RLConfig, str(cfg_path), [f"runtime.workers={args.workers}"])
-    problem = problem_for_config(cfg, args.workers, hw)
+    # the response lengths the calibration runs generated (what the figures were fitted with), else the budget
+    lengths = meas["workload_runs"][0].get("lengths") if meas is not None else None
+    problem = problem_for_config(cfg, args.workers, hw, lengths=lengths)
     graph = problem.graph
     configs = problem.model_configs()
     t0 = time.perf_counter()

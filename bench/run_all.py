@@ -226,7 +226,12 @@ def fig_fusion(r: dict) -> str:
     return ("; ".join(f"{x['workers']} workers: fused {x['pooled_ratio']:.2f}x the unfused step (runs of one "
                       f"configuration differ by up to {x['spread']:.0%})" for x in rows)
             + (" (METRICS DIFFER)" if differ else "")
-            + (f"; lengths p50 {lens['p50']}, p90 {lens['p90']}, max {lens['max']}" if lens else "")) or "no summary"
+            + (f"; lengths p50 {lens['p50']}, p90 {lens['p90']}, max {lens['max']}" if lens else "")
+            + "".join(f"; {x['workers']} workers predicted fused / unfused "
+                      f"{x['predicted_fused_s'] / x['predicted_unfused_s']:.2f}x (measured "
+                      f"{x['measured_fused_s'] / x['measured_unfused_s']:.2f}x), fused predicted / measured "
+                      f"{x['predicted_fused_s'] / x['measured_fused_s']:.2f}" for x in s.get("rows", [])
+                      if "predicted_fused_s" in x)) or "no summary"
 
 
 def fig_packing(r: dict) -> str:
@@ -379,7 +384,7 @@ def main() -> None:
                  fig_multiturn))
     jobs.append(("pipeline", ["bench/pipeline.py", *(["--micro-batches", "4", "--repeats", "1"] if q else [])],
                  ["pipeline.md"], fig_pipeline))
-    jobs.append(("fusion", ["bench/fusion.py", *(["--steps", "3", "--workers", "2"] if q else [])],
+    jobs.append(("fusion", ["bench/fusion.py", *(["--steps", "3", "--workers", "2", "--preset", "cpu"] if q else [])],
                  ["fusion.md", "fusion.png"], fig_fusion))
     jobs.append(("packing", ["bench/packing.py", *(["--steps", "3"] if q else [])], ["packing.md"], fig_packing))
     if (ROOT / "bench" / "gpu_smoke.py").is_file():
@@ -459,7 +464,8 @@ def main() -> None:
     ran = {r["name"] for r in results}
     optional = {
         "fusion": ("- **fusion**: PPO step time with inter-stage fusion (fusion.inter_stage) against without, on a "
-            "model with long-tailed response lengths, 2 and 4 Ray CPU workers (bench/fusion.py)."),
+            "model with long-tailed response lengths, 2 and 4 Ray CPU workers, with the planner's predicted step "
+            "times (bench/fusion.py)."),
         "generation": ("- **generation**: reflow's generation engine against transformers `model.generate` "
             "(bench/generation.py)."),
         "realloc": ("- **realloc**: reflow's planned parameter reallocation between layouts (identical, overlapping and "

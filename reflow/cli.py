@@ -310,15 +310,26 @@ def cmd_plan_search(args) -> None:
     hw = _hardware_arg(args)
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {args.steps}")
-    problem = problem_for_config(cfg, devices, hw)
+    lengths = None
+    if args.lengths:
+        try:
+            lengths = tuple(float(x) for x in args.lengths.split(","))
+        except ValueError:
+            raise ConfigError(f"--lengths: give comma-separated numbers of tokens, got {args.lengths!r}") from None
+        if min(lengths) < 0:
+            raise ConfigError(f"--lengths: response lengths are >= 0 tokens, got {args.lengths!r}")
+    problem = problem_for_config(cfg, devices, hw, lengths=lengths)
     if not 0 <= args.builtin_margin < 1:
         raise ConfigError(f"--builtin-margin must be in [0, 1), got {args.builtin_margin}")
     res = search(problem, seed=args.seed, steps=args.steps, builtin_margin=args.builtin_margin)
     plan = res.plan
     plan.validate(problem.graph, problem.model_configs())
     graph = problem.graph
-    print(f"hardware: {hw.name}; workload: {problem.workload.batch} sequences of {problem.workload.prompt_len} + "
-          f"{problem.workload.gen_len} tokens per iteration")
+    wl = problem.workload
+    gen = (f"at most {wl.gen_len} (mean {wl.mean_gen:.1f}, quantiles {', '.join(f'{x:g}' for x in wl.gen_lens)}"
+           f"{'' if lengths else ' measured in ' + str(Path(cfg.output_dir) / 'metrics.jsonl')})"
+           if wl.gen_lens is not None else f"{wl.gen_len} (every response its whole budget)")
+    print(f"hardware: {hw.name}; workload: {wl.batch} sequences of {wl.prompt_len} + {gen} tokens per iteration")
     print(plan.table(graph))
     print()
     print(res.evaluation.table(graph))
@@ -330,7 +341,11 @@ def cmd_plan_search(args) -> None:
     print(res.report())
     out = args.out or "plan.yaml"
     plan.save(out)
-    print(f"wrote {out}: reflow train {path or 'CONFIG'} runtime.workers={devices} runtime.plan={out}")
+    on, chunk = res.fusion
+    fusion = f" fusion.inter_stage={str(on).lower()}" + (f" fusion.chunk={chunk}" if on else "")
+    with open(out, "a") as f:  # the plan holds placements; the fusion setting it was predicted with is config
+        f.write(f"# searched with{fusion}\n")
+    print(f"wrote {out}: reflow train {path or 'CONFIG'} runtime.workers={devices} runtime.plan={out}{fusion}")
 
 
 def cmd_plan_whatif(args) -> None:
@@ -449,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--builtin-margin", type=float, default=0.05,
                    help="return the best built-in plan unless the plan found is predicted faster by more than "
                         "this fraction (default 0.05, about the model's error; 0: always the fastest prediction)")
+    s.add_argument("--lengths", metavar="L,L,...", help="response lengths: a sorted sample, or the quantiles at "
+                   "evenly spaced levels from min to max (default: the metrics response_len/min..max of a run of "
+                   "this config in output_dir, else every response its whole budget)")
     s.add_argument("--out", metavar="PLAN_YAML", default="plan.yaml", help="where to write the plan (plan.yaml)")
     s.set_defaults(fn=cmd_plan_search)
     s = plan_sub.add_parser("whatif", help="PPO with LLaMA 7B..70B on 16..128 simulated GPUs: searched vs built-in "

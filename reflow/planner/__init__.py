@@ -9,9 +9,12 @@
     memory.py     per-rank peak memory of a plan; over-memory plans rejected with the reason
     simulator.py  Problem (graph, models, hardware, workload, devices); schedules the calls of several
                   iterations on their meshes -> iteration time, per-rank peak memory, timeline
-    search.py     simulated annealing over meshes and layouts per call -> the best plan that fits, with
-                  the built-in plans' predicted times for comparison
-    config.py     a Problem from an RL config (`reflow train` YAML)
+    stream.py     inter-stage fusion: a streamed generate call cut at its chunks' completions (from the
+                  response-length distribution), its per-sample consumers as chunk tasks
+    search.py     simulated annealing over meshes and layouts per call (and the fusion setting) -> the
+                  best plan that fits, with the built-in plans' predicted times for comparison
+    config.py     a Problem from an RL config (`reflow train` YAML), with the response lengths a run of it
+                  measured
     whatif.py     PPO with LLaMA 7B..70B on 16..128 simulated A100s: searched vs built-in plans
     profile.py    calibration (`reflow profile`): measure these devices, fit the Hardware figures
                   (Hardware.save / Hardware.load: the YAML `reflow plan search --hardware` reads), from

@@ -35,13 +35,25 @@ once per step with one (the pipeline keeps weights gathered until the last micro
 
 generate (per replica b_r = B/d sequences, in waves of at most `concurrency` sequences: the KV cache of a
 wave must fit, see memory.py): prefill is an infer pass over the wave's prompts (c = P/2); decode step k
-(k = 0..G-1) processes one token per sequence of the wave (T = wave) attending to P + k keys:
+processes one token per live sequence of the wave (n_k of them) attending to P + k keys:
 
-    compute_k = (L F_layer(wave, P + k) / t + F_head(wave)) / F                 (linear in k)
-    memory_k  = ((L (P_split / t + P_whole) + P_head) b + L wave (P + k) kv / t) / M   (weights + KV read)
-    step_k    = max(compute_k, memory_k) + L overhead + 2 L AR_t(wave h b)
+    compute_k = (L F_layer(n_k, P + k) / t + F_head(n_k)) / F                 (linear in k)
+    memory_k  = ((L (P_split / t + P_whole) + P_head) b + L n_k (P + k) kv / t) / M   (weights + KV read)
+    step_k    = max(compute_k, memory_k) + L overhead + 2 L AR_t(n_k h b)
     time      = waves * (prefill + sum_k step_k)             (decode is memory-bandwidth bound at small
                                                              batch: every step reads all weights)
+
+Response lengths (Workload.gen_lens): without a distribution every sequence decodes G = gen_len steps
+(n_k = wave for k < G: the budget, an upper bound). With one, a wave's sequences get the lengths
+l_1 <= ... <= l_wave of Workload.gen_lengths(wave) (the distribution's quantiles at (i - 1/2) / wave), the
+wave decodes max l steps and n_k = #{i: l_i > k}: the batch shrinks through the long tail, so the tail's
+steps are cheap in compute but still read every weight. n_k is constant between two lengths, so the sum
+is taken segment by segment. Sequence i is complete at the end of its step l_i - 1 (waves one after the
+other; the engine's refill of freed slots with waiting prompts is not modelled: an upper bound when the
+KV cache limits the wave). CallCost.samples lists, for one replica in finish order, (seconds from the
+sample's completion to the call's end, its length): what inter-stage fusion (stream.py) cuts the call at.
+Infer and train calls compute on the mean length (Workload.mean_seq_tokens: packed batches have no
+padding); memory (memory.py) keeps the budget, since one step's samples can all run long.
 
 A generate / infer call that runs on the owner copy of a trained role (same placement as its train call)
 uses the FSDP-sharded weights: every forward pass all-gathers the stage's weights over d (per micro-batch
@@ -97,7 +109,8 @@ class Workload:
     """What one iteration processes.
 
     batch: sequences per iteration (prompts x samples per prompt); prompt_len / gen_len: tokens per
-    sequence (every sequence generates gen_len tokens); mini_batches: optimizer steps per train call;
+    sequence (gen_len: the budget; every sequence generates it unless gen_lens gives the distribution of
+    response lengths); mini_batches: optimizer steps per train call;
     epochs: passes over the batch per train call; micro_tokens: tokens per micro-batch per data-parallel
     replica (train and infer); checkpointing: activation checkpointing in train calls; decode_batch: at most
     this many sequences decoded together per replica (None: as many as the KV cache holds)."""
@@ -115,6 +128,16 @@ class Workload:
     # (prefix sharing: a group's prompt runs once per forward and backward); 1 = every sequence its own
     share_prefill: int = 1
     share_prefix: int = 1
+    # the response lengths' distribution: its quantiles at evenly spaced levels 0, 1/(N-1), ..., 1, ascending
+    # (min, ..., max; a sorted sample of measured lengths is one, so are the deciles of the metrics
+    # response_len/min, p10, ..., p90, max); None: every response uses its whole budget gen_len
+    gen_lens: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.gen_lens is not None:
+            if not self.gen_lens or min(self.gen_lens) < 0:
+                raise ValueError(f"Workload.gen_lens: give response lengths >= 0, got {self.gen_lens!r}")
+            object.__setattr__(self, "gen_lens", tuple(sorted(min(float(x), self.gen_len) for x in self.gen_lens)))
 
     @property
     def seq_len(self) -> int:
@@ -122,14 +145,56 @@ class Workload:
 
     @property
     def seq_tokens(self) -> float:
-        """Tokens a train / infer call computes per sequence: gen_len + prompt_len / share_prefix."""
+        """Tokens a sequence may hold in a train / infer call (the budget; memory): gen_len + prompt_len /
+        share_prefix."""
         return self.gen_len + self.prompt_len / max(1, self.share_prefix)
+
+    @property
+    def mean_gen(self) -> float:
+        """The mean response length: the integral of the piecewise-linear quantile function through gen_lens
+        (gen_len without a distribution)."""
+        q = self.gen_lens
+        if q is None:
+            return float(self.gen_len)
+        if len(q) == 1:
+            return q[0]
+        return (sum(q) - (q[0] + q[-1]) / 2) / (len(q) - 1)
+
+    @property
+    def mean_seq_len(self) -> float:
+        """prompt_len + mean_gen: the mean tokens of a sequence (time of infer / train; data moved)."""
+        return self.prompt_len + self.mean_gen
+
+    @property
+    def mean_seq_tokens(self) -> float:
+        """mean_gen + prompt_len / share_prefix: the tokens a train / infer call computes per sequence."""
+        return self.mean_gen + self.prompt_len / max(1, self.share_prefix)
+
+    def gen_lengths(self, n: int) -> list[int]:
+        """n response lengths that stand for the distribution, ascending: its quantiles at (i - 1/2) / n,
+        i = 1..n, rounded, each in [1, gen_len] (all gen_len without a distribution)."""
+        q = self.gen_lens
+        if q is None:
+            return [self.gen_len] * n
+        out = []
+        for i in range(n):
+            u = (i + 0.5) / n * (len(q) - 1)
+            j = min(int(u), len(q) - 2) if len(q) > 1 else 0
+            x = q[j] + (u - j) * (q[j + 1] - q[j]) if len(q) > 1 else q[0]
+            out.append(max(1, min(self.gen_len, round(x))))
+        return out
 
 
 @dataclass
 class CallCost:
+    """A call's seconds and their parts. samples (generate calls): per sample of one replica, in the order they
+    finish, (seconds from its completion to the call's end, its response length). stream (a streamed generate
+    call under fusion.inter_stage, set by reflow.planner.stream): how it and its consumers run in chunks."""
+
     time: float
     parts: dict[str, float] = field(default_factory=dict)
+    samples: tuple[tuple[float, int], ...] = ()
+    stream: object = None  # reflow.planner.stream.Stream
 
 
 # ---------------------------------------------------------------------------------------------- groups
@@ -233,9 +298,9 @@ def _fsdp_units(m: ModelShape, p: int) -> int:
 def infer_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, owner_sharded: bool = False) -> CallCost:
     L = pl.layout
     seqs = math.ceil(wl.batch / L.d)
-    tokens = seqs * wl.seq_tokens
+    tokens = seqs * wl.mean_seq_tokens
     micro = _micro_batches(tokens, seqs, wl, L.p)
-    total, parts = _pipeline(m, hw, pl, tokens, wl.seq_len / 2, micro, scale=hw.infer_scale)
+    total, parts = _pipeline(m, hw, pl, tokens, wl.mean_seq_len / 2, micro, scale=hw.infer_scale)
     if owner_sharded and L.d > 1:
         ag = _owner_gather(m, pl, hw)
         fixed = micro * _fsdp_units(m, L.p) * hw.fsdp_overhead
@@ -248,10 +313,10 @@ def infer_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, owner_s
 def train_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload) -> CallCost:
     L = pl.layout
     seqs = math.ceil(wl.batch / (L.d * wl.mini_batches))
-    tokens = seqs * wl.seq_tokens
+    tokens = seqs * wl.mean_seq_tokens
     micro = _micro_batches(tokens, seqs, wl, L.p)
     passes = 4.0 if wl.checkpointing else 3.0
-    pipe, parts = _pipeline(m, hw, pl, tokens, wl.seq_len / 2, micro, compute_passes=passes,
+    pipe, parts = _pipeline(m, hw, pl, tokens, wl.mean_seq_len / 2, micro, compute_passes=passes,
                             weight_reads=3.0, allreduces=6 if wl.checkpointing else 4, scale=hw.train_scale)
     layers = stage_layers(m, L.p)
     w_stage = max(stage_weight_elems(m, L.t, n, s == L.p - 1) for s, n in enumerate(layers))
@@ -290,6 +355,40 @@ def _sum_max_linear(a1: float, b1: float, a2: float, b2: float, n: int) -> float
     return seg(a1, b1, 0, k) + seg(a2, b2, k, n)
 
 
+def _decode_lines(m: ModelShape, hw: Hardware, pl: Placement, tp: tuple[int, ...], rows: int,
+                  P: int) -> tuple[float, float, float, float, float, float]:
+    """One decode step of `rows` sequences at step k as lines in k: (compute a, b, memory a, b) with
+    compute_k = a + b k (likewise memory), the step's own fixed seconds (layer and step overheads, before
+    hw.generate_scale) and its tensor- and pipeline-parallel communication (module docstring)."""
+    L = pl.layout
+    c0 = c1 = m0 = m1 = fixed = comm = 0.0
+    for s, n in enumerate(stage_layers(m, L.p)):
+        head = s == L.p - 1
+        c0 += (n * m.layer_flops(rows, P) / L.t + (m.head_flops(rows) if head else 0)) / hw.eff_flops
+        c1 += n * 4 * rows * m.q_dim / L.t / hw.eff_flops
+        w = (n * (m.layer_split_params / L.t + m.layer_whole_params) + (m.head_params if head else 0)) * m.dtype_bytes
+        m0 += (w + n * rows * P * m.kv_bytes_per_token_layer / L.t) / hw.eff_mem_bw
+        m1 += n * rows * m.kv_bytes_per_token_layer / L.t / hw.eff_mem_bw
+        fixed += n * hw.layer_overhead
+        comm += n * (2 * hw.all_reduce(rows * m.hidden * m.dtype_bytes, tp) + hw.tp_overhead) if L.t > 1 else 0
+    fixed += hw.step_overhead
+    if L.p > 1:
+        bw, lat = hw.link(_worst_group(hw, groups(pl)["pp"]))
+        comm += (L.p - 1) * (rows * m.hidden * m.dtype_bytes / bw + lat)
+    return c0, c1, m0, m1, fixed, comm
+
+
+def live_segments(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Ascending response lengths of a wave -> (first step, end step, live rows) for the runs of decode steps
+    with the same number of live rows (a row of length l is live in steps 0..l-1)."""
+    out, k0 = [], 0
+    for j, length in enumerate(lengths):
+        if length > k0:
+            out.append((k0, length, len(lengths) - j))
+            k0 = length
+    return out
+
+
 def generate_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, concurrency: int | None = None,
                   owner_sharded: bool = False) -> CallCost:
     L = pl.layout
@@ -297,44 +396,40 @@ def generate_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, conc
     conc = max(1, min(seqs, concurrency or seqs))
     waves = math.ceil(seqs / conc)
     wave = math.ceil(seqs / waves)
-    g = groups(pl)
-    tp = _worst_group(hw, g["tp"])
-    P, G = wl.prompt_len, wl.gen_len
+    tp = _worst_group(hw, groups(pl)["tp"])
+    P = wl.prompt_len
+    lengths = wl.gen_lengths(wave)
+    G = lengths[-1]  # decode steps of a wave
     # prefill: one pass over the wave's distinct prompts (pipelined over p micro-batches when p > 1)
     pre_micro = max(1, min(wave, L.p))
     prefill, _ = _pipeline(m, hw, pl, wave * P / max(1, wl.share_prefill), P / 2, pre_micro,
                            scale=hw.generate_scale)
-    # decode: every stage in turn for each token (no pipelining across stages within a step)
-    lin_c = [0.0, 0.0]
-    lin_m = [0.0, 0.0]
-    fixed = comm = 0.0  # per decode step: scaled own work / tensor- and pipeline-parallel communication
-    for s, n in enumerate(stage_layers(m, L.p)):
-        head = s == L.p - 1
-        lin_c[0] += (n * m.layer_flops(wave, P) / L.t + (m.head_flops(wave) if head else 0)) / hw.eff_flops
-        lin_c[1] += n * 4 * wave * m.q_dim / L.t / hw.eff_flops
-        w = (n * (m.layer_split_params / L.t + m.layer_whole_params) + (m.head_params if head else 0)) * m.dtype_bytes
-        lin_m[0] += (w + n * wave * P * m.kv_bytes_per_token_layer / L.t) / hw.eff_mem_bw
-        lin_m[1] += n * wave * m.kv_bytes_per_token_layer / L.t / hw.eff_mem_bw
-        fixed += n * hw.layer_overhead
-        comm += n * (2 * hw.all_reduce(wave * m.hidden * m.dtype_bytes, tp) + hw.tp_overhead) if L.t > 1 else 0
-    fixed += hw.step_overhead
-    if L.p > 1:
-        bw, lat = hw.link(_worst_group(hw, g["pp"]))
-        comm += (L.p - 1) * (wave * m.hidden * m.dtype_bytes / bw + lat)
-    sc = hw.generate_scale
-    decode = sc * _sum_max_linear(lin_c[0], lin_c[1], lin_m[0], lin_m[1], G) + G * (sc * fixed + comm)
-    fixed = sc * fixed + comm
-    gather = 0.0
-    if owner_sharded and L.d > 1:
-        ag = _owner_gather(m, pl, hw)
-        gather = (G + 1) * ag
-        decode = max(decode, G * ag)
+    ag = _owner_gather(m, pl, hw) if owner_sharded and L.d > 1 else 0.0
+    if ag:
         prefill = max(prefill, ag) + ag / max(1, max(stage_layers(m, L.p)))
-    bound = "memory" if lin_m[0] + lin_m[1] * G / 2 > lin_c[0] + lin_c[1] * G / 2 else "compute"
-    return CallCost(waves * (prefill + decode), {"prefill": waves * prefill, "decode": waves * decode,
-                                                 "waves": waves, "wave_seqs": wave, "decode_fixed": waves * G * fixed,
-                                                 "fsdp": waves * gather,
-                                                 f"decode_{bound}_bound": 1})
+    # decode: every stage in turn for each token (no pipelining across stages within a step), segment by
+    # segment of constant live rows; ends[j]: seconds from the wave's first decode step to the end of segment j
+    sc = hw.generate_scale
+    decode = fixed_s = 0.0
+    ends: dict[int, float] = {}
+    for k0, k1, rows in live_segments(lengths):
+        c0, c1, m0, m1, fixed, comm = _decode_lines(m, hw, pl, tp, rows, P)
+        steps = k1 - k0
+        seg = sc * _sum_max_linear(c0 + c1 * k0, c1, m0 + m1 * k0, m1, steps) + steps * (sc * fixed + comm)
+        if ag:  # every step all-gathers the owner's weights, overlapped with compute
+            seg = max(seg, steps * ag)
+        decode += seg
+        fixed_s += steps * (sc * fixed + comm)
+        ends[k1] = decode
+    c0, c1, m0, m1, _, _ = _decode_lines(m, hw, pl, tp, wave, P)
+    bound = "memory" if m0 + m1 * G / 2 > c0 + c1 * G / 2 else "compute"
+    per_wave = prefill + decode
+    total = waves * per_wave
+    samples = tuple((total - (w * per_wave + prefill + ends[length]), length)
+                    for w in range(waves) for length in lengths)
+    return CallCost(total, {"prefill": waves * prefill, "decode": waves * decode, "waves": waves, "wave_seqs": wave,
+                            "decode_fixed": waves * fixed_s, "fsdp": waves * (G + 1) * ag, f"decode_{bound}_bound": 1},
+                    samples=samples)
 
 
 def call_cost(kind: str, m: ModelShape | None, pl: Placement, hw: Hardware, wl: Workload,

@@ -243,7 +243,7 @@ def fit_call_scales(runs: list[dict], workers: int, hw: Hardware) -> tuple[dict[
     base = hw.with_(call_overhead=0.0, generate_scale=1.0, infer_scale=1.0, train_scale=1.0)
     obs: list[tuple[str, str, float, float]] = []  # (kind, label, measured, modelled own work)
     for run in runs:
-        problem = problem_for_config(run["cfg"], workers, base)
+        problem = problem_for_config(run["cfg"], workers, base, lengths=run.get("lengths"))
         ev = evaluate(problem, one_rank_plan(problem.graph, workers))
         for name in problem.graph.order:
             call = problem.graph.call(name)
@@ -299,7 +299,7 @@ def workload_fit(meas: dict, runs: list[dict], workers: int, name: str) -> Fit:
     base = fit_hardware(meas, shape, name, cores=cores).hardware
     scales, per_call, rows = fit_call_scales(runs, workers, base)
     fit = fit_hardware(meas, shape, name, scales=scales, cores=cores)
-    problem = problem_for_config(runs[0]["cfg"], workers, fit.hardware)
+    problem = problem_for_config(runs[0]["cfg"], workers, fit.hardware, lengths=runs[0].get("lengths"))
     call = fit_call_overhead(runs[0]["step"], problem, one_rank_plan(problem.graph, workers))
     fit.hardware = fit.hardware.with_(call_overhead=call)
     meas["runtime_calls"] = [{k: r[k] for k in ("prompts", "plan", "step", "calls", "runs")} for r in runs]

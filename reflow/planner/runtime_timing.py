@@ -94,9 +94,10 @@ def measure_runtime_step(workers: int, steps: int = 6, warmup: int = 2) -> tuple
     return statistics.median(times[warmup:]), cfg
 
 
-def timed_steps(cfg, steps: int) -> tuple[list[float], list[dict]]:
+def timed_steps(cfg, steps: int, metrics: list | None = None) -> tuple[list[float], list[dict]]:
     """`steps` steps of an RL config's graph under its plan, straight on the executor (no evaluation, no
-    checkpoints; the KL coefficient stays at algo.kl_coef): (seconds per step, the workers' timeline)."""
+    checkpoints; the KL coefficient stays at algo.kl_coef): (seconds per step, the workers' timeline);
+    each step's metrics appended to `metrics` when given."""
     import time
 
     from reflow.data.sampler import PromptSampler
@@ -113,8 +114,10 @@ def timed_steps(cfg, steps: int) -> tuple[list[float], list[dict]]:
         times = []
         for step in range(steps):
             t0 = time.perf_counter()
-            executor.step(step, {"prompts": sampler.next(cfg.rollout.prompts_per_step), "kl_coef": cfg.algo.kl_coef})
+            row = executor.step(step, {"prompts": sampler.next(cfg.rollout.prompts_per_step), "kl_coef": cfg.algo.kl_coef})
             times.append(time.perf_counter() - t0)
+            if metrics is not None:
+                metrics.append(row)
         return times, executor.timeline
     finally:
         executor.shutdown()
@@ -141,13 +144,15 @@ def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 8,
     """The workload's own calls in the runtime: `cfg` (an RLConfig) on `workers` Ray workers under
     one_rank_plan, once per prompts_per_step in `prompts` (the other
     workers idle, as in a real run's Ray session). Per run: {"prompts", "step" (median time/step after
-    `warmup`), "calls" ({call: median seconds on its first rank, from the workers' timelines}), "cfg"}.
+    `warmup`), "calls" ({call: median seconds on its first rank, from the workers' timelines}), "cfg",
+    "lengths" (the response-length quantiles of those steps: what the planner predicts them from)}.
     Nothing is saved (steps run without `train`)."""
     import copy
     import logging
     import shutil
     import tempfile
 
+    from reflow.planner.config import lengths_of
     from reflow.runtime.graphs import graph_for
 
     root = Path(tempfile.mkdtemp(prefix="reflow-profile-calls-"))
@@ -164,14 +169,16 @@ def measure_runtime_calls(cfg, workers: int, prompts: list[int], steps: int = 8,
             c.rollout.prompts_per_step = n
             c.trainer.steps, c.trainer.save_every, c.trainer.progress = steps, 0, False
             c.runtime.workers, c.runtime.plan, c.runtime.timeline = workers, str(plan_path), True
-            steps_s, events = timed_steps(c, steps)
+            rows: list[dict] = []
+            steps_s, events = timed_steps(c, steps, rows)
             steps_s = steps_s[warmup:]
             per_call: dict[str, list[float]] = {}
             first = {name: pl.ranks[0] for name, pl in plan.calls.items()}
             for e in events:
                 if e["step"] >= warmup and e["rank"] == first.get(e["name"]):
                     per_call.setdefault(e["name"], []).append(e["end"] - e["start"])
-            runs.append({"prompts": n, "plan": plan.name, "cfg": c, "step_samples": steps_s, "call_samples": per_call,
+            runs.append({"prompts": n, "plan": plan.name, "cfg": c, "lengths": lengths_of(rows[warmup:], steps),
+                         "step_samples": steps_s, "call_samples": per_call,
                          "step": statistics.median(steps_s),
                          "calls": {k: statistics.median(v) for k, v in per_call.items()}})
     finally:

@@ -19,6 +19,13 @@ Fusion: when the two trained roles' train calls land on the same ranks with the 
 the plan fuses them (`fuse: [a, b]`, the second's stages reversed; cost.py's fused_costs); Problem.fuse=False
 turns this off.
 
+Inter-stage fusion (fusion.inter_stage, fusion.chunk; planner/stream.py): with a response-length distribution
+(Workload.gen_lens) and a graph whose generate call has per-sample consumers, the setting is one more
+coordinate of the state: off, or on with a chunk of FUSION_CHUNKS (and the configured one) samples. A move
+picks another setting (10% of the moves), the coordinate descent tries each, and the result says which was
+chosen (SearchResult.fusion, with the plan's time under every setting). Without a distribution every response
+ends at the last step, nothing can overlap, and the configured setting is kept.
+
 Annealing: cost(plan) = simulated iteration time, times (2 + GB over memory) for plans that do not fit
 (so the chain can walk out of them; only plans that fit are ever returned). A move from cost c to c' is
 taken when c' <= c or with probability exp(-(c' - c) / (T c)), T falling geometrically from 0.1 to 0.001
@@ -36,10 +43,16 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import dataclasses
+
 from reflow.parallel.layout import Layout
 from reflow.planner.hardware import GB
 from reflow.planner.simulator import Evaluation, Problem, evaluate
+from reflow.runtime.executor import streamed
 from reflow.runtime.plan import BUILTIN, Placement, Plan, reversed_stages
+
+FUSION = "(fusion)"  # the state's key of the fusion setting (inter_stage, chunk); group keys are calls or roles
+FUSION_CHUNKS = (4, 8, 16, 32)  # chunk sizes the search tries with inter-stage fusion on
 
 
 # ---------------------------------------------------------------------------------------------- space
@@ -155,6 +168,21 @@ def from_plan(groups: list[Group], plan: Plan) -> dict[str, Placement]:
     return {grp.name: plan.calls[grp.calls[0]] for grp in groups}
 
 
+def fusion_options(problem: Problem) -> list[tuple[bool, int]]:
+    """The fusion settings (inter_stage, chunk) the search chooses from, off first (kept on a tie): only the
+    configured one without a length distribution, with asynchronous training, or with nothing to stream."""
+    if problem.workload.gen_lens is None or problem.staleness or not streamed(problem.graph, problem.graph.order):
+        return [(problem.inter_stage, problem.chunk)]
+    return [(False, problem.chunk)] + [(True, c) for c in sorted({problem.chunk, *FUSION_CHUNKS})]
+
+
+def with_fusion(problem: Problem, fusion: tuple[bool, int]) -> Problem:
+    """`problem` under fusion setting (inter_stage, chunk); it shares the cost cache (keys name the chunk)."""
+    if (problem.inter_stage, problem.chunk) == fusion:
+        return problem
+    return dataclasses.replace(problem, inter_stage=fusion[0], chunk=fusion[1])
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 def score(ev: Evaluation) -> float:
     return ev.time if ev.feasible else ev.time * (2.0 + ev.memory.overflow / GB)
@@ -163,15 +191,18 @@ def score(ev: Evaluation) -> float:
 class _Scorer:
     def __init__(self, problem: Problem, groups: list[Group]):
         self.problem, self.groups = problem, groups
+        self.fusion = fusion_options(problem)
+        self.problems = {f: with_fusion(problem, f) for f in self.fusion}
         self.cache: dict[tuple, Evaluation] = {}
         self.evaluations = 0
 
-    def __call__(self, state: dict[str, Placement], name: str = "searched") -> Evaluation:
-        key = tuple(state[g.name] for g in self.groups)
+    def __call__(self, state: dict, name: str = "searched") -> Evaluation:
+        fusion = state.get(FUSION, self.fusion[0])
+        key = tuple(state[g.name] for g in self.groups) + (fusion,)
         ev = self.cache.get(key)
         if ev is None:
             self.evaluations += 1
-            ev = evaluate(self.problem, to_plan(self.problem, self.groups, state, name))
+            ev = evaluate(self.problems[fusion], to_plan(self.problem, self.groups, state, name))
             if len(self.cache) < 200_000:
                 self.cache[key] = ev
         return ev
@@ -192,13 +223,21 @@ def tune_layouts(scorer: _Scorer, state: dict[str, Placement], rounds: int = 2) 
                 s = score(scorer(trial))
                 if s < best * (1 - 1e-9):
                     best, state, improved = s, trial, True
+        for fusion in scorer.fusion if len(scorer.fusion) > 1 else ():
+            s = score(scorer({**state, FUSION: fusion}))
+            if s < best * (1 - 1e-9):
+                best, state, improved = s, {**state, FUSION: fusion}, True
         if not improved:
             break
     return state
 
 
 # ---------------------------------------------------------------------------------------------- moves
-def _propose(rng: random.Random, groups: list[Group], state: dict[str, Placement]) -> dict[str, Placement] | None:
+def _propose(rng: random.Random, groups: list[Group], state: dict,
+             fusion: list[tuple[bool, int]] | None = None) -> dict | None:
+    if fusion and len(fusion) > 1 and rng.random() < 0.1:  # another fusion setting
+        other = [f for f in fusion if f != state.get(FUSION)]
+        return {**state, FUSION: other[rng.randrange(len(other))]}
     grp = groups[rng.randrange(len(groups))]
     cur = state[grp.name]
     u = rng.random()
@@ -249,6 +288,8 @@ class SearchResult:
     seconds: float
     seed: int
     best_found: Evaluation | None = None  # set when a built-in plan was returned instead (builtin_margin)
+    fusion: tuple[bool, int] = (False, 8)  # the chosen fusion.inter_stage, fusion.chunk
+    fusion_times: dict[tuple[bool, int], float] = field(default_factory=dict)  # the plan's time per setting considered
 
     @property
     def time(self) -> float:
@@ -264,6 +305,11 @@ class SearchResult:
         if self.best_found is not None:
             lines.append(f"  (the best other plan found, {self.best_found.time:.2f} s/iteration, is not faster than "
                          f"the built-in '{self.plan.name}' by the margin: the built-in is returned)")
+        if len(self.fusion_times) > 1:
+            on, chunk = self.fusion
+            times = ", ".join(f"{'chunk ' + str(c) if i else 'off'} {t:.3g} s" for (i, c), t in self.fusion_times.items())
+            lines.append(f"  fusion: fusion.inter_stage={str(on).lower()}" + (f" fusion.chunk={chunk}" if on else "")
+                         + f" (this plan per setting: {times})")
         for name, ev in self.baselines.items():
             ratio = f"  ({ev.time / self.time:.2f}x the searched plan)" if ev.feasible else ""
             lines.append(f"  {name:<18} {ev.summary()}{ratio}")
@@ -289,13 +335,16 @@ def search(problem: Problem, *, seed: int = 0, steps: int | None = None, chains:
     scorer = _Scorer(problem, groups)
     steps = steps or default_steps(problem, groups)
 
+    configured = (problem.inter_stage, problem.chunk)
+    first = configured if configured in scorer.fusion else scorer.fusion[0]
     baselines: dict[str, Evaluation] = {}
-    starts: list[dict[str, Placement]] = []
+    starts: list[dict] = []
     for name, build in BUILTIN.items():
         plan = build(problem.graph, problem.world_size)
         baselines[name] = evaluate(problem, plan)
-        tuned = tune_layouts(scorer, from_plan(groups, plan))
-        baselines[f"{name} (tuned)"] = evaluate(problem, to_plan(problem, groups, tuned, f"{name} (tuned)"))
+        tuned = tune_layouts(scorer, {**from_plan(groups, plan), FUSION: first})
+        baselines[f"{name} (tuned)"] = evaluate(scorer.problems[tuned[FUSION]],
+                                                to_plan(problem, groups, tuned, f"{name} (tuned)"))
         starts.append(tuned)
 
     rng = random.Random(seed)
@@ -314,7 +363,7 @@ def search(problem: Problem, *, seed: int = 0, steps: int | None = None, chains:
             if time_limit is not None and time.perf_counter() - t_start > time_limit:
                 break
             temp = 0.1 * (0.01 ** (k / per_chain))
-            trial = _propose(rng, groups, state)
+            trial = _propose(rng, groups, state, scorer.fusion)
             done += 1
             if trial is None:
                 continue
@@ -332,14 +381,26 @@ def search(problem: Problem, *, seed: int = 0, steps: int | None = None, chains:
         raise PlanSearchError(f"no plan of {problem.world_size} devices found that fits in memory "
                               f"({problem.hw.name}); built-in plans: {reasons}")
     best_state = tune_layouts(scorer, best_state, rounds=1)
-    final = evaluate(problem, to_plan(problem, groups, best_state, "searched"))
-    plain = [e for n, e in baselines.items() if n in BUILTIN and e.feasible]
-    if plain and builtin_margin > 0:
-        known = min(plain, key=lambda e: e.time)
+    fusion = best_state[FUSION]
+    final = evaluate(scorer.problems[fusion], to_plan(problem, groups, best_state, "searched"))
+    plain = [n for n, e in baselines.items() if n in BUILTIN and e.feasible]
+    if plain and builtin_margin > 0:  # the best built-in plan under its best fusion setting
+        known_fusion, known = None, None
+        for n in plain:
+            for f in scorer.fusion:
+                ev = evaluate(scorer.problems[f], baselines[n].plan)
+                if known is None or ev.time < known.time * (1 - 1e-9):
+                    known_fusion, known = f, ev
         if final.time > known.time * (1 - builtin_margin):
             return SearchResult(known.plan, known, baselines, done, scorer.evaluations, time.perf_counter() - t_start,
-                                seed, best_found=final)
-    return SearchResult(final.plan, final, baselines, done, scorer.evaluations, time.perf_counter() - t_start, seed)
+                                seed, best_found=final, fusion=known_fusion,
+                                fusion_times=_fusion_times(scorer, known.plan))
+    return SearchResult(final.plan, final, baselines, done, scorer.evaluations, time.perf_counter() - t_start, seed,
+                        fusion=fusion, fusion_times=_fusion_times(scorer, final.plan))
+
+
+def _fusion_times(scorer: _Scorer, plan: Plan) -> dict[tuple[bool, int], float]:
+    return {f: evaluate(p, plan).time for f, p in scorer.problems.items()}
 
 
 class PlanSearchError(ValueError):

@@ -54,6 +54,11 @@ def test_sft_then_grpo_writes_metrics_checkpoints_and_hf_folders(debug_model, ad
     for key in ["reward/mean", "reward/std", "actor/kl", "actor/entropy", "response_len/mean",
                 "actor/clipfrac", "time/actor_gen", "time/ref_inf", "time/actor_train", "throughput/gen_tokens_per_s"]:
         assert steps[-1][key] is not None, key
+    # the length distribution the planner reads back (levels 0, 0.1, ..., 1: min, deciles, max)
+    from reflow.planner.config import measured_lengths
+    quantiles = measured_lengths(out / "metrics.jsonl", last=1)
+    assert len(quantiles) == 11 and list(quantiles) == sorted(quantiles)
+    assert quantiles[0] >= 1 and quantiles[-1] == steps[-1]["response_len/max"]
     assert [r["reward/errors"] for r in steps] == [0, 0, 0, 0]  # a file spec runs in the reward sandbox
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 4]
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())

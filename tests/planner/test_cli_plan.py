@@ -39,6 +39,20 @@ def test_plan_search_writes_a_plan_the_runtime_accepts(ppo_config, tmp_path, cap
     assert out.read_text() == out2.read_text()
 
 
+def test_plan_search_with_given_lengths_names_the_fusion_setting_in_its_output_and_plan(ppo_config, tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "search", str(ppo_config), "--devices", "2", "--steps", "100", "--lengths", "1,1,2,4",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mean 1.8, quantiles 1, 1, 2, 4" in text and "this plan per setting: off" in text
+    setting = text.split(f"runtime.plan={out}")[1].split()
+    assert setting[0] in ("fusion.inter_stage=true", "fusion.inter_stage=false")
+    assert out.read_text().splitlines()[-1] == "# searched with " + " ".join(setting)
+    assert Plan.load(out, 2).world_size == 2
+    assert main(["plan", "search", str(ppo_config), "--devices", "2", "--lengths", "1,x"]) == 2
+    assert "--lengths: give comma-separated numbers" in capsys.readouterr().err
+
+
 def test_plan_search_with_a_hardware_file(ppo_config, tmp_path, capsys):
     from reflow.planner.hardware import hardware
 

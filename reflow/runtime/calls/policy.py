@@ -34,6 +34,9 @@ from reflow.models.packing import attention_spec, token_logprobs, token_values
 from reflow.rewards.registry import RewardError
 from reflow.runtime.calls import CallContext, register_call
 
+# metrics response_len/<name>: the quantiles of a step's response lengths at levels 0, 0.1, ..., 0.9, 1
+LENGTH_QUANTILES = ("min", "p10", "p20", "p30", "p40", "p50", "p60", "p70", "p80", "p90", "max")
+
 
 def grpovi_bounds(cfg, reward_fn) -> tuple[float, float] | None:
     """GRPOVI's reward bounds [low, high]: algo.grpovi_low/high, else the reward function's `reward_range`;
@@ -302,6 +305,10 @@ def train_policy(cc: CallContext, batch: SampleBatch) -> dict:
         "accuracy": rollout_accuracy(batch),
         "response_len/mean": resp_len.mean().item(),
         "response_len/max": resp_len.max().item(),
+        # the length distribution's min and deciles (with max: its quantiles at levels 0, 0.1, ..., 1), which
+        # the planner models generation and inter-stage fusion from (reflow.planner.config.measured_lengths)
+        **{f"response_len/{name}": v for name, v in zip(LENGTH_QUANTILES[:-1], torch.quantile(
+            resp_len, torch.linspace(0, 0.9, 10, dtype=resp_len.dtype)).tolist())},
         "truncated": batch.samples["truncated"].float().mean().item(),
         "samples": float(len(batch)),
         "gen_tokens": resp_len.sum().item(),
