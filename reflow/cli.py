@@ -300,7 +300,7 @@ def cmd_plan_search(args) -> None:
     from reflow.config.schema import RLConfig
     from reflow.planner.config import problem_for_config
     from reflow.planner.hardware import GB
-    from reflow.planner.search import search
+    from reflow.planner.search import search, search_staleness
 
     path, overrides = _split_config_args(args)
     cfg = load_config(RLConfig, path, overrides)
@@ -321,7 +321,18 @@ def cmd_plan_search(args) -> None:
     problem = problem_for_config(cfg, devices, hw, lengths=lengths)
     if not 0 <= args.builtin_margin < 1:
         raise ConfigError(f"--builtin-margin must be in [0, 1), got {args.builtin_margin}")
-    res = search(problem, seed=args.seed, steps=args.steps, builtin_margin=args.builtin_margin)
+    staleness = ""
+    if args.staleness:
+        if min(args.staleness) < 0:
+            raise ConfigError(f"--staleness: values of rollout.max_staleness are >= 0, got {args.staleness}")
+        if max(args.staleness) > 0 and cfg.algo.dynamic_sampling:
+            raise ConfigError("--staleness above 0 with algo.dynamic_sampling: dynamic sampling waits for each "
+                              "round's rewards and cannot run ahead; search with --staleness 0")
+        res, k, per_k = search_staleness(problem, args.staleness, seed=args.seed, steps=args.steps,
+                                         builtin_margin=args.builtin_margin)
+        staleness = f" rollout.max_staleness={k}"
+    else:
+        res = search(problem, seed=args.seed, steps=args.steps, builtin_margin=args.builtin_margin)
     plan = res.plan
     plan.validate(problem.graph, problem.model_configs())
     graph = problem.graph
@@ -339,13 +350,17 @@ def cmd_plan_search(args) -> None:
     print(f"predicted: {ev.time:.3f} s/iteration; peak memory per rank (GB) {mem} "
           f"(usable {hw.usable_memory / GB:.1f})")
     print(res.report())
+    if staleness:
+        print("  staleness:" + staleness + " (the best plan per k: "
+              + ", ".join(f"{k} {t:.3g} s" for k, t in per_k.items()) + ")")
     out = args.out or "plan.yaml"
     plan.save(out)
     on, chunk = res.fusion
     fusion = f" fusion.inter_stage={str(on).lower()}" + (f" fusion.chunk={chunk}" if on else "")
-    with open(out, "a") as f:  # the plan holds placements; the fusion setting it was predicted with is config
-        f.write(f"# searched with{fusion}\n")
-    print(f"wrote {out}: reflow train {path or 'CONFIG'} runtime.workers={devices} runtime.plan={out}{fusion}")
+    with open(out, "a") as f:  # the plan holds placements; the settings it was predicted with are config
+        f.write(f"# searched with{fusion}{staleness}\n")
+    print(f"wrote {out}: reflow train {path or 'CONFIG'} runtime.workers={devices} runtime.plan={out}{fusion}"
+          f"{staleness}")
 
 
 def cmd_plan_whatif(args) -> None:
@@ -467,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lengths", metavar="L,L,...", help="response lengths: a sorted sample, or the quantiles at "
                    "evenly spaced levels from min to max (default: the metrics response_len/min..max of a run of "
                    "this config in output_dir, else every response its whole budget)")
+    s.add_argument("--staleness", type=int, nargs="+", metavar="K",
+                   help="also choose rollout.max_staleness among these k (asynchronous training: generation runs "
+                        "up to k steps ahead of training); default: the config's")
     s.add_argument("--out", metavar="PLAN_YAML", default="plan.yaml", help="where to write the plan (plan.yaml)")
     s.set_defaults(fn=cmd_plan_search)
     s = plan_sub.add_parser("whatif", help="PPO with LLaMA 7B..70B on 16..128 simulated GPUs: searched vs built-in "

@@ -405,3 +405,20 @@ def _fusion_times(scorer: _Scorer, plan: Plan) -> dict[tuple[bool, int], float]:
 
 class PlanSearchError(ValueError):
     """No plan fits: the message carries the built-in plans' memory reasons."""
+
+
+def search_staleness(problem: Problem, ks: list[int], **kw) -> tuple[SearchResult, int, dict[int, float]]:
+    """Asynchronous training's k (rollout.max_staleness) chosen with the plan: one `search` per k of `ks` (the
+    simulator issues the rollout phase of iteration i + k before the train phase of i, so a plan that puts
+    generation and training on different ranks overlaps them), the fastest plan wins, ties go to the smaller
+    k (fresher samples). Returns (its result, its k, the best predicted s/iteration per k). k > 0 turns
+    inter-stage fusion off, which the runtime refuses with it. The graph does not depend on k (its proximal
+    log-probs come from the train forward: runtime.graphs.graph_for), so only the schedule changes."""
+    best, times = None, {}
+    for k in sorted(set(ks)):
+        pr = dataclasses.replace(problem, staleness=k, inter_stage=problem.inter_stage and k == 0)
+        res = search(pr, **kw)
+        times[k] = res.time
+        if best is None or res.time < best[0].time * (1 - 1e-9):
+            best = res, k
+    return best[0], best[1], times

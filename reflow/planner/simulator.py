@@ -24,7 +24,10 @@ Rules (those of reflow.runtime.executor and the workers):
       tasks, submitted with the generate call in the controller's order; a chunk task waits for its segment
       (not the whole call) and, on a reallocated copy, the first one for the reallocation (reflow.planner.stream)
 
-    iteration time = (end of the last iteration - end of the first) / (iterations - 1)
+    iteration time = (end of the last iteration - end of the first) / (iterations - 1); asynchronously, the
+    rollouts of the first k + 1 iterations are issued before the first ends and the last k iterations are
+    train phases alone, so the rate is taken over iterations 0 .. n - 1 - k (each with one rollout and one
+    train phase), with at least k + 3 iterations simulated
 
 Sample data moving between workers: a call's inputs are the outputs of the calls producing its input keys,
 held where reflow.runtime puts them (each generate replica's first rank returns its part; any other call
@@ -317,9 +320,11 @@ def tasks(problem: Problem, plan: Plan, times: dict[str, CallCost], reallocs: di
     return out
 
 
-def _iteration_time(ts: list[Task], end: list[float], iterations: int) -> float:
+def _iteration_time(ts: list[Task], end: list[float], iterations: int, staleness: int = 0) -> float:
+    """The steady-state time per iteration (module docstring)."""
     ends = [max(end[k] for k in range(len(ts)) if ts[k].iteration == it) for it in range(iterations)]
-    return ends[0] if len(ends) == 1 else (ends[-1] - ends[0]) / (len(ends) - 1)
+    last = len(ends) - 1 - staleness
+    return ends[0] if last < 1 else (ends[last] - ends[0]) / last
 
 
 def _events(ts: list[Task], start: list[float], end: list[float], iterations: int) -> list[Event]:
@@ -331,6 +336,8 @@ def simulate(problem: Problem, plan: Plan, times: dict[str, CallCost], reallocs:
              iterations: int | None = None, barrier: bool | None = None) -> tuple[float, list[Event]]:
     """Schedule `iterations` iterations (rules in the module docstring); (iteration time, events)."""
     iterations = max(1, iterations or problem.iterations)
+    if problem.staleness:  # enough iterations for a steady state between the first k and the last k
+        iterations = max(iterations, problem.staleness + 3)
     barrier = (problem.barrier if barrier is None else barrier) and not problem.staleness
     ts = tasks(problem, plan, times, reallocs, iterations, barrier)
     if problem.hw.cores_per_node:
@@ -340,7 +347,7 @@ def simulate(problem: Problem, plan: Plan, times: dict[str, CallCost], reallocs:
     for t in ts:  # deps point backwards: every task starts when the last it waits for has ended
         start.append(max((end[d] for d in t.deps), default=0.0))
         end.append(start[-1] + t.work)
-    return _iteration_time(ts, end, iterations), _events(ts, start, end, iterations)
+    return _iteration_time(ts, end, iterations, problem.staleness), _events(ts, start, end, iterations)
 
 
 def simulate_shared(problem: Problem, ts: list[Task], iterations: int) -> tuple[float, list[Event]]:
@@ -384,7 +391,7 @@ def simulate_shared(problem: Problem, ts: list[Task], iterations: int) -> tuple[
             if left[k] <= 1e-12 * max(1.0, ts[k].work):
                 running.remove(k)
                 end[k] = now
-    return _iteration_time(ts, end, iterations), _events(ts, start, end, iterations)
+    return _iteration_time(ts, end, iterations, problem.staleness), _events(ts, start, end, iterations)
 
 
 def evaluate(problem: Problem, plan: Plan) -> Evaluation:

@@ -96,3 +96,21 @@ def test_profile_config_with_a_missing_model_is_one_line_before_measuring(ppo_co
     err = capsys.readouterr().err.strip()
     assert "actor path '/nonexistent/model-" in err and "\n" not in err
     assert not (tmp_path / "hw.yaml").exists()
+
+
+def test_plan_search_over_staleness_picks_the_fastest_k_and_names_it_in_the_command_and_plan(ppo_config, tmp_path,
+                                                                                             capsys):
+    out = tmp_path / "plan.yaml"
+    # long generations on GPUs: decoding a tiny model is latency-bound, so generation gains little from more
+    # devices and is better overlapped with training on ranks of its own
+    assert main(["plan", "search", str(ppo_config), "rollout.max_new_tokens=64", "--devices", "4", "--preset",
+                 "a100-80g", "--steps", "200", "--staleness", "0", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    per_k = [kv.split() for kv in text.split("(the best plan per k: ")[1].split(")")[0].split(", ")]
+    times = {int(k): float(t) for k, t, _unit in per_k}
+    assert times[1] < times[0]  # generation of the next step overlaps this step's training on other ranks
+    assert "staleness: rollout.max_staleness=1" in text
+    assert text.rstrip().endswith("rollout.max_staleness=1")
+    assert out.read_text().splitlines()[-1].endswith("rollout.max_staleness=1")
+    assert main(["plan", "search", str(ppo_config), "--devices", "2", "--staleness", "-1"]) == 2
+    assert "--staleness: values of rollout.max_staleness are >= 0" in capsys.readouterr().err

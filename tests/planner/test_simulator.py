@@ -134,6 +134,10 @@ def test_asynchronous_training_overlaps_generation_with_training_on_other_ranks(
     assert sync.time >= gen + train  # one after the other (and the weights' move)
     assert k1.time < 0.8 * sync.time
     assert k1.time >= max(gen, train) - 1e-9  # never faster than the slower side
+    together = Plan("together", 16, {c: placement("d16t1p1", range(16)) for c in g.order})
+    times = [evaluate(Problem(g, models, hardware("a100-80g"), Workload(batch=256), 16, staleness=k), together).time
+             for k in (0, 1, 2)]  # (3 iterations asked: the steady state needs k + 3)
+    assert times == pytest.approx([times[0]] * 3)  # one mesh runs one call at a time: nothing to overlap
 
 
 def test_fused_train_calls_cost_the_searched_schedule_between_the_bound_and_one_after_the_other():
