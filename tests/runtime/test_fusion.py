@@ -136,8 +136,8 @@ def test_replicas_hand_their_long_tail_to_the_fewest_and_every_sample_keeps_its_
     keys = [100 + i for i in range(16)]
     budgets = [1, 1, 1, 10] * 4
     params = SamplingParams(max_new_tokens=10, temperature=1.0)
-    whole = {keys[g.index]: g for g in GenerationEngine(model, [2], 0, 16).generate(prompts, params, None, budgets, keys=keys,
-                                                                                      seed=5)}
+    whole = GenerationEngine(model, [2], 0, 16).generate(prompts, params, None, budgets, keys=keys, seed=5)
+    whole = {keys[g.index]: g for g in whole}
     assert [len(whole[k].tokens) for k in keys] == budgets  # no row ends early (EOS): the long rows are the tail
 
     store = dist.HashStore()
@@ -149,8 +149,8 @@ def test_replicas_hand_their_long_tail_to_the_fewest_and_every_sample_keeps_its_
             m = Migration(Migration.store_for(store, "actor_gen", 0), r, 4, 16, 4, below=1.0, capacity=8)
             migrations.append(m)
             mine = slice(4 * r, 4 * r + 4)
-            for g in GenerationEngine(model, [2], 0, 8).stream(prompts[mine], params, None, budgets[mine], keys=keys[mine],
-                                                               seed=5, steer=m):
+            engine = GenerationEngine(model, [2], 0, 8)
+            for g in engine.stream(prompts[mine], params, None, budgets[mine], keys=keys[mine], seed=5, steer=m):
                 key = keys[mine][g.index] if g.index < 4 else m.received[g.index - 4]
                 assert key not in out
                 out[key] = g
