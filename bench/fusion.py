@@ -231,7 +231,8 @@ def main() -> None:
     p = lambda q: lens[min(len(lens) - 1, int(q * len(lens)))]  # noqa: E731
     md = ["# Inter-stage fusion (bench/fusion.py)", "",
           f"Command: `.venv/bin/python bench/fusion.py --steps {args.steps} --workers "
-          f"{' '.join(map(str, args.workers))} --reps {args.reps} --chunk {args.chunk} --prompts {args.prompts}`. "
+          f"{' '.join(map(str, args.workers))} --reps {args.reps} --chunk {args.chunk} --prompts {args.prompts}"
+          f"{f' --migrate {args.migrate:g}' if args.migrate else ''}`. "
           f"PPO on Ray CPU workers (1 thread each), {args.prompts} prompts x 4 samples per step, generation and the "
           "per-sample inference on different ranks (module docstring); median step time after one warm-up step.",
           "", f"Response lengths (256 samples of the model): p50 {p(0.5)}, p90 {p(0.9)}, max {lens[-1]} tokens "

@@ -118,16 +118,16 @@ def generate_chunks(cc: CallContext, batch: SampleBatch | None, chunk: int):
     examples, groups, ids, params, engine = _generation(cc)
     tp_first = cc.ctx is None or cc.ctx.tp_rank == 0
     migration = _migration(cc, len(examples))
+    greedy = bool(cc.call.options.get("greedy"))
 
     def steer(unfinished, take):
         rows = migration(unfinished, take)
         if rows:  # adopted rows are engine rows len(examples) + j: give them their examples, groups and ids
-            whole = _samples(cc, 1 if cc.call.options.get("greedy") else cc.cfg.rollout.n)
-            at = {k: j for j, k in enumerate(whole[1] if cc.call.options.get("greedy") else whole[2])}
+            every, every_groups, every_ids = _samples(cc, 1 if greedy else cc.cfg.rollout.n)
+            at = {k: j for j, k in enumerate(every_groups if greedy else every_ids)}  # sampling key -> sample
             for h in rows:
-                j = at[h.key]
-                examples.append(whole[0][j])
-                groups.append(whole[1][j])
+                examples.append(every[at[h.key]])
+                groups.append(every_groups[at[h.key]])
                 ids.append(h.key)
         return rows
 
@@ -156,8 +156,7 @@ def _migration(cc: CallContext, rows: int) -> Migration | None:
     below = getattr(getattr(cc.cfg, "fusion", None), "migrate_below", 0)
     if not below or cc.ctx is None or cc.ctx.layout.d == 1:
         return None
-    greedy = bool(cc.call.options.get("greedy"))
-    batch = len(cc.meta["prompts"]) * (1 if greedy else cc.cfg.rollout.n)
+    batch = len(cc.meta["prompts"]) * (1 if cc.call.options.get("greedy") else cc.cfg.rollout.n)
     store = Migration.store_for(cc.worker.store, cc.call.name, cc.step, cc.meta.get("round", 0))
     return Migration(store, cc.ctx.dp_rank, cc.ctx.layout.d, batch, rows, below, cc.cfg.rollout.batch_size)
 
