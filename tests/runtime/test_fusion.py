@@ -202,3 +202,16 @@ def test_migration_config_and_plan_errors_name_the_key(tmp_path, debug_model, ad
         check_migration(cfg, grpo, tensor)
     check_migration(cfg, grpo, Plan.from_dict({"calls": {n: {"ranks": "0-1", "layout": "d2t1p1"}
                                                          for n in grpo.order}}, 2))  # replicas: fine
+
+
+def test_a_replica_that_never_reports_ends_the_migration_with_a_message_naming_the_wait():
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    store.set_timeout(datetime.timedelta(seconds=0.2))
+    lone = Migration(Migration.store_for(store, "actor_gen", 0), 0, 2, 4, 2, below=1.0, capacity=8)
+    with pytest.raises(RuntimeError, match=r"migrate_below\): replica 0 .* waited runtime\.timeout_s for the other "
+                                           r"replicas to report"):
+        lone(1, lambda: [])  # one of 4 samples ended: the trigger, but replica 1 never arrives
