@@ -1,7 +1,7 @@
 """Inter-stage fusion (fusion.inter_stage) against the unfused step, on a workload with long-tailed lengths.
 
-    .venv/bin/python bench/fusion.py [--steps 6] [--workers 2 4] [--reps 1] [--chunk 8] [--out bench/results/fusion.md]
-                                     [--hardware hw.yaml | --preset cpu]
+    .venv/bin/python bench/fusion.py [--steps 6] [--workers 2 4] [--reps 1] [--chunk 8] [--migrate 0.25]
+                                     [--out bench/results/fusion.md] [--hardware hw.yaml | --preset cpu]
 
 Workload: PPO (actor, critic, reference, the `format` reward function) from a tiny-llama model fine-tuned
 (`reflow sft`, cached in runs/bench/fusion/) on replies of random letters whose lengths are geometric (mean 10,
@@ -19,6 +19,12 @@ from the runs' timelines, whether every logged metric (samples, rewards, losses,
 measured length distribution (p50, p90, max of the rollouts' samples). The machine is shared: timings move by
 several percent between runs of the same configuration, which the repetitions show. Writes --out and the
 timeline PNG of the last fused run beside it, and prints `BENCH_SUMMARY {json}` last.
+
+Long-tail migration (`--migrate F`, fusion.migrate_below; 0 = not measured): two more fused runs per worker
+count on a plan where generation has a replica on every rank and each consumer shares a rank with one
+(`SHARED`), with and without migration. Without it a consumer's chunks on a generating rank wait until that
+rank's replica has decoded its last sample; with it the long tail moves onto one replica once fewer than F x
+the batch are unfinished, and the other ranks run the chunks while it decodes.
 
 Predicted vs measured (as bench/planner.py): the planner's simulated step time (reflow.planner.evaluate) of
 each plan unfused and fused (fusion.chunk as measured), from the response lengths the first unfused run
@@ -49,6 +55,14 @@ PLANS = {
     4: {"actor_gen": ("0-1", "d2t1p1"), "actor_train": ("0-1", "d2t1p1"), "reward": ("2", "d1t1p1"),
         "ref_inf": ("2", "d1t1p1"), "critic_inf": ("3", "d1t1p1"), "critic_train": ("3", "d1t1p1")},
 }
+# generation on every rank, each per-sample consumer on one of them (see --migrate)
+SHARED = {
+    2: {"actor_gen": ("0-1", "d2t1p1"), "actor_train": ("0-1", "d2t1p1"), "reward": ("0", "d1t1p1"),
+        "ref_inf": ("0", "d1t1p1"), "critic_inf": ("1", "d1t1p1"), "critic_train": ("1", "d1t1p1")},
+    4: {"actor_gen": ("0-3", "d4t1p1"), "actor_train": ("0-3", "d4t1p1"), "reward": ("0", "d1t1p1"),
+        "ref_inf": ("1", "d1t1p1"), "critic_inf": ("2", "d1t1p1"), "critic_train": ("3", "d1t1p1")},
+}
+MODES = {"unfused": (PLANS, False, 0.0), "fused": (PLANS, True, 0.0)}  # mode -> (plans, fused, migrate_below)
 
 
 def letters(rng: random.Random, n: int) -> str:
@@ -98,7 +112,8 @@ def lengths(model: Path, prompts: Path, n: int) -> list[int]:
     return sorted(len(g.tokens) for g in gens)
 
 
-def config(workers: int, fused: bool, args, model: Path, prompts: Path, out: Path, plan: Path | None = None):
+def config(workers: int, fused: bool, args, model: Path, prompts: Path, out: Path, plan: Path | None = None,
+           migrate: float = 0.0):
     """The PPO config of one run (output_dir `out`; runtime.plan `plan`, else the one-rank default)."""
     from reflow.config.loader import from_dict
     from reflow.config.schema import RLConfig
@@ -111,25 +126,62 @@ def config(workers: int, fused: bool, args, model: Path, prompts: Path, out: Pat
         "reward": {"fn": "format"}, "algo": {"name": "ppo", "kl_coef": 0.01},
         "trainer": {"steps": args.steps, "progress": False, "eval_every": 0, "save_every": 0},
         "runtime": {"workers": workers, "timeline": True, "timeout_s": 300, **({"plan": str(plan)} if plan else {})},
-        "fusion": {"inter_stage": fused, "chunk": args.chunk}})
+        "fusion": {"inter_stage": fused, "chunk": args.chunk, "migrate_below": migrate}})
 
 
-def run(workers: int, fused: bool, args, model: Path, prompts: Path, work: Path) -> dict:
+def reprefill_cost(model: Path, rows: int = 4, so_far: tuple[int, ...] = (16, 48, 90)) -> list[dict]:
+    """What moving `rows` unfinished rows costs the replica that adopts them (long-tail migration re-prefills
+    prompt + tokens so far), against a decode step of as many rows, and the K/V bytes a cache copy would move
+    instead: per length of the tokens so far, the median of 5 timings, one thread."""
+    import time
+
+    import torch
+
+    from reflow.engines.generate import GenerationEngine, SamplingParams
+    from reflow.models.load import load_policy, load_tokenizer
+
+    torch.set_num_threads(1)
+    tok, policy = load_tokenizer(str(model)), load_policy(str(model)).eval()
+    cfg = policy.config
+    engine = GenerationEngine(policy, [tok.eos_token_id], tok.pad_token_id, rows)
+    out = []
+    for n in so_far:
+        prompts = [[5 + (7 * i + j) % 200 for j in range(4 + n)] for i in range(rows)]  # 4 prompt tokens + n
+
+        def timed(new: int) -> float:  # 1 new token: the prefill only; 2: one decode step more
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                engine.generate(prompts, SamplingParams(new), keys=list(range(rows)), start_positions=[n] * rows)
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+
+        prefill = timed(1)
+        step = max(timed(2) - prefill, 1e-9)
+        kv = rows * (4 + n) * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * \
+            (cfg.hidden_size // cfg.num_attention_heads) * policy.dtype.itemsize
+        out.append({"rows": rows, "tokens_so_far": n, "reprefill_ms": prefill * 1e3, "decode_step_ms": step * 1e3,
+                    "kv_bytes": kv})
+    return out
+
+
+def run(workers: int, mode: str, args, model: Path, prompts: Path, work: Path) -> dict:
     from reflow.experiments.rl import RLExperiment
     from reflow.runtime.plan import Plan
     from reflow.utils.plot import busy_by_rank, read_timeline
 
-    out = work / f"w{workers}-{'fused' if fused else 'unfused'}-{len(list(work.glob(f'w{workers}-*')))}"
+    plans, fused, migrate = MODES[mode]
+    out = work / f"w{workers}-{mode.replace(' ', '_')}-{len(list(work.glob(f'w{workers}-*')))}"
     out.mkdir(parents=True)
     plan = out / "plan.yaml"
-    Plan.from_dict({"calls": {c: {"ranks": r, "layout": lay} for c, (r, lay) in PLANS[workers].items()}},
+    Plan.from_dict({"calls": {c: {"ranks": r, "layout": lay} for c, (r, lay) in plans[workers].items()}},
                    workers).save(plan)
-    cfg = config(workers, fused, args, model, prompts, out, plan)
+    cfg = config(workers, fused, args, model, prompts, out, plan, migrate)
     with RLExperiment(cfg) as exp:
         exp.run()
         rows = exp.history
     busy = busy_by_rank(read_timeline(out / "timeline.json"))
-    return {"workers": workers, "fused": fused, "dir": str(out),
+    return {"workers": workers, "fused": fused, "mode": mode, "dir": str(out),
             "median_step_s": statistics.median(r["time/step"] for r in rows[1:]),
             "step_s": [r["time/step"] for r in rows],
             "idle": {r: round(i / (b + i), 3) for r, (b, i) in busy.items()},
@@ -163,13 +215,14 @@ def predict(workers: int, args, model: Path, prompts: Path, results: list[dict],
     from reflow.runtime.plan import Plan
 
     mine = [r for r in results if r["workers"] == workers]
-    first = next(r for r in mine if not r["fused"])
+    first = next(r for r in mine if r["mode"] == "unfused")
     problem = problem_for_config(config(workers, False, args, model, prompts, Path(first["dir"])), workers, hw)
     plan = Plan.load(Path(first["dir"]) / "plan.yaml", workers)
     out = {"workers": workers, "lengths": problem.workload.gen_lens}
     for fused in (False, True):
         out[fused] = {"predicted": evaluate(with_fusion(problem, (fused, args.chunk)), plan).time,
-                      "measured": statistics.median(r["median_step_s"] for r in mine if r["fused"] == fused)}
+                      "measured": statistics.median(r["median_step_s"] for r in mine
+                                                    if r["mode"] == ("fused" if fused else "unfused"))}
     return out
 
 
@@ -194,10 +247,17 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--sft-steps", type=int, default=80)
+    ap.add_argument("--migrate", type=float, default=0.0, help="fusion.migrate_below of the migration runs (0: none)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/fusion.md"))
     ap.add_argument("--hardware", help="hardware YAML from `reflow profile` for the predictions (default: profile now)")
     ap.add_argument("--preset", help="a hardware preset for the predictions instead (uncalibrated), e.g. cpu")
     args = ap.parse_args()
+    modes = [("unfused", "fused"), ("fused", "unfused")]  # the order of a repetition's runs, alternating
+    if args.migrate:
+        MODES["gen on all ranks"] = (SHARED, True, 0.0)
+        MODES[f"gen on all ranks, migrate {args.migrate:g}"] = (SHARED, True, args.migrate)
+        shared = [m for m in MODES if m.startswith("gen on all")]
+        modes = [(*modes[0], *shared), (*modes[1], *shared[::-1])]
     model = long_tailed_model(args.sft_steps)
     hw, hw_source = hardware_figures(args, model)
     import ray
@@ -208,15 +268,16 @@ def main() -> None:
         work = Path(tmp)
         prompts = prompts_file(work)
         lens = lengths(model, prompts, 256)
+        cost = reprefill_cost(model) if args.migrate else []
         for w in args.workers:
             for rep in range(args.reps):
-                for fused in ((False, True) if rep % 2 == 0 else (True, False)):
-                    r = run(w, fused, args, model, prompts, work)
+                for mode in modes[rep % 2]:
+                    r = run(w, mode, args, model, prompts, work)
                     results.append(r)
-                    print(f"workers {w} {'fused' if fused else 'unfused'}: {r['median_step_s']:.3f} s/step "
+                    print(f"workers {w} {mode}: {r['median_step_s']:.3f} s/step "
                           f"(steps {[round(x, 2) for x in r['step_s']]}), idle {r['idle']}", flush=True)
         predictions = [predict(w, args, model, prompts, results, hw) for w in args.workers]
-        last = [r for r in results if r["fused"]][-1]
+        last = [r for r in results if r["mode"] == "fused"][-1]
         png = Path(args.out).with_suffix(".png")
         subprocess.run([sys.executable, "-m", "reflow.cli", "timeline", str(Path(last["dir"]) / "timeline.json"),
                         "--png", str(png)], cwd=ROOT, check=True)
@@ -224,7 +285,8 @@ def main() -> None:
     p = lambda q: lens[min(len(lens) - 1, int(q * len(lens)))]  # noqa: E731
     md = ["# Inter-stage fusion (bench/fusion.py)", "",
           f"Command: `.venv/bin/python bench/fusion.py --steps {args.steps} --workers "
-          f"{' '.join(map(str, args.workers))} --reps {args.reps} --chunk {args.chunk} --prompts {args.prompts}`. "
+          f"{' '.join(map(str, args.workers))} --reps {args.reps} --chunk {args.chunk} --prompts {args.prompts}"
+          f"{f' --migrate {args.migrate:g}' if args.migrate else ''}`. "
           f"PPO on Ray CPU workers (1 thread each), {args.prompts} prompts x 4 samples per step, generation and the "
           "per-sample inference on different ranks (module docstring); median step time after one warm-up step.",
           "", f"Response lengths (256 samples of the model): p50 {p(0.5)}, p90 {p(0.9)}, max {lens[-1]} tokens "
@@ -234,30 +296,42 @@ def main() -> None:
     summary = []
     for w in args.workers:
         mine = [r for r in results if r["workers"] == w]
-        base = statistics.median(r["median_step_s"] for r in mine if not r["fused"])
-        ref = next(r for r in mine if not r["fused"])["metrics"]
+        base = statistics.median(r["median_step_s"] for r in mine if r["mode"] == "unfused")
+        ref = next(r for r in mine if r["mode"] == "unfused")["metrics"]
         for r in mine:
             diff = differing(ref, r["metrics"])
             same = not diff
             if diff:
-                print(f"workers {w} {'fused' if r['fused'] else 'unfused'}: differs: {diff[:5]}")
+                print(f"workers {w} {r['mode']}: differs: {diff[:5]}")
             ratio = r["median_step_s"] / base
             idle = ", ".join(f"{k}: {v:.0%}" for k, v in r["idle"].items())
-            md.append(f"| {w} | {'fused' if r['fused'] else 'unfused'} | {r['median_step_s']:.3f} | {ratio:.2f}x | "
+            md.append(f"| {w} | {r['mode']} | {r['median_step_s']:.3f} | {ratio:.2f}x | "
                       f"{idle} | {'yes' if same else 'NO'} |")
-            summary.append({"workers": w, "fused": r["fused"], "median_step_s": r["median_step_s"],
+            summary.append({"workers": w, "fused": r["fused"], "mode": r["mode"], "median_step_s": r["median_step_s"],
                             "ratio": ratio, "same_metrics": same, "idle": r["idle"]})
     md += ["", "Fused / unfused: the median step time of each run, rows relative to the median of the unfused runs. "
            "Pooled over the repetitions, and the spread between runs of one configuration (the noise):", ""]
     for w in args.workers:
         mine = [r for r in results if r["workers"] == w]
-        fused = [r["median_step_s"] for r in mine if r["fused"]]
-        unfused = [r["median_step_s"] for r in mine if not r["fused"]]
+        fused = [r["median_step_s"] for r in mine if r["mode"] == "fused"]
+        unfused = [r["median_step_s"] for r in mine if r["mode"] == "unfused"]
         spread = max((max(x) - min(x)) / min(x) for x in (fused, unfused))
         md.append(f"- {w} workers: fused / unfused {statistics.median(fused) / statistics.median(unfused):.2f}x "
                   f"({len(fused)} + {len(unfused)} runs); runs of one configuration differ by up to {spread:.0%}")
         summary.append({"workers": w, "pooled_ratio": statistics.median(fused) / statistics.median(unfused),
                         "spread": spread})
+        if args.migrate:  # the same plan (generation on every rank) with and without migration
+            off, on = ([r["median_step_s"] for r in mine if r["mode"] == m] for m in shared)
+            ratio = statistics.median(on) / statistics.median(off)
+            md.append(f"- {w} workers, generation on every rank: migrate {args.migrate:g} / no migration "
+                      f"{ratio:.2f}x ({len(on)} + {len(off)} runs)")
+            summary.append({"workers": w, "migrate_ratio": ratio, "migrate_below": args.migrate})
+    if cost:
+        md += ["", "Re-prefill of moved rows (what the adopting replica pays, once per call; one thread, median of 5), "
+               "against one decode step of as many rows, and the K/V a cache copy would move instead:", ""]
+        md += [f"- {c['rows']} rows, 4 prompt + {c['tokens_so_far']} tokens so far: re-prefill {c['reprefill_ms']:.1f} "
+               f"ms = {c['reprefill_ms'] / c['decode_step_ms']:.1f} decode steps ({c['decode_step_ms']:.1f} ms); "
+               f"K/V copy {c['kv_bytes'] / 1024:.0f} KiB" for c in cost]
     md += ["", f"Predicted vs measured step time (reflow.planner.evaluate; hardware {hw_source}; response lengths "
            "from the first unfused run's metrics, quantiles min, p10, ..., max: "
            f"{', '.join(f'{x:.1f}' for x in predictions[0]['lengths'] or ())}):", "",
@@ -278,7 +352,8 @@ def main() -> None:
     md += ["", f"Timeline of the last fused run: {png.name} (`reflow timeline PATH --png`)."]
     Path(args.out).write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    print("BENCH_SUMMARY " + json.dumps({"rows": summary, "lengths": {"p50": p(0.5), "p90": p(0.9), "max": lens[-1]}}))
+    print("BENCH_SUMMARY " + json.dumps({"rows": summary, "lengths": {"p50": p(0.5), "p90": p(0.9), "max": lens[-1]},
+                                         "reprefill": cost}))
 
 
 if __name__ == "__main__":

@@ -225,6 +225,8 @@ def fig_fusion(r: dict) -> str:
     lens = s.get("lengths", {})
     return ("; ".join(f"{x['workers']} workers: fused {x['pooled_ratio']:.2f}x the unfused step (runs of one "
                       f"configuration differ by up to {x['spread']:.0%})" for x in rows)
+            + "".join(f"; {x['workers']} workers, generation on every rank: migration {x['migrate_ratio']:.2f}x the "
+                      "step without" for x in s.get("rows", []) if "migrate_ratio" in x)
             + (" (METRICS DIFFER)" if differ else "")
             + (f"; lengths p50 {lens['p50']}, p90 {lens['p90']}, max {lens['max']}" if lens else "")
             + "".join(f"; {x['workers']} workers predicted fused / unfused "
@@ -384,7 +386,8 @@ def main() -> None:
                  fig_multiturn))
     jobs.append(("pipeline", ["bench/pipeline.py", *(["--micro-batches", "4", "--repeats", "1"] if q else [])],
                  ["pipeline.md"], fig_pipeline))
-    jobs.append(("fusion", ["bench/fusion.py", *(["--steps", "3", "--workers", "2", "--preset", "cpu"] if q else [])],
+    jobs.append(("fusion", ["bench/fusion.py", "--migrate", "0.25",
+                            *(["--steps", "3", "--workers", "2", "--preset", "cpu"] if q else [])],
                  ["fusion.md", "fusion.png"], fig_fusion))
     jobs.append(("packing", ["bench/packing.py", *(["--steps", "3"] if q else [])], ["packing.md"], fig_packing))
     if (ROOT / "bench" / "gpu_smoke.py").is_file():

@@ -382,14 +382,23 @@ class FusionConfig:
     the calls that work per sample (reward, ref_inf, critic_inf, actor_inf) start on each chunk while the long
     tail still generates; train calls wait for the whole batch. The numbers do not change, only the timing:
     the overlap comes from consumers on ranks that do not generate (on ranks that do, a chunk waits for the
-    generation to end; in one process, runtime.workers=0, every chunk runs after it)."""
+    generation to end; in one process, runtime.workers=0, every chunk runs after it).
+
+    migrate_below (long-tail migration, reflow/runtime/migrate.py): once fewer than migrate_below x the batch's
+    samples are unfinished, a streamed generate call's data-parallel replicas move them onto as few replicas as
+    hold them (rollout.batch_size rows each) and the others end, freeing their ranks for the consumers; 0 = off.
+    Needs inter_stage; a generate call on one replica (any call in one process) has nothing to move."""
 
     inter_stage: bool = False
     chunk: int = 8  # samples per chunk (per generation replica)
+    migrate_below: float = 0.0  # fraction of the batch; 0 = no migration
 
     def validate(self):
         if self.chunk < 1:
             raise ConfigError(f"fusion.chunk must be >= 1 samples per chunk, got {self.chunk}")
+        if not 0 <= self.migrate_below <= 1:
+            raise ConfigError(f"fusion.migrate_below is a fraction of the batch in [0, 1] (0 = off), got "
+                              f"{self.migrate_below}")
 
 
 @dataclass
@@ -436,6 +445,10 @@ class RLConfig:
         if self.fusion.inter_stage and self.rollout.max_staleness > 0:
             raise ConfigError("fusion.inter_stage streams samples within a step, and rollout.max_staleness > 0 runs "
                               "rollouts ahead of training: set one of them off (fusion.inter_stage=false)")
+        if self.fusion.migrate_below > 0 and not self.fusion.inter_stage:
+            raise ConfigError("fusion.migrate_below moves the long tail of a streamed generate call so that its other "
+                              "ranks run the consumers' chunks: set fusion.inter_stage=true too, or "
+                              "fusion.migrate_below=0")
         if self.algo.dynamic_sampling and self.algo.uses_critic:
             raise ConfigError("algo.dynamic_sampling filters groups of samples: use a group estimator "
                               "(grpo, drgrpo, rloo, ...), not gae")

@@ -61,7 +61,7 @@ from __future__ import annotations
 import inspect
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,23 @@ class Generation:
     tokens: list[int]  # response tokens, EOS included when the sample ended with it
     logprobs: list[float]  # one per response token
     finished: bool  # True if it ended with EOS, False if cut at max_new_tokens
+
+
+@dataclass
+class Handover:
+    """An unfinished row handed from one running `stream` to another (long-tail migration between data-parallel
+    replicas, see `GenerationEngine.stream`'s `steer`). The receiving engine re-prefills prompt + tokens so far
+    and decodes on; with keyed sampling and the same weights it emits the tokens the row would have got where
+    it started, up to the model's float rounding."""
+
+    generation: Generation  # its prompt and response so far (finished False); index = its index where it ran
+    key: int  # its sampling key
+    budget: int  # response tokens it may have in all, generation.tokens included
+    start: int = 0  # keyed position of generation.tokens[0] (as `start_positions`)
+
+
+# steer(unfinished rows, take) -> rows to adopt, or None; see `GenerationEngine.stream`
+Steer = Callable[[int, Callable[[], list[Handover]]], "list[Handover] | None"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -300,6 +317,24 @@ class _SlotCache(Cache):
         self.rows = n
         return list(zip(movers, holes))
 
+    def grow(self, max_rows: int, max_len: int) -> None:
+        """At least `max_rows` slots and windows of `max_len` columns (for rows adopted mid-call): larger buffers,
+        the live window copied to their first columns."""
+        if max_rows <= self.max_rows and max_len <= self.max_len:
+            return
+        self.max_rows, self.max_len = max(self.max_rows, max_rows), max(self.max_len, max_len)
+        self.cap = self.max_len + max(8, self.max_len // 4)
+        if not self.layers[0].is_initialized:
+            return
+        width = self.end - self.start
+        for layer in self.layers:
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                new = old.new_zeros(self.max_rows, old.shape[1], self.cap, old.shape[3])
+                new[:self.rows, :, :width] = old[:self.rows, :, self.start:self.end]
+                setattr(layer, name, new)
+        self.start, self.end = 0, width
+
     def trim(self, longest: int) -> None:
         """Drop leading columns that no live row uses (a free move of `start`)."""
         self.start = self.end - longest
@@ -396,8 +431,16 @@ class GenerationEngine:
                max_new_tokens: Sequence[int] | None = None, *,
                keys: Sequence[int] | None = None, seed: int = 0,
                kv_store: KVStore | None = None,
-               start_positions: Sequence[int] | None = None) -> Iterator[Generation]:
-        """Yield each generation as soon as it finishes (finish order, not prompt order). Arguments as `generate`."""
+               start_positions: Sequence[int] | None = None, steer: Steer | None = None) -> Iterator[Generation]:
+        """Yield each generation as soon as it finishes (finish order, not prompt order). Arguments as `generate`.
+
+        steer (needs keys): moves unfinished rows into or out of the running call (long-tail migration). Before
+        each decode step the engine calls steer(unfinished rows, take): `take()` removes every unfinished row
+        (live or waiting) from the call and returns them as `Handover`s (the call then ends once the steer
+        returns, yielding nothing for them); the steer returns rows to adopt (`Handover`s from another call,
+        re-prefilled with their tokens so far when a slot is free) or None. An adopted row is yielded with index
+        len(prompts) + j (j: its order of adoption), its own prompt, and its tokens so far followed by the new.
+        """
         if any(len(p) == 0 for p in prompts):
             raise ValueError("cannot generate from an empty prompt")
         if kv_store is not None and keys is None:
@@ -418,13 +461,15 @@ class GenerationEngine:
                 raise ValueError(f"max_new_tokens has {len(budgets)} entries for {len(prompts)} prompts")
         if any(m < 0 for m in budgets):
             raise ValueError("max_new_tokens must be >= 0")
+        if steer is not None and keys is None:
+            raise ValueError("a steer hands rows between calls, which only keyed sampling continues alike: pass keys")
         starts = [0] * len(prompts) if start_positions is None else [int(p) for p in start_positions]
         if len(starts) != len(prompts):
             raise ValueError(f"start_positions has {len(starts)} entries for {len(prompts)} prompts")
         was_training = self.model.training
         self.model.eval()
         try:
-            yield from self._run(prompts, budgets, params, generator, keys, seed, kv_store, starts)
+            yield from self._run(prompts, budgets, params, generator, keys, seed, kv_store, starts, steer)
         finally:
             self.model.train(was_training)
 
@@ -559,8 +604,12 @@ class GenerationEngine:
 
     def _run(self, prompts, budgets: list[int], params: SamplingParams, generator,
              keys: list[int] | None = None, seed: int = 0, store: KVStore | None = None,
-             starts: list[int] | None = None) -> Iterator[Generation]:
+             starts: list[int] | None = None, steer: Steer | None = None) -> Iterator[Generation]:
         device = next(self.model.parameters()).device
+        # adopted rows (steer) are appended: row i >= the caller's prompts is adopted[i]'s continuation
+        prompts, budgets, keys = list(prompts), list(budgets), None if keys is None else list(keys)
+        starts = [0] * len(prompts) if starts is None else list(starts)
+        adopted: dict[int, Generation] = {}
         eos = self.eos.to(device)
         for i, m in enumerate(budgets):  # nothing to decode: done before anything runs
             if m == 0:
@@ -579,7 +628,49 @@ class GenerationEngine:
         logits = None  # slot -> next-token logits [rows, V]
         tokens: dict[int, list[int]] = {}
         logps: dict[int, list[float]] = {}
+
+        def so_far(i: int) -> Generation:
+            """Row i's generation up to now (an adopted row's tokens from before its adoption first)."""
+            g = adopted.get(i)
+            t, lp = tokens.get(i, []), logps.get(i, [])
+            if g is None:
+                return Generation(i, list(prompts[i]), list(t), list(lp), False)
+            return Generation(i, g.prompt_ids, g.tokens + t, g.logprobs + lp, False)
+
+        def take() -> list[Handover]:
+            nonlocal slot, lens, logits
+            rows = []
+            for i in [*slot, *queue]:
+                g = so_far(i)
+                head = len(adopted[i].tokens) if i in adopted else 0  # tokens of the row that prompts[i] holds
+                rows.append(Handover(g, keys[i], budgets[i] + head, starts[i] - head))
+                tokens.pop(i, None)
+                logps.pop(i, None)
+            slot, logits, lens = [], None, lens[:0]
+            queue.clear()
+            cache.rows = 0
+            return rows
+
         while queue or slot:
+            if steer is not None:
+                rows = steer(len(slot) + len(queue), take)
+                for h in rows or ():
+                    g, i = h.generation, len(prompts)
+                    if h.budget <= len(g.tokens):
+                        raise ValueError(f"row {g.index} handed over with no budget left ({h.budget} tokens)")
+                    adopted[i] = g
+                    prompts.append(list(g.prompt_ids) + list(g.tokens))
+                    budgets.append(h.budget - len(g.tokens))
+                    keys.append(_i64(int(h.key)))
+                    starts.append(h.start + len(g.tokens))
+                    queue.append(i)
+                    if shared is not None:
+                        shared.waiting[tuple(prompts[i])] += 1
+                if rows:
+                    cache.grow(min(self.batch_size, len(slot) + len(queue)),
+                               max(len(prompts[i]) + budgets[i] for i in queue))
+                if not (queue or slot):
+                    break
             free = cache.max_rows - len(slot)
             if queue and free and (not slot or (self.refill and free >= min(self.refill_min, len(queue)))):
                 taken = [queue.popleft() for _ in range(min(free, len(queue)))]
@@ -613,7 +704,9 @@ class GenerationEngine:
                 i = slot[s]
                 if store is not None:  # its K/V: the prompt and the response but the last (sampled) token
                     store.entries[keys[i]] = (tuple(prompts[i]) + tuple(tokens[i][:-1]), cache.row_kv(s, int(lens[s])))
-                yield Generation(i, list(prompts[i]), tokens.pop(i), logps.pop(i), bool(ended[s]))
+                g = so_far(i)
+                tokens.pop(i), logps.pop(i)
+                yield Generation(i, g.prompt_ids, g.tokens, g.logprobs, bool(ended[s]))
             if done:
                 moves = cache.retire(done)
                 keep = list(range(cache.rows))

@@ -23,6 +23,7 @@ from reflow.runtime.executor import Executor, WorkerFailed
 from reflow.runtime.graph import Graph
 from reflow.runtime.calls import get_call
 from reflow.runtime.fusion import check_fuse
+from reflow.runtime.migrate import check_migration
 from reflow.runtime.plan import Plan, PlanError, check_plan_workers, colocate, placements, resolve_plan
 from reflow.runtime.roles import check_lora, config_key, role_config
 from reflow.utils import checkpoint as ckpt_lib
@@ -51,6 +52,7 @@ def experiment_plan(cfg, graph: Graph, model_configs: dict | None = None) -> Pla
         plan = check_plan_workers(resolve_plan(rt.plan, graph, rt.workers), rt.workers)
     plan.validate(graph, model_configs)
     check_fuse(cfg, graph, plan)
+    check_migration(cfg, graph, plan)
     check_lora(cfg, graph, placements(plan, graph))  # (placements also places the eval calls)
     return plan
 

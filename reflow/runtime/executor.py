@@ -166,12 +166,14 @@ class Executor:
                    for r in ranks]
         outputs[name] = []
         # a consumer's chunk holds at least as many samples as it has data-parallel replicas (each gets one or
-        # more): chunks wait in `held` until then, and until the samples still to come (`left`, per rank, known
-        # once each rank has said how many it returns) can make the consumer's last chunk as big
+        # more): chunks wait in `held` until then, and until the samples still to come (known once each rank has
+        # said how many it returns: their sum less those handed on, whichever rank hands them on, as long-tail
+        # migration moves samples between ranks) can make the consumer's last chunk as big
         need = {n: self.placements[n].layout.d for n in users}
         held: dict[str, list] = {n: [] for n in users}  # (data handle, samples) not yet submitted
         done = {n: 0 for n in users}  # chunks submitted per consumer
-        left: list = [None] * len(streams)
+        totals: list = [None] * len(streams)
+        emitted = 0
 
         def submit_held(n: str) -> None:
             refs = [ref for ref, _ in held[n]]
@@ -184,17 +186,16 @@ class Executor:
         for i, kind, value in self.transport.stream(streams, [(name, r) for r in ranks], pending,
                                                     self.cfg.runtime.timeout_s):
             if kind == "total":
-                left[i] = value
+                totals[i] = value
             elif kind == "end":
                 pending.append((value, (name, ranks[i])))
-                left[i] = 0
             else:
                 marker, data = value
-                left[i] -= marker["samples"]
+                emitted += marker["samples"]
                 outputs[name].append(data)
                 for n in users:
                     held[n].append((data, marker["samples"]))
-            coming = None if None in left else sum(left)
+            coming = None if None in totals else sum(totals) - emitted
             for n in users:
                 if sum(c for _, c in held[n]) >= need[n] and coming is not None and (coming == 0 or coming >= need[n]):
                     submit_held(n)
@@ -270,13 +271,15 @@ class Executor:
     def write_timeline(self, path: Path) -> None:
         """Chrome-trace JSON: one row per worker, one slice per call (and per reallocation); a call streamed in
         chunks (fusion.inter_stage) has one slice per chunk, with args.chunk = its index (a generate call's
-        slice k ends when it hands on chunk k)."""
+        slice k ends when it hands on chunk k); a replica's part in long-tail migration is a slice
+        `<call>:migrate` with args.sent / args.received = the sample ids it handed over / adopted."""
         if not self.timeline:
             return
         t0 = min(e["start"] for e in self.timeline)
         events = [{"name": e["name"], "cat": f"step {e['step']}", "ph": "X", "pid": 0, "tid": e["rank"],
                    "ts": (e["start"] - t0) * 1e6, "dur": (e["end"] - e["start"]) * 1e6,
-                   **({"args": {"chunk": e["chunk"]}} if "chunk" in e else {})} for e in self.timeline]
+                   **({"args": {**e.get("args", {}), **({"chunk": e["chunk"]} if "chunk" in e else {})}}
+                      if "chunk" in e or "args" in e else {})} for e in self.timeline]
         events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": f"worker {r}"}}
                    for r in range(self.transport.size)]
         Path(path).write_text(json.dumps({"traceEvents": events}))

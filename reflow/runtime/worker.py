@@ -225,6 +225,14 @@ class Worker:
         return open_reward(reward, budget_s=budget) if reward is not None and reward.fn else None
 
     @cached_property
+    def store(self):
+        """A client of the world's rendezvous store, for what the ranks of a running call tell each other without a
+        collective (long-tail migration: reflow/runtime/migrate.py); made on first use."""
+        from reflow.runtime.migrate import rendezvous_store
+
+        return rendezvous_store(self.cfg.runtime.timeout_s)
+
+    @cached_property
     def process_reward(self):
         """The process reward model or function of reward.prm, loaded by the first call that needs it."""
         from reflow.models.load import load_reward_model
@@ -516,10 +524,14 @@ class Worker:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    def _record(self, step: int, name: str, t0: float, t1: float | None = None, chunk: int | None = None) -> None:
-        """One slice of the timeline; `chunk`: the part of a streamed call it is (fusion.inter_stage)."""
+    def _record(self, step: int, name: str, t0: float, t1: float | None = None, chunk: int | None = None,
+                args: dict | None = None) -> None:
+        """One slice of the timeline; `chunk`: the part of a streamed call it is (fusion.inter_stage); `args`:
+        what else the slice shows (the trace's args)."""
         event = {"step": step, "name": name, "rank": self.rank, "start": t0, "end": t1 or time.time()}
         if chunk is not None:
             event["chunk"] = chunk
+        if args:
+            event["args"] = args
         self.timeline.append(event)
 

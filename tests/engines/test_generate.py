@@ -586,3 +586,41 @@ def test_rows_continued_from_a_kv_store_equal_prefilling_their_whole_prompt(mode
     assert_same_samples(cont, whole)
     with pytest.raises(ValueError, match="pass keys too"):
         eng.generate(nxt, params, kv_store=store)
+
+
+# ---------------------------------------------------------------- long-tail migration: rows handed between calls
+from reflow.engines.generate import Handover  # noqa: E402
+
+
+def test_rows_taken_mid_call_and_adopted_by_another_call_get_the_tokens_of_one_uninterrupted_call(model):
+    """A source call hands its unfinished rows (live and still waiting) over at its 4th decode step; a target
+    call, with shorter prompts and fewer rows (its cache grows), adopts them at its 2nd: every row's tokens
+    are those of one call, none lost or doubled."""
+    whole = keyed(model, MANY_PROMPTS, KEYS, eos=MANY_EOS)
+    src_p, src_k, dst_p, dst_k = MANY_PROMPTS[4:], KEYS[4:], MANY_PROMPTS[:4], KEYS[:4]
+    handed: list[Handover] = []
+    polls = {"src": 0, "dst": 0}
+
+    def leave(unfinished, take):
+        polls["src"] += 1
+        if polls["src"] == 4:
+            handed.extend(take())
+
+    def adopt(unfinished, take):
+        polls["dst"] += 1
+        return handed if polls["dst"] == 2 else None
+
+    src = list(GenerationEngine(model, MANY_EOS, PAD, batch_size=4).stream(src_p, KEYED, keys=src_k, seed=17,
+                                                                            steer=leave))
+    assert polls["src"] == 4 and src and handed  # some rows ended before, some were handed over
+    assert sorted([g.index for g in src] + [h.generation.index for h in handed]) == list(range(len(src_p)))
+    assert any(h.generation.tokens for h in handed) and all(h.budget == KEYED.max_new_tokens for h in handed)
+    dst = list(GenerationEngine(model, MANY_EOS, PAD, batch_size=8).stream(dst_p, KEYED, keys=dst_k, seed=17,
+                                                                            steer=adopt))
+    assert len(dst) == len(dst_p) + len(handed)
+    back = {4 + g.index: g for g in src}  # every row under its index in MANY_PROMPTS
+    for g in dst:
+        at = g.index if g.index < len(dst_p) else 4 + handed[g.index - len(dst_p)].generation.index
+        back[at] = g
+    assert sorted(back) == list(range(len(MANY_PROMPTS)))
+    assert_same_samples(whole, [back[i] for i in range(len(MANY_PROMPTS))])

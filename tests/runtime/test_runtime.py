@@ -24,10 +24,15 @@ PLANS = {
     # pipeline + data parallel training, four generation replicas, a pipelined reference
     "pipeline": {"actor_gen": ("0-3", "d4t1p1"), "reward": ("2-3", "d2t1p1"), "ref_inf": ("0-1", "d1t1p2"),
                  "actor_train": ("0-3", "d2t1p2")},
+    # four generation replicas whose long tail moves onto one (fusion.migrate_below), the others going on to
+    # reward (rank 0) and reference (rank 1) chunks
+    "migrate": {"actor_gen": ("0-3", "d4t1p1"), "reward": ("0", "d1t1p1"), "ref_inf": ("1", "d1t1p1"),
+                "actor_train": ("0-3", "d4t1p1")},
 }
 
 
-def config(tmp_path, model, data, algo="grpo", workers=1, plan="colocate", reward="varied", fusion=None, **runtime):
+def config(tmp_path, model, data, algo="grpo", workers=1, plan="colocate", reward="varied", fusion=None, migrate=0.0,
+           **runtime):
     if isinstance(plan, dict):
         from reflow.runtime.plan import Plan
 
@@ -45,7 +50,7 @@ def config(tmp_path, model, data, algo="grpo", workers=1, plan="colocate", rewar
         "reward": {"fn": f"{REWARDS}:{reward}"}, "algo": {"name": algo, "kl_coef": 0.01},
         "trainer": {"steps": 2, "progress": False},
         "runtime": {"workers": workers, "plan": plan, "timeout_s": 30, **runtime},
-        "fusion": {"inter_stage": fusion is not None, "chunk": fusion or 8}})
+        "fusion": {"inter_stage": fusion is not None, "chunk": fusion or 8, "migrate_below": migrate}})
 
 
 def run(cfg, resume=None) -> list[dict]:
@@ -64,26 +69,48 @@ def assert_same(a: list[dict], b: list[dict]):
     assert a[-1]["actor/kl"] > 1e-6 and a[0]["actor/grad_norm"] > 0.1  # the steps really trained
 
 
-def test_grpo_gives_the_same_numbers_under_any_plan_fused_or_not(ray_session, tmp_path, debug_model, addition_data):
+def test_grpo_gives_the_same_numbers_under_any_plan_fused_or_not(ray_session, tmp_path, ending_model, addition_data):
     """The in-process unfused run against: in process fused, and fused on 4 workers (disjoint: reward and ref on
     ranks that do not generate, so chunks overlap generation; pipeline: 4 generation replicas streaming to a
-    pipelined reference on ranks that also generate)."""
-    one = run(config(tmp_path / "one", debug_model, addition_data, workers=0))
-    assert_same(one, run(config(tmp_path / "one-fused", debug_model, addition_data, workers=0, fusion=3)))
+    pipelined reference on ranks that also generate; migrate: 4 replicas moving their long tail onto one). The
+    model's responses end at different steps, so chunks come in finish order."""
+    one = run(config(tmp_path / "one", ending_model, addition_data, workers=0))
+    assert 0 < one[0]["truncated"] < 1  # some responses end early, others run to the budget
+    # in one process the generate call has one replica: migration has nothing to move
+    assert_same(one, run(config(tmp_path / "one-fused", ending_model, addition_data, workers=0, fusion=3, migrate=0.9)))
     for name, plan in PLANS.items():
-        cfg = config(tmp_path / name, debug_model, addition_data, workers=4, plan=plan, timeline=True, fusion=3)
+        cfg = config(tmp_path / name, ending_model, addition_data, workers=4, plan=plan, timeline=True, fusion=3,
+                     migrate=0.9 if name == "migrate" else 0.0)
         assert_same(one, run(cfg))
         trace = json.loads((Path(cfg.output_dir) / "timeline.json").read_text())["traceEvents"]
         chunks: dict = {}  # (call, rank, step) -> its chunks' indices
         for e in trace:
-            if e["ph"] == "X" and "args" in e:
+            if e["ph"] == "X" and "chunk" in e.get("args", {}):
                 chunks.setdefault((e["name"], e["tid"], e["cat"]), []).append(e["args"]["chunk"])
         if name == "disjoint":  # 8 samples from one tensor-parallel replica in chunks of 3: 3 + 3 + 2
             assert {(n, r) for n, r, _ in chunks} == {("actor_gen", 2), ("reward", 0), ("ref_inf", 1)}
             assert all(sorted(k) == [0, 1, 2] for k in chunks.values())
-    names = {e["name"] for e in trace if e["ph"] == "X"}
+        migrated = [e for e in trace if e["name"] == "actor_gen:migrate"]
+        if name == "migrate":
+            # a step's unfinished samples, once one has ended (0.9 x 8 samples), go to one replica (256 rows each);
+            # which replicas take part depends on their pace, so: every sample handed over is adopted once, none
+            # lost, and over the two steps some were
+            sent = []
+            for s in (0, 1):
+                moved = [e["args"] for e in migrated if e["cat"] == f"step {s}"]
+                out = sorted(i for a in moved for i in a["sent"])
+                received = [a["received"] for a in moved if a["received"]]
+                assert len(received) <= 1 and sorted(i for r in received for i in r) == out, moved
+                assert len(set(out)) == len(out) and all(s * 8 <= i < s * 8 + 8 for i in out)  # the step's ids
+                sent += out
+            assert sent
+        else:
+            assert not migrated
+        if name == "pipeline":
+            pipeline = trace
+    names = {e["name"] for e in pipeline if e["ph"] == "X"}
     assert {"actor_gen", "actor_gen:reallocate", "ref_inf", "actor_train"} <= names
-    assert {e["tid"] for e in trace if e["name"] == "actor_gen"} == {0, 1, 2, 3}
+    assert {e["tid"] for e in pipeline if e["name"] == "actor_gen"} == {0, 1, 2, 3}
 
 
 # actor and critic train pipelined (d1t1p2) on both workers as one fused call (the critic's stages reversed:

@@ -104,6 +104,10 @@ class CallContext:
             return self.stepper(batch, loss_fn, norm, group_key, extra)
         return self.role.engine.step(batch, loss_fn, norm, group_key, extra=extra)
 
+    def record(self, what: str, start: float, end: float, **args) -> None:
+        """A slice `<call>:<what>` of this rank's timeline (runtime.timeline), showing `args`."""
+        self.worker._record(self.step, f"{self.call.name}:{what}", start, end, args=args)
+
     @property
     def cfg(self):
         return self.worker.cfg

@@ -29,6 +29,7 @@ from reflow.engines.multiturn import Limits, episodes_to_batch, run_episodes, st
 from reflow.engines.rollout import batch_from_generations, continue_generations, generations_from_batch
 from reflow.envs import load_env
 from reflow.runtime.calls import CallContext, register_call, register_stream
+from reflow.runtime.migrate import Migration
 
 ROLLOUT_FIELDS = ("input_ids", "action_mask", "gen_logprobs", "versions", "group_id", "prompt_len", "response_len",
                   "truncated", "policy_version", "prompt", "response", "answer")
@@ -110,23 +111,54 @@ def generate(cc: CallContext, batch: SampleBatch | None) -> SampleBatch | None:
 def generate_chunks(cc: CallContext, batch: SampleBatch | None, chunk: int):
     """`generate`, streamed -> (the number of samples this rank returns, an iterator of its parts): parts of
     `chunk` samples in the order they finish (the last may be smaller), each in sample-id order. Keyed sampling
-    makes every sample the same as under `generate`."""
+    makes every sample the same as under `generate`. With fusion.migrate_below the replicas move their long tail
+    onto fewer replicas (reflow/runtime/migrate.py): a replica then returns fewer or more samples than it said
+    (the batch's total is the same), and the timeline gets a slice `<call>:migrate` on each replica that took
+    part, with the sample ids it sent and received."""
     examples, groups, ids, params, engine = _generation(cc)
     tp_first = cc.ctx is None or cc.ctx.tp_rank == 0
+    migration = _migration(cc, len(examples))
+    greedy = bool(cc.call.options.get("greedy"))
+
+    def steer(unfinished, take):
+        rows = migration(unfinished, take)
+        if rows:  # adopted rows are engine rows len(examples) + j: give them their examples, groups and ids
+            every, every_groups, every_ids = _samples(cc, 1 if greedy else cc.cfg.rollout.n)
+            at = {k: j for j, k in enumerate(every_groups if greedy else every_ids)}  # sampling key -> sample
+            for h in rows:
+                examples.append(every[at[h.key]])
+                groups.append(every_groups[at[h.key]])
+                ids.append(h.key)
+        return rows
 
     def parts():
         done = []
         stream = engine.stream([e.prompt_ids for e in examples], params, None, keys=ids,
-                               seed=sample_seed(cc.cfg.seed, cc.step)) if examples else iter(())
+                               seed=sample_seed(cc.cfg.seed, cc.step),
+                               steer=None if migration is None else steer) if examples else iter(())
         for g in stream:
             done.append(g)
             if len(done) == chunk:
                 yield _part(cc, done, examples, groups, ids)
                 done = []
+        if migration is not None:
+            migration.finish()
+            if migration.joined:
+                cc.record("migrate", *migration.joined, sent=migration.sent, received=migration.received)
         if done:
             yield _part(cc, done, examples, groups, ids)
 
     return (len(examples) if tp_first else 0), parts()
+
+
+def _migration(cc: CallContext, rows: int) -> Migration | None:
+    """This replica's part in long-tail migration (fusion.migrate_below), or None: off, or a single replica."""
+    below = getattr(getattr(cc.cfg, "fusion", None), "migrate_below", 0)
+    if not below or cc.ctx is None or cc.ctx.layout.d == 1:
+        return None
+    batch = len(cc.meta["prompts"]) * (1 if cc.call.options.get("greedy") else cc.cfg.rollout.n)
+    store = Migration.store_for(cc.worker.store, cc.call.name, cc.step, cc.meta.get("round", 0))
+    return Migration(store, cc.ctx.dp_rank, cc.ctx.layout.d, batch, rows, below, cc.cfg.rollout.batch_size)
 
 
 def segment_budget(max_new_tokens: int, j: int, n: int) -> int:
