@@ -187,7 +187,7 @@ def cmd_eval(args) -> None:
     if env_cls is not None:
         result, samples = _eval_episodes(args, model, tok, examples, env_cls, reward_fn)
     else:
-        r = evaluate(model, tok, examples, max_new_tokens=args.max_new_tokens, reward_fn=reward_fn)
+        r = evaluate(model, tok, examples, max_new_tokens=args.max_new_tokens, reward_fn=reward_fn, show=args.show)
         result = {"model": args.model, "data": args.data, "n": r.n, "accuracy": r.accuracy, "reward": r.reward,
                   "response_len": r.response_len}
         samples = r.samples
@@ -239,7 +239,7 @@ def _eval_episodes(args, model, tok, examples, env_cls, reward_fn):
               "accuracy": sum(x >= 1.0 for x in returns) / n, "reward": sum(returns) / n,
               "turns": sum(ep.turns for ep in eps) / n, "response_len": sum(ep.generated for ep in eps) / n}
     samples = [(e.prompt_text, tok.decode(ep.tokens, skip_special_tokens=True), e.answer)
-               for e, ep in zip(examples[:3], eps)]
+               for e, ep in zip(examples[:args.show], eps)]
     return result, samples
 
 
@@ -545,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-len", type=int, default=1024)
     s.add_argument("--limit", type=int, default=None)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--show", type=int, default=3, help="print the first N prompts and responses (not with --json)")
     s.add_argument("--env", default=None, help="play greedy multi-turn episodes against this environment (as "
                    "rollout.env: calculator, python, file.py:Class); the other flags below are rollout's limits")
     s.add_argument("--max-turns", type=int, default=None, help="rollout.max_turns (default 4)")
