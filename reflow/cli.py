@@ -225,7 +225,7 @@ def _eval_env(args, tok):
 
 def _eval_episodes(args, model, tok, examples, env_cls, reward_fn):
     """Greedy episodes against --env: reward = mean return (step rewards + --reward on the transcript); accuracy
-    = share of episodes whose return reaches the reward's maximum (1 for the built-in envs' ANSWER)."""
+    = share of episodes whose return is at least 1 (a right ANSWER of the built-in envs)."""
     from reflow.engines.generate import GenerationEngine
     from reflow.engines.multiturn import Limits, greedy_episodes
 

@@ -53,9 +53,10 @@ def eval_episodes(cc: CallContext, batch) -> dict | None:
     prompts = cc.data.eval_prompts
     a, b = replica_share(len(prompts), cc.ctx)
     engine = GenerationEngine(cc.model, turn_end_ids(tok, r.turn_end), tok.pad_token_id, cc.call.options.get("batch_size", 256))
+    tp_first = cc.ctx is None or cc.ctx.tp_rank == 0  # the other tensor-parallel ranks decode along, score nothing
     eps, returns = greedy_episodes(engine, prompts[a:b], range(a, b), env_class(r.env), r.env, episode_limits(r), tok,
-                                   reward_fn=cc.worker.reward_fn, threads=r.env_threads)
-    if cc.ctx is not None and cc.ctx.tp_rank != 0:
+                                   reward_fn=cc.worker.reward_fn if tp_first else None, threads=r.env_threads)
+    if not tp_first:
         return None
     return {"eval/reward": [sum(returns), len(eps)], "eval/turns": [sum(ep.turns for ep in eps), len(eps)],
             "eval/response_len": [sum(ep.generated for ep in eps), len(eps)]}
