@@ -180,18 +180,67 @@ def cmd_eval(args) -> None:
 
     tok = load_tokenizer(args.model)
     reward_fn = load_reward_fn(args.reward) if args.reward else None
+    env_cls = _eval_env(args, tok)
     examples, _ = load_prompts(args.data, tok, max_prompt_len=args.max_prompt_len)
     examples = examples[: args.limit] if args.limit else examples
     model = load_policy(args.model)
-    r = evaluate(model, tok, examples, max_new_tokens=args.max_new_tokens, reward_fn=reward_fn)
-    result = {"model": args.model, "data": args.data, "n": r.n, "accuracy": r.accuracy, "reward": r.reward,
-              "response_len": r.response_len}
+    if env_cls is not None:
+        result, samples = _eval_episodes(args, model, tok, examples, env_cls, reward_fn)
+    else:
+        r = evaluate(model, tok, examples, max_new_tokens=args.max_new_tokens, reward_fn=reward_fn, show=args.show)
+        result = {"model": args.model, "data": args.data, "n": r.n, "accuracy": r.accuracy, "reward": r.reward,
+                  "response_len": r.response_len}
+        samples = r.samples
     print(json.dumps(result) if args.json else
-          f"{args.model} on {args.data} (n={r.n}): accuracy {r.accuracy}  reward {r.reward}  "
-          f"mean response length {r.response_len:.1f}")
-    for p, resp, a in r.samples:
+          f"{args.model} on {args.data} (n={result['n']}): accuracy {result['accuracy']}  reward {result['reward']}  "
+          + (f"mean turns {result['turns']:.2f}  " if "turns" in result else "")
+          + f"mean response length {result['response_len']:.1f}")
+    for p, resp, a in samples:
         if not args.json:
             print(f"  {p!r} -> {resp!r}" + (f"   (answer {a!r})" if a is not None else ""))
+
+
+def _unescape(text: str) -> str:
+    """A shell argument with backslash escapes read as Python's (`\\n` -> a newline)."""
+    return text.encode("raw_unicode_escape").decode("unicode_escape")
+
+
+def _eval_env(args, tok):
+    """--env's class (its turn flags checked) or None; every error before the model loads."""
+    if args.env is None:
+        for flag in ("max_turns", "max_turn_tokens", "turn_end"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag.replace('_', '-')} is a limit of multi-turn episodes: add --env NAME "
+                                  "(e.g. --env calculator) or drop it")
+        return None
+    from reflow.envs import load_env
+    from reflow.runtime.calls.rollout import turn_end_ids
+
+    if args.max_turn_tokens is not None and not 1 <= args.max_turn_tokens <= args.max_new_tokens:
+        raise ConfigError(f"--max-turn-tokens must be in [1, --max-new-tokens={args.max_new_tokens}] (the episode's "
+                          f"budget), got {args.max_turn_tokens}")
+    args.turn_end_ids = turn_end_ids(tok, args.turn_end)
+    return load_env(args.env)
+
+
+def _eval_episodes(args, model, tok, examples, env_cls, reward_fn):
+    """Greedy episodes against --env: reward = mean return (step rewards + --reward on the transcript); accuracy
+    = share of episodes whose return is at least 1 (a right ANSWER of the built-in envs)."""
+    from reflow.engines.generate import GenerationEngine
+    from reflow.engines.multiturn import Limits, greedy_episodes
+
+    limits = Limits(max_turns=args.max_turns or 4, max_turn_tokens=args.max_turn_tokens or args.max_new_tokens,
+                    max_new_tokens=args.max_new_tokens, max_obs_tokens=args.max_obs_tokens)
+    engine = GenerationEngine(model, args.turn_end_ids, tok.pad_token_id)
+    eps, returns = greedy_episodes(engine, examples, range(len(examples)), env_cls, args.env, limits, tok,
+                                   reward_fn=reward_fn)
+    n = max(1, len(eps))
+    result = {"model": args.model, "data": args.data, "env": args.env, "n": len(eps),
+              "accuracy": sum(x >= 1.0 for x in returns) / n, "reward": sum(returns) / n,
+              "turns": sum(ep.turns for ep in eps) / n, "response_len": sum(ep.generated for ep in eps) / n}
+    samples = [(e.prompt_text, tok.decode(ep.tokens, skip_special_tokens=True), e.answer)
+               for e, ep in zip(examples[:args.show], eps)]
+    return result, samples
 
 
 def cmd_generate(args) -> None:
@@ -527,10 +576,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--reward", default=None, help="reward function (built-in name or module:function); accuracy "
                    "is then its success (correct_at, else its reward_range maximum)")
-    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--max-new-tokens", type=int, default=32, help="response budget (with --env: of the episode's "
+                   "model tokens)")
     s.add_argument("--max-prompt-len", type=int, default=1024)
     s.add_argument("--limit", type=int, default=None)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--show", type=int, default=3, help="print the first N prompts and responses (not with --json)")
+    s.add_argument("--env", default=None, help="play greedy multi-turn episodes against this environment (as "
+                   "rollout.env: calculator, python, file.py:Class); the other flags below are rollout's limits")
+    s.add_argument("--max-turns", type=int, default=None, help="rollout.max_turns (default 4)")
+    s.add_argument("--max-turn-tokens", type=int, default=None, help="rollout.max_turn_tokens (default: the budget)")
+    s.add_argument("--max-obs-tokens", type=int, default=256, help="rollout.max_obs_tokens")
+    s.add_argument("--turn-end", type=_unescape, default=None,
+                   help="rollout.turn_end, one token; backslash escapes are read: --turn-end '\\n'")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("timeline", help="summarise a run's timeline.json (runtime.timeline=true): busy and idle "

@@ -14,7 +14,9 @@ on a held-out test split that shares no question with the train split.
 A chat task (``Task.messages`` set) writes ``messages`` instead of ``prompt``: the
 question as the last user turn, rendered by the model's own chat template when
 loaded (``chat_addition``: ``{"messages": [... {"role": "user", "content": "What
-is 4 + 7?"}], "answer": "11"}``).
+is 4 + 7?"}], "answer": "11"}``). ``chat_multiplication`` and ``chat_calculator`` ask the
+same products (a 3-digit by a 2-digit number) directly and with the calculator tool of
+``rollout.env=calculator``.
 
 Everything is deterministic given ``seed``. The test split depends only on
 ``seed``, ``n_test`` and the options, so growing ``n_train`` keeps the same
@@ -150,6 +152,62 @@ def _chat_addition_messages(question: str) -> list[dict]:
     return [*_CHAT_EXAMPLE, {"role": "user", "content": question}]
 
 
+# Multiplication of an a_digits-digit by a b_digits-digit number, asked in one of four phrasings, for a model that
+# cannot multiply in its head: `chat_multiplication` asks for the product directly (one worked example with the
+# bare number), `chat_calculator` asks the same questions with the calculator of reflow.envs.calculator described
+# in a system prompt and shown once (one worked example of the tool syntax). The two draw the same questions
+# for the same seed and options, so their held-out splits are the same questions asked two ways.
+_PRODUCT_PHRASINGS = ("What is {a} * {b}?", "Compute {a} times {b}.", "Multiply {a} by {b}.",
+                      "What is the product of {a} and {b}?")
+_PRODUCT_EXAMPLE_OPERANDS = (512, 34)
+_PRODUCT_EXAMPLE = _PRODUCT_PHRASINGS[0].format(a=512, b=34)
+CALCULATOR_SYSTEM = ("You have a calculator. To use it, write CALC followed by an arithmetic expression on its own "
+                     "line; the next line then shows = and its value. When you know the answer, write ANSWER "
+                     "followed by the number.")
+CALCULATOR_EXAMPLE = [{"role": "user", "content": _PRODUCT_EXAMPLE},
+                      {"role": "assistant", "content": "CALC 512*34\n=17408\nANSWER 17408"}]
+
+
+def _check_operand_digits(opts: dict) -> None:
+    for key in ("a_digits", "b_digits"):
+        if not isinstance(opts[key], int) or isinstance(opts[key], bool) or opts[key] < 1:
+            raise ValueError(f"option {key} must be a positive integer, got {opts[key]!r}")
+
+
+def _digits_range(k: int) -> tuple[int, int]:
+    return (0 if k == 1 else 10 ** (k - 1)), 10**k - 1
+
+
+def _sample_chat_product(rng: random.Random, opts: dict) -> tuple[str, str]:
+    while True:
+        a, b = rng.randint(*_digits_range(opts["a_digits"])), rng.randint(*_digits_range(opts["b_digits"]))
+        question = rng.choice(_PRODUCT_PHRASINGS).format(a=a, b=b)
+        if (a, b) != _PRODUCT_EXAMPLE_OPERANDS:  # the worked example is never asked, in any phrasing
+            return question, str(a * b)
+
+
+def _product_space(opts: dict) -> int:
+    (a0, a1), (b0, b1) = _digits_range(opts["a_digits"]), _digits_range(opts["b_digits"])
+    example_drawable = (opts["a_digits"], opts["b_digits"]) == (3, 2)  # 512 and 34
+    return ((a1 - a0 + 1) * (b1 - b0 + 1) - example_drawable) * len(_PRODUCT_PHRASINGS)
+
+
+def _chat_multiplication_messages(question: str) -> list[dict]:
+    return [{"role": "user", "content": _PRODUCT_EXAMPLE}, {"role": "assistant", "content": "17408"},
+            {"role": "user", "content": question}]
+
+
+def _chat_calculator_messages(question: str) -> list[dict]:
+    return [{"role": "system", "content": CALCULATOR_SYSTEM}, *CALCULATOR_EXAMPLE, {"role": "user", "content": question}]
+
+
+def _chat_product_task(name: str, description: str, messages: Callable[[str], list[dict]]) -> Task:
+    """A task of the chat products: the same questions (sampler, options), asked through `messages`."""
+    return Task(name=name, description=description, defaults={"a_digits": 3, "b_digits": 2},
+                sample=_sample_chat_product, corrupt=_corrupt_number, space_size=_product_space,
+                check_options=_check_operand_digits, messages=messages)
+
+
 # --------------------------------------------------------------------------- registry
 
 TASKS: dict[str, Task] = {
@@ -190,6 +248,12 @@ TASKS: dict[str, Task] = {
         check_options=_check_digits,
         messages=_chat_addition_messages,
     ),
+    "chat_multiplication": _chat_product_task(
+        "chat_multiplication", "'What is a * b?' (four phrasings) as a chat, answered directly (one worked example "
+        "first)", _chat_multiplication_messages),
+    "chat_calculator": _chat_product_task(
+        "chat_calculator", "chat_multiplication's questions with the calculator tool (rollout.env=calculator) "
+        "described in a system prompt and shown once", _chat_calculator_messages),
 }
 
 

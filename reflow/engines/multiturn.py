@@ -38,6 +38,7 @@ import torch
 from reflow.data.batch import SampleBatch
 from reflow.envs.base import EnvError, check_step_result, describe_episode
 from reflow.engines.generate import GenerationEngine, KVStore, SamplingParams
+from reflow.rewards.registry import compute_rewards
 
 
 @dataclass
@@ -184,6 +185,28 @@ def run_episodes(engine: GenerationEngine, eps: list[Episode], params: SamplingP
                 run_round(engine, live, params, limits, tokenizer, seed_of(turn), spec, pool, times, store)
                 turn += 1
     return times
+
+
+def example_row(e) -> dict:
+    """The dataset row an env's reset sees (e: a PromptExample): prompt, answer and the row's other columns."""
+    return {**e.meta, "prompt": e.prompt_text, "answer": e.answer}
+
+
+def greedy_episodes(engine: GenerationEngine, examples: Sequence, keys: Sequence[int], env_cls: type, spec: str,
+                    limits: Limits, tokenizer, *, reward_fn: Callable | None = None,
+                    threads: int = 16) -> tuple[list[Episode], list[float]]:
+    """Greedy episodes of `examples` (PromptExample) against `env_cls` (evaluation): the finished episodes and
+    each one's return, sum of its step rewards + reward_fn on the transcript after the prompt when given."""
+    eps = start_episodes([env_cls() for _ in examples], [example_row(e) for e in examples],
+                         [e.prompt_ids for e in examples], keys, tokenizer, spec)
+    run_episodes(engine, eps, SamplingParams(limits.max_new_tokens, greedy=True), limits, tokenizer, lambda k: 0,
+                 spec, threads=threads)
+    returns = [sum(ep.rewards.values()) for ep in eps]
+    if reward_fn is not None and eps:
+        transcripts = [tokenizer.decode(ep.tokens, skip_special_tokens=True) for ep in eps]
+        final = compute_rewards(reward_fn, [e.prompt_text for e in examples], transcripts, [e.answer for e in examples])
+        returns = [x + y for x, y in zip(returns, final)]
+    return eps, returns
 
 
 def episodes_to_batch(eps: list[Episode], prompts: list[str], answers: list, group_ids: list[int], first_id: int,

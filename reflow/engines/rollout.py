@@ -120,9 +120,9 @@ class EvalResult:
 
 
 def evaluate(model, tokenizer, examples: list[PromptExample], *, max_new_tokens: int,
-             reward_fn: Callable | None = None, batch_size: int = 256) -> EvalResult:
+             reward_fn: Callable | None = None, batch_size: int = 256, show: int = 3) -> EvalResult:
     """Greedy-decode every eval prompt; mean reward and accuracy (see correct_count: the reward function's
-    success when there is one, else exact match where answers exist)."""
+    success when there is one, else exact match where answers exist); the first `show` samples kept."""
     engine = GenerationEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_size)
     gens = engine.generate([e.prompt_ids for e in examples], SamplingParams(max_new_tokens=max_new_tokens, greedy=True))
     responses = [decode_response(tokenizer, g.tokens) for g in gens]
@@ -137,5 +137,5 @@ def evaluate(model, tokenizer, examples: list[PromptExample], *, max_new_tokens:
         reward=reward,
         response_len=sum(len(g.tokens) for g in gens) / max(1, len(gens)),
         n=len(examples),
-        samples=[(e.prompt_text, r, e.answer) for e, r in zip(examples[:3], responses[:3])],
+        samples=[(e.prompt_text, r, e.answer) for e, r in zip(examples[:show], responses[:show])],
     )

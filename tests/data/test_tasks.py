@@ -81,7 +81,7 @@ def test_corrupt_handles_palindromes():
 
 
 def test_unknown_task_and_option(tmp_path):
-    with pytest.raises(ValueError, match="unknown task 'division'.*addition, multiplication, reverse"):
+    with pytest.raises(ValueError, match="unknown task 'division'; available tasks: addition, .*, multiplication, reverse"):
         write_task("division", tmp_path, n_train=1, n_test=1)
     with pytest.raises(ValueError, match="unknown option 'digits'.*min_digits, max_digits"):
         write_task("addition", tmp_path, n_train=1, n_test=1, digits=3)
@@ -107,3 +107,44 @@ def test_chat_addition_writes_messages_that_end_in_the_question_and_render_throu
     q = test[0]["messages"][-1]["content"]
     assert examples[0].prompt_text.endswith(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
     assert len(load_sft(files["sft"], tok, max_len=256)[0]) == 70
+
+
+def test_chat_calculator_asks_chat_multiplications_products_and_its_worked_example_and_answers_score_in_the_calculator_env(
+        tmp_path):
+    import re
+
+    from reflow.data.datasets import load_prompts
+    from reflow.data.tasks import CALCULATOR_EXAMPLE, CALCULATOR_SYSTEM
+    from reflow.envs.calculator import CalculatorEnv
+    from reflow.models.tokenizer import build_byte_tokenizer
+
+    calc = write_task("chat_calculator", tmp_path / "calc", n_train=60, n_test=20, seed=0)
+    direct = write_task("chat_multiplication", tmp_path / "direct", n_train=60, n_test=20, seed=0)
+    question = re.compile(r"(?:What is (\d+) \* (\d+)\?|Compute (\d+) times (\d+)\.|Multiply (\d+) by (\d+)\."
+                          r"|What is the product of (\d+) and (\d+)\?)")
+    for split in ("train", "test"):
+        calc_rows, direct_rows = read(calc[split]), read(direct[split])
+        assert [(r["messages"][-1], r["answer"]) for r in calc_rows] == \
+               [(r["messages"][-1], r["answer"]) for r in direct_rows]  # the same questions, asked two ways
+        for row, plain in zip(calc_rows, direct_rows):
+            assert row["messages"][:3] == [{"role": "system", "content": CALCULATOR_SYSTEM}, *CALCULATOR_EXAMPLE]
+            assert [m["role"] for m in plain["messages"]] == ["user", "assistant", "user"]
+            a, b = (int(x) for x in question.fullmatch(row["messages"][-1]["content"]).groups() if x is not None)
+            assert 100 <= a <= 999 and 10 <= b <= 99 and row["answer"] == str(a * b) and (a, b) != (512, 34)
+            env = CalculatorEnv()
+            env.reset(row)
+            assert env.step(f"CALC {a}*{b}\n") == (f"={a * b}\n", 0.0, False)
+            assert env.step(f"ANSWER {a * b}") == ("", 1.0, True)
+            env.reset(row)
+            assert env.step(f"ANSWER {a * b + 1}") == ("", 0.0, True)
+    assert not {r["messages"][-1]["content"] for r in read(calc["train"])} & \
+           {r["messages"][-1]["content"] for r in read(calc["test"])}
+    # the worked example's transcript is what the env answers, line by line
+    call, shown, final = CALCULATOR_EXAMPLE[1]["content"].split("\n")
+    env = CalculatorEnv()
+    env.reset({"prompt": CALCULATOR_EXAMPLE[0]["content"], "answer": "17408"})
+    assert env.step(call + "\n") == (shown + "\n", 0.0, False) and env.step(final) == ("", 1.0, True)
+    example = load_prompts(calc["test"], build_byte_tokenizer(), max_prompt_len=1024)[0][0]
+    assert example.prompt_text.startswith(f"<|im_start|>system\n{CALCULATOR_SYSTEM}<|im_end|>\n")
+    assert example.prompt_text.endswith(f"{read(calc['test'])[0]['messages'][-1]['content']}<|im_end|>\n"
+                                        "<|im_start|>assistant\n")

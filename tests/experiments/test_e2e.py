@@ -211,3 +211,27 @@ def test_a_reward_model_with_an_empty_held_out_share_trains_and_skips_its_evalua
                  "max_steps=1", "batch_size=4", "progress=false", "eval_fraction=0.001"]) == 0
     assert (out / "final" / "config.json").is_file()
     assert not [r for r in read_metrics(out / "metrics.jsonl") if "eval/accuracy" in r]
+
+
+def test_reflow_eval_with_env_plays_greedy_episodes_and_scores_their_returns(debug_model, addition_data, tmp_path,
+                                                                              capsys):
+    """An env that ends every episode on turn 2 with reward 1 for an even answer, 0.5 for an odd one: turns are
+    exactly 2, reward the mean return, accuracy the share of returns at 1; --show N prints N transcripts, with the
+    observation."""
+    f = tmp_path / "two_turns.py"
+    f.write_text("class TwoTurns:\n    def reset(self, row):\n        self.answer, self.turn = int(row['answer']), 0\n"
+                 "    def step(self, message):\n        self.turn += 1\n"
+                 "        if self.turn < 2:\n            return '<obs>', 0.0, False\n"
+                 "        return '', 1.0 if self.answer % 2 == 0 else 0.5, True\n")
+    args = ["eval", "--model", str(debug_model), "--data", f"{addition_data}/test.jsonl", "--limit", "8",
+            "--env", f"{f}:TwoTurns", "--max-new-tokens", "8", "--max-turn-tokens", "2", "--max-turns", "3"]
+    assert main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    even = [int(json.loads(line)["answer"]) % 2 == 0 for line in (addition_data / "test.jsonl").read_text().splitlines()[:8]]
+    assert 0 < sum(even) < 8 and result["n"] == 8 and result["turns"] == 2.0
+    assert result["accuracy"] == sum(even) / 8 and result["reward"] == pytest.approx((sum(even) + 0.5 * (8 - sum(even))) / 8)
+    assert main(args + ["--show", "5"]) == 0
+    assert capsys.readouterr().out.count("<obs>") == 5  # the first 5 transcripts, each with its observation
+    assert main(["eval", "--model", str(debug_model), "--data", f"{addition_data}/test.jsonl", "--max-turns", "2"]) == 2
+    assert capsys.readouterr().err.startswith("reflow eval: error: --max-turns is a limit of multi-turn episodes: "
+                                              "add --env NAME")

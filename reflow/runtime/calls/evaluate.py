@@ -19,8 +19,8 @@ from reflow.engines.rollout import correct_count, decode_response
 from reflow.models.packing import attention_spec
 from reflow.rewards.registry import compute_rewards
 from reflow.runtime.calls import CallContext, register_call
-from reflow.engines.multiturn import run_episodes, start_episodes
-from reflow.runtime.calls.rollout import env_class, episode_limits, example_row, replica_share, turn_end_ids
+from reflow.engines.multiturn import greedy_episodes
+from reflow.runtime.calls.rollout import env_class, episode_limits, replica_share, turn_end_ids
 from reflow.runtime.calls.supervised import dpo_inputs, preference_batch
 
 
@@ -52,19 +52,12 @@ def eval_episodes(cc: CallContext, batch) -> dict | None:
     r, tok = cc.cfg.rollout, cc.tokenizer
     prompts = cc.data.eval_prompts
     a, b = replica_share(len(prompts), cc.ctx)
-    mine = prompts[a:b]
-    eps = start_episodes([env_class(r.env)() for _ in mine], [example_row(e) for e in mine],
-                         [e.prompt_ids for e in mine], range(a, b), tok, r.env)
     engine = GenerationEngine(cc.model, turn_end_ids(tok, r.turn_end), tok.pad_token_id, cc.call.options.get("batch_size", 256))
-    run_episodes(engine, eps, SamplingParams(r.max_new_tokens, greedy=True), episode_limits(r), tok, lambda k: 0,
-                 r.env, threads=r.env_threads)
-    if cc.ctx is not None and cc.ctx.tp_rank != 0:
+    tp_first = cc.ctx is None or cc.ctx.tp_rank == 0  # the other tensor-parallel ranks decode along, score nothing
+    eps, returns = greedy_episodes(engine, prompts[a:b], range(a, b), env_class(r.env), r.env, episode_limits(r), tok,
+                                   reward_fn=cc.worker.reward_fn if tp_first else None, threads=r.env_threads)
+    if not tp_first:
         return None
-    returns = [sum(ep.rewards.values()) for ep in eps]
-    if cc.worker.reward_fn is not None and eps:
-        transcripts = [tok.decode(ep.tokens, skip_special_tokens=True) for ep in eps]
-        final = compute_rewards(cc.worker.reward_fn, [e.prompt_text for e in mine], transcripts, [e.answer for e in mine])
-        returns = [x + y for x, y in zip(returns, final)]
     return {"eval/reward": [sum(returns), len(eps)], "eval/turns": [sum(ep.turns for ep in eps), len(eps)],
             "eval/response_len": [sum(ep.generated for ep in eps), len(eps)]}
 

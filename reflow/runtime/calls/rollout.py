@@ -25,7 +25,7 @@ import torch
 
 from reflow.data.batch import SampleBatch
 from reflow.engines.generate import Generation, GenerationEngine, SamplingParams, sample_seed
-from reflow.engines.multiturn import Limits, episodes_to_batch, run_episodes, start_episodes
+from reflow.engines.multiturn import Limits, episodes_to_batch, example_row, run_episodes, start_episodes
 from reflow.engines.rollout import batch_from_generations, continue_generations, generations_from_batch
 from reflow.envs import load_env
 from reflow.runtime.calls import CallContext, register_call, register_stream
@@ -206,11 +206,6 @@ def env_class(spec: str) -> type:
     if spec not in _ENV_CLASSES:
         _ENV_CLASSES[spec] = load_env(spec)
     return _ENV_CLASSES[spec]
-
-
-def example_row(e) -> dict:
-    """The dataset row an env's reset sees: prompt, answer and the row's other columns."""
-    return {**e.meta, "prompt": e.prompt_text, "answer": e.answer}
 
 
 def episode_limits(r) -> Limits:
