@@ -203,7 +203,9 @@ def hardware_figures(args, model: Path):
         cfg = config(max(args.workers), False, args, model, prompts_file(Path(tmp)), Path(tmp) / "run")
         fit, _ = profile(max(args.workers), "tiny-llama", config=cfg)
     print(fit.report(), flush=True)
-    return fit.hardware, f"`reflow profile --config` on this workload, {max(args.workers)} workers"
+    saved = CACHE / "hardware.yaml"  # kept, so the predictions can be re-derived: --hardware runs/bench/fusion/...
+    fit.hardware.save(saved)
+    return fit.hardware, f"`reflow profile --config` on this workload, {max(args.workers)} workers (saved: {saved})"
 
 
 def predict(workers: int, args, model: Path, prompts: Path, results: list[dict], hw) -> dict:
