@@ -19,6 +19,7 @@ the cost model reproduce what was measured on these devices.
                         shares the cores again when it schedules them
     realloc_overhead    = measured reallocation - planner.realloc's prediction with the fitted link
     data_hop            = Ray chain time per call across workers - the same chain on one worker
+    dispatch            = Ray chain time per call (a chunk task of a streamed call pays it, not call_overhead)
     call_overhead       = the value that makes the simulator's time for that runtime step equal the measured
                         one (bisection); without Ray: Ray chain time / hops
     with --config:
@@ -159,7 +160,7 @@ def fit_hardware(meas: dict, shape, name: str = "profiled", scales: dict[str, fl
                   inter_bw=bw, inter_lat=lat, devices_per_node=max(n, 1), matmul_efficiency=1.0,
                   memory_efficiency=1.0, reserved=meas.get("reserved", 0.0), layer_overhead=layer_oh,
                   step_overhead=step_oh, optimizer_overhead=opt, call_overhead=meas.get("call", 0.0),
-                  data_hop=meas.get("data_hop", 0.0),
+                  dispatch=meas.get("call", 0.0), data_hop=meas.get("data_hop", 0.0),
                   cores_per_node=cores, **{f"{k}_scale": v for k, v in (scales or {}).items()})
     if meas.get("realloc"):
         from reflow.planner.cost import _owner_gather, placement

@@ -18,6 +18,9 @@ A `Hardware` describes one kind of device and how devices are wired:
     optimizer_overhead fixed time per optimizer step (launching the Adam update per parameter tensor)
     call_overhead      fixed time per call of the graph (dispatching the task to the worker, moving and
                        merging its input batches, building the engine)
+    dispatch           fixed time per further task of one call: a streamed consumer's chunk after its first
+                       (handing one more task to a worker; the call's set-up is paid once, in call_overhead);
+                       0 = call_overhead (no measurement)
     realloc_overhead   fixed time per reallocation (building the destination model, planning the moves)
     data_hop           fixed time for a call to fetch inputs that another worker produced (Ray's object
                        transfer: locate, pull, deserialise); a call whose inputs are all on its own rank
@@ -83,6 +86,7 @@ class Hardware:
     step_overhead: float = 0.0
     optimizer_overhead: float = 0.0
     call_overhead: float = 0.0
+    dispatch: float = 0.0
     realloc_overhead: float = 0.0
     data_hop: float = 0.0
     fsdp_overhead: float = 0.0

@@ -206,15 +206,22 @@ def _stream_costs(problem: Problem, plan: Plan, gen: str, users: list[str], time
     on_owner: call -> whether it runs on the FSDP-sharded owner copy (call_costs)."""
     g, wl = problem.graph, problem.workload
 
+    started: set[str] = set()
+
     def cost(name: str, lengths: list[int]) -> float:
-        """A chunk task: the call on its samples (of their mean length) and fetching them."""
+        """A chunk task: the call on its samples (of their mean length) and fetching them. The call's fixed
+        cost (hw.call_overhead: set-up, batch packing) is paid by its first chunk; a later one pays the
+        hand-over of one more task (hw.dispatch) instead. (build_stream asks in submission order.)"""
         pl, mean = plan.calls[name], sum(lengths) / len(lengths)
-        key = ("chunk", name, pl, len(lengths), mean, on_owner[name], wl)
+        first = name not in started
+        started.add(name)
+        key = ("chunk", name, pl, len(lengths), mean, on_owner[name], wl, first)
         if key not in problem._cache:
-            call = g.call(name)
+            call, hw = g.call(name), problem.hw
             part = dataclasses.replace(wl, batch=len(lengths), gen_lens=(mean,))
-            problem._cache[key] = call_cost(call.kind, problem.models.get(call.weights), pl, problem.hw, part, None,
-                                            on_owner[name]).time + data_cost(problem, plan, name, part)
+            fixed = 0.0 if first else hw.call_overhead - (hw.dispatch or hw.call_overhead)
+            problem._cache[key] = call_cost(call.kind, problem.models.get(call.weights), pl, hw, part, None,
+                                            on_owner[name]).time - fixed + data_cost(problem, plan, name, part)
         return problem._cache[key]
 
     stream = build_stream(times[gen], plan.calls[gen].layout.d, problem.chunk,

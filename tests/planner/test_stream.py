@@ -142,3 +142,18 @@ def test_workload_from_a_config_takes_the_lengths_measured_in_its_runs_metrics(p
     assert given.workload.gen_lens == (1.0, 2.0, 3.0)
     ppo_cfg.output_dir = str(pathlib.Path(out) / "elsewhere")
     assert problem_for_config(ppo_cfg, hw="cpu").workload.gen_lens is None  # no run yet: the budget
+
+
+def test_a_consumers_first_chunk_pays_the_calls_fixed_cost_and_each_later_chunk_only_the_dispatch():
+    hw = hardware("a100-80g")
+    problem = lambda c, d: Problem(ppo(), MODELS, hw.with_(call_overhead=c, dispatch=d),  # noqa: E731
+                                   Workload(batch=256, prompt_len=128, gen_len=256, gen_lens=TAIL), 16,
+                                   inter_stage=True, chunk=8)
+    full = evaluate(problem(0.05, 0.05), split_plan())
+    cheap = evaluate(problem(0.05, 0.001), split_plan())
+    for name in ("reward", "ref_inf", "critic_inf"):
+        chunks = int(full.call_times[name].parts["chunks"])
+        assert chunks > 1
+        assert full.call_times[name].time - cheap.call_times[name].time == pytest.approx((chunks - 1) * 0.049)
+    unset = evaluate(problem(0.05, 0.0), split_plan())  # no dispatch measured: every chunk pays call_overhead
+    assert unset.call_times["ref_inf"].time == pytest.approx(full.call_times["ref_inf"].time)
