@@ -57,13 +57,19 @@ PPO epoch); reflow trains in micro-batches of `--micro-batch-tokens`. Added: the
 (bench/mfu.py's `peak_matmul`, before and after the runs), the FLOPs of a step by stage for what each side
 computes (`step_flops`: reflow prefills a prompt once per group and shares it in training; TRL prefills every
 row, decodes every row until the batch's last one ends and trains padded rows), and each side's step time
-against its FLOPs / peak. No held-out evaluation or final export (time). Writes bench/results/e2e_vs_trl_real.md.
+against its FLOPs / peak. Then the roofline: the memory bandwidth (bench/mfu.py's `peak_bandwidth`, a 512 MiB
+read, before and after the runs) and per stage max(FLOPs / peak, bytes / bandwidth), decode step by step
+(`decode_roofline`: each step reads the weights once plus the K/V of its live rows; reflow's live rows from its
+responses' lengths, read off its generation engine; TRL decodes every row until the last one ends), and each
+side's step time against that bound (`step_rooflines`). No held-out evaluation or final export (time). Writes
+bench/results/e2e_vs_trl_real.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -80,7 +86,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
 from machine import cpu_name, load_avg  # noqa: E402
-from mfu import peak_matmul  # noqa: E402
+from mfu import peak_bandwidth, peak_matmul  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
@@ -193,10 +199,23 @@ class ReflowSide:
         self.logger = MetricsLogger(self.out)
         self.setup_s = time.perf_counter() - t0
         self.records: list[dict] = []
+        # each generated response's length (tokens incl. EOS), read off the engine's stream: the metrics give
+        # only their sum and quantiles, the decode roofline needs how many rows are live at every decode step
+        from reflow.engines.generate import GenerationEngine
+
+        self._stream, self._lens = GenerationEngine.stream, []
+
+        def recorded(engine, *a, **kw):
+            for gen in self._stream(engine, *a, **kw):
+                self._lens.append(len(gen.tokens))
+                yield gen
+
+        GenerationEngine.stream = recorded
 
     def step(self) -> None:
         if len(self.records) >= self.steps:
             return
+        self._lens.clear()
         t0 = time.perf_counter()
         m = self.exp.run_step()
         self.logger.log(self.exp.step, m)
@@ -205,7 +224,7 @@ class ReflowSide:
         rec = {"gen_completions": int(m["samples"]), "gen_tokens": int(m["gen_tokens"]),
                "train_completions": int(m["samples"]), "train_tokens": int(m["gen_tokens"])}
         self.records.append({**rec, "wall": t1 - t0, "reward": m["reward/mean"], "lr": m.get("actor/lr"),
-                             "response_len_max": m.get("response_len/max"),
+                             "response_len_max": m.get("response_len/max"), "gen_lens": list(self._lens),
                              **{k: v for k, v in m.items() if k.startswith("time/")}})
         if self.task.real:  # minutes per step: show progress
             print(f"reflow step {len(self.records)}: {t1 - t0:.1f} s, {rec['gen_tokens']} tokens", flush=True)
@@ -214,6 +233,9 @@ class ReflowSide:
         while len(self.records) < self.steps:
             self.step()
         self.logger.close()
+        from reflow.engines.generate import GenerationEngine
+
+        GenerationEngine.stream = self._stream
         if not self.task.real:  # the real model's final weights are not scored here (time), so not written
             self.exp.export_final()
         self.exp.shutdown()
@@ -365,14 +387,15 @@ def run_trl(task: Task, steps: int, seed: int, between_steps=None) -> dict:
 
 
 def model_dims(folder: Path) -> dict:
-    """L layers, d hidden, A = heads x head_dim (attention width), V vocabulary, N = the body's matmul parameters
+    """L layers, d hidden, A = heads x head_dim (attention width), Akv = KV heads x head_dim, V vocabulary,
+    N = the body's matmul parameters
     per token (q, k, v, o and the gated MLP of every layer; embedding and LM head apart), from config.json."""
     c = json.loads((folder / "config.json").read_text())
     d, L, V, inter = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["intermediate_size"]
     hd = c.get("head_dim") or d // c["num_attention_heads"]
     A, Akv = c["num_attention_heads"] * hd, c.get("num_key_value_heads", c["num_attention_heads"]) * hd
     N = L * (2 * d * A + 2 * d * Akv + 3 * d * inter)
-    return {"L": L, "d": d, "A": A, "V": V, "N": N}
+    return {"L": L, "d": d, "A": A, "Akv": Akv, "V": V, "N": N}
 
 
 def fwd_flops(m: dict, tokens: float, head_tokens: float, attn_pairs: float) -> float:
@@ -419,6 +442,39 @@ def step_flops(m: dict, mode: str, *, prompts: int, P: int, lens: list[float], p
         dec = rows * fwd_flops(m, S - 1, S - 1, (S - 1) * W + causal_pairs(S - 1))
         tr = 3 * rows * fwd_flops(m, W + S, S + 1, causal_pairs(W + S))
     return {"prefill": pre, "decode": dec, "train": tr, "total": pre + dec + tr}
+
+
+def live_rows(lens: list[int]) -> list[int]:
+    """live(t) for the decode steps t = 1 .. max(lens) - 1: how many completions are longer than t tokens (a
+    completion of c tokens takes part in decode steps 1 .. c - 1; its first token comes from the prefill)."""
+    return [sum(c > t for c in lens) for t in range(1, max(lens, default=1))]
+
+
+def roofline(flops: float, nbytes: float, peak: float, bandwidth: float) -> float:
+    """Seconds of a stage at the machine's limits: max(FLOPs / peak FLOP/s, bytes moved / bandwidth)."""
+    return max(flops / peak, nbytes / bandwidth)
+
+
+def decode_roofline(m: dict, live: list[int], contexts: list[int], weight_bytes: float, kv_token_bytes: float,
+                    peak: float, bandwidth: float) -> dict:
+    """The decode stage's roofline bound, step by step: sum over steps t of roofline(F_t, B_t) with
+    live[t] rows decoding one token each at context contexts[t] (keys attended, the new token's included),
+
+        F_t = fwd_flops(m, live_t, live_t, live_t x ctx_t)              (body, LM head, attention)
+        B_t = weight_bytes + live_t x ctx_t x kv_token_bytes            (the weights once, each row's K/V)
+
+    Returns bound (s), flops and bytes (summed over steps), flops_s = flops / peak, bytes_s = bytes / bandwidth,
+    steps and memory_bound (steps where B_t / bandwidth > F_t / peak)."""
+    out = {"bound": 0.0, "flops": 0.0, "bytes": 0.0, "steps": len(live), "memory_bound": 0}
+    for n, ctx in zip(live, contexts, strict=True):
+        f = fwd_flops(m, n, n, n * ctx)
+        b = weight_bytes + n * ctx * kv_token_bytes
+        out["bound"] += roofline(f, b, peak, bandwidth)
+        out["flops"] += f
+        out["bytes"] += b
+        out["memory_bound"] += b / bandwidth > f / peak
+    out["flops_s"], out["bytes_s"] = out["flops"] / peak, out["bytes"] / bandwidth
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -483,14 +539,108 @@ def prompt_lengths(task: Task) -> list[int]:
     return [len(e.prompt_ids) for e in examples]
 
 
-def real_report(args, task: Task, results: dict, S: dict, peak_start: float, load_start: str, load_end: str) -> None:
+def step_rooflines(m: dict, task: Task, P: int, steady: dict, peak: float, bandwidth: float) -> dict:
+    """Per side, per stage, the mean over steady-state steps of flops_s (FLOPs / peak), bytes_s (bytes /
+    bandwidth) and bound (the roofline: prefill and training max(flops_s, bytes_s) of the stage; decode step by
+    step, `decode_roofline`); plus decode's memory-bound steps. fp32: weights 4 (N + V d) bytes (body and the
+    LM head, which is the tied embedding; norms are < 0.1%), K/V 2 L Akv 4 bytes per token per row.
+
+      prefill : one forward (reflow: all rows are admitted at once, rollout.batch_size >= rows; TRL: one
+                generate call): its FLOPs, the weights read once
+      decode  : reflow: live(t) = completions longer than t (`live_rows` of the step's response lengths), context
+                P + t; TRL: every row for all its decode steps, context prompt_width + t
+      train   : its FLOPs; bytes = weights x (4 x micro-batches + 7): per micro-batch the weights read in the
+                forward and the backward and the gradients read and written, then AdamW's read of p, g, m, v and
+                write of p, m, v (activations not counted). reflow's micro-batches: ceil(tokens / micro_batch_tokens)
+                of the prefix-shared rows; TRL's: its gradient-accumulation steps."""
+    wb = 4 * (m["N"] + m["V"] * m["d"])
+    kvb = 2 * m["L"] * m["Akv"] * 4
+    out = {}
+    for side, recs in steady.items():
+        per_step = []
+        for x in recs:
+            lens = x["gen_lens"]
+            if side == "reflow":
+                f = step_flops(m, "shared", prompts=task.prompts, P=P, lens=lens)
+                live = live_rows(lens)
+                ctx = [P + t for t in range(1, len(live) + 1)]
+                micro = math.ceil((task.prompts * P + sum(lens)) / task.micro_batch_tokens)
+            else:
+                W, S = x["gen_prompt_width"], x["gen_decode_steps"]
+                f = step_flops(m, "padded", prompts=task.prompts, P=P, lens=lens, prompt_width=W, decode_steps=S)
+                live, ctx = [len(lens)] * (S - 1), [W + t for t in range(1, S)]
+                micro = task.trl_accum
+            dec = decode_roofline(m, live, ctx, wb, kvb, peak, bandwidth)
+            stages = {"prefill": (f["prefill"] / peak, wb / bandwidth),
+                      "decode": (dec["flops_s"], dec["bytes_s"]),
+                      "train": (f["train"] / peak, wb * (4 * micro + 7) / bandwidth)}
+            row = {k: {"flops_s": a, "bytes_s": b, "bound": max(a, b)} for k, (a, b) in stages.items()}
+            row["decode"]["bound"] = dec["bound"]
+            row["decode"].update(steps=dec["steps"], memory_bound=dec["memory_bound"])
+            row["total"] = {k: sum(row[st][k] for st in stages) for k in ("flops_s", "bytes_s", "bound")}
+            per_step.append(row)
+        out[side] = {st: {k: mean([r[st][k] for r in per_step]) for k in per_step[0][st]} for st in per_step[0]}
+    out["weight_bytes"], out["kv_token_bytes"] = wb, kvb
+    return out
+
+
+def roofline_lines(RL: dict, R: dict, T: dict, r_gen: float, r_train: float, t_gen: float, t_train: float,
+                   task: Task, P: int) -> list[str]:
+    """The report's roofline tables: per stage FLOPs / peak, bytes / bandwidth and the bound, both sides; then
+    each side's times against them."""
+    r, t = RL["reflow"], RL["trl"]
+
+    def cells(x, stage):
+        return f"{x[stage]['flops_s']:.2f} | {x[stage]['bytes_s']:.2f} | **{x[stage]['bound']:.2f}**"
+
+    def dec(x):
+        return f"{x['decode']['memory_bound']:.0f} of {x['decode']['steps']:.0f}"
+
+    return [
+        "Roofline bound per stage (s, mean over steady-state steps; `step_rooflines`): prefill and training "
+        "max(FLOPs / peak, bytes / bandwidth) of the stage, decode the sum over its steps t of max(F_t / peak, "
+        f"B_t / bandwidth) with B_t = the weights read once ({RL['weight_bytes'] / 1e6:.0f} MB, fp32 body + LM head) "
+        f"+ live(t) x context x {RL['kv_token_bytes'] / 1e3:.2f} kB of K/V per token (2 x layers x KV width x 4 B). "
+        f"reflow: live(t) = its completions longer than t tokens (from the step's response lengths), context "
+        f"{P} + t; TRL: all {task.prompts * task.group} rows for every decode step until the batch's last row ends, "
+        "context = left-padded prompt width + t (its cache's concatenation per step is not counted). Training "
+        "bytes: weights x (4 x micro-batches + 7) (forward and backward reads, gradient read + write, AdamW).",
+        "",
+        "| stage | reflow FLOPs / peak | reflow bytes / bandwidth | reflow roofline | TRL FLOPs / peak "
+        "| TRL bytes / bandwidth | TRL roofline |",
+        "|---|---|---|---|---|---|---|",
+        f"| prefill | {cells(r, 'prefill')} | {cells(t, 'prefill')} |",
+        f"| decode (memory-bound steps: reflow {dec(r)}, TRL {dec(t)}) | {cells(r, 'decode')} | {cells(t, 'decode')} |",
+        f"| train | {cells(r, 'train')} | {cells(t, 'train')} |",
+        f"| whole step | {cells(r, 'total')} | {cells(t, 'total')} |",
+        "",
+        "| | reflow | TRL |",
+        "|---|---|---|",
+        f"| roofline bound, whole step (s) | {r['total']['bound']:.2f} | {t['total']['bound']:.2f} |",
+        f"| step time / roofline bound | **{R['step_s'] / r['total']['bound']:.2f}x** "
+        f"| {T['step_s'] / t['total']['bound']:.2f}x |",
+        f"| generation: time / (prefill + decode roofline) | "
+        f"{r_gen / (r['prefill']['bound'] + r['decode']['bound']):.2f}x "
+        f"| {t_gen / (t['prefill']['bound'] + t['decode']['bound']):.2f}x |",
+        f"| decode roofline / decode FLOPs bound | {r['decode']['bound'] / r['decode']['flops_s']:.2f}x "
+        f"| {t['decode']['bound'] / t['decode']['flops_s']:.2f}x |",
+        f"| training: time / train roofline | {r_train / r['train']['bound']:.2f}x "
+        f"| {t_train / t['train']['bound']:.2f}x |",
+    ]
+
+
+def real_report(args, task: Task, results: dict, S: dict, peak_start: float, bw_start: tuple[float, dict],
+                load_start: str, load_end: str) -> None:
     """The real-model report: the comparison table, stages, FLOPs per step by stage for what each side computes,
-    and each side's step time against FLOPs / peak; writes bench/results/e2e_vs_trl_real.md."""
+    and each side's step time against FLOPs / peak and against the roofline (FLOPs / peak or bytes / memory
+    bandwidth, whichever is longer, decode step by step); writes bench/results/e2e_vs_trl_real.md."""
     import transformers
     import trl
 
     peak_end = peak_matmul([1024, 2048, 3072], 5)[0]  # again at the end: the better of the two counts
     peak = max(peak_start, peak_end)
+    bw_end = peak_bandwidth()
+    bw = max(bw_start[0], bw_end[0])
     m = model_dims(task.model)
     plens = prompt_lengths(task)
     P = round(mean(plens))
@@ -501,9 +651,7 @@ def real_report(args, task: Task, results: dict, S: dict, peak_start: float, loa
     def avg(dicts):
         return {k: mean([d[k] for d in dicts]) for k in dicts[0]}
 
-    # reflow reports its completions' total length per step, not each one: the attention terms use the mean length
-    # for every completion (body and LM-head terms are linear in the lengths, so exact)
-    r_lens = [[x["gen_tokens"] / x["gen_completions"]] * n for x in steady["reflow"]]
+    r_lens = [x["gen_lens"] for x in steady["reflow"]]
     F = {
         "reflow: shared prefill + prefix sharing": avg([step_flops(m, "shared", prompts=task.prompts, P=P, lens=ls)
                                                         for ls in r_lens]),
@@ -522,10 +670,16 @@ def real_report(args, task: Task, results: dict, S: dict, peak_start: float, loa
     t_gen = T["stages"]["generate (model.generate)"]
     t_train = T["stages"]["fwd+bwd (training_step - rollout)"] + T["stages"]["optimizer (AdamW step)"]
     bound_r, bound_t = f_reflow["total"] / peak, f_trl["total"] / peak
+    RL = step_rooflines(m, task, P, steady, peak, bw)
+    roof_r, roof_t = RL["reflow"]["total"]["bound"], RL["trl"]["total"]["bound"]
     speedup = T["step_s"] / R["step_s"]
     trl_prompt = mean([x["gen_prompt_tokens"] / x["gen_completions"] for x in results["trl"]["records"]
                        if x.get("gen_prompt_tokens") is not None])
     lines_check, ok = equal_work(results, task, args.steps)
+    lens_ok = all(sum(x["gen_lens"]) == x["gen_tokens"] and len(x["gen_lens"]) == n for x in results["reflow"]["records"])
+    ok &= lens_ok
+    lines_check.append(f"reflow: the {n} response lengths read off the generation engine sum to its gen_tokens every "
+                       f"step: {lens_ok}")
     lines_check.append(f"prompt tokens per completion: reflow {mean(plens):.1f} (dataset: {min(plens)}-{max(plens)}), "
                        f"TRL {trl_prompt:.1f} (left-padded width {mean([x['gen_prompt_width'] for x in steady['trl']]):.1f})")
     versions = (f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
@@ -547,6 +701,9 @@ def real_report(args, task: Task, results: dict, S: dict, peak_start: float, loa
         f"load average (1/5/15 min) before: {load_start}; after the two runs: {load_end}",
         f"peak: best fp32 torch.mm FLOP/s (n = 1024, 2048, 3072; bench/mfu.py's `peak_matmul`), measured before and "
         f"after the runs: {peak_start / g:.1f} / {peak_end / g:.1f} -> **{peak / g:.1f} GFLOP/s**",
+        f"memory bandwidth: best read of a 512 MiB fp32 tensor (x.sum(); bench/mfu.py's `peak_bandwidth`), before "
+        f"and after the runs: {bw_start[0] / g:.1f} / {bw_end[0] / g:.1f} -> **{bw / g:.1f} GB/s** (a copy moves "
+        f"{bw_start[1]['copy'] / g:.1f} / {bw_end[1]['copy'] / g:.1f} GB/s, read + write)",
         "",
         f"Task: {task.label}; GRPO, {args.steps} steps of {task.prompts} prompts x {task.group} samples = {n} "
         f"completions per optimizer step, at most {task.max_new} new tokens ending at EOS, temperature 1, "
@@ -574,7 +731,7 @@ def real_report(args, task: Task, results: dict, S: dict, peak_start: float, loa
         "FLOPs per step (GFLOP, mean over steady-state steps; 2 per multiply-add; body "
         f"{m['N'] / 1e6:.1f}M matmul parameters per token, LM head {m['V']} x {m['d']}, attention {m['L']} layers x "
         f"{m['A']} wide, causal pairs only; training = 3 x forward; see `step_flops`). The prompt is {P} tokens. "
-        "reflow's attention terms use the step's mean completion length for every completion.",
+        "Both sides' terms use each completion's own length (reflow's read off its generation engine).",
         "",
         "| stage | " + " | ".join(F) + " |",
         "|---" * (len(F) + 1) + "|",
@@ -594,11 +751,16 @@ def real_report(args, task: Task, results: dict, S: dict, peak_start: float, loa
         f"| achieved FLOP/s over the step (GFLOP/s) | {f_reflow['total'] / R['step_s'] / g:.1f} "
         f"| {f_trl['total'] / T['step_s'] / g:.1f} |",
         "",
+        *roofline_lines(RL, R, T, r_gen, r_train, t_gen, t_train, task, P),
+        "",
         "Targets (issue: reflow's step <= 1/3 of TRL's at equal work; within 1.25x of the FLOPs bound with prefix "
         f"sharing): TRL / reflow step time = {speedup:.2f}x -> **{'met' if speedup >= 3 else 'not met'}** (needs >= 3x; "
         f"per generated token {(T['step_s'] / T['gen_tokens_per_step']) / (R['step_s'] / R['gen_tokens_per_step']):.2f}x); "
         f"reflow step / its bound = {R['step_s'] / bound_r:.2f}x -> "
-        f"**{'met' if R['step_s'] <= 1.25 * bound_r else 'not met'}** (needs <= 1.25x). The sharing alone cuts the "
+        f"**{'met' if R['step_s'] <= 1.25 * bound_r else 'not met'}** (needs <= 1.25x); against the roofline bound "
+        f"(FLOPs / peak or bytes / bandwidth, whichever is longer, decode step by step) reflow's step is "
+        f"{R['step_s'] / roof_r:.2f}x -> **{'met' if R['step_s'] <= 1.25 * roof_r else 'not met'}** (TRL "
+        f"{T['step_s'] / roof_t:.2f}x). The sharing alone cuts the "
         f"FLOPs reflow needs from {f_unshared['total'] / g:.0f} to "
         f"{f_reflow['total'] / g:.0f} GFLOP per step; the completions differ between the sides (sampling), so their "
         "token counts are shown above.",
@@ -608,6 +770,8 @@ def real_report(args, task: Task, results: dict, S: dict, peak_start: float, loa
     summary = {"reflow": R, "trl": T, "flops": F, "peak_flops": peak, "speedup": speedup,
                "speedup_per_token": (T["step_s"] / T["gen_tokens_per_step"]) / (R["step_s"] / R["gen_tokens_per_step"]),
                "reflow_vs_bound": R["step_s"] / bound_r, "trl_vs_bound": T["step_s"] / bound_t, "equal_work": ok,
+               "bandwidth": bw, "roofline": RL, "reflow_vs_roofline": R["step_s"] / roof_r,
+               "trl_vs_roofline": T["step_s"] / roof_t,
                "command": cmd, "versions": versions, "device": cpu_name(), "load_before": load_start,
                "load_after": load_end}
     print("\n".join(md))
@@ -688,6 +852,7 @@ def main() -> None:
     task = (real_task(args.model.resolve(), args.data.resolve(), args.reward, args.lr, args.micro_batch_tokens)
             if args.model else tiny_task())
     peak_start = peak_matmul([1024, 2048, 3072], 5)[0] if task.real else None
+    bw_start = peak_bandwidth() if task.real else None
     load_start = load_avg()
     results = {}
     print(f"--- {args.steps} GRPO steps each, {args.schedule} ...", flush=True)
@@ -704,7 +869,7 @@ def main() -> None:
     if task.real:
         RUNS.mkdir(parents=True, exist_ok=True)  # the raw records, to re-read without re-running
         (RUNS / "real_records.json").write_text(json.dumps({k: v["records"] for k, v in results.items()}))
-        real_report(args, task, results, S, peak_start, load_start, load_end)
+        real_report(args, task, results, S, peak_start, bw_start, load_start, load_end)
         return
     acc = {"sft (start)": held_out(task.model)}
     for side in ("reflow", "trl"):

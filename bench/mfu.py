@@ -66,6 +66,24 @@ def peak_matmul(sizes: list[int], repeats: int) -> tuple[float, dict[int, float]
     return max(per_size.values()), per_size
 
 
+def peak_bandwidth(mib: int = 512, repeats: int = 5) -> tuple[float, dict[str, float]]:
+    """Best memory bandwidth (bytes/s) over a float32 tensor of `mib` MiB (far larger than the CPU's caches),
+    best of `repeats` with the current torch thread count: `read` = x.sum() (bytes of x / time; what a decode
+    step does to the weights), `copy` = y.copy_(x) (2 x bytes of x / time). Returns (read, {"read", "copy"})."""
+    n = (mib << 20) // 4
+    x, y = torch.ones(n), torch.empty(n)
+    per_kind = {}
+    for kind, fn, moved in (("read", lambda: x.sum(), 4 * n), ("copy", lambda: y.copy_(x), 8 * n)):
+        fn()  # warm-up (first touch of y's pages)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        per_kind[kind] = moved / best
+    return per_kind["read"], per_kind
+
+
 def build_models() -> dict[str, Path]:
     from reflow.models.presets import PRESETS, Preset, init_model
 

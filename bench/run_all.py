@@ -9,7 +9,7 @@ e2e_vs_trl, hence .venv-bench):
 
     e2e_vs_trl      bench/e2e_vs_trl.py       reflow vs TRL GRPOTrainer end to end -> e2e_vs_trl.md
     e2e_vs_trl_real bench/e2e_vs_trl.py --model (with --e2e-model DIR) the same on a real model, with FLOPs per
-                                          stage and step time / (FLOPs / peak) -> e2e_vs_trl_real.md
+                                          stage and step time / (FLOPs / peak) and / roofline -> e2e_vs_trl_real.md
     mfu             bench/mfu.py              TrainEngine MFU on three model sizes -> mfu.md
     grpovi_vs_grpo  bench/grpovi_vs_grpo.py   GRPOVI vs GRPO learning curves       -> grpovi_vs_grpo.{md,png}
     grpovi_scaling  bench/grpovi_scaling.py   GRPOVI O(n log n) micro-benchmark    -> grpovi_scaling.md (its output)
@@ -143,7 +143,9 @@ def fig_e2e_real(r: dict) -> str:
         return "no summary (see the log)"
     R, T = s["reflow"], s["trl"]
     return (f"step {R['step_s']:.1f} s vs TRL {T['step_s']:.1f} s (**{s['speedup']:.2f}x**); step / (FLOPs / peak): "
-            f"reflow {s['reflow_vs_bound']:.2f}x, TRL {s['trl_vs_bound']:.2f}x; equal work: "
+            f"reflow {s['reflow_vs_bound']:.2f}x, TRL {s['trl_vs_bound']:.2f}x; step / roofline (FLOPs or memory): "
+            f"reflow {s.get('reflow_vs_roofline', float('nan')):.2f}x, TRL {s.get('trl_vs_roofline', float('nan')):.2f}x; "
+            "equal work: "
             f"{'yes' if s['equal_work'] else '**no**'}")
 
 

@@ -137,19 +137,28 @@ _MUL1 = _i64(0xBF58476D1CE4E5B9)
 _MUL2 = _i64(0x94D049BB133111EB)
 
 
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 bits."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
+def _xorshift_(z: torch.Tensor, s: int, tmp: torch.Tensor) -> None:
+    """z ^= z >>> s (logical shift) in place, with `tmp` (z's shape, int64) as scratch: three passes over z
+    and no allocation."""
+    torch.bitwise_right_shift(z, s, out=tmp)
+    tmp.bitwise_and_((1 << (64 - s)) - 1)
+    z.bitwise_xor_(tmp)
+
+
+def _fmix_(z: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function (a bijection of 64-bit words), in place on z; tmp: scratch like z."""
+    _xorshift_(z, 30, tmp)
+    z.mul_(_MUL1)
+    _xorshift_(z, 27, tmp)
+    z.mul_(_MUL2)
+    _xorshift_(z, 31, tmp)
+    return z
 
 
 def _fmix(z: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's output function (a bijection of 64-bit words); in place on a temporary."""
-    z = z ^ _shr(z, 30)
-    z.mul_(_MUL1)
-    z.bitwise_xor_(_shr(z, 27))
-    z.mul_(_MUL2)
-    z.bitwise_xor_(_shr(z, 31))
-    return z
+    """SplitMix64's output function on a copy of z."""
+    z = z.clone()
+    return _fmix_(z, torch.empty_like(z))
 
 
 def _splitmix(x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +180,23 @@ def _row_states(seed: int, keys: torch.Tensor, positions: torch.Tensor) -> torch
     return _splitmix(_splitmix(s ^ keys) ^ positions)
 
 
+def _counters(lo: int, hi: int, device) -> torch.Tensor:
+    """[hi - lo] int64 SplitMix64 stream offsets (v + 1) * gamma of vocabulary entries v in [lo, hi)."""
+    return (torch.arange(lo, hi, device=device, dtype=torch.long) + 1) * _GAMMA
+
+
+def _uniforms_into(u: torch.Tensor, states: torch.Tensor, counters: torch.Tensor, bits: torch.Tensor,
+                   tmp: torch.Tensor) -> torch.Tensor:
+    """u [b, n] float64 <- the uniforms of `keyed_uniforms` for row states [b] and counters [n], in place, with
+    bits and tmp ([b, n] int64) as scratch: bits = fmix(state + counter), u = (bits >>> 11 + 0.5) * 2^-53."""
+    torch.add(states[:, None], counters[None, :], out=bits)
+    _fmix_(bits, tmp)
+    torch.bitwise_right_shift(bits, 11, out=tmp)
+    tmp.bitwise_and_((1 << 53) - 1)
+    u.copy_(tmp)  # < 2^53: exact in float64
+    return u.add_(0.5).mul_(2.0 ** -53)
+
+
 def keyed_uniforms(seed: int, keys: torch.Tensor, positions: torch.Tensor, vocab: int,
                    lo: int = 0, hi: int | None = None) -> torch.Tensor:
     """[B, hi - lo] float64 uniforms in (0, 1): entry [b, v] is a pure function of
@@ -179,28 +205,42 @@ def keyed_uniforms(seed: int, keys: torch.Tensor, positions: torch.Tensor, vocab
     hi = vocab if hi is None else hi
     keys = torch.as_tensor(keys, dtype=torch.long)
     positions = torch.as_tensor(positions, dtype=torch.long, device=keys.device)
-    state = _row_states(seed, keys, positions)
-    counter = (torch.arange(lo, hi, device=keys.device, dtype=torch.long) + 1) * _GAMMA
-    bits = _fmix(state[:, None] + counter[None, :])
-    return (_shr(bits, 11).double() + 0.5) * 2.0 ** -53
+    states = _row_states(seed, keys, positions)
+    bits = torch.empty(len(keys), hi - lo, dtype=torch.long, device=keys.device)
+    u = torch.empty(bits.shape, dtype=torch.float64, device=keys.device)
+    return _uniforms_into(u, states, _counters(lo, hi, keys.device), bits, torch.empty_like(bits))
 
 
-_NOISE_ELEMENTS = 1 << 24  # [rows, V] elements of hash noise made at once (bounds the int64 temporaries)
+# [rows, V] elements of noise made at once: a block of a few rows whose int64 and float64 scratch stays in the
+# CPU's cache across the ~20 in-place passes (fresh [B, V] temporaries per pass cost more than the arithmetic)
+_NOISE_ELEMENTS = 1 << 18
 
 
 def gumbel_sample(logits: torch.Tensor, seed: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """[B, V] (already scaled and filtered; -inf = excluded) logits -> [B] tokens, argmax(logits + Gumbel)
     with the Gumbel noise of `keyed_uniforms(seed, keys, positions)`: a draw from softmax(logits) that is
-    a pure function of each row's logits and (seed, key, position)."""
+    a pure function of each row's logits and (seed, key, position).
+
+    Per row: G = -log(-log u) in float64 and the token is argmax(float64(logits) - log(-log u)), which is
+    logits + G exactly (IEEE subtraction is the addition of the negation); rows go in blocks of about
+    `_NOISE_ELEMENTS` entries through preallocated scratch, and a row's draw does not depend on its block."""
     B, V = logits.shape
-    keys = torch.as_tensor(keys, dtype=torch.long).to(logits.device)
-    positions = torch.as_tensor(positions, dtype=torch.long).to(logits.device)
-    out = torch.empty(B, dtype=torch.long, device=logits.device)
-    step = max(1, _NOISE_ELEMENTS // max(V, 1))
-    for r in range(0, B, step):  # row chunks: a row's draw does not depend on its chunk
-        u = keyed_uniforms(seed, keys[r:r + step], positions[r:r + step], V)
-        gumbel = u.log_().neg_().log_().neg_()
-        out[r:r + step] = (logits[r:r + step].double() + gumbel).argmax(-1)
+    dev = logits.device
+    keys = torch.as_tensor(keys, dtype=torch.long).to(dev)
+    positions = torch.as_tensor(positions, dtype=torch.long).to(dev)
+    states = _row_states(seed, keys, positions)
+    counters = _counters(0, V, dev)
+    out = torch.empty(B, dtype=torch.long, device=dev)
+    step = max(1, min(B, _NOISE_ELEMENTS // max(V, 1)))
+    bits = torch.empty(step, V, dtype=torch.long, device=dev)
+    tmp = torch.empty_like(bits)
+    u = torch.empty(step, V, dtype=torch.float64, device=dev)
+    for r in range(0, B, step):
+        k = min(step, B - r)
+        g = _uniforms_into(u[:k], states[r:r + k], counters, bits[:k], tmp[:k])
+        g.log_().neg_().log_()  # log E, E = -log u ~ Exp(1)
+        torch.sub(logits[r:r + k], g, out=g)  # float32 logits promoted exactly to float64
+        out[r:r + k] = g.argmax(-1)
     return out
 
 

@@ -498,6 +498,27 @@ def test_keyed_uniforms_are_per_entry_pure_functions():
     assert ((counts - big.numel() / 20).abs() < 0.03 * big.numel() / 20).all()
 
 
+def test_keyed_uniforms_are_the_top_53_bits_of_splitmix64_outputs():
+    """Entry [b, v] is the (v+1)-th SplitMix64 output of row b's state, its top 53 bits m mapped to (m + 0.5) / 2^53."""
+    keys, pos = torch.tensor([5, -3, 2 ** 40]), torch.tensor([0, 3, 9])
+    u = keyed_uniforms(11, keys, pos, 6)
+    for b, state in enumerate(generate_mod._row_states(11, keys, pos).tolist()):
+        ref = [((z >> 11) + 0.5) / 2 ** 53 for z in splitmix64(state % 2 ** 64, 6)]
+        assert u[b].tolist() == ref
+
+
+def test_gumbel_sample_is_the_float64_argmax_of_logits_plus_gumbel_noise(monkeypatch):
+    """argmax(float64(logits) + G), G = -log(-log u) of keyed_uniforms, bit for bit, whatever the row blocks."""
+    g = torch.Generator().manual_seed(1)
+    logits = filter_logits(torch.randn(9, 1000, generator=g) * 3, 0, 0.95)
+    keys, pos = torch.arange(9) * 7 - 20, torch.arange(9) % 4
+    gumbel = keyed_uniforms(5, keys, pos, 1000).log().neg().log().neg()
+    expected = (logits.double() + gumbel).argmax(-1)
+    for block in (1000, 2500, 1 << 18):  # one row, two rows, all rows per block
+        monkeypatch.setattr(generate_mod, "_NOISE_ELEMENTS", block)
+        assert torch.equal(gumbel_sample(logits, 5, keys, pos), expected)
+
+
 @pytest.mark.parametrize("over", ["keys", "positions"])
 def test_gumbel_max_frequencies_match_softmax(over):
     logits = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5, -3.0, float("-inf")])
