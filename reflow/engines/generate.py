@@ -211,9 +211,11 @@ def keyed_uniforms(seed: int, keys: torch.Tensor, positions: torch.Tensor, vocab
     return _uniforms_into(u, states, _counters(lo, hi, keys.device), bits, torch.empty_like(bits))
 
 
-# [rows, V] elements of noise made at once: a block of a few rows whose int64 and float64 scratch stays in the
-# CPU's cache across the ~20 in-place passes (fresh [B, V] temporaries per pass cost more than the arithmetic)
+# [rows, V] elements of noise made at once: on CPU a block of a few rows whose int64 and float64 scratch stays
+# in cache across the ~20 in-place passes (fresh [B, V] temporaries per pass cost more than the arithmetic); on
+# an accelerator large blocks, as each pass is a kernel launch
 _NOISE_ELEMENTS = 1 << 18
+_NOISE_ELEMENTS_ACCELERATOR = 1 << 24
 
 
 def gumbel_sample(logits: torch.Tensor, seed: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -231,7 +233,8 @@ def gumbel_sample(logits: torch.Tensor, seed: int, keys: torch.Tensor, positions
     states = _row_states(seed, keys, positions)
     counters = _counters(0, V, dev)
     out = torch.empty(B, dtype=torch.long, device=dev)
-    step = max(1, min(B, _NOISE_ELEMENTS // max(V, 1)))
+    block = _NOISE_ELEMENTS if dev.type == "cpu" else _NOISE_ELEMENTS_ACCELERATOR
+    step = max(1, min(B, block // max(V, 1)))
     bits = torch.empty(step, V, dtype=torch.long, device=dev)
     tmp = torch.empty_like(bits)
     u = torch.empty(step, V, dtype=torch.float64, device=dev)
