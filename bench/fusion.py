@@ -3,7 +3,8 @@
     .venv/bin/python bench/fusion.py [--steps 6] [--workers 2 4] [--reps 1] [--chunk 8] [--migrate 0.25]
                                      [--out bench/results/fusion.md] [--hardware hw.yaml | --preset cpu]
 
-Workload: PPO (actor, critic, reference, the `format` reward function) from a tiny-llama model fine-tuned
+Workload: PPO (actor, critic, reference, the `format` reward function or with --reward-model a reward
+model) from a tiny-llama model fine-tuned
 (`reflow sft`, cached in runs/bench/fusion/) on replies of random letters whose lengths are geometric (mean 10,
 at most 90 letters): a model whose response lengths are long-tailed by training, not by a rule in the
 generator. `--prompts` prompts x 4 samples per step, rollout.max_new_tokens 96. Ray CPU workers, one thread
@@ -92,6 +93,24 @@ def long_tailed_model(sft_steps: int) -> Path:
     return final
 
 
+def reward_model(policy: Path) -> Path:
+    """A reward-model folder: the fine-tuned model with a seeded random score head (a trained reward model's
+    compute, with scores that vary between samples; a fresh head is zero and would leave only the KL term, whose
+    whitened advantages at step 0 are float noise)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = policy.parent.parent / "reward-model"
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
+    torch.nn.init.normal_(rm.score.weight, std=0.5)
+    rm.save_pretrained(out)
+    AutoTokenizer.from_pretrained(policy).save_pretrained(out)
+    return out
+
+
 def prompts_file(work: Path) -> Path:
     rng = random.Random(1)
     path = work / "prompts.jsonl"
@@ -123,7 +142,8 @@ def config(workers: int, fused: bool, args, model: Path, prompts: Path, out: Pat
         "output_dir": str(out), "actor": role, "critic": {**role, "path": None},
         "data": {"train": str(prompts), "eval": None},
         "rollout": {"prompts_per_step": args.prompts, "n": 4, "max_new_tokens": 96, "batch_size": 256},
-        "reward": {"fn": "format"}, "algo": {"name": "ppo", "kl_coef": 0.01},
+        "reward": {"fn": None, "model": str(reward_model(model))} if args.reward_model else {"fn": "format"},
+        "algo": {"name": "ppo", "kl_coef": 0.01},
         "trainer": {"steps": args.steps, "progress": False, "eval_every": 0, "save_every": 0},
         "runtime": {"workers": workers, "timeline": True, "timeout_s": 300, **({"plan": str(plan)} if plan else {})},
         "fusion": {"inter_stage": fused, "chunk": args.chunk, "migrate_below": migrate}})
@@ -249,6 +269,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--sft-steps", type=int, default=80)
+    ap.add_argument("--reward-model", action="store_true",
+                    help="score with a reward model (the fine-tuned model with a random score head: a trained one's "
+                         "compute) instead of the `format` function: a third per-sample forward to overlap")
     ap.add_argument("--migrate", type=float, default=0.0, help="fusion.migrate_below of the migration runs (0: none)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/fusion.md"))
     ap.add_argument("--hardware", help="hardware YAML from `reflow profile` for the predictions (default: profile now)")
@@ -288,6 +311,7 @@ def main() -> None:
     md = ["# Inter-stage fusion (bench/fusion.py)", "",
           f"Command: `.venv/bin/python bench/fusion.py --steps {args.steps} --workers "
           f"{' '.join(map(str, args.workers))} --reps {args.reps} --chunk {args.chunk} --prompts {args.prompts}"
+          f"{' --reward-model' if args.reward_model else ''}"
           f"{f' --migrate {args.migrate:g}' if args.migrate else ''}`. "
           f"PPO on Ray CPU workers (1 thread each), {args.prompts} prompts x 4 samples per step, generation and the "
           "per-sample inference on different ranks (module docstring); median step time after one warm-up step.",
