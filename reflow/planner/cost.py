@@ -398,8 +398,11 @@ def generate_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, conc
     wave = math.ceil(seqs / waves)
     tp = _worst_group(hw, groups(pl)["tp"])
     P = wl.prompt_len
-    lengths = wl.gen_lengths(wave)
-    G = lengths[-1]  # decode steps of a wave
+    # the batch's lengths dealt round-robin into the waves (each wave of about `wave` rows keeps the spread and
+    # the tail; the quantiles of a small wave alone would lose the tail and make less KV memory look faster)
+    everyone = wl.gen_lengths(waves * wave)
+    per_wave_lengths = [everyone[w::waves] for w in range(waves)]
+    G = everyone[-1]  # decode steps of the longest wave
     # prefill: one pass over the wave's distinct prompts (pipelined over p micro-batches when p > 1)
     pre_micro = max(1, min(wave, L.p))
     prefill, _ = _pipeline(m, hw, pl, wave * P / max(1, wl.share_prefill), P / 2, pre_micro,
@@ -410,25 +413,34 @@ def generate_cost(m: ModelShape, pl: Placement, hw: Hardware, wl: Workload, conc
     # decode: every stage in turn for each token (no pipelining across stages within a step), segment by
     # segment of constant live rows; ends[j]: seconds from the wave's first decode step to the end of segment j
     sc = hw.generate_scale
-    decode = fixed_s = 0.0
-    ends: dict[int, float] = {}
-    for k0, k1, rows in live_segments(lengths):
-        c0, c1, m0, m1, fixed, comm = _decode_lines(m, hw, pl, tp, rows, P)
-        steps = k1 - k0
-        seg = sc * _sum_max_linear(c0 + c1 * k0, c1, m0 + m1 * k0, m1, steps) + steps * (sc * fixed + comm)
-        if ag:  # every step all-gathers the owner's weights, overlapped with compute
-            seg = max(seg, steps * ag)
-        decode += seg
-        fixed_s += steps * (sc * fixed + comm)
-        ends[k1] = decode
+
+    def wave_decode(lengths: list[int]) -> tuple[float, float, dict[int, float]]:
+        decode = fixed_s = 0.0
+        ends: dict[int, float] = {}
+        for k0, k1, rows in live_segments(lengths):
+            c0, c1, m0, m1, fixed, comm = _decode_lines(m, hw, pl, tp, rows, P)
+            steps = k1 - k0
+            seg = sc * _sum_max_linear(c0 + c1 * k0, c1, m0 + m1 * k0, m1, steps) + steps * (sc * fixed + comm)
+            if ag:  # every step all-gathers the owner's weights, overlapped with compute
+                seg = max(seg, steps * ag)
+            decode += seg
+            fixed_s += steps * (sc * fixed + comm)
+            ends[k1] = decode
+        return decode, fixed_s, ends
+
+    runs = [wave_decode(lw) for lw in per_wave_lengths]
     c0, c1, m0, m1, _, _ = _decode_lines(m, hw, pl, tp, wave, P)
     bound = "memory" if m0 + m1 * G / 2 > c0 + c1 * G / 2 else "compute"
-    per_wave = prefill + decode
-    total = waves * per_wave
-    samples = tuple((total - (w * per_wave + prefill + ends[length]), length)
-                    for w in range(waves) for length in lengths)
-    return CallCost(total, {"prefill": waves * prefill, "decode": waves * decode, "waves": waves, "wave_seqs": wave,
-                            "decode_fixed": waves * fixed_s, "fsdp": waves * (G + 1) * ag, f"decode_{bound}_bound": 1},
+    decode, fixed_s = sum(r[0] for r in runs), sum(r[1] for r in runs)
+    total = waves * prefill + decode
+    samples, start = [], 0.0
+    for lw, (d, _, ends) in zip(per_wave_lengths, runs):
+        samples += [(total - (start + prefill + ends[length]), length) for length in lw]
+        start += prefill + d
+    samples = tuple(sorted(samples, key=lambda x: -x[0]))  # in the order they finish
+    return CallCost(total, {"prefill": waves * prefill, "decode": decode, "waves": waves, "wave_seqs": wave,
+                            "decode_fixed": fixed_s, "fsdp": sum(lw[-1] + 1 for lw in per_wave_lengths) * ag,
+                            f"decode_{bound}_bound": 1},
                     samples=samples)
 
 

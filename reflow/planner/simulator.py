@@ -215,14 +215,14 @@ def _stream_costs(problem: Problem, plan: Plan, gen: str, users: list[str], time
         pl, mean = plan.calls[name], sum(lengths) / len(lengths)
         first = name not in started
         started.add(name)
+        part = dataclasses.replace(wl, batch=len(lengths), gen_lens=(mean,))
         key = ("chunk", name, pl, len(lengths), mean, on_owner[name], wl, first)
-        if key not in problem._cache:
+        if key not in problem._cache:  # (the data hop depends on where the generate call runs: not cached)
             call, hw = g.call(name), problem.hw
-            part = dataclasses.replace(wl, batch=len(lengths), gen_lens=(mean,))
             fixed = 0.0 if first else hw.call_overhead - (hw.dispatch or hw.call_overhead)
             problem._cache[key] = call_cost(call.kind, problem.models.get(call.weights), pl, hw, part, None,
-                                            on_owner[name]).time - fixed + data_cost(problem, plan, name, part)
-        return problem._cache[key]
+                                            on_owner[name]).time - fixed
+        return problem._cache[key] + data_cost(problem, plan, name, part)
 
     stream = build_stream(times[gen], plan.calls[gen].layout.d, problem.chunk,
                           {n: plan.calls[n].layout.d for n in users}, cost)

@@ -55,12 +55,16 @@ def test_a_length_distribution_shrinks_the_decode_batch_and_orders_the_samples_b
     assert left == sorted(left, reverse=True) and left[-1] == pytest.approx(0, abs=1e-9) and left[0] < tail.time
     assert all(t == pytest.approx(0, abs=1e-9) for t, _ in equal.samples)  # all done at the last step
     assert Workload(gen_len=256, gen_lens=TAIL).mean_gen == pytest.approx((sum(TAIL) - (1 + 256) / 2) / 10)
-    # waves of 16 (a KV cache that holds 16 sequences): each wave the same 16 lengths, one after the other
-    waves = call_cost("generate", M7, pl, hardware("a100-80g"),
-                      Workload(batch=64, prompt_len=128, gen_len=256, gen_lens=TAIL), concurrency=16)
-    assert [n for _, n in waves.samples] == Workload(gen_len=256, gen_lens=TAIL).gen_lengths(16) * 4
+    # waves of 16 (a KV cache that holds 16 sequences): the batch's 64 lengths dealt round-robin into 4 waves
+    # run one after the other, so every wave keeps the tail and all 64 lengths are decoded
+    wl = Workload(batch=64, prompt_len=128, gen_len=256, gen_lens=TAIL)
+    waves = call_cost("generate", M7, pl, hardware("a100-80g"), wl, concurrency=16)
+    assert sorted(n for _, n in waves.samples) == wl.gen_lengths(64) and waves.parts["waves"] == 4
     left = [t for t, _ in waves.samples]
-    assert left == sorted(left, reverse=True) and left[15] > left[16] and waves.parts["waves"] == 4
+    assert left == sorted(left, reverse=True)  # in the order they finish
+    # fewer rows at once never decodes fewer tokens, so less KV memory is never predicted faster
+    times = [call_cost("generate", M7, pl, hardware("a100-80g"), wl, concurrency=c).time for c in (64, 16, 4, 1)]
+    assert times == sorted(times)
 
 
 def test_a_long_tail_makes_the_fused_prediction_shorter_and_equal_lengths_give_no_gain():
@@ -157,3 +161,20 @@ def test_a_consumers_first_chunk_pays_the_calls_fixed_cost_and_each_later_chunk_
         assert full.call_times[name].time - cheap.call_times[name].time == pytest.approx((chunks - 1) * 0.049)
     unset = evaluate(problem(0.05, 0.0), split_plan())  # no dispatch measured: every chunk pays call_overhead
     assert unset.call_times["ref_inf"].time == pytest.approx(full.call_times["ref_inf"].time)
+
+
+def test_a_chunk_tasks_data_hop_follows_the_plan_it_is_costed_in_not_the_first_plan_cached():
+    hw = hardware("a100-80g").with_(data_hop=0.05)
+
+    def plan(gen_rank):
+        return Plan("p", 4, {"actor_gen": placement("d1t1p1", [gen_rank]), "actor_train": placement("d1t1p1", [1]),
+                             "reward": placement("d1t1p1", [2]), "ref_inf": placement("d1t1p1", [0]),
+                             "critic_inf": placement("d1t1p1", [3]), "critic_train": placement("d1t1p1", [3])})
+
+    shared = Problem(ppo(), MODELS, hw, Workload(batch=64, prompt_len=128, gen_len=256, gen_lens=TAIL), 4,
+                     inter_stage=True)
+    evaluate(shared, plan(0))  # ref_inf on the generating rank: its chunks fetch nothing
+    after = evaluate(shared, plan(1)).call_times["ref_inf"].time
+    fresh = evaluate(Problem(ppo(), MODELS, hw, Workload(batch=64, prompt_len=128, gen_len=256, gen_lens=TAIL), 4,
+                             inter_stage=True), plan(1)).call_times["ref_inf"].time
+    assert after == pytest.approx(fresh)
