@@ -29,7 +29,7 @@ At the trigger few rows move, each at most prompt + max_new_tokens long, once pe
 (bench/fusion.py --migrate, tiny-llama, one thread): re-prefilling 4 rows of 20-94 tokens costs 2.5-6.7 decode
 steps of 4 rows; the copy would move 160-752 KiB. A poll is one store round trip (~15 us on one node).
 
-The moved rows stay in the store (a few KB per call, on rank 0's rendezvous server) for the run's lifetime.
+The moved rows are deleted from the store by their last reader; the small counters (a few bytes per call) stay.
 """
 
 from __future__ import annotations
@@ -126,11 +126,14 @@ class Migration:
             self.sent = [h.key for h in rows]
         else:
             given: dict[int, int] = {}  # source -> its rows assigned so far (to targets before this one)
+            readers = {s: sum(1 for src, _, _ in moves if src == s) for s, _, _ in moves}
             for s, t, k in moves:
                 at = given.get(s, 0)
                 if t == self.replica:
                     self._wait(f"rows/{s}", f"replica {s} to hand over its rows")
                     adopt += pickle.loads(self.store.get(f"rows/{s}"))[at:at + k]
+                    if self.store.add(f"read/{s}", 1) == readers[s]:  # the last reader frees the rows (rank
+                        self.store.delete_key(f"rows/{s}")  # 0's store would otherwise grow every step)
                 given[s] = at + k
             self.received = [h.key for h in adopt]
         self.joined = (t0, time.time())

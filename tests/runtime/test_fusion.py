@@ -176,6 +176,9 @@ def test_replicas_hand_their_long_tail_to_the_fewest_and_every_sample_keeps_its_
     sent = sorted(k for m in migrations for k in m.sent)
     assert sent == sorted(k for m in migrations for k in m.received) and len(set(sent)) == len(sent)
     assert sorted(out) == keys  # every sample once
+    prefix = Migration.store_for(store, "actor_gen", 0)
+    sources = {s for s, _, _ in migrations[0].moves}
+    assert sources and not any(prefix.check([f"rows/{s}"]) for s in sources)  # the last reader freed the rows
     for k in keys:
         assert (out[k].prompt_ids, out[k].tokens, out[k].finished) == (whole[k].prompt_ids, whole[k].tokens,
                                                                         whole[k].finished)
