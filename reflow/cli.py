@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -216,6 +217,9 @@ def _eval_env(args, tok):
     from reflow.envs import load_env
     from reflow.runtime.calls.rollout import turn_end_ids
 
+    for flag in ("max_turns", "max_obs_tokens"):  # as rollout.max_turns / max_obs_tokens are checked in train
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_turn_tokens is not None and not 1 <= args.max_turn_tokens <= args.max_new_tokens:
         raise ConfigError(f"--max-turn-tokens must be in [1, --max-new-tokens={args.max_new_tokens}] (the episode's "
                           f"budget), got {args.max_turn_tokens}")
@@ -229,7 +233,7 @@ def _eval_episodes(args, model, tok, examples, env_cls, reward_fn):
     from reflow.engines.generate import GenerationEngine
     from reflow.engines.multiturn import Limits, greedy_episodes
 
-    limits = Limits(max_turns=args.max_turns or 4, max_turn_tokens=args.max_turn_tokens or args.max_new_tokens,
+    limits = Limits(max_turns=4 if args.max_turns is None else args.max_turns, max_turn_tokens=args.max_turn_tokens or args.max_new_tokens,
                     max_new_tokens=args.max_new_tokens, max_obs_tokens=args.max_obs_tokens)
     engine = GenerationEngine(model, args.turn_end_ids, tok.pad_token_id)
     eps, returns = greedy_episodes(engine, examples, range(len(examples)), env_cls, args.env, limits, tok,
@@ -365,8 +369,8 @@ def cmd_plan_search(args) -> None:
             lengths = tuple(float(x) for x in args.lengths.split(","))
         except ValueError:
             raise ConfigError(f"--lengths: give comma-separated numbers of tokens, got {args.lengths!r}") from None
-        if min(lengths) < 0:
-            raise ConfigError(f"--lengths: response lengths are >= 0 tokens, got {args.lengths!r}")
+        if not all(math.isfinite(x) and x >= 0 for x in lengths):
+            raise ConfigError(f"--lengths: response lengths are finite numbers >= 0 of tokens, got {args.lengths!r}")
     problem = problem_for_config(cfg, devices, hw, lengths=lengths)
     if not 0 <= args.builtin_margin < 1:
         raise ConfigError(f"--builtin-margin must be in [0, 1), got {args.builtin_margin}")
@@ -406,6 +410,8 @@ def cmd_plan_search(args) -> None:
     plan.save(out)
     on, chunk = res.fusion
     fusion = f" fusion.inter_stage={str(on).lower()}" + (f" fusion.chunk={chunk}" if on else "")
+    if not on and cfg.fusion.migrate_below:  # migration needs streaming: the command must stay valid
+        fusion += " fusion.migrate_below=0"
     with open(out, "a") as f:  # the plan holds placements; the settings it was predicted with are config
         f.write(f"# searched with{fusion}{staleness}\n")
     print(f"wrote {out}: reflow train {path or 'CONFIG'} runtime.workers={devices} runtime.plan={out}{fusion}"

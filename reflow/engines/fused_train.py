@@ -78,8 +78,9 @@ def fused_train_step(jobs: dict[str, tuple[TrainEngine, SampleBatch, Callable] |
             out[name] = jobs[name][0].finish_step(totals[name])
         except NonFiniteError as e:
             bad[name] = e
-    if bad:
-        error = next(iter(bad.values()))
+    if bad:  # one error for the pair; with both non-finite its message names each model's values
+        error = next(iter(bad.values())) if len(bad) == 1 else \
+            NonFiniteError("; ".join(f"{name}: {e}" for name, e in bad.items()))
         error.models = tuple(bad)  # which models' steps were non-finite: the runtime names their calls
         raise error
     return out

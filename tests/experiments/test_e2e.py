@@ -235,3 +235,6 @@ def test_reflow_eval_with_env_plays_greedy_episodes_and_scores_their_returns(deb
     assert main(["eval", "--model", str(debug_model), "--data", f"{addition_data}/test.jsonl", "--max-turns", "2"]) == 2
     assert capsys.readouterr().err.startswith("reflow eval: error: --max-turns is a limit of multi-turn episodes: "
                                               "add --env NAME")
+    assert main(["eval", "--model", str(debug_model), "--data", f"{addition_data}/test.jsonl", "--env", "calculator",
+                 "--max-turns", "0"]) == 2
+    assert "--max-turns must be >= 1, got 0" in capsys.readouterr().err
