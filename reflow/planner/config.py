@@ -105,4 +105,5 @@ def problem_for_config(cfg, devices: int | None = None, hw: str | Hardware = "cp
                                                lora_targets=tuple(lora.target_modules))
     n = devices or max(1, cfg.runtime.workers)
     return Problem(graph, models, hardware(hw, **hw_overrides), workload_for_config(cfg, mean_prompt_len(cfg), lengths),
-                   n, staleness=cfg.rollout.max_staleness, inter_stage=cfg.fusion.inter_stage, chunk=cfg.fusion.chunk)
+                   n, staleness=cfg.rollout.max_staleness, inter_stage=cfg.fusion.inter_stage, chunk=cfg.fusion.chunk,
+                   migrate=cfg.fusion.migrate_below > 0)

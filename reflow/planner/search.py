@@ -78,8 +78,9 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def candidate_layouts(size: int, model, kind: str, per_node: int) -> list[Layout]:
-    """Every layout of `size` ranks valid for the model (see the module docstring)."""
+def candidate_layouts(size: int, model, kind: str, per_node: int, migrate: bool = False) -> list[Layout]:
+    """Every layout of `size` ranks valid for the model (see the module docstring); `migrate`: long-tail
+    migration (fusion.migrate_below) moves rows between generate replicas of one rank each, so t = 1 there."""
     if model is None:
         return [Layout(size, 1, 1)]
     heads = model.heads
@@ -88,7 +89,7 @@ def candidate_layouts(size: int, model, kind: str, per_node: int) -> list[Layout
     layers = model.layers
     out = []
     for t in _divisors(size):
-        if heads % t or kv % t or inter % t or t > per_node:
+        if heads % t or kv % t or inter % t or t > per_node or (migrate and kind == "generate" and t > 1):
             continue
         for p in _divisors(size // t):
             if p > layers or (kind == "generate" and p > 1):
@@ -126,7 +127,7 @@ def make_groups(problem: Problem) -> list[Group]:
         for mesh in meshes:
             n = len(mesh)
             if n not in grp.layouts:
-                grp.layouts[n] = candidate_layouts(n, grp.model, grp.kind, per_node)
+                grp.layouts[n] = candidate_layouts(n, grp.model, grp.kind, per_node, problem.migrate)
             if grp.layouts[n]:
                 grp.meshes.append(mesh)
     return list(out.values())
@@ -217,7 +218,8 @@ def tune_layouts(scorer: _Scorer, state: dict[str, Placement], rounds: int = 2) 
         for grp in scorer.groups:
             mesh = state[grp.name].ranks
             for lay in grp.layouts.get(len(mesh)) or candidate_layouts(len(mesh), grp.model, grp.kind,
-                                                                       scorer.problem.hw.devices_per_node):
+                                                                       scorer.problem.hw.devices_per_node,
+                                                                       scorer.problem.migrate):
                 trial = dict(state)
                 trial[grp.name] = Placement(mesh, lay)
                 s = score(scorer(trial))

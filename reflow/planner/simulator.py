@@ -80,6 +80,7 @@ class Problem:
     fuse: bool = True  # the search fuses two roles' train calls placed on the same ranks with p >= 2 (plan `fuse`)
     inter_stage: bool = False  # fusion.inter_stage: generate calls stream chunks of `chunk` samples to their consumers
     chunk: int = 8  # fusion.chunk: samples per chunk per generation replica
+    migrate: bool = False  # fusion.migrate_below > 0: generate calls need dXt1p1 (plan search keeps them there)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def model_configs(self) -> dict:

@@ -76,6 +76,10 @@ def test_candidate_space():
     lays = candidate_layouts(16, m70, "generate", 8)
     assert lays and all(lay.p == 1 and lay.t <= 8 and 8 % lay.t == 0 for lay in lays)
     assert all(lay.d * lay.t * lay.p == 16 for lay in candidate_layouts(16, m70, "train", 8))
+    assert any(lay.t > 1 for lay in lays)
+    # long-tail migration moves rows between generate replicas of one rank: only dXt1p1 for generation
+    assert [(lay.d, lay.t, lay.p) for lay in candidate_layouts(16, m70, "generate", 8, migrate=True)] == [(16, 1, 1)]
+    assert any(lay.t > 1 for lay in candidate_layouts(16, m70, "train", 8, migrate=True))
 
 
 def test_search_with_fewer_devices_than_roles():
