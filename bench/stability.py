@@ -230,8 +230,8 @@ def main() -> None:
     for name, pts in curves.items():
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], label=name)
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], label=name)
-    axes[0].set(xlabel="PPO step", ylabel="train accuracy (addition, sampled)", title="true task accuracy")
-    axes[1].set(xlabel="PPO step", ylabel="mean response length (tokens)", title="the biased quantity")
+    axes[0].set(xlabel="RL step", ylabel="train accuracy (addition, sampled)", title="true task accuracy")
+    axes[1].set(xlabel="RL step", ylabel="mean response length (tokens)", title="the biased quantity")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     out = ROOT / args.out
@@ -257,7 +257,7 @@ def main() -> None:
                   f"-> {r['reverse_after']:.3f} ({r['reverse_after'] - r['reverse_before']:+.3f}) | "
                   f"{r['train_accuracy_last']:.3f} | {r['response_len_first']:.2f} -> {r['response_len_last']:.2f} | "
                   f"{r['seconds']:.0f} |")
-    md += ["", "Score distribution over SFT samples of held-out prompts (the reward PPO starts from):", "",
+    md += ["", "Score distribution over SFT samples of held-out prompts (the reward RL starts from):", "",
            "| scorer | " + " | ".join(f"{t} mean | {t} std" for t in tasks) + " |",
            "|---|" + "---|---|" * len(tasks)]
     for name, d in dists.items():
