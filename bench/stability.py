@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--kl-coef", type=float, default=0.0)
     ap.add_argument("--reverse-len", default="2,4", help="MIN,MAX letters of the reversal task")
     ap.add_argument("--sft-batch", type=int, default=64)
-    ap.add_argument("--runs", default="", help="comma-separated subset of the PPO runs' names (all when empty)")
+    ap.add_argument("--runs", default="", help="comma-separated PPO runs by name (the table's six when empty; also 'biased RM + rehearsal 0.1')")
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--eval-n", type=int, default=200, help="held-out prompts per task (greedy exact match)")
     ap.add_argument("--rehearse-prompts", type=int, default=600, help="prompts (both tasks) clustered and ranked")
@@ -198,7 +198,9 @@ def main() -> None:
         "AM (same pairs)": ["reward.fn=null", f"reward.model={am}"],
         "AM + rehearsal 0.1": ["reward.fn=null", f"reward.model={am}", rehearsal, "rehearsal.coef=0.1"],
     }
+    extra_runs = {"biased RM + rehearsal 0.1": ["reward.fn=null", f"reward.model={rm}", rehearsal, "rehearsal.coef=0.1"]}
     if args.runs:
+        runs = {**runs, **extra_runs}
         unknown = set(args.runs.split(",")) - set(runs)
         if unknown:
             raise SystemExit(f"--runs: unknown {sorted(unknown)}; choose from {sorted(runs)}")
