@@ -36,6 +36,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from machine import load_avg  # noqa: E402
 
 WORK = ROOT / "runs/bench/stability"
+RUNS = ["rule reward", "rule reward + rehearsal 0.01", "rule reward + rehearsal 0.1", "biased RM", "AM (same pairs)",
+        "AM + rehearsal 0.1", "biased RM + rehearsal 0.1"]  # the last only by --runs
 TASKS = {"addition": {"min_digits": 1, "max_digits": 2}, "reverse": {"min_len": 3, "max_len": 5}}
 
 
@@ -141,6 +143,9 @@ def main() -> None:
     ap.add_argument("--reuse-sft", action="store_true")
     ap.add_argument("--out", default="bench/results/stability.md")
     args = ap.parse_args()
+    unknown = set(args.runs.split(",")) - set(RUNS) if args.runs else set()
+    if unknown:  # before any training
+        raise SystemExit(f"--runs: unknown {sorted(unknown)}; choose from {RUNS}")
     torch.set_num_threads(2)
     t_start, load_start = time.perf_counter(), load_avg()
     from reflow.models.presets import init_model
@@ -200,11 +205,7 @@ def main() -> None:
     }
     extra_runs = {"biased RM + rehearsal 0.1": ["reward.fn=null", f"reward.model={rm}", rehearsal, "rehearsal.coef=0.1"]}
     if args.runs:
-        runs = {**runs, **extra_runs}
-        unknown = set(args.runs.split(",")) - set(runs)
-        if unknown:
-            raise SystemExit(f"--runs: unknown {sorted(unknown)}; choose from {sorted(runs)}")
-        runs = {k: v for k, v in runs.items() if k in args.runs.split(",")}
+        runs = {k: v for k, v in {**runs, **extra_runs}.items() if k in args.runs.split(",")}
     rows, curves = [], {}
     for name, extra in runs.items():
         t = time.perf_counter()
