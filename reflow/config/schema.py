@@ -366,6 +366,9 @@ class RuntimeConfig:
     max_restarts: int = 0
     threads_per_worker: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda:<local rank> when CUDA is available, else cpu
+    # on CPU, keep freed host memory in glibc's heap for the next step instead of page-faulting fresh pages
+    # for every large tensor (reflow/utils/host_memory.py; ~10% of a real model's CPU step, more resident memory)
+    tune_host_allocator: bool = True
 
     def validate(self):
         if self.workers < 0:

@@ -282,26 +282,49 @@ def _action_positions(batch: SampleBatch) -> torch.Tensor:
 
 
 def token_logprobs(model, batch: SampleBatch, *, temperature: float = 1.0, with_entropy: bool = False,
-                   attention: Attention = "packed") -> tuple[torch.Tensor, torch.Tensor | None]:
+                   entropy_grad: bool = True, attention: Attention = "packed"
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(x_t | x_<t) / T at action positions, as [T] tensors (0 elsewhere); optionally the entropy.
 
     logits_t = lm_head(h_{t-1}) / temperature,  logp_t = logits_t[x_t] - logsumexp(logits_t),
     entropy_t = -sum_v softmax(logits_t)_v log softmax(logits_t)_v.
     Only the action positions go through the head, so prompt tokens cost no vocabulary projection.
+    `entropy_grad=False` (the entropy is only logged): it is computed without autograd, in row blocks of
+    ENTROPY_BLOCK_BYTES, so no second and third [A, V] tensor is allocated (with a 49k vocabulary each is
+    ~200 kB per action token, and a fresh allocation that size pays its page faults on every step).
     """
     _, head = backbone_and_head(model)
     hidden = hidden_states(model, batch, attention)
     pos = _action_positions(batch).to(hidden.device)
-    logits = head(hidden[pos - 1]).float() / temperature  # [A, V]
+    logits = head(hidden[pos - 1]).float()  # [A, V]
+    if temperature != 1.0:  # in place: the head's backward does not need its output
+        logits = logits.div_(temperature)
     targets = batch.tokens["input_ids"].to(hidden.device)[pos]
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, targets[:, None])[:, 0]
     out = hidden.new_zeros(batch.num_tokens, dtype=torch.float32).index_put((pos,), logp)
     ent = None
     if with_entropy:
-        e = -(logp_all.exp() * logp_all).sum(-1)
+        if entropy_grad:
+            e = -(logp_all.exp() * logp_all).sum(-1)
+        else:
+            with torch.no_grad():
+                e = _entropy_blocks(logp_all.detach())
         ent = hidden.new_zeros(batch.num_tokens, dtype=torch.float32).index_put((pos,), e)
     return out, ent
+
+
+ENTROPY_BLOCK_BYTES = 8 << 20  # below glibc's mmap threshold: blocks reuse heap memory
+
+
+def _entropy_blocks(logp_all: torch.Tensor) -> torch.Tensor:
+    """[A] -sum_v exp(logp) logp of [A, V] log-probabilities, in row blocks of ENTROPY_BLOCK_BYTES."""
+    rows = max(1, ENTROPY_BLOCK_BYTES // max(1, logp_all.shape[-1] * logp_all.element_size()))
+    out = logp_all.new_empty(logp_all.shape[0])
+    for a in range(0, logp_all.shape[0], rows):
+        block = logp_all[a:a + rows]
+        out[a:a + rows] = -(block.exp() * block).sum(-1)
+    return out
 
 
 def _values_at_actions(head, hidden: torch.Tensor, batch: SampleBatch) -> torch.Tensor:

@@ -57,6 +57,7 @@ from reflow.runtime.plan import Placement, Plan, needs_copy, placements
 from reflow.runtime.roles import config_key, loader, role_config
 from reflow.utils.checkpoint import checkpoint_name
 from reflow.utils.failpoint import failpoint
+from reflow.utils.host_memory import tune_host_allocator
 
 
 def merge(parts: list[tuple[str, list[SampleBatch | None]]]) -> SampleBatch | None:
@@ -152,6 +153,8 @@ class Worker:
         self.rank, self.world_size, self.cfg, self.plan, self.graph = rank, world_size, cfg, plan, graph
         rt = cfg.runtime
         self.device = resolve_device(rt.device)
+        if self.device.type == "cpu" and rt.tune_host_allocator:
+            tune_host_allocator()
         self.distributed = master_addr is not None
         if self.distributed:
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)

@@ -126,7 +126,7 @@ def actor_loss(cfg, kl_coef: float, step: int):
     def loss_fn(model, mb: SampleBatch, norm: Norm):
         mask = mb.tokens["action_mask"]
         logp, ent = token_logprobs(model, mb, temperature=cfg.rollout.temperature, with_entropy=True,
-                                   attention=attention_spec(cfg.actor))
+                                   entropy_grad=bool(a.entropy_coef), attention=attention_spec(cfg.actor))
         # One update per train call: the old (proximal) policy *is* the current one, so its log-probs are
         # logp.detach() (ratio = 1, gradient = policy gradient) and the extra actor_inf forward is skipped;
         # TIS then weighs proximal / behaviour from this same forward (in_step_correction).
