@@ -71,9 +71,10 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     attention: Literal["padded", "packed"] = "padded"  # how a packed batch is attended, see models/packing.py
     # the samples of a group (one prompt's n responses, a preference pair) that start with the same tokens
-    # run that prefix once: a row per group (attention=padded) or one row (packed), groups kept whole in
-    # micro-batches; the same numbers up to float rounding (bench/packing.py: 1.9x faster forward + backward
-    # for 8 responses of 64 tokens after a 192-token prompt)
+    # run that prefix once: groups binned into rows as long as the longest group (attention=padded; several
+    # short groups share a row) or one row (packed), groups kept whole in micro-batches; the same numbers up
+    # to float rounding (bench/packing.py: 1.9x faster forward + backward for 8 responses of 64 tokens after
+    # a 192-token prompt)
     prefix_sharing: bool = True
     # packed rows' attention mask: "dense" [T, T] through sdpa, or "flex" (flex_attention BlockMask, compiled
     # on first use; on CPU only forward-only calls use it, training falls back to dense)

@@ -20,8 +20,11 @@ every sample's own tokens:
 
 Causal attention makes the prefix's hidden states independent of what follows, so this is the same
 computation as n separate sequences with the prefix done once. Under "packed" every group of the
-micro-batch goes into one row; under "padded" each group (and each lone sample) gets its own row, the
-rows right-padded to the longest (attention then costs sum_g T'_g^2, not (sum_g T'_g)^2). The row states
+micro-batch goes into one row. Under "padded" the units (groups, and samples that share nothing) are
+binned first-fit decreasing into rows as long as the longest unit, L: a row holds several units when they
+fit, kept apart by the mask. L is what a row per unit would be padded to anyway, so attention per row stays
+<= L^2 while the rows, and with them the padding, shrink: with long-tailed response lengths a row per
+unit spends a large share of R x L on padding. The row states
 are gathered back into the batch's flat [T, H] order (`PackedRows.gather`); a prefix state used by n
 samples then receives the sum of their gradients in backward, exactly as n separate forwards give it.
 
@@ -51,12 +54,15 @@ from reflow.data.batch import SampleBatch
 class AttentionSpec:
     """How a batch is attended: `layout` "packed" | "padded"; `share_prefix`: the common prefix of the
     samples of a group (`samples[group_key]`) is computed once; `kernel`: "dense" mask or "flex" BlockMask
-    for the rows built by `packed_rows`."""
+    for the rows built by `packed_rows`; `binned`: under "padded" with shared prefixes, the units are binned
+    first-fit decreasing into rows as long as the longest unit (False: a row per unit, the baseline the
+    binning is measured and tested against)."""
 
     layout: Literal["packed", "padded"] = "padded"
     share_prefix: bool = False
     kernel: Literal["dense", "flex"] = "dense"
     group_key: str = "group_id"
+    binned: bool = True
 
     def __post_init__(self):
         if self.layout not in ("packed", "padded"):
@@ -125,19 +131,31 @@ class PackedRows:
         return int((self.segment >= 0).sum())
 
 
-def packed_rows(batch: SampleBatch, key: str = "input_ids", group_key: str | None = None,
-                one_row: bool = True) -> PackedRows:
-    """The batch as rows: with `group_key`, each group's common prefix appears once, followed by every
-    sample's own tokens. `one_row`: all units (groups, lone samples) in one row [1, T'], else one row per
-    unit right-padded to the longest [U, L] (attention then costs sum_u L_u^2 instead of T'^2).
+Arrange = Literal["one_row", "per_unit", "first_fit"]
 
-    Without `group_key` and with one_row this is the plain block-diagonal packing (gather = arange(T))."""
+
+def packed_rows(batch: SampleBatch, key: str = "input_ids", group_key: str | None = None,
+                arrange: Arrange = "one_row") -> PackedRows:
+    """The batch as rows: with `group_key`, each group's common prefix appears once, followed by every
+    sample's own tokens. The units are the groups that share a prefix and every other sample; `arrange`:
+
+        "one_row"    all units one after the other in one row [1, T'] (attention costs T'^2)
+        "per_unit"   a row per unit, right-padded to the longest unit [U, L] (sum over rows of L^2)
+        "first_fit"  first-fit decreasing: units by decreasing length (ties: in batch order), each into the
+                     first row with room, rows of capacity L = the longest unit [R <= U, L]; the same batch
+                     always gives the same rows
+
+    Without `group_key` and with "one_row" this is the plain block-diagonal packing (gather = arange(T))."""
+    if arrange not in ("one_row", "per_unit", "first_fit"):
+        raise ValueError(f"unknown row arrangement '{arrange}'; use 'one_row', 'per_unit' or 'first_fit'")
     ids, offs = batch.tokens[key], batch.offsets.tolist()
-    units = batch.groups(group_key) if group_key else [[p] for p in range(len(batch))]
+    units = []  # (samples, shared prefix length): a group that shares nothing is a sample per unit
+    for group in (batch.groups(group_key) if group_key else [[p] for p in range(len(batch))]):
+        P = batch.shared_prefix_len(group, key)
+        units += [(group, P)] if P else [([p], 0) for p in group]
     built, shared = [], False  # per unit: (ids, pos, seg, sees, [(flat start, flat end, row indices)])
     nseg = 0
-    for unit in units:
-        P = batch.shared_prefix_len(unit, key)
+    for unit, P in units:
         shared |= P > 0
         parts, where, length = [], [], 0
 
@@ -156,10 +174,26 @@ def packed_rows(batch: SampleBatch, key: str = "input_ids", group_key: str | Non
             nseg += 1
             where.append((offs[p], offs[p + 1], torch.cat([prefix_idx, own]) if P else own))
         built.append(([torch.cat(x) if x else torch.empty(0, dtype=torch.long) for x in zip(*parts)], where))
-    if one_row and built:  # every unit one after the other in a single row
-        starts = torch.tensor([0] + [len(cols[0]) for cols, _ in built]).cumsum(0).tolist()
-        built = [([torch.cat(c) for c in zip(*(cols for cols, _ in built))],
-                  [(a, b, idx + start) for (_, where), start in zip(built, starts) for a, b, idx in where])]
+    sizes = [len(cols[0]) for cols, _ in built]
+    if arrange == "one_row":
+        bins = [list(range(len(built)))] if built else []
+    elif arrange == "per_unit":
+        bins = [[u] for u in range(len(built))]
+    else:  # capacity = the longest unit, so no row grows past what a row per unit is padded to
+        bins, room, capacity = [], [], max(sizes, default=0)
+        for u in sorted(range(len(built)), key=lambda u: (-sizes[u], u)):
+            r = next((r for r, free in enumerate(room) if free >= sizes[u]), len(bins))
+            if r == len(bins):
+                bins.append([])
+                room.append(capacity)
+            bins[r].append(u)
+            room[r] -= sizes[u]
+    rows = []  # each bin's units one after the other in its row
+    for units_in_row in bins:
+        starts = torch.tensor([0] + [sizes[u] for u in units_in_row]).cumsum(0).tolist()
+        rows.append(([torch.cat(c) for c in zip(*(built[u][0] for u in units_in_row))],
+                     [(a, b, idx + start) for u, start in zip(units_in_row, starts) for a, b, idx in built[u][1]]))
+    built = rows
     L = max((len(b[0][0]) for b in built), default=0)
     out = [torch.full((len(built), L), fill, dtype=torch.long) for fill in (0, 0, -1, -1)]
     gather = torch.empty(batch.num_tokens, dtype=torch.long)
@@ -253,7 +287,9 @@ def hidden_states(model: torch.nn.Module, batch: SampleBatch, attention: Attenti
     device, dtype = _param(model).device, _param(model).dtype
     rows = None
     if spec.share_prefix or spec.layout == "packed":
-        rows = packed_rows(batch, key, sharing_group_key(spec, batch), one_row=spec.layout == "packed")
+        rows = packed_rows(batch, key, sharing_group_key(spec, batch),
+                           arrange="one_row" if spec.layout == "packed" else "first_fit" if spec.binned
+                           else "per_unit")
         if spec.layout == "padded" and not rows.shared:  # nothing shared: plain padding
             rows = None
     if rows is None:

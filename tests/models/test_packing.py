@@ -198,14 +198,68 @@ def test_saved_scalar_head_model_loads_back_with_plain_transformers(model_dirs, 
 
 
 # ----------------------------------------------------------------- prefix sharing
-SHARED = packing.AttentionSpec("padded", share_prefix=True)  # a row per group
-SHARED_SPECS = [SHARED, packing.AttentionSpec("packed", share_prefix=True)]  # ... or one row for all
+SHARED = packing.AttentionSpec("padded", share_prefix=True)  # groups binned into rows
+PER_GROUP = packing.AttentionSpec("padded", share_prefix=True, binned=False)  # a row per group
+SHARED_SPECS = [SHARED, PER_GROUP, packing.AttentionSpec("packed", share_prefix=True)]  # ... or one row for all
+SHARED_IDS = ["binned", "row-per-group", "one-row"]
+# (prompt length, response lengths) per group; as units: 6 + 20 + 3 + 2 = 31, 5 + 2 + 3 = 10,
+# 4 + 4 + 2 + 3 = 13, and the lone sample 13 (a group of one shares nothing)
+RAGGED = ((6, (20, 3, 2)), (5, (2, 3)), (4, (4, 2, 3)), (8, (5,)))
+
+
+def ragged_groups(groups=RAGGED, seed=0) -> SampleBatch:
+    """Groups of different sizes and response lengths (group_id = the group's index), the groups' samples
+    interleaved in the batch so that a row's flat order differs from the batch's; actions = the responses."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for gid, (p, responses) in enumerate(groups):
+        prompt = torch.randint(5, 261, (p,), generator=g)
+        samples += [(i, gid, torch.cat([prompt, torch.randint(5, 261, (r,), generator=g)]), p)
+                    for i, r in enumerate(responses)]
+    samples.sort(key=lambda s: (s[0], s[1]))  # first responses of every group, then the second ones, ...
+    return SampleBatch.from_sequences(range(len(samples)), {
+        "input_ids": [s[2] for s in samples],
+        "action_mask": [(torch.arange(len(s[2])) >= s[3]).long() for s in samples]},
+        {"group_id": [s[1] for s in samples]})
+
+
+def test_first_fit_bins_units_by_decreasing_length_into_rows_as_long_as_the_longest_unit():
+    lens = [9, 2, 5, 4, 7, 3, 1]  # lone samples: 9 | 7 2 | 5 4 | 3 1
+    batch = make_batch(lens)
+    binned = packing.packed_rows(batch, arrange="first_fit")
+    assert binned.input_ids.shape == (4, 9) and packing.packed_rows(batch, arrange="per_unit").input_ids.shape == (7, 9)
+    rows = [[lens[s] for s in torch.unique_consecutive(r[r >= 0]).tolist()] for r in binned.segment]
+    assert rows == [[9], [7, 2], [5, 4], [3, 1]]  # segment s = sample s here
+    assert binned.num_tokens == sum(lens)
+    torch.testing.assert_close(binned.input_ids.flatten()[binned.gather], batch.tokens["input_ids"], atol=0, rtol=0)
+    # shared groups: units 31, 10, 13, 13 -> 31 | 13 13 | 10 (3 rows of 31 instead of 4)
+    batch = ragged_groups()
+    binned = packing.packed_rows(batch, group_key="group_id", arrange="first_fit")
+    assert binned.input_ids.shape == (3, 31) and (binned.segment >= 0).sum(1).tolist() == [31, 26, 10]
+    assert packing.packed_rows(batch, group_key="group_id", arrange="per_unit").input_ids.shape == (4, 31)
+    for key in ("input_ids", "position_ids"):
+        ref = batch.tokens["input_ids"] if key == "input_ids" else batch.position_in_sample()
+        torch.testing.assert_close(getattr(binned, key).flatten()[binned.gather], ref, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="unknown row arrangement"):
+        packing.packed_rows(batch, arrange="best_fit")
+
+
+def test_first_fit_rows_are_the_same_for_the_same_batch_and_break_ties_by_unit_order():
+    lens = [4, 6, 4, 2, 6]  # capacity 6: 6 (sample 1) | 6 (sample 4) | 4 (sample 0) 2 | 4 (sample 2)
+    batch = make_batch(lens)
+    a, b = (packing.packed_rows(batch, arrange="first_fit") for _ in range(2))
+    for f in ("input_ids", "position_ids", "segment", "sees", "gather"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert [torch.unique_consecutive(r[r >= 0]).tolist() for r in a.segment] == [[1], [4], [0, 3], [2]]
+    ragged = ragged_groups()
+    a, b = (packing.packed_rows(ragged, group_key="group_id", arrange="first_fit") for _ in range(2))
+    assert torch.equal(a.gather, b.gather) and torch.equal(a.segment, b.segment)
 
 
 def test_packed_rows_hold_each_group_prefix_once_with_positions_continuing_after_it():
     batch = group_batch((7, 4), (3, 4, 5))
     one = packing.packed_rows(batch, group_key="group_id")
-    per_group = packing.packed_rows(batch, group_key="group_id", one_row=False)
+    per_group = packing.packed_rows(batch, group_key="group_id", arrange="per_unit")
     # 7 + (3 + 4 + 5) and 4 + (3 + 4 + 5) row tokens instead of 3 * 7 + 12 + 3 * 4 + 12
     assert one.input_ids.shape == (1, 7 + 12 + 4 + 12) and per_group.input_ids.shape == (2, 7 + 12)
     assert one.shared and per_group.shared and one.num_tokens == per_group.num_tokens == 35
@@ -226,9 +280,20 @@ def test_packed_rows_hold_each_group_prefix_once_with_positions_continuing_after
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("shared", SHARED_SPECS, ids=["row-per-group", "one-row"])
+def test_binned_rows_hidden_states_equal_a_row_per_group_and_separate_sequences(policies, family):
+    batch = ragged_groups()
+    with torch.no_grad():
+        binned = packing.hidden_states(policies[family], batch, SHARED)
+        per_group = packing.hidden_states(policies[family], batch, PER_GROUP)
+        separate = packing.hidden_states(policies[family], batch, "padded")
+    torch.testing.assert_close(binned, per_group, atol=1e-5, rtol=0)
+    torch.testing.assert_close(binned, separate, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shared", SHARED_SPECS, ids=SHARED_IDS)
 def test_shared_prefix_logprobs_values_and_scores_equal_separate_sequences(policies, model_dirs, family, shared):
-    batch = group_batch((7, 4), (3, 4, 5))
+    batch = ragged_groups()  # binned: 3 rows for 4 units
     with torch.no_grad():
         logp, ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention=shared)
         ref_logp, ref_ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention="padded")
@@ -242,9 +307,9 @@ def test_shared_prefix_logprobs_values_and_scores_equal_separate_sequences(polic
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("shared", SHARED_SPECS, ids=["row-per-group", "one-row"])
+@pytest.mark.parametrize("shared", SHARED_SPECS, ids=SHARED_IDS)
 def test_shared_prefix_gradients_equal_separate_sequences(model_dirs, family, shared):
-    batch = group_batch((7, 4), (3, 4, 5))
+    batch = ragged_groups()  # binned: 3 rows for 4 units
     grads = {}
     for name, attention in (("separate", "padded"), ("shared", shared)):
         model = load_policy(model_dirs[family])
@@ -259,13 +324,14 @@ def test_shared_prefix_gradients_equal_separate_sequences(model_dirs, family, sh
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_block_mask_attends_exactly_as_the_dense_row_mask():
     """flex_attention under the rows' BlockMask (eager: torch's reference implementation) equals sdpa under
-    the dense mask: one row with shared prefixes, one without, and a padded row per group."""
+    the dense mask: one row with shared prefixes, one without, a padded row per group, and binned rows."""
     from torch.nn.attention.flex_attention import flex_attention
 
     batch = group_batch((7, 4), (3, 4, 5))
     g = torch.Generator().manual_seed(0)
     for rows in (packing.packed_rows(batch, group_key="group_id"), packing.packed_rows(batch),
-                 packing.packed_rows(batch, group_key="group_id", one_row=False)):
+                 packing.packed_rows(batch, group_key="group_id", arrange="per_unit"),
+                 packing.packed_rows(ragged_groups(), group_key="group_id", arrange="first_fit")):
         q, k, v = (torch.randn(*rows.input_ids.shape[:1], 2, rows.input_ids.shape[1], 8, generator=g) for _ in range(3))
         dense = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.row_mask(rows, torch.float32))
         flex = flex_attention(q, k, v, block_mask=packing.row_block_mask(rows))
