@@ -38,8 +38,10 @@ from machine import load_avg  # noqa: E402
 WORK = ROOT / "runs/bench/stability"
 # A run is a reward (BASES) and optionally " + rehearsal C" (SFT loss on the rehearsal set, coefficient C).
 # "RM (P)" / "AM (P)": a reward model / advantage model trained on the pairs P (PAIRS) replaces the rule reward.
-BASES = ["rule reward", "RM (clean)", "AM (clean)", "RM (length)", "AM (length)"]
+BASES = ["rule reward", "RM (clean)", "AM (clean)", "RM (mixed)", "AM (mixed)", "RM (length)", "AM (length)"]
 PAIRS = {"clean": "rejected = a wrong answer of the chosen's length (the scorer must learn correctness)",
+         "mixed": "three pairs per question, the rejected one wrong and of the chosen's length, one character longer, "
+                  "and one character shorter (length alone tells nothing; a wrong answer of any length loses)",
          "length": "rejected = the chosen cut short by a character (\"longer\" = \"correct\": a planted length bias)"}
 DEFAULT_RUNS = ["rule reward", "RM (clean)", "AM (clean)", "AM (clean) + rehearsal 0.1", "RM (clean) + rehearsal 0.1",
                 "RM (length)", "AM (length)", "AM (length) + rehearsal 0.1"]
@@ -76,7 +78,7 @@ def write_data(n_train: int, n_eval: int, tasks: dict[str, dict]) -> dict[str, P
     from reflow.data.tasks import get_task, write_task
 
     files: dict[str, Path] = {}
-    mixed: dict[str, list[dict]] = {"sft": [], "train": [], "pairs_length": [], "pairs_clean": []}
+    mixed: dict[str, list[dict]] = {"sft": [], "train": [], "pairs_length": [], "pairs_clean": [], "pairs_mixed": []}
     for task, opts in tasks.items():
         f = write_task(task, WORK / "data" / task, n_train=n_train, n_test=TEST_SPLIT, seed=0, **opts)
         files[f"{task}_train"], files[f"{task}_test"] = f["train"], f["test"]
@@ -89,6 +91,13 @@ def write_data(n_train: int, n_eval: int, tasks: dict[str, dict]) -> dict[str, P
         rng = random.Random(f"clean:{task}")  # clean: a wrong answer of the same length
         mixed["pairs_clean"] += [{**r, "rejected": same_length_wrong(rng, task, r["chosen"], get_task(task).corrupt)}
                                  for r in pairs]
+        rng = random.Random(f"mixed:{task}")
+        alphabet = "0123456789" if task == "addition" else "abcdefghijklmnopqrstuvwxyz"
+        for r in pairs:  # mixed: wrong answers as long as, longer than and shorter than the correct one
+            wrong = same_length_wrong(rng, task, r["chosen"], get_task(task).corrupt)
+            longer = wrong + rng.choice(alphabet)
+            shorter = r["chosen"][:-1] if len(r["chosen"]) > 1 else r["chosen"] + rng.choice(alphabet) * 2
+            mixed["pairs_mixed"] += [{**r, "rejected": x} for x in (wrong, longer, shorter)]
         seen = {json.loads(line)["prompt"] for name in ("train", "test") for line in open(f[name])}
         rows = [json.loads(line) for line in open(f["test"])][:n_eval]
         if len(rows) < n_eval:  # more held-out questions: another draw, minus every train and test prompt
@@ -184,11 +193,23 @@ def rehearsal_stats(path: Path, answers: dict[str, tuple[str, str]]) -> dict:
     return out
 
 
+def same_scorer(run_dir: Path, sft: Path, steps: int, lr: float) -> bool:
+    """Whether run_dir holds a finished RM / AM trained from sft for steps steps at LR lr."""
+    import yaml
+
+    if not (run_dir / "final" / "config.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return (cfg["model"]["path"] == str(sft) and cfg["max_steps"] == steps
+            and abs(cfg["model"]["optim"]["lr"] - lr) <= 1e-12)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sft-steps", type=int, default=1500)
-    ap.add_argument("--rm-steps", type=int, default=40, help="RM and AM training steps (32 pairs each)")
-    ap.add_argument("--pairs", default="clean,length", help=f"pair sets to train an RM and an AM on: {PAIRS}")
+    ap.add_argument("--rm-steps", type=int, default=800, help="RM and AM training steps (32 pairs each)")
+    ap.add_argument("--rm-lr", type=float, default=3e-4, help="RM and AM learning rate")
+    ap.add_argument("--pairs", default="mixed,length", help=f"pair sets to train an RM and an AM on: {PAIRS}")
     ap.add_argument("--ppo-steps", type=int, default=200)
     ap.add_argument("--ppo-lr", type=float, default=2e-4, help="the actor's LR in PPO")
     ap.add_argument("--algo", default="grpo", choices=["ppo", "grpo"], help="ppo: a critic and GAE; grpo: group baseline")
@@ -209,6 +230,8 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=8)
     ap.add_argument("--rehearse-per-cluster", type=int, default=16)
     ap.add_argument("--reuse-sft", action="store_true")
+    ap.add_argument("--reuse-scorers", action="store_true",
+                    help="keep an RM / AM folder trained on the same SFT model, pairs, steps and LR by an earlier run")
     ap.add_argument("--out", default="bench/results/stability.md")
     args = ap.parse_args()
     run_names = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else DEFAULT_RUNS
@@ -240,7 +263,8 @@ def main() -> None:
     times = {}
     t = time.perf_counter()
     # one SFT folder per reversal length (the default keeps the name of earlier runs' cache)
-    sft_root = WORK / ("sft" if (lo, hi) == (2, 4) else f"sft_reverse{lo}-{hi}")
+    tag = "" if (lo, hi) == (2, 4) else f"_reverse{lo}-{hi}"
+    sft_root = WORK / f"sft{tag}"
     sft = sft_root / "final"
     if not (args.reuse_sft and (sft / "config.json").is_file()):
         init_model("tiny-llama", WORK / "model", seed=0)
@@ -262,22 +286,23 @@ def main() -> None:
     scorers, times["rm"], times["am"], times["rehearse"] = {}, 0.0, 0.0, 0.0
     for kind in pair_sets:
         common = [f"model.path={sft}", f"data.train={files['pairs_' + kind]}", "data.max_len=32", "batch_size=32",
-                  f"max_steps={args.rm_steps}", "model.optim.lr=1e-4", "eval_fraction=0.05"]
+                  f"max_steps={args.rm_steps}", f"model.optim.lr={args.rm_lr:g}", "eval_fraction=0.05"]
         for what in ("rm", "am"):
             t = time.perf_counter()
-            supervised(what, [f"output_dir={WORK}/{what}_{kind}", *common,
-                              *(["samples_per_prompt=2", "max_new_tokens=8"] if what == "am" else [])])
+            if not (args.reuse_scorers and same_scorer(WORK / f"{what}_{kind}{tag}", sft, args.rm_steps, args.rm_lr)):
+                supervised(what, [f"output_dir={WORK}/{what}_{kind}{tag}", *common,
+                                  *(["samples_per_prompt=2", "max_new_tokens=8"] if what == "am" else [])])
             times[what] += time.perf_counter() - t
-            scorers[f"{what.upper()} ({kind})"] = WORK / f"{what}_{kind}" / "final"
+            scorers[f"{what.upper()} ({kind})"] = WORK / f"{what}_{kind}{tag}" / "final"
         t = time.perf_counter()
         run_rehearse(load_config(RehearseConfig, None, [
-            f"output_dir={WORK}/rehearse_{kind}", f"policy.path={sft}", f"am={scorers[f'AM ({kind})']}",
+            f"output_dir={WORK}/rehearse_{kind}{tag}", f"policy.path={sft}", f"am={scorers[f'AM ({kind})']}",
             f"data.train={pool}", "data.max_prompt_len=32", f"clusters={args.clusters}", "samples_per_prompt=2",
             "max_new_tokens=8", f"rehearse_per_cluster={args.rehearse_per_cluster}"]))
         times["rehearse"] += time.perf_counter() - t
     scorer_rows = {name: {"pair_accuracy": pair_accuracy(path.parent), **score_stats(sft, path, tests)}
                    for name, path in scorers.items()}
-    rehearsal_sets = {kind: rehearsal_stats(WORK / f"rehearse_{kind}" / "rehearsal.jsonl", answers) for kind in pair_sets}
+    rehearsal_sets = {kind: rehearsal_stats(WORK / f"rehearse_{kind}{tag}" / "rehearsal.jsonl", answers) for kind in pair_sets}
 
     rows, curves = [], {}
     for seed in seeds:
@@ -288,8 +313,8 @@ def main() -> None:
             if base != "rule reward":
                 extra += ["reward.fn=null", f"reward.model={scorers[base]}"]
             if coef is not None:
-                extra += [f"rehearsal.data={WORK}/rehearse_{kind}/rehearsal.jsonl", f"rehearsal.coef={coef:g}"]
-            slug = "".join(c if c.isalnum() or c == "." else "_" for c in name) + f"_s{seed}"
+                extra += [f"rehearsal.data={WORK}/rehearse_{kind}{tag}/rehearsal.jsonl", f"rehearsal.coef={coef:g}"]
+            slug = "".join(c if c.isalnum() or c == "." else "_" for c in name) + f"{tag}_s{seed}"
             metrics = ppo(slug, sft, files, args.ppo_steps, extra, recipe)
             final = WORK / "ppo" / slug / "final"
             after = {task: accuracy(final, test, args.eval_n) for task, test in tests.items()}
@@ -333,7 +358,7 @@ def main() -> None:
           f"{f', {args.warmup} warm-up steps then cosine' if args.warmup else ''}, KL {args.kl_coef:g}, temperature "
           f"{args.temperature:g}) x {args.prompts_per_step} prompts x {args.samples} samples on addition prompts, rule reward "
           f"`{args.reward}`, RL seeds {', '.join(map(str, seeds))}; held-out greedy exact match on {args.eval_n} prompts per "
-          f"task (none a training question). RM and AM: {args.rm_steps} steps x 32 pairs of each pair set "
+          f"task (none a training question). RM and AM: {args.rm_steps} steps x 32 pairs (LR {args.rm_lr:g}) of each pair set "
           + "; ".join(f"**{k}**: {PAIRS[k]}" for k in pair_sets) + f". Rehearsal set: top {args.rehearse_per_cluster} "
           f"of each of {args.clusters} clusters of {args.rehearse_prompts} prompts (both tasks), ranked by that pair set's AM.", "",
           "| RL run | seed | addition before -> after | reversal before -> after (forgetting) | train accuracy (last quarter) "
