@@ -1,22 +1,28 @@
 """Stable RLHF (Peng et al. 2023) on two bundled tasks: does selective rehearsal stop forgetting, and does the
-advantage model change how a biased reward model is exploited?
+advantage model change how a learned reward model is exploited?
 
-    .venv/bin/python bench/stability.py [--reuse-sft] [--algo ppo|grpo] [--reward digit_match] [--runs NAMES] ...
+    .venv/bin/python bench/stability.py [--reuse-sft] [--reuse-scorers] [--pairs mixed,length] [--runs NAMES]
+                                        [--seeds 0,1] [--ppo-lr ...] ...
 
-Set-up (tiny-llama, CPU; the SFT stage is the long one, ~2 min quiet, the rest ~5 min): SFT on addition (1-2
-digits) and reversal (2-4 letters, --reverse-len) together, --n-train questions each. Then
-    forgetting  RL on addition prompts with a rule reward (default: GRPO, the graded `digit_match`, 128 prompts x 4
-                samples at temperature 0.5, LR 2e-4 after 20 warm-up steps, as configs/grpo_addition_recipe.yaml
-                minus its PPO-ptx term; --algo ppo for a critic and GAE), with and without selective rehearsal
-                (`reflow rehearse` on both tasks' prompts, rehearsal.coef = 0.01 as the paper, and 0.1); held-out
-                greedy exact-match accuracy on both tasks before and after
-    hacking     a reward model with a planted length bias: every preference pair's rejected answer is the chosen
-                (correct) one cut short by a character, so "longer" and "correct" are the same thing in its data;
-                an RM (`reflow rm`) and an AM (`reflow am`) trained on the same pairs; RL on addition prompts with
-                each as the reward: true accuracy and mean response length (the biased quantity) per step, and
-                the score distribution per task (mean, std over SFT samples of held-out prompts) of RM and AM
-Writes the table to --out, curves to its .png, and prints `BENCH_SUMMARY {json}` last. --reuse-sft keeps
-runs/bench/stability/sft/final from an earlier run (the SFT stage is the longest).
+Set-up (tiny-llama, CPU; SFT ~2 min quiet, each scorer pair set ~2.5 min, each RL run ~1.5 min): SFT on addition
+(1-2 digits) and reversal (2-4 letters, --reverse-len) together, --n-train questions each. Then an RM
+(`reflow rm`) and an AM (`reflow am`) on each pair set of --pairs:
+    clean   rejected = a wrong answer of the chosen's length (the task's own near miss, or one character changed)
+    mixed   three pairs per question: the rejected answer wrong and of the same length, one longer, one shorter
+            (length alone tells nothing)
+    length  rejected = the chosen cut short by a character: "longer" and "correct" are the same thing in these
+            pairs, a planted bias (the hacking measurement)
+`reflow rehearse` on both tasks' prompts with each pair set's AM gives that set's rehearsal set. RL on addition
+prompts (default: GRPO, the graded `digit_match`, 128 prompts x 4 samples at temperature 0.5, LR 2e-4 after 20
+warm-up steps, as configs/grpo_addition_recipe.yaml minus its PPO-ptx term). A run (--runs) is a reward,
+`rule reward` or `RM (P)` / `AM (P)` for pair set P, optionally `+ rehearsal C` (the SFT loss on P's rehearsal set
+with coefficient C joins the actor's step), once per --seeds seed. Reported per run: held-out greedy exact match
+on both tasks before and after (--eval-n prompts each, none a training question), the sampled train accuracy and
+mean response length (the biased quantity) per step (curves), and per scorer its held-out pair accuracy and score
+distribution per task (mean, std over SFT samples). Writes the table to --out (a "## Set-ups tried" section
+already in that file is kept), curves to its .png, and prints `BENCH_SUMMARY {json}` last. --reuse-sft keeps
+runs/bench/stability/sft/final from an earlier run; --reuse-scorers keeps RM / AM folders trained on the same
+SFT model with the same steps and LR.
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ PAIRS = {"clean": "rejected = a wrong answer of the chosen's length (the scorer 
          "mixed": "three pairs per question, the rejected one wrong and of the chosen's length, one character longer, "
                   "and one character shorter (length alone tells nothing; a wrong answer of any length loses)",
          "length": "rejected = the chosen cut short by a character (\"longer\" = \"correct\": a planted length bias)"}
-DEFAULT_RUNS = ["rule reward", "RM (clean)", "AM (clean)", "AM (clean) + rehearsal 0.1", "RM (clean) + rehearsal 0.1",
-                "RM (length)", "AM (length)", "AM (length) + rehearsal 0.1"]
+DEFAULT_RUNS = ["rule reward", "rule reward + rehearsal 1", "RM (mixed)", "AM (mixed)", "AM (mixed) + rehearsal 0.1",
+                "AM (mixed) + rehearsal 1", "RM (length)", "AM (length)"]
 TASKS = {"addition": {"min_digits": 1, "max_digits": 2}, "reverse": {"min_len": 3, "max_len": 5}}
 TEST_SPLIT = 200  # each task's test split; fixed so that the training data (and a cached SFT model) never move
 
