@@ -235,6 +235,8 @@ def main() -> None:
     ap.add_argument("--rehearse-prompts", type=int, default=600, help="prompts (both tasks) clustered and ranked")
     ap.add_argument("--clusters", type=int, default=8)
     ap.add_argument("--rehearse-per-cluster", type=int, default=16)
+    ap.add_argument("--rehearse-samples", type=int, default=2, help="SFT responses per prompt the AM ranks")
+    ap.add_argument("--rehearse-temperature", type=float, default=1.0, help="their sampling temperature")
     ap.add_argument("--reuse-sft", action="store_true")
     ap.add_argument("--reuse-scorers", action="store_true",
                     help="keep an RM / AM folder trained on the same SFT model, pairs, steps and LR by an earlier run")
@@ -303,7 +305,8 @@ def main() -> None:
         t = time.perf_counter()
         run_rehearse(load_config(RehearseConfig, None, [
             f"output_dir={WORK}/rehearse_{kind}{tag}", f"policy.path={sft}", f"am={scorers[f'AM ({kind})']}",
-            f"data.train={pool}", "data.max_prompt_len=32", f"clusters={args.clusters}", "samples_per_prompt=2",
+            f"data.train={pool}", "data.max_prompt_len=32", f"clusters={args.clusters}",
+            f"samples_per_prompt={args.rehearse_samples}", f"temperature={args.rehearse_temperature}",
             "max_new_tokens=8", f"rehearse_per_cluster={args.rehearse_per_cluster}"]))
         times["rehearse"] += time.perf_counter() - t
     scorer_rows = {name: {"pair_accuracy": pair_accuracy(path.parent), **score_stats(sft, path, tests)}
@@ -366,7 +369,8 @@ def main() -> None:
           f"`{args.reward}`, RL seeds {', '.join(map(str, seeds))}; held-out greedy exact match on {args.eval_n} prompts per "
           f"task (none a training question). RM and AM: {args.rm_steps} steps x 32 pairs (LR {args.rm_lr:g}) of each pair set "
           + "; ".join(f"**{k}**: {PAIRS[k]}" for k in pair_sets) + f". Rehearsal set: top {args.rehearse_per_cluster} "
-          f"of each of {args.clusters} clusters of {args.rehearse_prompts} prompts (both tasks), ranked by that pair set's AM.", "",
+          f"of each of {args.clusters} clusters of {args.rehearse_prompts} prompts (both tasks), ranked by that pair set's AM "
+          f"(best of {args.rehearse_samples} SFT responses at temperature {args.rehearse_temperature:g}).", "",
           "| RL run | seed | addition before -> after | reversal before -> after (forgetting) | train accuracy (last quarter) "
           "| response length first -> last quarter | s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
