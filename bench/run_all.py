@@ -195,7 +195,8 @@ def fig_stability(r: dict) -> str:
     s = r["summary"]
     if not s:
         return "no summary (see the log)"
-    parts = [f"{x['run']}: reversal {x['reverse_after'] - x['reverse_before']:+.3f}, addition "
+    parts = [f"{x['run']}{' seed ' + str(x['seed']) if 'seed' in x else ''}: reversal "
+             f"{x['reverse_after'] - x['reverse_before']:+.3f}, addition "
              f"{x['addition_after'] - x['addition_before']:+.3f}, length {x['response_len_first']:.1f}->"
              f"{x['response_len_last']:.1f}" for x in s["rows"]]
     stds = "; ".join(f"{m.upper()} score std " + "/".join(f"{v['std']:.2f}" for v in d.values())
@@ -380,7 +381,8 @@ def main() -> None:
     jobs.append(("lora", ["bench/lora.py", *(["--steps", "30", "--eval-every", "15"] if q else [])],
                  ["lora.md", "lora.png"], fig_lora))
     jobs.append(("async", ["bench/async.py", *(["--steps", "8", "--workers", "2"] if q else [])], ["async.md"], fig_async))
-    jobs.append(("stability", ["bench/stability.py", *(["--sft-steps", "200", "--ppo-steps", "20"] if q else [])],
+    jobs.append(("stability", ["bench/stability.py",
+                               *(["--sft-steps", "200", "--ppo-steps", "20", "--rm-steps", "100"] if q else [])],
                  ["stability.md", "stability.png"], fig_stability))
     jobs.append(("chaos", ["bench/chaos.py", *(["--kills", "4", "--steps", "8", "--save-every", "2",
                                                 "--hostile-steps", "1"] if q else [])], ["chaos.md"], fig_chaos))
@@ -489,8 +491,8 @@ def main() -> None:
             "prompt and 8 responses of 64 tokens) without prefix sharing (padded, packed) and with it (dense "
             "mask, flex_attention), interleaved in one process (bench/packing.py)."),
         "stability": ("- **stability**: selective rehearsal against forgetting (the second task's accuracy after PPO on the "
-            "first) and the advantage model against a length-biased reward model (accuracy, response length, "
-            "score distributions per task) (bench/stability.py)."),
+            "first) and the advantage model against reward models on mixed-length and length-biased "
+            "pairs (accuracy, response length, score distributions per task) (bench/stability.py)."),
         "gpu_smoke": ("- **gpu_smoke**: the demo's SFT and GRPO on CUDA in this process, on 1 Ray worker and (with 2 GPUs) on "
             "2, with NCCL and a bf16 run (bench/gpu_smoke.py; skipped without CUDA)."),
     }
