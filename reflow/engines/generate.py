@@ -66,8 +66,6 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-
-from reflow.engines.skinny import eligible_linears, weight_major_linears
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 
@@ -430,14 +428,11 @@ class GenerationEngine:
     batch_size: live rows at most; refill: refill freed slots from the waiting prompts (continuous batching)
     or only start new prompts once the batch is empty (static chunks); refill_min: freed slots that trigger
     a refill (default batch_size // 8, at least 1); share_prefill: rows with the same prompt tokens share one
-    prefill (see the module docstring; False prefills every row on its own, the baseline of the benchmark);
-    weight_major_decode: decode forwards compute the linears of plain CPU weights as (W @ x^T)^T, the
-    orientation CPU BLAS runs fast for few rows (see `reflow/engines/skinny.py`; no effect on accelerators).
+    prefill (see the module docstring; False prefills every row on its own, the baseline of the benchmark).
     """
 
     def __init__(self, model: torch.nn.Module, eos_token_ids: Sequence[int], pad_token_id: int, batch_size: int = 256,
-                 *, refill: bool = True, refill_min: int | None = None, share_prefill: bool = True,
-                 weight_major_decode: bool = True):
+                 *, refill: bool = True, refill_min: int | None = None, share_prefill: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model = model
@@ -447,7 +442,6 @@ class GenerationEngine:
         self.refill = refill
         self.refill_min = max(1, batch_size // 8) if refill_min is None else max(1, int(refill_min))
         self.share_prefill = share_prefill
-        self.weight_major_decode = weight_major_decode
         # The KV cache goes in under the name the model's forward takes: `cache` in recent transformers
         # (where `past_key_values` is deprecated and warns on every forward), `past_key_values` before.
         forward_args = inspect.signature(model.forward).parameters
@@ -655,7 +649,6 @@ class GenerationEngine:
              keys: list[int] | None = None, seed: int = 0, store: KVStore | None = None,
              starts: list[int] | None = None, steer: Steer | None = None) -> Iterator[Generation]:
         device = next(self.model.parameters()).device
-        skinny = eligible_linears(self.model) if self.weight_major_decode else []
         # adopted rows (steer) are appended: row i >= the caller's prompts is adopted[i]'s continuation
         prompts, budgets, keys = list(prompts), list(budgets), None if keys is None else list(keys)
         starts = [0] * len(prompts) if starts is None else list(starts)
@@ -773,8 +766,7 @@ class GenerationEngine:
             cache.make_room()
             width = cache.end - cache.start + 1
             attn = torch.arange(width, device=device)[None, :] >= (width - 1 - lens)[:, None]
-            with weight_major_linears(skinny):
-                logits = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=lens[:, None],
-                                    use_cache=True, **{self._cache_arg: cache}).logits[:, -1]
+            logits = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=lens[:, None],
+                                use_cache=True, **{self._cache_arg: cache}).logits[:, -1]
             cache.advance(1)
             lens = lens + 1
