@@ -11,7 +11,9 @@ Timed: `token_logprobs` over the micro-batch, then backward of the token-mean NL
 (what a policy-loss step computes), gradients zeroed between steps; no optimizer step (it costs the same in
 every variant). Variants, interleaved step by step in the same process (the same model and batch):
 
-    unshared padded   every sequence on its own row of a right-padded [B, Lmax] batch
+    unshared padded   every sequence on its own row of a right-padded [B, Lmax] batch (binned=False)
+    unshared binned   (--long-tail only) no sharing, sequences binned first-fit decreasing into rows of
+                      Lmax (reflow's "padded" without group ids or prefix sharing: PPO n=1, critics, DPO)
     unshared packed   one row of T = B (P + R) tokens, dense [T, T] block-diagonal mask
     shared padded     groups binned first-fit decreasing into rows as long as the longest group, dense
                       prefix-sharing masks (reflow's default); with equal groups: a row of P + n R per group
@@ -22,7 +24,8 @@ every variant). Variants, interleaved step by step in the same process (the same
                       on CPU it is timed forward-only (the inference calls: reference log-probs, values)
 
 each forward + backward, and forward only (under no_grad) for unshared padded and the shared variants.
---long-tail times unshared padded and the padded shared variants, forward + backward, then forward only.
+--long-tail times unshared padded, unshared binned and the padded shared variants, forward + backward, then
+forward only.
 
 Token work per group: unshared n (P + R), shared P + n R; attention per row: length^2. Prints the median
 step time of each variant and its ratio to "unshared padded"; writes bench/results/packing.md; the last
@@ -104,7 +107,8 @@ def main() -> None:
     else:
         batch = group_batch([args.prompt] * args.groups, [args.response] * args.n, vocab=model.config.vocab_size)
     mask = batch.tokens["action_mask"]
-    specs = {"unshared padded": AttentionSpec("padded"), "unshared packed": AttentionSpec("packed"),
+    specs = {"unshared padded": AttentionSpec("padded", binned=False), "unshared binned": AttentionSpec("padded"),
+             "unshared packed": AttentionSpec("packed"),
              "shared padded": AttentionSpec("padded", share_prefix=True),
              "shared per-group": AttentionSpec("padded", share_prefix=True, binned=False),
              "shared packed": AttentionSpec("packed", share_prefix=True),
@@ -112,11 +116,13 @@ def main() -> None:
     # (variant, backward): forward + backward (train calls) and forward only (inference calls); flex has no
     # backward on CPU (reflow falls back to dense there), so it is timed forward-only on CPU
     cases = [(k, True) for k in specs if k != "shared flex" or use_flex(specs[k], next(model.parameters()).device)]
+    cases = [c for c in cases if c[0] != "unshared binned"]  # equal lengths: nothing to bin
     cases += [(k, False) for k in ("unshared padded", "shared padded", "shared packed", "shared flex")]
     if args.no_flex:
         cases = [c for c in cases if c[0] != "shared flex"]
     if args.long_tail:
-        cases = [(k, b) for b in (True, False) for k in ("unshared padded", "shared per-group", "shared padded")]
+        cases = [(k, b) for b in (True, False)
+                 for k in ("unshared padded", "unshared binned", "shared per-group", "shared padded")]
     else:
         cases = [c for c in cases if c[0] != "shared per-group"]
 

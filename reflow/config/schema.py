@@ -69,7 +69,10 @@ class ModelConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     micro_batch_tokens: int = 4096  # token budget of one forward/backward
     gradient_checkpointing: bool = False
-    attention: Literal["padded", "packed"] = "padded"  # how a packed batch is attended, see models/packing.py
+    # how a packed batch is attended, see models/packing.py: "padded" bins samples first-fit decreasing into
+    # rows as long as the longest one (short samples share a row, kept apart by the mask; plain right padding
+    # when no two fit), "packed" puts the micro-batch in one row
+    attention: Literal["padded", "packed"] = "padded"
     # the samples of a group (one prompt's n responses, a preference pair) that start with the same tokens
     # run that prefix once: groups binned into rows as long as the longest group (attention=padded; several
     # short groups share a row) or one row (packed), groups kept whole in micro-batches; the same numbers up

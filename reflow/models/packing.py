@@ -8,7 +8,13 @@ mask, plus per-sample position ids (rotary positions restart at 0 for every samp
 Two attention choices for the same computation, equal up to float rounding:
     "packed": one row, block-diagonal mask — no padding compute; attention is O(T^2) in the row,
               so micro-batches must be bounded in tokens (the engines do that).
-    "padded": right-padded [B, Lmax] with a 2-D mask — cheaper attention when many short samples.
+    "padded": rows as long as the longest sample, L: the samples are binned first-fit decreasing into
+              R <= B rows (several short samples share a row, kept apart by the [R, 1, L, L] mask), so
+              attention per row stays <= L^2 while the padding shrinks: with long-tailed lengths one
+              sample per row spends most of B x L on padding. When no two samples fit in one row
+              (R = B) it is plain right padding [B, L] with transformers' 2-D mask, which needs no
+              float [B, 1, L, L] mask (transformers builds a bool one when some row is padded, none
+              when none is).
 
 Prefix sharing (`AttentionSpec.share_prefix`): the samples of a group (`samples["group_id"]`, the n
 responses of one prompt) that begin with the same P tokens are laid out as that prefix once, followed by
@@ -21,17 +27,18 @@ every sample's own tokens:
 Causal attention makes the prefix's hidden states independent of what follows, so this is the same
 computation as n separate sequences with the prefix done once. Under "packed" every group of the
 micro-batch goes into one row. Under "padded" the units (groups, and samples that share nothing) are
-binned first-fit decreasing into rows as long as the longest unit, L: a row holds several units when they
-fit, kept apart by the mask. L is what a row per unit would be padded to anyway, so attention per row stays
-<= L^2 while the rows, and with them the padding, shrink: with long-tailed response lengths a row per
-unit spends a large share of R x L on padding. The row states
-are gathered back into the batch's flat [T, H] order (`PackedRows.gather`); a prefix state used by n
-samples then receives the sum of their gradients in backward, exactly as n separate forwards give it.
+binned as above, into rows as long as the longest unit. The row states are gathered back into the
+batch's flat [T, H] order (`PackedRows.gather`); a prefix state used by n samples then receives the sum of
+their gradients in backward, exactly as n separate forwards give it.
 
-The mask of R rows of length L is built either dense ([R, 1, L, L] additive, through the model's own sdpa
-attention) or as a flex_attention BlockMask (`kernel="flex"`: no L x L tensor is kept; the model runs
-transformers' "flex_attention" implementation, compiled by transformers, for that forward). torch has no flex_attention
-backward on CPU: there, forwards under autograd fall back to the dense mask.
+The mask of R rows of length L is built either dense ([R, 1, L, L] additive in the model's dtype, through
+the model's own sdpa attention) or as a flex_attention BlockMask (`kernel="flex"`: no L x L tensor is kept;
+the model runs transformers' "flex_attention" implementation, compiled by transformers, for that forward).
+torch has no flex_attention backward on CPU: there, forwards under autograd fall back to the dense mask.
+The dense mask takes 4 R L^2 bytes in fp32 (1 MiB per row at L = 512, 64 MiB at L = 4096): fine at the
+lengths reflow trains on CPU, where rows stay within a micro-batch's token budget; without sharing, binned
+rows keep L and have R <= B, so it is at most 4x the bool [B, 1, L, L] mask transformers itself builds for
+the same right-padded batch. For long sequences on an accelerator, the flex kernel keeps no L x L tensor.
 
 Per-token outputs follow the batch convention: position t holds the quantity for *emitting* token t,
 computed from the hidden state at t-1; position 0 of each sample holds 0.
@@ -54,9 +61,10 @@ from reflow.data.batch import SampleBatch
 class AttentionSpec:
     """How a batch is attended: `layout` "packed" | "padded"; `share_prefix`: the common prefix of the
     samples of a group (`samples[group_key]`) is computed once; `kernel`: "dense" mask or "flex" BlockMask
-    for the rows built by `packed_rows`; `binned`: under "padded" with shared prefixes, the units are binned
-    first-fit decreasing into rows as long as the longest unit (False: a row per unit, the baseline the
-    binning is measured and tested against)."""
+    for the rows built by `packed_rows`; `binned`: under "padded" the units (samples, or groups sharing a
+    prefix) are binned first-fit decreasing into rows as long as the longest unit, when that takes fewer
+    rows than units or a prefix is shared (False: a row per unit, plain right padding without sharing: the
+    baseline the binning is measured and tested against)."""
 
     layout: Literal["packed", "padded"] = "padded"
     share_prefix: bool = False
@@ -286,11 +294,17 @@ def hidden_states(model: torch.nn.Module, batch: SampleBatch, attention: Attenti
     spec = attention_spec(attention)
     device, dtype = _param(model).device, _param(model).dtype
     rows = None
-    if spec.share_prefix or spec.layout == "packed":
-        rows = packed_rows(batch, key, sharing_group_key(spec, batch),
-                           arrange="one_row" if spec.layout == "packed" else "first_fit" if spec.binned
-                           else "per_unit")
-        if spec.layout == "padded" and not rows.shared:  # nothing shared: plain padding
+    if spec.layout == "packed":
+        rows = packed_rows(batch, key, sharing_group_key(spec, batch), arrange="one_row")
+    elif spec.binned:
+        rows = packed_rows(batch, key, sharing_group_key(spec, batch), arrange="first_fit")
+        # nothing shared and a row per sample anyway: the same rows under transformers' 2-D mask, with no
+        # float [B, 1, L, L] mask (transformers builds a bool one, or none when no sample is padded)
+        if not rows.shared and len(rows.input_ids) >= len(batch):
+            rows = None
+    elif spec.share_prefix:
+        rows = packed_rows(batch, key, sharing_group_key(spec, batch), arrange="per_unit")
+        if not rows.shared:  # nothing shared: plain padding
             rows = None
     if rows is None:
         ids, real = batch.padded(key)

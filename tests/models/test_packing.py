@@ -198,6 +198,7 @@ def test_saved_scalar_head_model_loads_back_with_plain_transformers(model_dirs, 
 
 
 # ----------------------------------------------------------------- prefix sharing
+PLAIN = packing.AttentionSpec("padded", binned=False)  # a right-padded row per sample: separate sequences
 SHARED = packing.AttentionSpec("padded", share_prefix=True)  # groups binned into rows
 PER_GROUP = packing.AttentionSpec("padded", share_prefix=True, binned=False)  # a row per group
 SHARED_SPECS = [SHARED, PER_GROUP, packing.AttentionSpec("packed", share_prefix=True)]  # ... or one row for all
@@ -285,7 +286,7 @@ def test_binned_rows_hidden_states_equal_a_row_per_group_and_separate_sequences(
     with torch.no_grad():
         binned = packing.hidden_states(policies[family], batch, SHARED)
         per_group = packing.hidden_states(policies[family], batch, PER_GROUP)
-        separate = packing.hidden_states(policies[family], batch, "padded")
+        separate = packing.hidden_states(policies[family], batch, PLAIN)
     torch.testing.assert_close(binned, per_group, atol=1e-5, rtol=0)
     torch.testing.assert_close(binned, separate, atol=1e-5, rtol=0)
 
@@ -296,10 +297,10 @@ def test_shared_prefix_logprobs_values_and_scores_equal_separate_sequences(polic
     batch = ragged_groups()  # binned: 3 rows for 4 units
     with torch.no_grad():
         logp, ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention=shared)
-        ref_logp, ref_ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention="padded")
+        ref_logp, ref_ent = packing.token_logprobs(policies[family], batch, with_entropy=True, attention=PLAIN)
         critic = _randomise_head(load_critic(model_dirs[family]).eval(), seed=3)
         tok, seq = packing.token_and_sequence_values(critic, batch, shared)
-        ref_tok, ref_seq = packing.token_and_sequence_values(critic, batch, "padded")
+        ref_tok, ref_seq = packing.token_and_sequence_values(critic, batch, PLAIN)
     mask = batch.tokens["action_mask"].bool()
     assert (logp[mask] < 0).all()  # the first response token's log-prob comes from the prompt's last state
     for got, ref in ((logp, ref_logp), (ent, ref_ent), (tok, ref_tok), (seq, ref_seq)):
@@ -311,7 +312,7 @@ def test_shared_prefix_logprobs_values_and_scores_equal_separate_sequences(polic
 def test_shared_prefix_gradients_equal_separate_sequences(model_dirs, family, shared):
     batch = ragged_groups()  # binned: 3 rows for 4 units
     grads = {}
-    for name, attention in (("separate", "padded"), ("shared", shared)):
+    for name, attention in (("separate", PLAIN), ("shared", shared)):
         model = load_policy(model_dirs[family])
         logp, _ = packing.token_logprobs(model, batch, attention=attention)
         (logp * torch.linspace(-1, 1, batch.num_tokens)).sum().backward()  # a different weight per token
@@ -319,6 +320,96 @@ def test_shared_prefix_gradients_equal_separate_sequences(model_dirs, family, sh
     for n, g in grads["separate"].items():
         torch.testing.assert_close(grads["shared"][n], g, atol=1e-5, rtol=1e-4)
     assert max(float(g.abs().max()) for g in grads["shared"].values()) > 1e-3
+
+
+# ----------------------------------------------------------------- binning without sharing
+# long-tailed lone samples, capacity 33: 33 | 17 12 4 | 9 8 6 5 3 | 3 -> 4 rows instead of 10
+LONG_TAIL = [33, 4, 9, 3, 17, 6, 5, 12, 3, 8]
+# "padded" without group ids, and with sharing asked for but no group ids in the batch: both bin the samples
+UNSHARED = [packing.AttentionSpec("padded"), packing.AttentionSpec("padded", share_prefix=True)]
+UNSHARED_IDS = ["no-sharing", "sharing-without-group-ids"]
+
+
+def model_inputs(model, fn):
+    """(fn(), [(input_ids shape, attention_mask dims) of every forward of `model` that fn ran])."""
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: seen.append((tuple(kw["input_ids"].shape), kw["attention_mask"].dim())), with_kwargs=True)
+    try:
+        return fn(), seen
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", UNSHARED, ids=UNSHARED_IDS)
+def test_without_sharing_a_long_tailed_batch_bins_into_fewer_rows_with_hidden_states_equal_plain_padding_and_per_sample(
+        policies, family, spec):
+    model = policies[family]
+    batch = make_batch(LONG_TAIL)
+    backbone, _ = packing.backbone_and_head(model)
+    with torch.no_grad():
+        binned, seen = model_inputs(model, lambda: packing.hidden_states(model, batch, spec))
+        plain, seen_plain = model_inputs(model, lambda: packing.hidden_states(model, batch, PLAIN))
+        ref = torch.cat([backbone(input_ids=s[None]).last_hidden_state[0] for s in batch.unpack("input_ids")])
+    assert seen == [((4, 33), 4)] and seen_plain == [((10, 33), 2)]  # 4 binned rows, 4-D mask; 10 padded rows
+    torch.testing.assert_close(binned, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(binned, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", UNSHARED, ids=UNSHARED_IDS)
+def test_without_sharing_binned_logprobs_entropy_values_and_scores_equal_plain_padding_and_per_sample_forwards(
+        policies, model_dirs, family, spec):
+    model = policies[family]
+    batch = make_batch(LONG_TAIL, prompt_lens=[5, 2, 3, 1, 4, 2, 3, 6, 1, 2])
+    mask = batch.tokens["action_mask"].bool()
+    critic = _randomise_head(load_critic(model_dirs[family]).eval(), seed=3)
+    rm = _randomise_head(load_reward_model(model_dirs[family]).eval(), seed=4)
+    with torch.no_grad():
+        (logp, ent), seen = model_inputs(model, lambda: packing.token_logprobs(
+            model, batch, with_entropy=True, attention=spec))
+        ref_logp, ref_ent = packing.token_logprobs(model, batch, with_entropy=True, attention=PLAIN)
+        sample_logp = torch.cat([torch.cat([torch.zeros(1), F.log_softmax(o.logits[0, :-1], -1).gather(
+            -1, s[1:, None])[:, 0]]) for s, o in zip(batch.unpack("input_ids"), per_sample(model, batch))]) * mask
+        tok, seq = packing.token_and_sequence_values(critic, batch, spec)
+        ref_tok, ref_seq = packing.token_and_sequence_values(critic, batch, PLAIN)
+        sample_tok = torch.cat([torch.cat([torch.zeros(1), o.logits[0, :-1, 0]]) for o in per_sample(critic, batch)])
+        scores, seen_rm = model_inputs(rm, lambda: packing.sequence_scores(rm, batch, spec))
+        ref_scores = packing.sequence_scores(rm, batch, PLAIN)
+        sample_scores = torch.stack([o.logits[0, 0] for o in per_sample(rm, batch)])
+    assert seen == seen_rm == [((4, 33), 4)]
+    assert (logp[mask] < 0).all() and len(set(scores.tolist())) == len(batch)
+    for got, ref in ((logp, ref_logp), (ent, ref_ent), (tok, ref_tok), (scores, ref_scores),
+                     (logp, sample_logp), (tok, sample_tok * mask), (scores, sample_scores)):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(seq, ref_seq, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_without_sharing_binned_gradients_equal_plain_padding(model_dirs, family):
+    batch = make_batch(LONG_TAIL)
+    grads, seen = {}, {}
+    for name, attention in (("plain", PLAIN), ("binned", packing.AttentionSpec("padded"))):
+        model = load_policy(model_dirs[family])
+        logp, seen[name] = model_inputs(model, lambda: packing.token_logprobs(model, batch, attention=attention)[0])
+        (logp * torch.linspace(-1, 1, batch.num_tokens)).sum().backward()  # a different weight per token
+        grads[name] = {n: p.grad for n, p in model.named_parameters()}
+    assert seen == {"plain": [((10, 33), 2)], "binned": [((4, 33), 4)]}
+    for n, g in grads["plain"].items():
+        torch.testing.assert_close(grads["binned"][n], g, atol=1e-5, rtol=1e-4)
+    assert max(float(g.abs().max()) for g in grads["binned"].values()) > 1e-3
+
+
+def test_a_batch_where_binning_saves_no_row_takes_the_plain_padded_path(policies):
+    model = policies["debug-llama"]
+    batch = make_batch([9, 8, 5, 6])  # the two shortest (5 + 6) do not fit in 9: a row per sample either way
+    assert packing.packed_rows(batch, arrange="first_fit").input_ids.shape == (4, 9)
+    with torch.no_grad():
+        h, seen = model_inputs(model, lambda: packing.hidden_states(model, batch, "padded"))
+        plain = packing.hidden_states(model, batch, PLAIN)
+    assert seen == [((4, 9), 2)]  # transformers' 2-D padding mask, no [R, 1, L, L] row mask
+    torch.testing.assert_close(h, plain, atol=0, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -361,7 +452,7 @@ def test_flex_kernel_forward_equals_the_dense_mask(policies):
     flex = packing.AttentionSpec("packed", share_prefix=True, kernel="flex")
     with torch.no_grad():
         got, _ = packing.token_logprobs(policies["debug-llama"], batch, attention=flex)
-        ref, _ = packing.token_logprobs(policies["debug-llama"], batch, attention="padded")
+        ref, _ = packing.token_logprobs(policies["debug-llama"], batch, attention=PLAIN)
         plain, _ = packing.token_logprobs(policies["debug-llama"], batch, attention=packing.AttentionSpec(
             "packed", kernel="flex"))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
