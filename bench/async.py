@@ -93,7 +93,7 @@ def run(workers: int, k: int, steps: int, work: Path, partial: bool = False, con
     phases = {p: statistics.median(sum(r.get(f"time/{c}", 0.0) for c in calls) for r in rows[2:])
               for p, calls in phase.items()}
     return {"workers": workers, "k": k, "partial": partial, "median_step_s": median, "samples_per_s": samples / median,
-            "phases": phases,
+            "phases": phases, "gen_tokens": statistics.median(r.get("gen_tokens", 0.0) for r in rows[2:]),
             "wall_s": wall, "start_s": start, "reward": [r["reward/mean"] for r in rows],
             "staleness_max": [r.get("staleness/max", 0.0) for r in rows],
             "token_staleness_mean": statistics.mean(r.get("staleness/token_mean", 0.0) for r in rows),
@@ -138,11 +138,13 @@ def main() -> None:
           f"--staleness {' '.join(map(str, args.staleness))} --partial {' '.join(map(str, args.partial))}{model}`. "
           f"{what} on Ray CPU workers of this machine, generation and training on different ranks (see the module "
           "docstring); median step time after 2 warm-up steps. The rollout and train phases are the median call "
-          "times of each run's steps; in the synchronous run, (rollout + train) / max(rollout, train) is the most "
+          "times of each run's steps, response tokens the median generated per step (the train phase scales with "
+          "them); in the synchronous run, (rollout + train) / max(rollout, train) is the most "
           "that overlapping them can give (the bound column).", "",
           "| workers | max_staleness | partial | s/step | samples/s | vs sync | bound | rollout / train phase s | "
-          "staleness seen (max per step) | token age (mean) | mean reward, steps 1-4 / last 4 |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "response tokens / step | train phase ms / response token | staleness seen (max per step) | token age (mean) | "
+          "mean reward, steps 1-4 / last 4 |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = r["samples_per_s"] / sync[r["workers"]]["samples_per_s"] if r["workers"] in sync else float("nan")
         ph = r["phases"]
@@ -150,7 +152,7 @@ def main() -> None:
         first, last = statistics.mean(r["reward"][:4]), statistics.mean(r["reward"][-4:])
         md.append(f"| {r['workers']} | {r['k']} | {'yes' if r['partial'] else 'no'} | {r['median_step_s']:.3f} | "
                   f"{r['samples_per_s']:.1f} | {ratio:.2f}x | {bound} | {ph['rollout']:.3f} / {ph['train']:.3f} | "
-                  f"{sorted(set(r['staleness_max']))} | {r['token_staleness_mean']:.2f} | {first:.3f} / {last:.3f} |")
+                  f"{r['gen_tokens']:.0f} | {1e3 * ph['train'] / max(r['gen_tokens'], 1):.1f} | {sorted(set(r['staleness_max']))} | {r['token_staleness_mean']:.2f} | {first:.3f} / {last:.3f} |")
     md += ["", f"Reward per step (the same samples per step in every run, so the x axis is samples / {samples}):", ""]
     for r in results:
         md.append(f"- workers {r['workers']}, k {r['k']}{', partial' if r['partial'] else ''}: "
