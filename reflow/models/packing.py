@@ -294,17 +294,12 @@ def hidden_states(model: torch.nn.Module, batch: SampleBatch, attention: Attenti
     spec = attention_spec(attention)
     device, dtype = _param(model).device, _param(model).dtype
     rows = None
-    if spec.layout == "packed":
-        rows = packed_rows(batch, key, sharing_group_key(spec, batch), arrange="one_row")
-    elif spec.binned:
-        rows = packed_rows(batch, key, sharing_group_key(spec, batch), arrange="first_fit")
-        # nothing shared and a row per sample anyway: the same rows under transformers' 2-D mask, with no
-        # float [B, 1, L, L] mask (transformers builds a bool one, or none when no sample is padded)
-        if not rows.shared and len(rows.input_ids) >= len(batch):
-            rows = None
-    elif spec.share_prefix:
-        rows = packed_rows(batch, key, sharing_group_key(spec, batch), arrange="per_unit")
-        if not rows.shared:  # nothing shared: plain padding
+    if spec.layout == "packed" or spec.binned or spec.share_prefix:
+        arrange = "one_row" if spec.layout == "packed" else "first_fit" if spec.binned else "per_unit"
+        rows = packed_rows(batch, key, sharing_group_key(spec, batch), arrange=arrange)
+        # padded, nothing shared and a row per sample anyway: the same rows under transformers' 2-D mask, with
+        # no float [B, 1, L, L] mask (transformers builds a bool one, or none when no sample is padded)
+        if spec.layout == "padded" and not rows.shared and len(rows.input_ids) >= len(batch):
             rows = None
     if rows is None:
         ids, real = batch.padded(key)
@@ -359,7 +354,7 @@ def token_logprobs(model, batch: SampleBatch, *, temperature: float = 1.0, with_
             e = -(logp_all.exp() * logp_all).sum(-1)
         else:
             with torch.no_grad():
-                e = _entropy_blocks(logp_all.detach())
+                e = _entropy_blocks(logp_all)
         ent = hidden.new_zeros(batch.num_tokens, dtype=torch.float32).index_put((pos,), e)
     return out, ent
 

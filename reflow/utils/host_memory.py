@@ -22,22 +22,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 SETTINGS = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 256 << 20}  # mallopt takes an int
-_applied: bool | None = None
 
 
+@functools.cache
 def tune_host_allocator() -> bool:
     """Apply SETTINGS with glibc's mallopt (once per process); whether they are in effect."""
-    global _applied
-    if _applied is None:
-        _applied = False
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt"):
-                libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-                _applied = all(libc.mallopt(k, v) == 1 for k, v in SETTINGS.items())
-        except OSError:
-            _applied = False
-    return _applied
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):
+        return False
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return all(libc.mallopt(k, v) == 1 for k, v in SETTINGS.items())
